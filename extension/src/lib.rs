@@ -1,0 +1,157 @@
+//! `hmr`: the hospital side of the city test-result mutual-recognition platform, inside the
+//! HIS database. Capture (outbox + trigger), DBA helpers and the quarantine live in
+//! `sql/schema.sql`; Rust holds what must agree with the worker: the contract's validation.
+
+use pgrx::prelude::*;
+
+mod gucs;
+mod sources;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+}
+
+/// Why a resident identity number (证件类型 01) is invalid (`format`, `checksum`,
+/// `birth-date`, `birth-date-mismatch`), or NULL when it is valid.
+#[pg_extern(immutable, parallel_safe, schema = "hmr")]
+fn id_card_problem(id_no: &str, birth_date: default!(Option<pgrx::datum::Date>, "NULL")) -> Option<&'static str> {
+    let birth = birth_date.map(|d| format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day()));
+    hmr_protocol::checks::id_card_problem(id_no, birth.as_deref())
+}
+
+/// Whether a 统一社会信用代码 (GB 32100-2015) has a valid check character.
+#[pg_extern(immutable, parallel_safe, schema = "hmr")]
+fn org_code_valid(code: &str) -> bool {
+    hmr_protocol::checks::org_code_valid(code)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn id_card_problems_in_sql() {
+        assert_eq!(Spi::get_one::<&str>("SELECT hmr.id_card_problem('11010519491231002X', '1949-12-31')").unwrap(), None);
+        assert_eq!(
+            Spi::get_one::<&str>("SELECT hmr.id_card_problem('110105194912310021')").unwrap(),
+            Some("checksum")
+        );
+        assert_eq!(Spi::get_one::<bool>("SELECT hmr.org_code_valid('91350100M000100Y43')").unwrap(), Some(true));
+    }
+
+    #[pg_test]
+    fn capture_records_which_row_changed() {
+        Spi::run("CREATE TABLE lis_report (report_no text PRIMARY KEY, status text)").unwrap();
+        Spi::run("SELECT hmr.watch('lab_report', 'lis_report', 'report_no', 'OLD.status IS DISTINCT FROM NEW.status')").unwrap();
+        Spi::run("INSERT INTO lis_report VALUES ('L1', 'new'), ('L2', 'new')").unwrap();
+        Spi::run("UPDATE lis_report SET status = status WHERE report_no = 'L1'").unwrap(); // filtered out
+        Spi::run("UPDATE lis_report SET status = 'audited' WHERE report_no = 'L1'").unwrap();
+        Spi::run("UPDATE lis_report SET report_no = 'L3' WHERE report_no = 'L2'").unwrap(); // no status change
+        Spi::run("DELETE FROM lis_report WHERE report_no = 'L1'").unwrap();
+        let events = Spi::get_one::<String>(
+            "SELECT string_agg(kind || ':' || key || ':' || op, ' ' ORDER BY id) FROM hmr.outbox",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(events, "lab_report:L1:I lab_report:L2:I lab_report:L1:U lab_report:L1:D");
+        let watched = Spi::get_one::<i64>("SELECT count(*) FROM hmr.watches WHERE kind = 'lab_report'").unwrap();
+        assert_eq!(watched, Some(2));
+        Spi::run("SELECT hmr.unwatch('lab_report', 'lis_report')").unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM hmr.watches").unwrap(), Some(0));
+    }
+
+    #[pg_test]
+    fn key_change_reconciles_the_old_record() {
+        Spi::run("CREATE TABLE pat (pid int PRIMARY KEY, name text)").unwrap();
+        Spi::run("SELECT hmr.watch('patient', 'pat', 'pid')").unwrap();
+        Spi::run("INSERT INTO pat VALUES (7, 'a')").unwrap();
+        Spi::run("UPDATE pat SET pid = 8").unwrap();
+        let events = Spi::get_one::<String>("SELECT string_agg(key || op, ' ' ORDER BY id) FROM hmr.outbox").unwrap().unwrap();
+        assert_eq!(events, "7I 8U 7D");
+    }
+
+    #[pg_test(error = "hmr: unknown kind \"labs\"")]
+    fn watch_refuses_unknown_kind() {
+        Spi::run("CREATE TABLE t (k text)").unwrap();
+        Spi::run("SELECT hmr.watch('labs', 't', 'k')").unwrap();
+    }
+
+    #[pg_test]
+    fn retry_and_discard_quarantined_events() {
+        let id = Spi::get_one::<i64>("SELECT hmr.enqueue('patient', 'P1')").unwrap().unwrap();
+        Spi::run(&format!(
+            "UPDATE hmr.outbox SET state = 'quarantined', error_field = 'id_no', error_reason = 'checksum' WHERE id = {id}"
+        ))
+        .unwrap();
+        assert_eq!(Spi::get_one::<String>("SELECT error_reason FROM hmr.quarantine").unwrap().as_deref(), Some("checksum"));
+        Spi::run(&format!("SELECT hmr.retry({id})")).unwrap();
+        assert_eq!(
+            Spi::get_one::<i32>(&format!("SELECT generation FROM hmr.outbox WHERE id = {id} AND state = 'pending'")).unwrap(),
+            Some(1)
+        );
+        Spi::run(&format!("UPDATE hmr.outbox SET state = 'quarantined' WHERE id = {id}")).unwrap();
+        Spi::run(&format!("SELECT hmr.discard({id}, 'duplicate registration, merged')")).unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM hmr.outbox").unwrap(), Some(0));
+        assert_eq!(
+            Spi::get_one::<String>(&format!("SELECT outcome FROM hmr.outbox_history WHERE id = {id}")).unwrap().as_deref(),
+            Some("discarded")
+        );
+    }
+
+    #[pg_test]
+    fn check_sources_reports_in_plain_words() {
+        Spi::run("CREATE SCHEMA IF NOT EXISTS hmr_src").unwrap();
+        // gender_code as an integer and no id_no column: both must be reported.
+        Spi::run(
+            "CREATE VIEW hmr_src.patient AS SELECT 'P1'::text AS patient_id, '01'::text AS id_type, \
+             '张三'::text AS name, 1 AS gender_code, date '1990-01-01' AS birth_date, \
+             now() AS registered_at, now() AS updated_at",
+        )
+        .unwrap();
+        let problems = Spi::get_one::<String>(
+            "SELECT string_agg(coalesce(field, '-') || ': ' || problem, ' | ' ORDER BY field) \
+             FROM hmr.check_sources('patient')",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(problems.contains("gender_code: column is integer, expected text"), "{problems}");
+        assert!(problems.contains("id_no: required column is missing"), "{problems}");
+        let missing = Spi::get_one::<String>("SELECT problem FROM hmr.check_sources('staff') LIMIT 1").unwrap().unwrap();
+        assert!(missing.contains("hmr_src.staff does not exist"), "{missing}");
+    }
+
+    #[pg_test]
+    fn check_sources_validates_rows() {
+        Spi::run("CREATE SCHEMA IF NOT EXISTS hmr_src").unwrap();
+        Spi::run(
+            "CREATE VIEW hmr_src.patient AS SELECT * FROM (VALUES \
+             ('P1', '01', '11010519491231002X', '张三', '1', date '1949-12-31', NULL::text, now(), now()), \
+             ('P2', '01', '110105194912310021', '李四', '2', date '1949-12-31', NULL, now(), now())) \
+             AS v(patient_id, id_type, id_no, name, gender_code, birth_date, phone, registered_at, updated_at)",
+        )
+        .unwrap();
+        let rows = Spi::get_one::<String>(
+            "SELECT string_agg(key || ' ' || field || ' ' || problem, ';') FROM hmr.check_sources('patient')",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(rows, "P2 id_no checksum");
+    }
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,210 @@
+//! Paths, headers and request builders. A [`Request`] is plain data: the worker sends it,
+//! freezes it in the outbox for an exact retry, and the simulator routes the same paths.
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::{Deserialize, Serialize};
+
+use crate::types::*;
+
+pub const HEADER_ORG_CODE: &str = "X-Org-Code";
+pub const HEADER_REQUEST_ID: &str = "X-Request-Id";
+pub const HEADER_CONTENT_SHA256: &str = "X-Content-SHA256";
+pub const HEADER_RETRY_AFTER: &str = "Retry-After";
+pub const CONTENT_JSON: &str = "application/json";
+pub const CONTENT_PDF: &str = "application/pdf";
+
+/// Route patterns (axum syntax) for the simulator; clients use the builders below.
+pub mod route {
+    pub const TOKEN: &str = "/api/v1/auth/token";
+    pub const PATIENTS: &str = "/api/v1/patients";
+    pub const DEPARTMENTS: &str = "/api/v1/departments";
+    pub const STAFF: &str = "/api/v1/staff";
+    pub const LAB_REPORTS: &str = "/api/v1/lab-reports";
+    pub const LAB_REVOKE: &str = "/api/v1/lab-reports/{report_no}/revoke";
+    pub const LAB_PDF: &str = "/api/v1/lab-reports/{report_no}/versions/{version}/pdf";
+    pub const EXAM_REPORTS: &str = "/api/v1/exam-reports";
+    pub const EXAM_REVOKE: &str = "/api/v1/exam-reports/{report_no}/revoke";
+    pub const EXAM_PDF: &str = "/api/v1/exam-reports/{report_no}/versions/{version}/pdf";
+    pub const RECOGNITIONS: &str = "/api/v1/recognitions";
+    pub const RECOGNITIONS_QUERY: &str = "/api/v1/recognitions/query";
+    pub const PRESCRIPTION_CHECK: &str = "/api/v1/prescriptions/check";
+    pub const DECISIONS: &str = "/api/v1/recognitions/decisions";
+    pub const DOWNLOAD: &str = "/api/v1/reports/{report_id}/download";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Method {
+    Get,
+    Post,
+    Put,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+        }
+    }
+}
+
+/// One HTTP request to the platform, without the per-try headers (token, request id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub method: Method,
+    /// Path with query string, e.g. `/api/v1/recognitions?idType=01&…`.
+    pub path: String,
+    /// The token scope it needs; `None` only for the token request itself.
+    pub scope: Option<Scope>,
+    pub content_type: Option<String>,
+    /// Extra headers the contract asks for (the PDF hash).
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(with = "body_text")]
+    pub body: Vec<u8>,
+}
+
+/// JSON bodies are kept as text when a request is frozen; others as hex.
+mod body_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(body: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(body) {
+            Ok(text) => s.serialize_str(&format!("t:{text}")),
+            Err(_) => s.serialize_str(&format!("x:{}", hex::encode(body))),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Some(t) = s.strip_prefix("t:") {
+            Ok(t.as_bytes().to_vec())
+        } else if let Some(x) = s.strip_prefix("x:") {
+            hex::decode(x).map_err(serde::de::Error::custom)
+        } else {
+            Err(serde::de::Error::custom("frozen body without t:/x: prefix"))
+        }
+    }
+}
+
+/// Path segments and query values: everything but unreserved characters is escaped.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+pub fn encode(value: &str) -> String {
+    utf8_percent_encode(value, SEGMENT).to_string()
+}
+
+fn json<T: Serialize>(method: Method, path: String, scope: Option<Scope>, body: &T) -> Request {
+    Request {
+        method,
+        path,
+        scope,
+        content_type: Some(CONTENT_JSON.into()),
+        headers: vec![],
+        body: serde_json::to_vec(body).expect("wire types always serialize"),
+    }
+}
+
+fn report_base(t: ReportType) -> &'static str {
+    match t {
+        ReportType::Lab => route::LAB_REPORTS,
+        ReportType::Exam => route::EXAM_REPORTS,
+    }
+}
+
+pub fn token(req: &TokenRequest) -> Request {
+    json(Method::Post, route::TOKEN.into(), None, req)
+}
+
+pub fn patients(records: &[Patient]) -> Request {
+    json(Method::Post, route::PATIENTS.into(), Some(Scope::HisUpload), &Batch { records: records.to_vec() })
+}
+
+pub fn departments(records: &[Department]) -> Request {
+    json(Method::Post, route::DEPARTMENTS.into(), Some(Scope::HisUpload), &Batch { records: records.to_vec() })
+}
+
+pub fn staff(records: &[Staff]) -> Request {
+    json(Method::Post, route::STAFF.into(), Some(Scope::HisUpload), &Batch { records: records.to_vec() })
+}
+
+pub fn lab_report(report: &LabReport) -> Request {
+    json(Method::Post, route::LAB_REPORTS.into(), Some(Scope::LabUpload), report)
+}
+
+pub fn exam_report(report: &ExamReport) -> Request {
+    json(Method::Post, route::EXAM_REPORTS.into(), Some(Scope::ExamUpload), report)
+}
+
+pub fn revoke(t: ReportType, report_no: &str, body: &Revoke) -> Request {
+    let path = format!("{}/{}/revoke", report_base(t), encode(report_no));
+    json(Method::Post, path, Some(t.scope()), body)
+}
+
+pub fn pdf(t: ReportType, report_no: &str, version: u32, pdf: Vec<u8>) -> Request {
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(&pdf));
+    Request {
+        method: Method::Put,
+        path: format!("{}/{}/versions/{version}/pdf", report_base(t), encode(report_no)),
+        scope: Some(t.scope()),
+        content_type: Some(CONTENT_PDF.into()),
+        headers: vec![(HEADER_CONTENT_SHA256.into(), hash)],
+        body: pdf,
+    }
+}
+
+pub fn list_recognitions(q: &ListQuery) -> Request {
+    let path = format!(
+        "{}?idType={}&idNo={}&visitNo={}&doctorNo={}&deptCode={}&type={}",
+        route::RECOGNITIONS,
+        encode(&q.id_type),
+        encode(&q.id_no),
+        encode(&q.visit_no),
+        encode(&q.doctor_no),
+        encode(&q.dept_code),
+        encode(&q.kind)
+    );
+    Request { method: Method::Get, path, scope: Some(Scope::Recognition), content_type: None, headers: vec![], body: vec![] }
+}
+
+pub fn precise_query(q: &PreciseQuery) -> Request {
+    json(Method::Post, route::RECOGNITIONS_QUERY.into(), Some(Scope::Recognition), q)
+}
+
+pub fn prescription_check(c: &PrescriptionCheck) -> Request {
+    json(Method::Post, route::PRESCRIPTION_CHECK.into(), Some(Scope::Recognition), c)
+}
+
+pub fn decisions(d: &Decisions) -> Request {
+    json(Method::Post, route::DECISIONS.into(), Some(Scope::Recognition), d)
+}
+
+/// `format` is `pdf` or `json`.
+pub fn download(report_id: &str, format: &str) -> Request {
+    let path = format!("/api/v1/reports/{}/download?format={}", encode(report_id), encode(format));
+    Request { method: Method::Get, path, scope: Some(Scope::Recognition), content_type: None, headers: vec![], body: vec![] }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_escape_report_numbers() {
+        let r = revoke(
+            ReportType::Lab,
+            "L/2024 01",
+            &Revoke { version: 1, reason: "x".into(), revoked_at: "t".into(), operator_no: "o".into() },
+        );
+        assert_eq!(r.path, "/api/v1/lab-reports/L%2F2024%2001/revoke");
+    }
+
+    #[test]
+    fn frozen_request_round_trips() {
+        let r = pdf(ReportType::Exam, "E1", 2, b"%PDF-\xff".to_vec());
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        let j = download("R1", "pdf");
+        assert_eq!(serde_json::from_str::<Request>(&serde_json::to_string(&j).unwrap()).unwrap(), j);
+    }
+}
