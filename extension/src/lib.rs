@@ -18,14 +18,14 @@ pub extern "C-unwind" fn _PG_init() {
 
 /// Why a resident identity number (证件类型 01) is invalid (`format`, `checksum`,
 /// `birth-date`, `birth-date-mismatch`), or NULL when it is valid.
-#[pg_extern(immutable, parallel_safe, schema = "hmr")]
+#[pg_extern(immutable, parallel_safe)]
 fn id_card_problem(id_no: &str, birth_date: default!(Option<pgrx::datum::Date>, "NULL")) -> Option<&'static str> {
     let birth = birth_date.map(|d| format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day()));
     hmr_protocol::checks::id_card_problem(id_no, birth.as_deref())
 }
 
 /// Whether a 统一社会信用代码 (GB 32100-2015) has a valid check character.
-#[pg_extern(immutable, parallel_safe, schema = "hmr")]
+#[pg_extern(immutable, parallel_safe)]
 fn org_code_valid(code: &str) -> bool {
     hmr_protocol::checks::org_code_valid(code)
 }
@@ -55,7 +55,7 @@ mod tests {
         Spi::run("UPDATE lis_report SET report_no = 'L3' WHERE report_no = 'L2'").unwrap(); // no status change
         Spi::run("DELETE FROM lis_report WHERE report_no = 'L1'").unwrap();
         let events = Spi::get_one::<String>(
-            "SELECT string_agg(kind || ':' || key || ':' || op, ' ' ORDER BY id) FROM hmr.outbox",
+            "SELECT string_agg(kind || ':' || key || ':' || op::text, ' ' ORDER BY id) FROM hmr.outbox",
         )
         .unwrap()
         .unwrap();
@@ -72,7 +72,7 @@ mod tests {
         Spi::run("SELECT hmr.watch('patient', 'pat', 'pid')").unwrap();
         Spi::run("INSERT INTO pat VALUES (7, 'a')").unwrap();
         Spi::run("UPDATE pat SET pid = 8").unwrap();
-        let events = Spi::get_one::<String>("SELECT string_agg(key || op, ' ' ORDER BY id) FROM hmr.outbox").unwrap().unwrap();
+        let events = Spi::get_one::<String>("SELECT string_agg(key || op::text, ' ' ORDER BY id) FROM hmr.outbox").unwrap().unwrap();
         assert_eq!(events, "7I 8U 7D");
     }
 

@@ -13,7 +13,7 @@ type Problem = (String, String, Option<String>, Option<String>, String);
 
 /// One row per problem: the kind, the source view, the record key (for row problems), the
 /// column, and the problem in plain words. No rows means the sources are ready.
-#[pg_extern(schema = "hmr")]
+#[pg_extern]
 fn check_sources(
     kind: default!(Option<&str>, "NULL"),
 ) -> TableIterator<
