@@ -1,1 +1,393 @@
+//! End-to-end harness: a throwaway PostgreSQL 15 cluster (initdb in a temp dir as user
+//! `postgres`, unix socket only), the platform simulator and the worker as real processes.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use tokio_postgres::{Client, NoTls};
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The hospital the worker serves in tests, and a second one for shared reports.
+pub const ORG_CODE: &str = "124413004567890125";
+pub const ORG_NAME: &str = "惠州市第一人民医院";
+pub const OTHER_ORG_CODE: &str = "124413004567890200";
+pub const OTHER_ORG_NAME: &str = "惠州市中心人民医院";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the repository").to_path_buf()
+}
+
+/// The cargo target directory holding the built binaries (…/target/debug).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/<test> → target/debug
+    exe.parent().and_then(Path::parent).expect("target/debug").to_path_buf()
+}
+
+fn unique_dir(prefix: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn run_as_postgres(args: &[&str]) -> Result<()> {
+    let is_root = unsafe_geteuid() == 0;
+    let mut cmd = if is_root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]);
+        c.args(args);
+        c
+    } else {
+        let mut c = Command::new(args[0]);
+        c.args(&args[1..]);
+        c
+    };
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!("{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn unsafe_geteuid() -> u32 {
+    // Read it from /proc rather than link libc for one call.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// A throwaway cluster with database `his`, the extension and the sample HIS schema.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Cluster {
+    pub async fn start() -> Result<Cluster> {
+        let dir = unique_dir("hmr-e2e-pg");
+        Command::new("chown").args(["-R", "postgres", dir.to_str().unwrap()]).status()?;
+        let data = dir.join("data");
+        let port = 5432;
+        run_as_postgres(&[
+            &format!("{PG_BIN}/initdb"),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+            "-D",
+            data.to_str().unwrap(),
+        ])?;
+        let cluster = Cluster { dir, port };
+        cluster.pg_ctl_start()?;
+        let admin = cluster.connect("postgres").await?;
+        admin.batch_execute("CREATE DATABASE his").await?;
+        let his = cluster.connect("his").await?;
+        his.batch_execute("CREATE EXTENSION hmr").await.context("CREATE EXTENSION hmr (is it installed?)")?;
+        for file in ["01_his_schema.sql", "02_hmr_sources.sql"] {
+            let sql = std::fs::read_to_string(repo_root().join("sql/demo").join(file))?;
+            his.batch_execute(&sql).await.with_context(|| file.to_string())?;
+        }
+        Ok(cluster)
+    }
+
+    fn pg_ctl_start(&self) -> Result<()> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections=50",
+            self.port,
+            self.dir.display()
+        );
+        run_as_postgres(&[
+            &format!("{PG_BIN}/pg_ctl"),
+            "-w",
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "-l",
+            self.dir.join("postgres.log").to_str().unwrap(),
+            "-o",
+            &opts,
+            "start",
+        ])
+    }
+
+    /// `pg_ctl stop -m immediate` then start again: a crash of the database.
+    pub fn crash_and_restart(&self) -> Result<()> {
+        run_as_postgres(&[&format!("{PG_BIN}/pg_ctl"), "-D", self.dir.join("data").to_str().unwrap(), "-m", "immediate", "stop"])?;
+        self.pg_ctl_start()
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("host={} port={} user=postgres dbname={db}", self.dir.display(), self.port)
+    }
+
+    pub async fn connect(&self, db: &str) -> Result<Client> {
+        let (client, connection) = tokio_postgres::connect(&self.url(db), NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = run_as_postgres(&[
+            &format!("{PG_BIN}/pg_ctl"),
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "-m",
+            "immediate",
+            "stop",
+        ]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The platform simulator as a process on a loopback port.
+pub struct Sim {
+    child: Child,
+    pub base: String,
+    http: reqwest::Client,
+}
+
+impl Sim {
+    pub fn start() -> Result<Sim> {
+        let org = |code: &str, name: &str, user: &str| format!("{code},{name},{user},{user}-secret,{user}-app,{user}-app-secret");
+        let mut child = Command::new(bin_dir().join("hmr-platform-sim"))
+            .args(["--listen", "127.0.0.1:0", "--catalog"])
+            .arg(repo_root().join("../shared/catalog-sample.csv"))
+            .args(["--org", &org(ORG_CODE, ORG_NAME, "hz1"), "--org", &org(OTHER_ORG_CODE, OTHER_ORG_NAME, "hz2")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting hmr-platform-sim (is it built?)")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let base = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
+        if !base.starts_with("http://") {
+            bail!("unexpected first line from the simulator: {line:?}");
+        }
+        Ok(Sim { child, base, http: reqwest::Client::new() })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        Ok(self.http.get(format!("{}{path}", self.base)).send().await?.error_for_status()?.json().await?)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
+        let text = self.http.post(format!("{}{path}", self.base)).json(&body).send().await?.error_for_status()?.text().await?;
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn faults(&self, body: Value) -> Result<()> {
+        self.post("/_sim/faults", body).await.map(|_| ())
+    }
+
+    pub async fn clear_faults(&self) -> Result<()> {
+        self.http.delete(format!("{}/_sim/faults", self.base)).send().await?.error_for_status()?;
+        Ok(())
+    }
+
+    /// Every contract request the simulator received.
+    pub async fn requests(&self) -> Result<Vec<Value>> {
+        let v = self.get("/_sim/requests").await?;
+        Ok(match v {
+            Value::Array(a) => a,
+            Value::Object(mut m) => m.remove("requests").and_then(|r| r.as_array().cloned()).unwrap_or_default(),
+            _ => vec![],
+        })
+    }
+
+    /// Requests whose path starts with `prefix` and whose effect is `effect`.
+    pub async fn requests_with(&self, prefix: &str, effect: &str) -> Result<Vec<Value>> {
+        Ok(self
+            .requests()
+            .await?
+            .into_iter()
+            .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with(prefix)) && r["effect"] == effect)
+            .collect())
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Options of a worker under test.
+#[derive(Clone)]
+pub struct WorkerOptions {
+    pub poll_interval_ms: u64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub lease_secs: u64,
+    pub timeout_ms: u64,
+    pub batch_size: i64,
+    pub auth: &'static str,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            poll_interval_ms: 200,
+            backoff_base_ms: 50,
+            backoff_max_ms: 1000,
+            lease_secs: 5,
+            timeout_ms: 3000,
+            batch_size: 200,
+            auth: "password",
+        }
+    }
+}
+
+pub struct Worker {
+    child: Child,
+    pub log_path: PathBuf,
+    pub config_path: PathBuf,
+}
+
+impl Worker {
+    pub fn start(cluster: &Cluster, sim: &Sim, options: &WorkerOptions) -> Result<Worker> {
+        let dir = unique_dir("hmr-e2e-worker");
+        let config_path = dir.join("worker.toml");
+        let config = format!(
+            r#"[database]
+url = "{url}"
+
+[platform]
+base_url = "{base}"
+org_code = "{ORG_CODE}"
+auth = "{auth}"
+username = "hz1"
+password = "hz1-secret"
+app_id = "hz1-app"
+app_secret = "hz1-app-secret"
+timeout_ms = {timeout}
+
+[worker]
+poll_interval_ms = {poll}
+backoff_base_ms = {bb}
+backoff_max_ms = {bm}
+lease_secs = {lease}
+batch_size = {batch}
+shutdown_grace_secs = 2
+"#,
+            url = cluster.url("his"),
+            base = sim.base,
+            auth = options.auth,
+            timeout = options.timeout_ms,
+            poll = options.poll_interval_ms,
+            bb = options.backoff_base_ms,
+            bm = options.backoff_max_ms,
+            lease = options.lease_secs,
+            batch = options.batch_size,
+        );
+        std::fs::write(&config_path, config)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))?;
+        let log_path = dir.join("worker.log");
+        let mut worker = Worker { child: spawn_worker(&config_path, &log_path)?, log_path, config_path };
+        worker.ensure_running()?;
+        Ok(worker)
+    }
+
+    fn ensure_running(&mut self) -> Result<()> {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(status) = self.child.try_wait()? {
+            bail!("worker exited at once ({status}): {}", std::fs::read_to_string(&self.log_path).unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to release anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        Ok(self.child.wait()?)
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.child = spawn_worker(&self.config_path, &self.log_path)?;
+        self.ensure_running()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+fn spawn_worker(config: &Path, log: &Path) -> Result<Child> {
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    Command::new(bin_dir().join("hmr-worker"))
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("HMR_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .context("starting hmr-worker (is it built?)")
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Inserts the three sample patients and their draft reports.
+pub async fn load_sample_data(his: &Client) -> Result<()> {
+    let sql = std::fs::read_to_string(repo_root().join("sql/demo/03_sample_data.sql"))?;
+    his.batch_execute(&sql).await?;
+    Ok(())
+}
+
+pub async fn count(his: &Client, sql: &str) -> Result<i64> {
+    Ok(his.query_one(sql, &[]).await?.get(0))
+}

@@ -1,1 +1,173 @@
-fn main(){}
+//! `hmr-worker`: drains the hmr outbox to the city mutual-recognition platform.
+
+mod config;
+mod drain;
+mod error;
+mod platform;
+mod store;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::drain::Drainer;
+use crate::platform::Platform;
+use crate::store::Store;
+
+#[derive(Parser)]
+#[command(name = "hmr-worker", version, about = "Drains the hmr outbox to the city mutual-recognition platform")]
+struct Cli {
+    /// Configuration file (TOML); HMR_* environment variables override it.
+    #[arg(long, short, env = "HMR_CONFIG", default_value = "/etc/hmr/worker.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deliver events until SIGTERM or SIGINT (the default).
+    Run,
+    /// Check the configuration, the database and the platform, then exit.
+    Check,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(&cli.config)?;
+    init_logging(config.worker.json_logs);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => run(config).await,
+            Command::Check => check(config).await,
+        }
+    })
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HMR_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn check(config: Config) -> anyhow::Result<()> {
+    let wake = Arc::new(Notify::new());
+    let store = Store::connect(config.database.url.expose(), &config.database.timezone, "check", Duration::from_secs(1), wake)
+        .await
+        .context("database")?;
+    let backlog: i64 = store.client().query_one("SELECT count(*) FROM hmr.outbox", &[]).await?.get(0);
+    println!("database: ok ({backlog} events in the outbox)");
+    let platform = Platform::new(config.platform.clone())?;
+    platform.reachable().await.context("platform")?;
+    println!("platform: ok (token obtained)");
+    Ok(())
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let worker_id = config.worker_id();
+    let platform = Platform::new(config.platform.clone())?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(Notify::new());
+    {
+        let (stopping, stop) = (stopping.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("stopping: finishing what is in flight");
+            stopping.store(true, Ordering::SeqCst);
+            stop.notify_waiters();
+        });
+    }
+    tracing::info!(worker = %worker_id, platform = %config.platform.base_url, "hmr-worker started");
+    let poll = Duration::from_millis(config.worker.poll_interval_ms);
+    let lease = Duration::from_secs(config.worker.lease_secs);
+    let mut reconnect_delay = Duration::from_millis(200);
+    while !stopping.load(Ordering::SeqCst) {
+        let wake = Arc::new(Notify::new());
+        let store =
+            match Store::connect(config.database.url.expose(), &config.database.timezone, &worker_id, lease, wake.clone()).await
+            {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, delay = ?reconnect_delay, "cannot connect to the database; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(reconnect_delay) => {}
+                        _ = stop.notified() => {}
+                    }
+                    reconnect_delay = (reconnect_delay * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+        reconnect_delay = Duration::from_millis(200);
+        let drainer = Drainer { store: store.clone(), platform: platform.clone(), config: config.clone() };
+        let result = drain_until_stopped(&drainer, &store, &wake, &stopping, &stop, poll).await;
+        match result {
+            Ok(()) => {
+                let released = store.release_claims().await.unwrap_or(0);
+                let _ = store.sleeping(false, poll).await;
+                tracing::info!(released, "hmr-worker stopped");
+                return Ok(());
+            }
+            Err(e) => tracing::warn!(error = %e, "database error; reconnecting"),
+        }
+    }
+    Ok(())
+}
+
+/// Claims and delivers while there is work; sleeps (announced in `hmr.sleepers`, so the
+/// capture trigger NOTIFYs) when there is none, at most `poll` or until the next retry is due.
+async fn drain_until_stopped(
+    drainer: &Drainer,
+    store: &Store,
+    wake: &Notify,
+    stopping: &AtomicBool,
+    stop: &Notify,
+    poll: Duration,
+) -> Result<(), error::WorkerError> {
+    let grace = Duration::from_secs(drainer.config.worker.shutdown_grace_secs);
+    loop {
+        if stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if store.is_closed() {
+            return Err(error::WorkerError::Transport("database connection closed".into()));
+        }
+        let round = drainer.round();
+        let claimed = tokio::select! {
+            r = round => r?,
+            _ = async { stop.notified().await; tokio::time::sleep(grace).await } => return Ok(()),
+        };
+        if claimed > 0 {
+            continue;
+        }
+        store.sleeping(true, poll * 3).await?;
+        // Look once more: an event committed before the flag was visible sent no NOTIFY.
+        if drainer.round().await? > 0 {
+            store.sleeping(false, poll).await?;
+            continue;
+        }
+        let due = store.next_due().await?.map(|s| Duration::from_secs_f64(s.max(0.0)));
+        let wait = due.map_or(poll, |d| d.min(poll));
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.notified() => {}
+        }
+        store.sleeping(false, poll).await?;
+    }
+}

@@ -1,0 +1,25 @@
+-- Sample patients and lab reports (draft): the demo audits them afterwards.
+INSERT INTO his.patient (patient_id, id_no, name, sex, birthday, phone, registered_via) VALUES
+    ('P0001', '441302198003151233', '陈志明', 1, '1980-03-15', '13800000001', 'outpatient'),
+    ('P0002', '441302199211082345', '林晓燕', 2, '1992-11-08', NULL,          'wechat'),
+    ('P0003', '441322197505213458', '黄国强', 1, '1975-05-21', '13800000003', 'admission');
+
+INSERT INTO lis.report (report_no, patient_id, visit_no, apply_no, dept_code, doctor_no, specimen_code,
+                        specimen_name, barcode, group_code, group_name, sampled_at, reported_at, auditor_no) VALUES
+    ('L20261126001', 'P0001', 'MZ001', 'SQ001', '0301', 'D001', 'BLD', '全血', 'B0001', 'JY0001', '血常规',
+     now() - interval '3 hours', now() - interval '1 hour', 'T001'),
+    ('L20261126002', 'P0002', 'MZ002', 'SQ002', '0301', 'D001', 'SER', '血清', 'B0002', 'JY0004', '肝功能',
+     now() - interval '3 hours', now() - interval '1 hour', 'T002'),
+    ('L20261126003', 'P0003', 'ZY003', 'SQ003', '0502', 'D002', 'SER', '血清', 'B0003', 'JY0005', '肾功能',
+     now() - interval '3 hours', now() - interval '1 hour', 'T001');
+
+INSERT INTO lis.result (report_no, seq, item_code, item_name, value, unit, ref_range, flag, critical) VALUES
+    ('L20261126001', 1, 'WBC', '白细胞计数',   '6.5',  '10^9/L', '3.5-9.5',   'N', false),
+    ('L20261126001', 2, 'RBC', '红细胞计数',   '4.1',  '10^12/L', '4.3-5.8',  'L', false),
+    ('L20261126001', 3, 'HGB', '血红蛋白',     '128',  'g/L',    '130-175',   'L', false),
+    ('L20261126001', 4, 'PLT', '血小板计数',   '210',  '10^9/L', '125-350',   'N', false),
+    ('L20261126002', 1, 'ALT', '丙氨酸氨基转移酶', '85', 'U/L',  '7-40',      'H', false),
+    ('L20261126002', 2, 'AST', '天门冬氨酸氨基转移酶', '60', 'U/L', '13-35',  'H', false),
+    ('L20261126002', 3, 'TBIL', '总胆红素',    '15.2', 'μmol/L', '0-21',      'N', false),
+    ('L20261126003', 1, 'CREA', '肌酐',        '98',   'μmol/L', '57-111',    'N', false),
+    ('L20261126003', 2, 'UREA', '尿素',        '6.1',  'mmol/L', '3.1-8.0',   'N', false);

@@ -1,0 +1,278 @@
+//! The lab-report walking skeleton end to end: LIS table → capture trigger → outbox →
+//! worker → simulator, on a real PostgreSQL 15 cluster.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use hmr_e2e::*;
+use serde_json::{json, Value};
+
+const LAB: &str = "/api/v1/lab-reports";
+const PATIENTS: &str = "/api/v1/patients";
+
+async fn approve(his: &tokio_postgres::Client, report_no: &str) -> Result<()> {
+    his.execute(
+        "UPDATE lis.report SET status = 'audited', audited_at = now() - interval '1 minute' WHERE report_no = $1",
+        &[&report_no],
+    )
+    .await?;
+    Ok(())
+}
+
+fn report_no(request: &Value) -> String {
+    request["body"]["reportNo"].as_str().unwrap_or_default().to_string()
+}
+
+async fn uploads_of(sim: &Sim, report: &str) -> Result<Vec<Value>> {
+    Ok(sim.requests_with(LAB, "applied").await?.into_iter().filter(|r| report_no(r) == report).collect())
+}
+
+async fn outbox_empty(his: &tokio_postgres::Client) -> Result<bool> {
+    Ok(count(his, "SELECT count(*) FROM hmr.outbox WHERE state <> 'quarantined'").await? == 0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn approval_uploads_once_after_its_patient() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+
+    approve(&his, "L20261126001").await?;
+    wait_until(Duration::from_secs(20), "the report at the platform", || async {
+        Ok(!uploads_of(&sim, "L20261126001").await?.is_empty())
+    })
+    .await?;
+    wait_until(Duration::from_secs(10), "an empty outbox", || outbox_empty(&his)).await?;
+
+    let uploads = uploads_of(&sim, "L20261126001").await?;
+    assert_eq!(uploads.len(), 1, "exactly one upload: {uploads:#?}");
+    let body = &uploads[0]["body"];
+    assert_eq!(body["version"], 1);
+    assert_eq!(body["dataCode"], "JY0001");
+    assert_eq!(body["name"], "陈志明");
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(4));
+    assert_eq!(body["items"][1]["abnormalFlag"], "3", "L (low) maps to 3");
+    assert_eq!(body["items"][0]["resultValue"], "6.5");
+
+    // The patient went first: the platform refuses a report of an unknown patient.
+    let patients = sim.requests_with(PATIENTS, "applied").await?;
+    assert_eq!(patients.len(), 1);
+    assert!(patients[0]["seq"].as_u64() < uploads[0]["seq"].as_u64());
+    assert!(sim.requests().await?.iter().all(|r| r["status"] != 404), "no upload was refused for a missing patient");
+
+    // An update that touches the status but not the content sends nothing.
+    his.batch_execute(
+        "BEGIN; UPDATE lis.report SET status = 'draft' WHERE report_no = 'L20261126001';
+                UPDATE lis.report SET status = 'audited' WHERE report_no = 'L20261126001'; COMMIT;",
+    )
+    .await?;
+    wait_until(Duration::from_secs(10), "the re-approval drained", || outbox_empty(&his)).await?;
+    let before = sim.requests().await?.len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(uploads_of(&sim, "L20261126001").await?.len(), 1);
+    assert_eq!(sim.requests().await?.len(), before);
+    let unchanged = count(&his, "SELECT count(*) FROM hmr.outbox_history WHERE key = 'L20261126001' AND outcome = 'unchanged'").await?;
+    assert_eq!(unchanged, 2);
+
+    // A changed result re-approved is version 2.
+    his.batch_execute(
+        "UPDATE lis.report SET status = 'draft' WHERE report_no = 'L20261126001';
+         UPDATE lis.result SET value = '7.1' WHERE report_no = 'L20261126001' AND seq = 1;",
+    )
+    .await?;
+    approve(&his, "L20261126001").await?;
+    wait_until(Duration::from_secs(20), "version 2", || async {
+        Ok(uploads_of(&sim, "L20261126001").await?.iter().any(|u| u["body"]["version"] == 2))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rolled_back_approval_sends_nothing() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+
+    his.batch_execute(
+        "BEGIN; UPDATE lis.report SET status = 'audited', audited_at = now() WHERE report_no = 'L20261126002'; ROLLBACK;",
+    )
+    .await?;
+    approve(&his, "L20261126003").await?;
+    wait_until(Duration::from_secs(20), "the committed report", || async {
+        Ok(!uploads_of(&sim, "L20261126003").await?.is_empty())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(uploads_of(&sim, "L20261126002").await?.is_empty());
+    assert!(sim.requests().await?.iter().all(|r| report_no(r) != "L20261126002"));
+    assert_eq!(count(&his, "SELECT count(*) FROM hmr.outbox_history WHERE key = 'L20261126002'").await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_records_are_quarantined_and_the_rest_flows() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    // A wrong check digit on one patient; a missing result value on one report.
+    his.batch_execute(
+        "UPDATE his.patient SET id_no = '441302199211082340' WHERE patient_id = 'P0002';
+         UPDATE lis.result SET value = NULL WHERE report_no = 'L20261126001' AND seq = 2;",
+    )
+    .await?;
+    let sim = Sim::start()?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    for r in ["L20261126001", "L20261126002", "L20261126003"] {
+        approve(&his, r).await?;
+    }
+    wait_until(Duration::from_secs(20), "the valid report", || async {
+        Ok(!uploads_of(&sim, "L20261126003").await?.is_empty())
+    })
+    .await?;
+    wait_until(Duration::from_secs(20), "two quarantined records", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.quarantine").await? == 2)
+    })
+    .await?;
+    let rows = his.query("SELECT kind, key, error_field, error_reason FROM hmr.quarantine ORDER BY id", &[]).await?;
+    let found: Vec<(String, String, String, String)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    assert!(found.contains(&("patient".into(), "P0002".into(), "id_no".into(), "checksum".into())), "{found:?}");
+    assert!(found.iter().any(|(k, key, field, _)| k == "lab_report" && key == "L20261126001" && field == "items[1].result_value"), "{found:?}");
+    // Neither reached the platform; the report of the bad patient waits for it.
+    assert!(uploads_of(&sim, "L20261126001").await?.is_empty());
+    assert!(uploads_of(&sim, "L20261126002").await?.is_empty());
+
+    // The DBA fixes the source and retries: it goes through.
+    his.batch_execute("UPDATE lis.result SET value = '4.0' WHERE report_no = 'L20261126001' AND seq = 2").await?;
+    his.batch_execute("SELECT hmr.retry(id) FROM hmr.quarantine WHERE key = 'L20261126001'").await?;
+    wait_until(Duration::from_secs(20), "the fixed report", || async {
+        Ok(!uploads_of(&sim, "L20261126001").await?.is_empty())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn platform_503_for_a_while_then_delivered() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    sim.faults(json!({"status": 503, "fraction": 1.0})).await?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    approve(&his, "L20261126001").await?;
+    wait_until(Duration::from_secs(20), "several refused tries", || async {
+        Ok(sim.requests().await?.iter().filter(|r| r["status"] == 503).count() >= 3)
+    })
+    .await?;
+    let last_error: Option<String> =
+        his.query_one("SELECT max(last_error) FROM hmr.outbox", &[]).await?.get(0);
+    assert!(last_error.unwrap_or_default().contains("503"));
+    assert!(uploads_of(&sim, "L20261126001").await?.is_empty());
+
+    sim.clear_faults().await?;
+    wait_until(Duration::from_secs(20), "delivery after the outage", || async {
+        Ok(!uploads_of(&sim, "L20261126001").await?.is_empty())
+    })
+    .await?;
+    wait_until(Duration::from_secs(10), "an empty outbox", || outbox_empty(&his)).await?;
+    assert_eq!(uploads_of(&sim, "L20261126001").await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_token_is_refreshed() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions { auth: "signature", ..Default::default() })?;
+    approve(&his, "L20261126001").await?;
+    wait_until(Duration::from_secs(20), "first report", || async {
+        Ok(!uploads_of(&sim, "L20261126001").await?.is_empty())
+    })
+    .await?;
+    // Every token the worker holds becomes invalid: the next call gets 401.
+    sim.faults(json!({"expire_tokens_now": true})).await?;
+    approve(&his, "L20261126003").await?;
+    wait_until(Duration::from_secs(20), "second report", || async {
+        Ok(!uploads_of(&sim, "L20261126003").await?.is_empty())
+    })
+    .await?;
+    let requests = sim.requests().await?;
+    assert!(requests.iter().any(|r| r["status"] == 401), "the stale token was refused");
+    let grants = requests.iter().filter(|r| r["path"] == "/api/v1/auth/token" && r["status"] == 200).count();
+    assert!(grants >= 3, "tokens for his-upload and lab-upload, then a fresh one: {grants}");
+    Ok(())
+}
+
+/// 1,000 approvals in 1,000 transactions while the worker is SIGKILLed three times: the
+/// platform must hold every report once, with no second effect.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_during_a_thousand_approvals_loses_and_repeats_nothing() -> Result<()> {
+    const N: i64 = 1000;
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    his.execute(
+        "INSERT INTO lis.report (report_no, patient_id, group_code, group_name, reported_at, auditor_no)
+         SELECT 'K' || lpad(g::text, 5, '0'), 'P000' || (g % 3 + 1), 'JY0001', '血常规', now() - interval '1 hour', 'T001'
+           FROM generate_series(1, $1::bigint) g",
+        &[&N],
+    )
+    .await?;
+    his.execute(
+        "INSERT INTO lis.result (report_no, seq, item_code, item_name, value, unit)
+         SELECT report_no, 1, 'WBC', '白细胞计数', (4 + random() * 5)::numeric(4,1)::text, '10^9/L'
+           FROM lis.report WHERE report_no LIKE 'K%'",
+        &[],
+    )
+    .await?;
+    let sim = Sim::start()?;
+    let mut worker = Worker::start(&cluster, &sim, &WorkerOptions { batch_size: 50, ..Default::default() })?;
+
+    let mut kills = 0;
+    for i in 1..=N {
+        approve(&his, &format!("K{i:05}")).await?;
+        if i % 250 == 0 && kills < 3 {
+            worker.kill();
+            kills += 1;
+            worker.restart()?;
+        }
+    }
+    wait_until(Duration::from_secs(180), "all approvals delivered", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.delivered WHERE kind = 'lab_report' AND key LIKE 'K%'").await? == N
+            && outbox_empty(&his).await?)
+    })
+    .await?;
+
+    let all = sim.requests().await?;
+    let lab: Vec<&Value> = all.iter().filter(|r| r["path"] == LAB && report_no(r).starts_with('K')).collect();
+    let applied: Vec<&Value> = lab.iter().copied().filter(|r| r["effect"] == "applied").collect();
+    let mut per_report = std::collections::HashMap::<String, usize>::new();
+    for r in &applied {
+        *per_report.entry(report_no(r)).or_default() += 1;
+    }
+    let duplicates: usize = per_report.values().map(|n| n - 1).sum();
+    let unchanged = lab.iter().filter(|r| r["effect"] == "unchanged").count();
+    let replayed = lab.iter().filter(|r| r["effect"] == "replayed").count();
+    println!(
+        "kill test: approvals {N}, worker kills {kills}, upload requests sent {}, reports received {}, \
+         second effects {duplicates}, idempotent replays {replayed}, unchanged resends {unchanged}",
+        lab.len(),
+        per_report.len()
+    );
+    assert_eq!(per_report.len() as i64, N, "every report arrived");
+    assert_eq!(duplicates, 0, "no report applied twice");
+    assert_eq!(unchanged, 0, "no report re-sent under a new request id");
+    assert!(per_report.values().all(|&n| n == 1));
+    let state = sim.get("/_sim/state").await?;
+    let held = state.to_string().matches("\"K0").count();
+    assert!(held >= N as usize, "the simulator holds every report ({held})");
+    Ok(())
+}

@@ -1,0 +1,431 @@
+//! Draining: turns claimed events into platform requests and records how each ended.
+//!
+//! Reports go one per request, with their requests frozen in the event before the first
+//! is sent, so a retry (after a crash, a timeout, a lost answer) sends the same bytes
+//! under the same request id. Master data goes in batches whose request id is derived
+//! from the events and the body.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use hmr_protocol::paths::{self, Request};
+use hmr_protocol::source::{self, SourceView};
+use hmr_protocol::{
+    validate, BatchAnswer, Department, ExamReport, FieldError, LabReport, Outcome, Patient, ProtocolError,
+    RecordStatus, ReportType, Revoke, Staff,
+};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::error::WorkerError;
+use crate::platform::Platform;
+use crate::store::{Delivered, Event, Finish, Store};
+
+/// Namespace of request ids: UUIDv5 of the event, its retry generation and the step.
+const REQUEST_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a8f_4c1e_9b2d_4e57_a3c0_5d1f_7e92_b604);
+
+pub fn request_id(name: &str) -> Uuid {
+    Uuid::new_v5(&REQUEST_ID_NAMESPACE, name.as_bytes())
+}
+
+/// The frozen requests of one report event, and what the platform holds once they succeed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Plan {
+    requests: Vec<Request>,
+    version: i32,
+    content_hash: String,
+    revoked: bool,
+}
+
+pub struct Drainer {
+    pub store: Arc<Store>,
+    pub platform: Arc<Platform>,
+    pub config: Arc<Config>,
+}
+
+/// What happened to one event in a round.
+enum Step {
+    Finished(Finish),
+    Rescheduled,
+    Quarantined,
+}
+
+impl Drainer {
+    /// One round: claim a batch, deliver it, record the outcomes. Returns events claimed.
+    pub async fn round(&self) -> Result<usize, WorkerError> {
+        let events = self.store.claim(self.config.worker.batch_size).await?;
+        let claimed = events.len();
+        if claimed == 0 {
+            return Ok(0);
+        }
+        let mut by_kind: HashMap<String, Vec<Event>> = HashMap::new();
+        for e in events {
+            by_kind.entry(e.kind.clone()).or_default().push(e);
+        }
+        for (kind, events) in by_kind {
+            match kind.as_str() {
+                "patient" | "department" | "staff" => self.master_data(&kind, events).await?,
+                _ => {
+                    let results: Vec<Result<Step, WorkerError>> = stream::iter(events)
+                        .map(|e| self.report(e))
+                        .buffer_unordered(self.config.worker.concurrency.max(1))
+                        .collect()
+                        .await;
+                    let mut finished = Vec::new();
+                    for r in results {
+                        if let Step::Finished(f) = r? {
+                            finished.push(f);
+                        }
+                    }
+                    self.store.finish(&finished).await?;
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
+    fn now(&self) -> chrono::DateTime<chrono::FixedOffset> {
+        chrono::Utc::now().with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("valid offset"))
+    }
+
+    /// Exponential backoff with jitter: base·2^(attempts−1), capped, then 50–100 % of it.
+    fn backoff(&self, attempts: i32) -> Duration {
+        let w = &self.config.worker;
+        let exp = w.backoff_base_ms.saturating_mul(1u64 << attempts.clamp(1, 20).saturating_sub(1) as u32);
+        let capped = exp.min(w.backoff_max_ms);
+        Duration::from_millis(rand::thread_rng().gen_range(capped / 2..=capped.max(1)))
+    }
+
+    // ------------------------------------------------------------------ reports
+
+    async fn report(&self, event: Event) -> Result<Step, WorkerError> {
+        let plan = match &event.plan {
+            Some(frozen) => serde_json::from_value::<Plan>(frozen.clone())
+                .map_err(|e| WorkerError::Answer(format!("event {}: unreadable frozen plan: {e}", event.id)))?,
+            None => match self.build_report_plan(&event).await? {
+                Ok(plan) => {
+                    self.store.save_plan(event.id, &serde_json::to_value(&plan).expect("plans serialize")).await?;
+                    plan
+                }
+                Err(step) => return Ok(step),
+            },
+        };
+        for (index, request) in plan.requests.iter().enumerate().skip(event.step.max(0) as usize) {
+            let id = request_id(&format!("{}:{}:{}", event.id, event.generation, index));
+            let (outcome, _) = self.platform.execute(request, id).await;
+            match outcome {
+                Outcome::Done => {}
+                other => return self.not_done(&event, other).await,
+            }
+        }
+        tracing::debug!(kind = %event.kind, key = %event.key, version = plan.version, "delivered");
+        Ok(Step::Finished(Finish {
+            id: event.id,
+            outcome: "delivered",
+            delivered: Some(Delivered { version: plan.version, content_hash: plan.content_hash, revoked: plan.revoked }),
+            detail: None,
+        }))
+    }
+
+    /// Reads the report as it is now and decides: upload a new version, revoke the one the
+    /// platform holds, or nothing. `Err` carries an event already dealt with.
+    async fn build_report_plan(&self, event: &Event) -> Result<Result<Plan, Step>, WorkerError> {
+        let keys = [event.key.clone()];
+        let row = self.store.source_rows(&event.kind, &keys).await?.remove(&event.key);
+        let held = self.store.delivered(&event.kind, &keys).await?.remove(&event.key);
+        let report_type = if event.kind == "lab_report" { ReportType::Lab } else { ReportType::Exam };
+
+        let Some(Value::Object(row)) = row else {
+            // The report no longer qualifies (deleted, un-audited): revoke what the platform holds.
+            return Ok(match held {
+                Some(h) if !h.revoked => {
+                    let revoke = Revoke {
+                        version: h.version as u32,
+                        reason: "取消审核".into(),
+                        revoked_at: hmr_protocol::checks::format_time(&self.now()),
+                        operator_no: self.config.platform.revoke_operator_no.clone(),
+                    };
+                    Ok(Plan {
+                        requests: vec![paths::revoke(report_type, &event.key, &revoke)],
+                        version: h.version,
+                        content_hash: h.content_hash,
+                        revoked: true,
+                    })
+                }
+                _ => Err(Step::Finished(self.finished(event, "skipped", "not in the source view, nothing held"))),
+            });
+        };
+
+        let version = held.as_ref().map_or(1, |h| h.version + 1);
+        let mut extra = Map::new();
+        extra.insert("version".into(), json!(version));
+        let built: Result<(Request, String, String), ProtocolError> = if report_type == ReportType::Lab {
+            let items: Vec<Value> = self
+                .store
+                .item_rows(&event.kind, &event.key)
+                .await?
+                .into_iter()
+                .map(|i| match i {
+                    Value::Object(m) => Value::Object(source::LAB_ITEM.to_fields(&m)),
+                    other => other,
+                })
+                .collect();
+            extra.insert("items".into(), Value::Array(items));
+            source::LAB_REPORT.record::<LabReport>(&row, extra).and_then(|r| {
+                validate::lab_report(&r, &self.now()).map_err(ProtocolError::Invalid)?;
+                Ok((paths::lab_report(&r), source::content_hash(&r), r.patient_id.clone()))
+            })
+        } else {
+            source::EXAM_REPORT.record::<ExamReport>(&row, extra).and_then(|r| {
+                validate::exam_report(&r, &self.now()).map_err(ProtocolError::Invalid)?;
+                Ok((paths::exam_report(&r), source::content_hash(&r), r.patient_id.clone()))
+            })
+        };
+        let (request, hash, patient_id) = match built {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(self.quarantine_invalid(event, &e).await?)),
+        };
+        if let Some(h) = &held {
+            if h.content_hash == hash && !h.revoked {
+                return Ok(Err(Step::Finished(self.finished(event, "unchanged", "same content as delivered"))));
+            }
+        }
+        // The platform refuses a report whose patient it has not received: send it first.
+        let patient = self.store.delivered("patient", std::slice::from_ref(&patient_id)).await?;
+        if patient.is_empty() {
+            return Ok(Err(self.wait_for_dependency(event, "patient", &patient_id).await?));
+        }
+        Ok(Ok(Plan { requests: vec![request], version, content_hash: hash, revoked: false }))
+    }
+
+    async fn wait_for_dependency(&self, event: &Event, kind: &str, key: &str) -> Result<Step, WorkerError> {
+        if event.attempts >= self.config.worker.max_dependency_attempts {
+            self.store
+                .quarantine(
+                    event.id,
+                    if kind == "patient" { "patient_id" } else { "dept_code" },
+                    "dependency-not-delivered",
+                    &format!("{kind} {key} has not reached the platform (is it quarantined?)"),
+                )
+                .await?;
+            return Ok(Step::Quarantined);
+        }
+        self.store.ensure_enqueued(kind, key).await?;
+        // Short first waits: the dependency is usually delivered within one round.
+        let delay = Duration::from_millis(100).saturating_mul(event.attempts.max(1) as u32).min(self.backoff(event.attempts));
+        self.store.reschedule(&[event.id], delay, &format!("waiting for {kind} {key}")).await?;
+        Ok(Step::Rescheduled)
+    }
+
+    async fn not_done(&self, event: &Event, outcome: Outcome) -> Result<Step, WorkerError> {
+        match outcome {
+            Outcome::Done => unreachable!("handled by the caller"),
+            Outcome::Retry { after, reason } => {
+                let delay = after.unwrap_or_else(|| self.backoff(event.attempts));
+                tracing::info!(kind = %event.kind, event = event.id, attempts = event.attempts, ?delay, %reason, "retry later");
+                self.store.reschedule(&[event.id], delay, &reason).await?;
+                Ok(Step::Rescheduled)
+            }
+            Outcome::RefreshToken => {
+                self.store.reschedule(&[event.id], self.backoff(event.attempts), "token refused").await?;
+                Ok(Step::Rescheduled)
+            }
+            Outcome::MissingDependency { reason } => {
+                // Our record of the patient is stale (the platform lost it, or it was never
+                // sent): send it again, then this report.
+                if let Some(Value::Object(row)) =
+                    self.store.source_rows(&event.kind, std::slice::from_ref(&event.key)).await?.remove(&event.key)
+                {
+                    if let Some(pid) = row.get("patient_id").and_then(Value::as_str) {
+                        self.store.forget_delivered("patient", pid).await?;
+                        self.store.ensure_enqueued("patient", pid).await?;
+                    }
+                }
+                if event.attempts >= self.config.worker.max_dependency_attempts {
+                    self.store.quarantine(event.id, "patient_id", "not-found", &reason).await?;
+                    return Ok(Step::Quarantined);
+                }
+                self.store.reschedule(&[event.id], self.backoff(event.attempts), &format!("404: {reason}")).await?;
+                Ok(Step::Rescheduled)
+            }
+            Outcome::Permanent { status, code, message, errors } => {
+                let first = errors.first().cloned().unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
+                let column = source::column_for_field(&event.kind, &first.field);
+                tracing::warn!(kind = %event.kind, event = event.id, status, %code, field = %column, reason = %first.reason, "quarantined");
+                self.store
+                    .quarantine(event.id, &column, &first.reason, &format!("HTTP {status} {code} {message}"))
+                    .await?;
+                Ok(Step::Quarantined)
+            }
+        }
+    }
+
+    async fn quarantine_invalid(&self, event: &Event, e: &ProtocolError) -> Result<Step, WorkerError> {
+        let (field, reason) = e.field_and_reason();
+        let column = match e {
+            ProtocolError::Invalid(_) => source::column_for_field(&event.kind, &field),
+            _ => field,
+        };
+        tracing::warn!(kind = %event.kind, event = event.id, field = %column, %reason, "invalid record quarantined");
+        self.store.quarantine(event.id, &column, &reason, &format!("refused before sending: {e}")).await?;
+        Ok(Step::Quarantined)
+    }
+
+    fn finished(&self, event: &Event, outcome: &'static str, detail: &str) -> Finish {
+        Finish { id: event.id, outcome, delivered: None, detail: Some(detail.into()) }
+    }
+
+    // ------------------------------------------------------------------ master data
+
+    /// Patients, departments, staff: read all rows at once, skip unchanged, send the rest in
+    /// batches and settle each record by the platform's per-record answer.
+    async fn master_data(&self, kind: &str, events: Vec<Event>) -> Result<(), WorkerError> {
+        let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
+        let rows = self.store.source_rows(kind, &keys).await?;
+        let held = self.store.delivered(kind, &keys).await?;
+        let view: &SourceView = source::view_for(kind).expect("handled kinds have views");
+        let now = self.now();
+        let mut finished = Vec::new();
+        let mut to_send: Vec<(Event, Value, String, i32)> = Vec::new();
+        for event in events {
+            let Some(Value::Object(row)) = rows.get(&event.key) else {
+                finished.push(self.finished(&event, "skipped", "not in the source view"));
+                continue;
+            };
+            let built: Result<Value, ProtocolError> = match kind {
+                "patient" => view.record::<Patient>(row, Map::new()).and_then(|r| {
+                    validate::patient(&r, &now).map_err(ProtocolError::Invalid)?;
+                    Ok(serde_json::to_value(r)?)
+                }),
+                "department" => view.record::<Department>(row, Map::new()).and_then(|r| {
+                    validate::department(&r, &now).map_err(ProtocolError::Invalid)?;
+                    Ok(serde_json::to_value(r)?)
+                }),
+                _ => view.record::<Staff>(row, Map::new()).and_then(|r| {
+                    validate::staff(&r, &now).map_err(ProtocolError::Invalid)?;
+                    Ok(serde_json::to_value(r)?)
+                }),
+            };
+            let record = match built {
+                Ok(r) => r,
+                Err(e) => {
+                    self.quarantine_invalid(&event, &e).await?;
+                    continue;
+                }
+            };
+            let hash = source::content_hash(&record);
+            let previous = held.get(&event.key);
+            if previous.is_some_and(|h| h.content_hash == hash) {
+                finished.push(self.finished(&event, "unchanged", "same content as delivered"));
+                continue;
+            }
+            let version = previous.map_or(1, |h| h.version + 1);
+            to_send.push((event, record, hash, version));
+        }
+        self.store.finish(&finished).await?;
+
+        let chunks: Vec<Vec<(Event, Value, String, i32)>> = to_send
+            .chunks(hmr_protocol::checks::MAX_BATCH)
+            .map(<[_]>::to_vec)
+            .collect();
+        let results: Vec<Result<(), WorkerError>> = stream::iter(chunks)
+            .map(|chunk| self.send_batch(kind, chunk))
+            .buffer_unordered(self.config.worker.concurrency.clamp(1, 4))
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    async fn send_batch(&self, kind: &str, chunk: Vec<(Event, Value, String, i32)>) -> Result<(), WorkerError> {
+        let records: Vec<Value> = chunk.iter().map(|(_, r, _, _)| r.clone()).collect();
+        let request = match kind {
+            "patient" => paths::patients(&from_values::<Patient>(records)),
+            "department" => paths::departments(&from_values::<Department>(records)),
+            _ => paths::staff(&from_values::<Staff>(records)),
+        };
+        // Same events and same body → same id; a changed body is a new effect anyway.
+        let ids: Vec<String> = chunk.iter().map(|(e, _, _, _)| format!("{}.{}", e.id, e.generation)).collect();
+        let body_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&request.body));
+        let id = request_id(&format!("{kind}:{}:{body_hash}", ids.join(",")));
+        let (outcome, answer) = self.platform.execute(&request, id).await;
+        let event_ids: Vec<i64> = chunk.iter().map(|(e, _, _, _)| e.id).collect();
+        let max_attempts = chunk.iter().map(|(e, _, _, _)| e.attempts).max().unwrap_or(1);
+        match outcome {
+            Outcome::Done => {
+                let answer: BatchAnswer = hmr_protocol::envelope::parse_data(&answer.map(|a| a.body).unwrap_or_default())
+                    .map_err(|e| WorkerError::Answer(format!("{kind} batch answer: {e}")))?;
+                let mut finished = Vec::new();
+                for (index, (event, _, hash, version)) in chunk.iter().enumerate() {
+                    let result = answer.results.iter().find(|r| r.index == index);
+                    match result {
+                        Some(r) if r.status == RecordStatus::Accepted => finished.push(Finish {
+                            id: event.id,
+                            outcome: "delivered",
+                            delivered: Some(Delivered { version: *version, content_hash: hash.clone(), revoked: false }),
+                            detail: None,
+                        }),
+                        Some(r) => {
+                            let first = r.errors.first().cloned().unwrap_or_else(|| FieldError::new("", "rejected"));
+                            if first.reason == "unknown-dept" && kind == "staff" {
+                                // Departments go before the staff who reference them.
+                                let dept = chunk[index].1.get("deptCode").and_then(Value::as_str).unwrap_or_default();
+                                match self.wait_for_dependency(event, "department", dept).await? {
+                                    Step::Finished(f) => finished.push(f),
+                                    Step::Rescheduled | Step::Quarantined => {}
+                                }
+                                continue;
+                            }
+                            let column = source::column_for_field(kind, &first.field);
+                            self.store
+                                .quarantine(event.id, &column, &first.reason, &format!("rejected by the platform: {}", FieldError::join(&r.errors)))
+                                .await?;
+                        }
+                        None => {
+                            self.store.reschedule(&[event.id], self.backoff(event.attempts), "no result for record").await?;
+                        }
+                    }
+                }
+                self.store.finish(&finished).await?;
+            }
+            Outcome::Permanent { status, code, message, errors } => {
+                let first = errors.first().cloned().unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
+                for event_id in event_ids {
+                    self.store
+                        .quarantine(event_id, &source::column_for_field(kind, &first.field), &first.reason, &format!("HTTP {status} {code} {message}"))
+                        .await?;
+                }
+            }
+            Outcome::Retry { after, reason } => {
+                let delay = after.unwrap_or_else(|| self.backoff(max_attempts));
+                tracing::info!(kind, events = event_ids.len(), ?delay, %reason, "batch retry later");
+                self.store.reschedule(&event_ids, delay, &reason).await?;
+            }
+            Outcome::RefreshToken | Outcome::MissingDependency { .. } => {
+                self.store.reschedule(&event_ids, self.backoff(max_attempts), "platform answered 401/404 to a batch").await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn from_values<T: serde::de::DeserializeOwned>(values: Vec<Value>) -> Vec<T> {
+    values.into_iter().map(|v| serde_json::from_value(v).expect("built from the same type")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_stable_and_distinct() {
+        assert_eq!(request_id("5:0:0"), request_id("5:0:0"));
+        assert_ne!(request_id("5:0:0"), request_id("5:1:0"));
+        assert_ne!(request_id("5:0:0"), request_id("5:0:1"));
+        assert_eq!(request_id("5:0:0").get_version_num(), 5);
+    }
+}

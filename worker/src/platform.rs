@@ -1,0 +1,208 @@
+//! The HTTP client of the platform: tokens per scope (cached, refreshed before expiry and
+//! on 401), the org-wide `Retry-After` pause, and answer bodies read within a size limit.
+//! It sends protocol-built requests; it does not know any field or path itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmr_protocol::envelope::{parse_data, MAX_ANSWER_BYTES};
+use hmr_protocol::paths::{self, Request, HEADER_ORG_CODE, HEADER_REQUEST_ID, HEADER_RETRY_AFTER};
+use hmr_protocol::{classify, sign, Outcome, Scope, SignAlg, TokenAnswer, TokenRequest};
+use tokio::sync::Mutex as AsyncMutex;
+use uuid::Uuid;
+
+use crate::config::{AuthMode, PlatformConfig};
+use crate::error::WorkerError;
+
+/// A raw answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Clone)]
+struct Token {
+    value: String,
+    refresh_at: Instant,
+}
+
+pub struct Platform {
+    http: reqwest::Client,
+    config: PlatformConfig,
+    tokens: HashMap<Scope, AsyncMutex<Option<Token>>>,
+    paused_until: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Platform {
+    pub fn new(config: PlatformConfig) -> Result<Arc<Platform>, WorkerError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_millis(config.timeout_ms.min(5_000)))
+            .pool_max_idle_per_host(64)
+            .use_rustls_tls();
+        if let Some(path) = &config.ca_bundle {
+            let pem = std::fs::read(path).map_err(|e| WorkerError::Config(format!("ca_bundle {path}: {e}")))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| WorkerError::Config(format!("ca_bundle {path}: {e}")))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| WorkerError::Config(e.to_string()))?;
+        let tokens = Scope::ALL.into_iter().map(|s| (s, AsyncMutex::new(None))).collect();
+        Ok(Arc::new(Platform { http, config, tokens, paused_until: std::sync::Mutex::new(None) }))
+    }
+
+    /// Sends one request with the given id; transport failures are errors, answers are not.
+    pub async fn send(&self, req: &Request, request_id: Uuid, token: Option<&str>) -> Result<Answer, WorkerError> {
+        let url = format!("{}{}", self.config.base_url.trim_end_matches('/'), req.path);
+        let method = match req.method {
+            paths::Method::Get => reqwest::Method::GET,
+            paths::Method::Post => reqwest::Method::POST,
+            paths::Method::Put => reqwest::Method::PUT,
+        };
+        let mut builder = self
+            .http
+            .request(method, url)
+            .header(HEADER_ORG_CODE, &self.config.org_code)
+            .header(HEADER_REQUEST_ID, request_id.to_string());
+        if let Some(t) = token {
+            builder = builder.bearer_auth(t);
+        }
+        if let Some(ct) = &req.content_type {
+            builder = builder.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        for (k, v) in &req.headers {
+            builder = builder.header(k, v);
+        }
+        if req.method != paths::Method::Get {
+            builder = builder.body(req.body.clone());
+        }
+        let mut response = builder.send().await.map_err(|e| WorkerError::Transport(describe(e)))?;
+        let status = response.status().as_u16();
+        let retry_after =
+            response.headers().get(HEADER_RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| WorkerError::Transport(describe(e)))? {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(WorkerError::Answer(format!("answer larger than {MAX_ANSWER_BYTES} bytes")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Answer { status, retry_after, body })
+    }
+
+    /// Sends with the scope's token, refreshing it once on 401, and says what to do next.
+    pub async fn execute(&self, req: &Request, request_id: Uuid) -> (Outcome, Option<Answer>) {
+        if let Some(wait) = self.paused() {
+            return (Outcome::Retry { after: Some(wait), reason: "platform asked to wait (429)".into() }, None);
+        }
+        let scope = req.scope.unwrap_or(Scope::HisUpload);
+        for attempt in 0..2 {
+            let token = match self.token(scope).await {
+                Ok(t) => t,
+                Err(e) => return (Outcome::Retry { after: None, reason: e.to_string() }, None),
+            };
+            let answer = match self.send(req, request_id, Some(&token)).await {
+                Ok(a) => a,
+                Err(e) => return (Outcome::Retry { after: None, reason: e.to_string() }, None),
+            };
+            let outcome = classify(answer.status, answer.retry_after.as_deref(), &answer.body);
+            match outcome {
+                Outcome::RefreshToken if attempt == 0 => {
+                    self.forget_token(scope, &token).await;
+                    continue;
+                }
+                Outcome::RefreshToken => {
+                    return (Outcome::Retry { after: None, reason: "token refused twice".into() }, Some(answer))
+                }
+                Outcome::Retry { after: Some(after), .. } if answer.status == 429 => {
+                    self.pause(after);
+                    return (outcome, Some(answer));
+                }
+                _ => return (outcome, Some(answer)),
+            }
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    fn paused(&self) -> Option<Duration> {
+        let guard = self.paused_until.lock().expect("pause lock");
+        guard.and_then(|until| until.checked_duration_since(Instant::now()))
+    }
+
+    /// A 429's Retry-After holds for the whole org.
+    fn pause(&self, after: Duration) {
+        let mut guard = self.paused_until.lock().expect("pause lock");
+        let until = Instant::now() + after;
+        if guard.is_none_or(|u| u < until) {
+            *guard = Some(until);
+        }
+    }
+
+    async fn forget_token(&self, scope: Scope, refused: &str) {
+        let mut slot = self.tokens[&scope].lock().await;
+        if slot.as_ref().is_some_and(|t| t.value == refused) {
+            *slot = None;
+        }
+    }
+
+    /// The scope's token: cached until 80 % of its lifetime, fetched by one task at a time.
+    pub async fn token(&self, scope: Scope) -> Result<String, WorkerError> {
+        let mut slot = self.tokens[&scope].lock().await;
+        if let Some(t) = slot.as_ref() {
+            if Instant::now() < t.refresh_at {
+                return Ok(t.value.clone());
+            }
+        }
+        let request = self.token_request(scope);
+        let answer = self.send(&paths::token(&request), Uuid::new_v4(), None).await?;
+        if answer.status != 200 {
+            return Err(WorkerError::Token(format!("HTTP {} for scope {}", answer.status, scope.as_str())));
+        }
+        let data: TokenAnswer = parse_data(&answer.body).map_err(|e| WorkerError::Token(e.to_string()))?;
+        let lifetime = Duration::from_secs(data.expires_in);
+        tracing::info!(scope = scope.as_str(), expires_in = data.expires_in, "token obtained");
+        let token = Token { value: data.access_token, refresh_at: Instant::now() + lifetime.mul_f64(0.8) };
+        *slot = Some(token.clone());
+        Ok(token.value)
+    }
+
+    fn token_request(&self, scope: Scope) -> TokenRequest {
+        let c = &self.config;
+        match c.auth {
+            AuthMode::Password => {
+                TokenRequest::Password { username: c.username.clone(), password: c.password.expose().into(), scope }
+            }
+            AuthMode::Signature => {
+                let alg = if c.sign_alg == "HMAC-SM3" { SignAlg::HmacSm3 } else { SignAlg::HmacSha256 };
+                let timestamp = chrono::Utc::now().timestamp_millis();
+                let nonce = Uuid::new_v4().simple().to_string();
+                let sign = sign::sign(alg, c.app_secret.expose(), &c.app_id, timestamp, &nonce);
+                TokenRequest::Signature { app_id: c.app_id.clone(), timestamp, nonce, scope, sign_alg: alg, sign }
+            }
+        }
+    }
+
+    /// Whether a token can be had for the scope now (for `status`).
+    pub async fn reachable(&self) -> Result<(), WorkerError> {
+        self.token(Scope::HisUpload).await.map(|_| ())
+    }
+}
+
+/// A transport error without the URL's query (which could carry an identity number).
+fn describe(e: reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "body"
+    } else {
+        "request"
+    };
+    format!("{kind}: {}", e.without_url())
+}

@@ -1,0 +1,344 @@
+//! Everything the worker asks of the database: claiming events with a lease, reading the
+//! DBA's source views, and finishing, rescheduling or quarantining events. Each change is
+//! one statement, so a crash between two leaves nothing half done.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+use crate::error::WorkerError;
+
+/// Kinds this worker delivers; events of other kinds wait for a worker that knows them.
+pub const HANDLED_KINDS: [&str; 5] = ["patient", "department", "staff", "lab_report", "exam_report"];
+
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: i64,
+    pub kind: String,
+    pub key: String,
+    pub attempts: i32,
+    pub generation: i32,
+    pub plan: Option<Value>,
+    pub step: i32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivered {
+    pub version: i32,
+    pub content_hash: String,
+    pub revoked: bool,
+}
+
+/// How an event ends.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub id: i64,
+    /// `delivered`, `unchanged` or `skipped`.
+    pub outcome: &'static str,
+    /// The platform's new state of the record, when it changed.
+    pub delivered: Option<Delivered>,
+    pub detail: Option<String>,
+}
+
+/// Where the kind's source rows come from, resolved once from `hmr.kinds`.
+#[derive(Debug, Clone)]
+pub struct KindSource {
+    pub relation: String,
+    pub key_column: String,
+    pub item_relation: Option<String>,
+}
+
+pub struct Store {
+    client: Client,
+    worker_id: String,
+    lease: Duration,
+    sources: HashMap<String, KindSource>,
+}
+
+impl Store {
+    /// Connects, sets the session up, and forwards NOTIFYs on `hmr_outbox` to `wake`.
+    pub async fn connect(url: &str, timezone: &str, worker_id: &str, lease: Duration, wake: Arc<Notify>) -> Result<Store, WorkerError> {
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+        // NOTIFYs arrive only if we poll the connection ourselves.
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "database connection ended");
+                        break;
+                    }
+                }
+            }
+            wake.notify_one();
+        });
+        client
+            .batch_execute(&format!(
+                "SET application_name = 'hmr-worker'; SET TimeZone = {}; LISTEN hmr_outbox",
+                quote_literal(timezone)
+            ))
+            .await?;
+        let mut sources = HashMap::new();
+        for row in client
+            .query(
+                "SELECT kind, to_regclass(source_view)::text, key_column, to_regclass(item_view)::text FROM hmr.kinds",
+                &[],
+            )
+            .await?
+        {
+            let kind: String = row.get(0);
+            let relation: Option<String> = row.get(1);
+            if let Some(relation) = relation {
+                sources.insert(kind, KindSource { relation, key_column: row.get(2), item_relation: row.get(3) });
+            }
+        }
+        Ok(Store { client, worker_id: worker_id.into(), lease, sources })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Claims the oldest eligible events: pending and due (or claimed with an expired lease),
+    /// and the earliest unfinished event of their record.
+    pub async fn claim(&self, limit: i64) -> Result<Vec<Event>, WorkerError> {
+        let kinds: Vec<&str> = HANDLED_KINDS.iter().copied().filter(|k| self.sources.contains_key(*k)).collect();
+        let rows = self
+            .client
+            .query(
+                "WITH c AS (
+                    SELECT o.id FROM hmr.outbox o
+                     WHERE ((o.state = 'pending' AND o.next_attempt_at <= now())
+                            OR (o.state = 'claimed' AND o.lease_until < now()))
+                       AND o.kind = ANY($3)
+                       AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
+                                        WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
+                                          AND e.state <> 'quarantined')
+                     ORDER BY o.id
+                     LIMIT $1
+                     FOR UPDATE OF o SKIP LOCKED)
+                 UPDATE hmr.outbox o
+                    SET state = 'claimed', lease_owner = $2, attempts = o.attempts + 1,
+                        lease_until = now() + make_interval(secs => $4)
+                   FROM c WHERE o.id = c.id
+                 RETURNING o.id, o.kind, o.key, o.attempts, o.generation, o.plan, o.step",
+                &[&limit, &self.worker_id, &kinds, &(self.lease.as_secs_f64())],
+            )
+            .await?;
+        let mut events: Vec<Event> = rows
+            .iter()
+            .map(|r| Event {
+                id: r.get(0),
+                kind: r.get(1),
+                key: r.get(2),
+                attempts: r.get(3),
+                generation: r.get(4),
+                plan: r.get(5),
+                step: r.get(6),
+            })
+            .collect();
+        events.sort_by_key(|e| e.id);
+        Ok(events)
+    }
+
+    /// Current rows of the kind's source view for these keys, as `column → value` objects.
+    pub async fn source_rows(&self, kind: &str, keys: &[String]) -> Result<HashMap<String, Value>, WorkerError> {
+        let Some(src) = self.sources.get(kind) else { return Ok(HashMap::new()) };
+        let key = quote_ident(&src.key_column);
+        let sql = format!("SELECT v.{key}::text, to_jsonb(v) FROM {} v WHERE v.{key}::text = ANY($1)", src.relation);
+        let rows = self.client.query(&sql, &[&keys]).await?;
+        Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, Value>(1))).collect())
+    }
+
+    /// Item rows of one report (ordered by `seq` when the view has one).
+    pub async fn item_rows(&self, kind: &str, report_no: &str) -> Result<Vec<Value>, WorkerError> {
+        let Some(relation) = self.sources.get(kind).and_then(|s| s.item_relation.clone()) else {
+            return Ok(vec![]);
+        };
+        let sql = format!(
+            "SELECT to_jsonb(i) FROM {relation} i WHERE i.report_no::text = $1 \
+             ORDER BY to_jsonb(i) -> 'seq', to_jsonb(i) ->> 'item_code'"
+        );
+        let rows = self.client.query(&sql, &[&report_no]).await?;
+        Ok(rows.iter().map(|r| r.get::<_, Value>(0)).collect())
+    }
+
+    pub async fn delivered(&self, kind: &str, keys: &[String]) -> Result<HashMap<String, Delivered>, WorkerError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT key, version, content_hash, revoked FROM hmr.delivered WHERE kind = $1 AND key = ANY($2)",
+                &[&kind, &keys],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), Delivered { version: r.get(1), content_hash: r.get(2), revoked: r.get(3) }))
+            .collect())
+    }
+
+    /// Freezes the requests of an event before the first is sent.
+    pub async fn save_plan(&self, id: i64, plan: &Value) -> Result<(), WorkerError> {
+        self.client
+            .execute(
+                "UPDATE hmr.outbox SET plan = $3, step = 0 WHERE id = $1 AND lease_owner = $2",
+                &[&id, &self.worker_id, plan],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Ends events: out of the outbox into the history, the delivery state updated, and
+    /// earlier quarantined events of the same records marked superseded, in one statement.
+    pub async fn finish(&self, done: &[Finish]) -> Result<(), WorkerError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = done.iter().map(|f| f.id).collect();
+        let versions: Vec<Option<i32>> = done.iter().map(|f| f.delivered.as_ref().map(|d| d.version)).collect();
+        let hashes: Vec<Option<String>> =
+            done.iter().map(|f| f.delivered.as_ref().map(|d| d.content_hash.clone())).collect();
+        let revoked: Vec<bool> = done.iter().map(|f| f.delivered.as_ref().is_some_and(|d| d.revoked)).collect();
+        let outcomes: Vec<&str> = done.iter().map(|f| f.outcome).collect();
+        let details: Vec<Option<String>> = done.iter().map(|f| f.detail.clone()).collect();
+        self.client
+            .execute(
+                "WITH f AS (
+                    SELECT * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::bool[], $6::text[], $7::text[])
+                      AS f(id, version, hash, revoked, outcome, detail)),
+                 d AS (
+                    DELETE FROM hmr.outbox o USING f
+                     WHERE o.id = f.id AND o.lease_owner = $1
+                    RETURNING o.id, o.kind, o.key, o.op, o.xid, o.created_at, o.attempts,
+                              f.version, f.hash, f.revoked, f.outcome, f.detail),
+                 s AS (
+                    INSERT INTO hmr.delivered (kind, key, version, content_hash, revoked)
+                    SELECT kind, key, version, hash, revoked FROM d WHERE hash IS NOT NULL
+                    ON CONFLICT (kind, key) DO UPDATE
+                       SET version = EXCLUDED.version, content_hash = EXCLUDED.content_hash,
+                           revoked = EXCLUDED.revoked, delivered_at = now()),
+                 q AS (
+                    DELETE FROM hmr.outbox o USING d
+                     WHERE o.kind = d.kind AND o.key = d.key AND o.id < d.id AND o.state = 'quarantined'
+                    RETURNING o.*),
+                 qh AS (
+                    INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)
+                    SELECT id, kind, key, op, xid, created_at, 'superseded', attempts,
+                           'a later event of the same record finished' FROM q)
+                 INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, version, attempts, detail)
+                 SELECT id, kind, key, op, xid, created_at, outcome, version, attempts, detail FROM d",
+                &[&self.worker_id, &ids, &versions, &hashes, &revoked, &outcomes, &details],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Puts events back to wait `delay` (backoff, Retry-After, a dependency).
+    pub async fn reschedule(&self, ids: &[i64], delay: Duration, error: &str) -> Result<(), WorkerError> {
+        self.client
+            .execute(
+                "UPDATE hmr.outbox
+                    SET state = 'pending', lease_owner = NULL, lease_until = NULL,
+                        next_attempt_at = now() + make_interval(secs => $3), last_error = $4
+                  WHERE id = ANY($2) AND lease_owner = $1",
+                &[&self.worker_id, &ids, &delay.as_secs_f64(), &error],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Parks an event for the DBA with the offending column (or platform field) and reason.
+    pub async fn quarantine(&self, id: i64, field: &str, reason: &str, message: &str) -> Result<(), WorkerError> {
+        self.client
+            .execute(
+                "UPDATE hmr.outbox
+                    SET state = 'quarantined', lease_owner = NULL, lease_until = NULL,
+                        error_field = $3, error_reason = $4, last_error = $5, failed_at = now()
+                  WHERE id = $1 AND lease_owner = $2",
+                &[&id, &self.worker_id, &field, &reason, &message],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Makes sure a record the platform needs first (a patient, a department) is on its way.
+    pub async fn ensure_enqueued(&self, kind: &str, key: &str) -> Result<(), WorkerError> {
+        self.client
+            .execute(
+                "INSERT INTO hmr.outbox (kind, key, op)
+                 SELECT $1, $2, 'S'
+                  WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox WHERE kind = $1 AND key = $2 AND state <> 'quarantined')",
+                &[&kind, &key],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets what we believed the platform holds of a record (it said it lacks it).
+    pub async fn forget_delivered(&self, kind: &str, key: &str) -> Result<(), WorkerError> {
+        self.client.execute("DELETE FROM hmr.delivered WHERE kind = $1 AND key = $2", &[&kind, &key]).await?;
+        Ok(())
+    }
+
+    /// Announces that this worker is about to sleep, so capture triggers wake it.
+    pub async fn sleeping(&self, asleep: bool, for_how_long: Duration) -> Result<(), WorkerError> {
+        if asleep {
+            self.client
+                .execute(
+                    "INSERT INTO hmr.sleepers (worker, until) VALUES ($1, now() + make_interval(secs => $2))
+                     ON CONFLICT (worker) DO UPDATE SET until = EXCLUDED.until",
+                    &[&self.worker_id, &for_how_long.as_secs_f64()],
+                )
+                .await?;
+        } else {
+            self.client.execute("DELETE FROM hmr.sleepers WHERE worker = $1", &[&self.worker_id]).await?;
+        }
+        Ok(())
+    }
+
+    /// Seconds until the next pending event is due (None: nothing pending).
+    pub async fn next_due(&self) -> Result<Option<f64>, WorkerError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT extract(epoch FROM min(least(CASE WHEN state = 'pending' THEN next_attempt_at END,
+                                                     CASE WHEN state = 'claimed' THEN lease_until END)) - now())::float8
+                   FROM hmr.outbox WHERE state <> 'quarantined'",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Returns this worker's unfinished claims to the queue (graceful shutdown).
+    pub async fn release_claims(&self) -> Result<u64, WorkerError> {
+        Ok(self
+            .client
+            .execute(
+                "UPDATE hmr.outbox SET state = 'pending', lease_owner = NULL, lease_until = NULL,
+                        attempts = greatest(attempts - 1, 0)
+                  WHERE lease_owner = $1 AND state = 'claimed'",
+                &[&self.worker_id],
+            )
+            .await?)
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
