@@ -7,7 +7,7 @@ set -euo pipefail
 PGRX_VERSION=0.18.1
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config libssl-dev sudo
-              poppler-utils fonts-wqy-microhei)
+              poppler-utils fonts-wqy-microhei curl)
 
 log() { printf '[bootstrap] %s\n' "$*"; }
 

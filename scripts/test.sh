@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test: protocol and worker unit tests, the extension's #[pg_test]s, the
+# simulator's tests, and the end-to-end suite (throwaway PostgreSQL 15 clusters, the
+# simulator and the worker as processes). Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+bash scripts/bootstrap.sh
+echo "== build"
+build_all
+cargo build --quiet -p hmr-e2e --tests
+
+echo "== extension #[pg_test]s"
+pgdata=$(mktemp -d /tmp/hmr-pgtest.XXXXXX); chown postgres "$pgdata"
+(cd extension && cargo pgrx test pg15 --runas postgres --pgdata "$pgdata" 2>&1 | grep -E "^test |test result:|panicked|FAILED|error" ) \
+  || { echo "extension tests failed"; exit 1; }
+rm -rf "$pgdata"
+
+echo "== unit, simulator and end-to-end tests"
+# --tests: no doc-tests, so the last line printed is the end-to-end suite's summary.
+cargo test -p hmr-protocol -p hmr-worker -p hmr-platform-sim -p hmr-e2e --lib --bins --tests -- --test-threads=2
