@@ -89,8 +89,10 @@ CREATE UNLOGGED TABLE hmr.sleepers (
 
 -- The capture trigger. Arguments: kind, key column. It records which row changed and
 -- nothing else. (A faster C-level version is issue #7's; the contract stays the same.)
+-- SECURITY DEFINER so HIS roles need no rights on the outbox; the pinned search_path keeps
+-- a caller's own objects from being run with the definer's rights.
 CREATE FUNCTION hmr.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     new_key text;
     old_key text;

@@ -276,3 +276,38 @@ async fn sigkill_during_a_thousand_approvals_loses_and_repeats_nothing() -> Resu
     assert!(held >= N as usize, "the simulator holds every report ({held})");
     Ok(())
 }
+
+/// SIGTERM while a request hangs: the worker waits its grace period, returns its claim to
+/// the queue and exits 0; the next worker delivers the report once.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_releases_claims_and_exits_cleanly() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    // Let the patient through, then hang the report upload.
+    let options = WorkerOptions { timeout_ms: 30_000, ..Default::default() };
+    let mut worker = Worker::start(&cluster, &sim, &options)?;
+    sim.faults(json!({"hang": true, "path_prefix": LAB})).await?;
+    approve(&his, "L20261126001").await?;
+    wait_until(Duration::from_secs(20), "the report claimed", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.outbox WHERE kind = 'lab_report' AND state = 'claimed'").await? == 1)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let status = worker.terminate()?;
+    assert!(status.success(), "exit status {status}: {}", worker.log());
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped within its grace period");
+    assert_eq!(count(&his, "SELECT count(*) FROM hmr.outbox WHERE state = 'claimed' OR lease_owner IS NOT NULL").await?, 0);
+    assert_eq!(count(&his, "SELECT count(*) FROM hmr.outbox WHERE kind = 'lab_report' AND state = 'pending'").await?, 1);
+
+    sim.clear_faults().await?;
+    let _worker = Worker::start(&cluster, &sim, &options)?;
+    wait_until(Duration::from_secs(20), "delivery by the next worker", || async {
+        Ok(!uploads_of(&sim, "L20261126001").await?.is_empty() && outbox_empty(&his).await?)
+    })
+    .await?;
+    assert_eq!(uploads_of(&sim, "L20261126001").await?.len(), 1);
+    Ok(())
+}

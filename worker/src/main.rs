@@ -89,11 +89,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::info!("stopping: finishing what is in flight");
+            notify_systemd("STOPPING=1");
             stopping.store(true, Ordering::SeqCst);
             stop.notify_waiters();
         });
     }
     tracing::info!(worker = %worker_id, platform = %config.platform.base_url, "hmr-worker started");
+    notify_systemd("READY=1");
     let poll = Duration::from_millis(config.worker.poll_interval_ms);
     let lease = Duration::from_secs(config.worker.lease_secs);
     let mut reconnect_delay = Duration::from_millis(200);
@@ -127,6 +129,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Tells systemd (Type=notify) about our state; a no-op outside systemd.
+fn notify_systemd(state: &str) {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        if let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() {
+            let _ = socket.send_to(state.as_bytes(), path);
+        }
+    }
 }
 
 /// Claims and delivers while there is work; sleeps (announced in `hmr.sleepers`, so the

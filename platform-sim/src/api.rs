@@ -1,0 +1,431 @@
+//! The contract pipeline every `/api/v1` call goes through: faults, headers, token,
+//! idempotency, the endpoint itself, then the journal.
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Duration, FixedOffset};
+use hmr_protocol::checks::org_code_valid;
+use hmr_protocol::envelope::{code_for_status, Envelope, ErrorData};
+use hmr_protocol::paths::{CONTENT_JSON, CONTENT_PDF, HEADER_ORG_CODE, HEADER_REQUEST_ID, HEADER_RETRY_AFTER};
+use hmr_protocol::{RecordResult, ReportType, Scope};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::SimError;
+use crate::faults::Injected;
+use crate::journal::{body_summary, Effect, Entry};
+use crate::state::{Remembered, State};
+use crate::{auth, recognition, records, reports, wire, Sim, SimConfig};
+
+/// Request ids are remembered this long.
+const IDEMPOTENCY_DAYS: i64 = 7;
+/// Bodies are read up to this size; the 413 rules themselves are the contract's.
+pub const READ_LIMIT: usize = 64 * 1024 * 1024;
+
+/// The contract endpoints, with their path parameters.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    Token,
+    Patients,
+    Departments,
+    Staff,
+    Report(ReportType),
+    Revoke(ReportType, String),
+    Pdf(ReportType, String, String),
+    List,
+    Query,
+    Check,
+    Decisions,
+    Download(String),
+}
+
+impl Endpoint {
+    /// The token scope (interface group) the endpoint belongs to.
+    fn scope(&self) -> Option<Scope> {
+        Some(match self {
+            Endpoint::Token => return None,
+            Endpoint::Patients | Endpoint::Departments | Endpoint::Staff => Scope::HisUpload,
+            Endpoint::Report(t) | Endpoint::Revoke(t, _) | Endpoint::Pdf(t, _, _) => t.scope(),
+            Endpoint::List | Endpoint::Query | Endpoint::Check | Endpoint::Decisions | Endpoint::Download(_) => {
+                Scope::Recognition
+            }
+        })
+    }
+
+    fn is_get(&self) -> bool {
+        matches!(self, Endpoint::List | Endpoint::Download(_))
+    }
+}
+
+/// One answer, rendered, with what the journal says about it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Bytes,
+    pub retry_after: Option<u64>,
+    pub effect: Effect,
+    pub message: String,
+    pub results: Option<Vec<RecordResult>>,
+}
+
+impl Answer {
+    pub fn ok<T: Serialize>(data: &T, effect: Effect, message: impl Into<String>) -> Answer {
+        let body = serde_json::to_vec(&Envelope::ok(data)).expect("answers serialize");
+        Answer {
+            status: 200,
+            content_type: CONTENT_JSON,
+            body: body.into(),
+            retry_after: None,
+            effect,
+            message: message.into(),
+            results: None,
+        }
+    }
+
+    /// `200` with `data: null` (revoke, PDF).
+    pub fn done(effect: Effect, message: impl Into<String>) -> Answer {
+        Answer::ok(&Value::Null, effect, message)
+    }
+
+    pub fn pdf(bytes: Bytes, message: impl Into<String>) -> Answer {
+        Answer {
+            status: 200,
+            content_type: CONTENT_PDF,
+            body: bytes,
+            retry_after: None,
+            effect: Effect::Unchanged,
+            message: message.into(),
+            results: None,
+        }
+    }
+
+    pub fn error(e: &SimError) -> Answer {
+        let status = e.status().as_u16();
+        let errors = e.field_errors();
+        // A 400 always carries `data.errors`; other codes only when there is something to name.
+        let data = (status == 400 || !errors.is_empty()).then_some(ErrorData { errors });
+        Answer::envelope(status, data, e.detail(), Effect::Rejected)
+    }
+
+    /// An injected status, in the envelope of that status.
+    pub fn injected(status: u16) -> Answer {
+        let data = (status == 400).then(ErrorData::default);
+        Answer::envelope(status, data, "injected fault".into(), Effect::Fault)
+    }
+
+    pub fn rate_limited(retry_after_secs: u64) -> Answer {
+        let mut a = Answer::envelope(
+            429,
+            None::<ErrorData>,
+            format!("retry after {retry_after_secs} s"),
+            Effect::Fault,
+        );
+        a.retry_after = Some(retry_after_secs);
+        a
+    }
+
+    fn envelope<T: Serialize>(status: u16, data: Option<T>, detail: String, effect: Effect) -> Answer {
+        let (code, text) = code_for_status(status);
+        let message = if detail.is_empty() {
+            text.to_owned()
+        } else {
+            format!("{text}: {detail}")
+        };
+        let envelope = Envelope {
+            code: code.into(),
+            message: message.clone(),
+            data,
+        };
+        Answer {
+            status,
+            content_type: CONTENT_JSON,
+            body: serde_json::to_vec(&envelope).expect("answers serialize").into(),
+            retry_after: None,
+            effect,
+            message: detail,
+            results: None,
+        }
+    }
+
+    fn replay(r: &Remembered) -> Answer {
+        Answer {
+            status: r.status,
+            content_type: r.content_type,
+            body: r.body.clone(),
+            retry_after: None,
+            effect: Effect::Replayed,
+            message: "idempotent replay".into(),
+            results: None,
+        }
+    }
+
+    pub fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Body::from(self.body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        if let Some(secs) = self.retry_after {
+            headers.insert(HEADER_RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// What the journal records about the caller.
+#[derive(Debug, Default)]
+pub struct Trace {
+    pub org: Option<String>,
+    pub scope: Option<Scope>,
+    pub request_id: Option<String>,
+}
+
+/// What a handler gets: the checked call and the asking org.
+pub struct Call<'a> {
+    pub headers: &'a HeaderMap,
+    pub query: Option<&'a str>,
+    pub body: &'a [u8],
+    pub org: &'a str,
+    pub now: DateTime<FixedOffset>,
+}
+
+impl Sim {
+    /// Runs one contract call end to end.
+    pub(crate) async fn contract(self, ep: Endpoint, req: Request) -> Response {
+        let (parts, body) = req.into_parts();
+        let org_header = wire::header(&parts.headers, HEADER_ORG_CODE).unwrap_or("").to_owned();
+        let mut trace = Trace {
+            org: (!org_header.is_empty()).then(|| org_header.clone()),
+            ..Trace::default()
+        };
+        let body = match axum::body::to_bytes(body, READ_LIMIT).await {
+            Ok(b) => b,
+            Err(_) => {
+                let e = SimError::TooLarge(format!("body over {READ_LIMIT} bytes"));
+                return self.finish(&parts, &Bytes::new(), trace, Answer::error(&e));
+            }
+        };
+        if let Some(answer) = self.faults_for(parts.uri.path(), &org_header).await {
+            return self.finish(&parts, &body, trace, answer);
+        }
+        let answer = {
+            let mut st = self.lock();
+            handle(&mut st, &self.inner.config, &ep, &parts, &body, &mut trace)
+        };
+        self.finish(&parts, &body, trace, answer)
+    }
+
+    /// Waits out hangs and latency; returns the injected answer, if any.
+    async fn faults_for(&self, path: &str, org: &str) -> Option<Answer> {
+        let mut changes = self.inner.fault_changes.subscribe();
+        loop {
+            let plan = {
+                let mut st = self.lock();
+                let now = st.now();
+                st.faults.plan(path, org, now)
+            };
+            if plan.hang {
+                // Held until the faults are replaced, cleared or reset.
+                if changes.changed().await.is_err() {
+                    return Some(Answer::injected(503));
+                }
+                continue;
+            }
+            if plan.latency_ms > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(plan.latency_ms)).await;
+            }
+            return plan.answer.map(|a| match a {
+                Injected::Status(s) => Answer::injected(s),
+                Injected::RateLimited { retry_after_secs } => Answer::rate_limited(retry_after_secs),
+            });
+        }
+    }
+
+    fn finish(&self, parts: &Parts, body: &[u8], trace: Trace, answer: Answer) -> Response {
+        let content_type = wire::header(&parts.headers, header::CONTENT_TYPE.as_str());
+        let mut st = self.lock();
+        let entry = Entry {
+            seq: 0,
+            time: hmr_protocol::checks::format_time(&st.now()),
+            org: trace.org,
+            method: parts.method.as_str().to_owned(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+            request_id: trace.request_id,
+            scope: trace.scope.map(|s| s.as_str().to_owned()),
+            status: answer.status,
+            effect: answer.effect,
+            message: answer.message.clone(),
+            body: redact(body_summary(content_type, body)),
+            results: answer.results.clone(),
+        };
+        tracing::info!(
+            method = %entry.method, path = %entry.path, status = entry.status,
+            effect = ?entry.effect, org = entry.org.as_deref().unwrap_or("-"), "{}", entry.message
+        );
+        st.journal.push(entry);
+        drop(st);
+        answer.into_response()
+    }
+}
+
+fn handle(st: &mut State, cfg: &SimConfig, ep: &Endpoint, parts: &Parts, body: &[u8], trace: &mut Trace) -> Answer {
+    match checked(st, cfg, ep, parts, body, trace) {
+        Ok(answer) => answer,
+        Err(e) => Answer::error(&e),
+    }
+}
+
+/// Headers, token and idempotency around the endpoint.
+fn checked(
+    st: &mut State,
+    cfg: &SimConfig,
+    ep: &Endpoint,
+    parts: &Parts,
+    body: &[u8],
+    trace: &mut Trace,
+) -> Result<Answer, SimError> {
+    let headers = &parts.headers;
+    let request_id = request_id(headers)?;
+    trace.request_id = Some(request_id.clone());
+    let org = org_code(headers)?;
+    let now = st.now();
+    let Some(scope) = ep.scope() else {
+        // The token endpoint is never replayed: every call is fresh.
+        return auth::issue(st, cfg, &org, headers, body, now, trace);
+    };
+    let token = auth::authenticate(st, headers, &org, scope, now)?;
+    trace.org = Some(token.org.clone());
+    trace.scope = Some(token.scope);
+
+    let path_q = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
+    let fingerprint = fingerprint(parts.method.as_str(), &path_q, body);
+    let key = (org.clone(), request_id.to_ascii_lowercase());
+    if let Some(held) = st.idempotency.get(&key) {
+        if held.at + Duration::days(IDEMPOTENCY_DAYS) > now {
+            if held.fingerprint == fingerprint {
+                return Ok(Answer::replay(held));
+            }
+            return Err(SimError::Conflict {
+                message: "X-Request-Id already used for a different request".into(),
+                errors: vec![hmr_protocol::FieldError::new(HEADER_REQUEST_ID, "reused")],
+            });
+        }
+    }
+
+    let call = Call {
+        headers,
+        query: parts.uri.query(),
+        body,
+        org: &org,
+        now,
+    };
+    let mut answer = dispatch(st, cfg, ep, &call).unwrap_or_else(|e| Answer::error(&e));
+    if answer.status == 200 && answer.effect == Effect::Rejected {
+        answer.effect = Effect::Unchanged;
+    }
+    // Only final answers are remembered; after 401/404/429/5xx the retry gets a fresh answer.
+    if matches!(answer.status, 200 | 400 | 409 | 413) {
+        if st.idempotency.len() % 4096 == 4095 {
+            st.idempotency
+                .retain(|_, r| r.at + Duration::days(IDEMPOTENCY_DAYS) > now);
+        }
+        st.idempotency.insert(
+            key,
+            Remembered {
+                fingerprint,
+                status: answer.status,
+                content_type: answer.content_type,
+                body: answer.body.clone(),
+                at: now,
+            },
+        );
+    }
+    Ok(answer)
+}
+
+fn dispatch(st: &mut State, cfg: &SimConfig, ep: &Endpoint, call: &Call) -> Result<Answer, SimError> {
+    if ep.is_get() {
+        if !call.body.is_empty() {
+            return Err(SimError::invalid("body", "not-allowed"));
+        }
+    } else if let Some(q) = call.query.filter(|q| !q.is_empty()) {
+        // POST/PUT take no query parameters: the first one is an unknown field.
+        let first = wire::query_value(Some(q))?;
+        let key = first
+            .as_object()
+            .and_then(|m| m.keys().next().cloned())
+            .unwrap_or_else(|| "query".into());
+        return Err(SimError::invalid(key, "unknown-field"));
+    }
+    match ep {
+        Endpoint::Token => unreachable!("handled before authentication"),
+        Endpoint::Patients => records::patients(st, call),
+        Endpoint::Departments => records::departments(st, call),
+        Endpoint::Staff => records::staff(st, call),
+        Endpoint::Report(kind) => reports::upload(st, cfg, call, *kind),
+        Endpoint::Revoke(kind, no) => reports::revoke(st, call, *kind, no),
+        Endpoint::Pdf(kind, no, version) => reports::pdf(st, call, *kind, no, version),
+        Endpoint::List => recognition::list(st, cfg, call),
+        Endpoint::Query => recognition::query(st, cfg, call),
+        Endpoint::Check => recognition::check(st, cfg, call),
+        Endpoint::Decisions => recognition::decide(st, cfg, call),
+        Endpoint::Download(id) => recognition::download(st, call, id),
+    }
+}
+
+/// `X-Request-Id`: a canonical (8-4-4-4-12) UUID.
+fn request_id(headers: &HeaderMap) -> Result<String, SimError> {
+    let Some(id) = wire::header(headers, HEADER_REQUEST_ID) else {
+        return Err(SimError::invalid(HEADER_REQUEST_ID, "required"));
+    };
+    // Of the forms uuid accepts, only the hyphenated one is 36 characters long.
+    if id.len() != 36 || uuid::Uuid::try_parse(id).is_err() {
+        return Err(SimError::invalid(HEADER_REQUEST_ID, "format"));
+    }
+    Ok(id.to_owned())
+}
+
+/// `X-Org-Code`: an 18-character 统一社会信用代码 with a valid check character.
+fn org_code(headers: &HeaderMap) -> Result<String, SimError> {
+    let Some(code) = wire::header(headers, HEADER_ORG_CODE) else {
+        return Err(SimError::invalid(HEADER_ORG_CODE, "required"));
+    };
+    if code.len() != 18 || !code.is_ascii() || hmr_protocol::checks::org_code_check_char(&code[..17]).is_none() {
+        return Err(SimError::invalid(HEADER_ORG_CODE, "format"));
+    }
+    if !org_code_valid(code) {
+        return Err(SimError::invalid(HEADER_ORG_CODE, "checksum"));
+    }
+    Ok(code.to_owned())
+}
+
+/// "The same request": method, path with query, and body bytes.
+fn fingerprint(method: &str, path_q: &str, body: &[u8]) -> String {
+    let mut bytes = Vec::with_capacity(method.len() + path_q.len() + body.len() + 2);
+    bytes.extend_from_slice(method.as_bytes());
+    bytes.push(b'\n');
+    bytes.extend_from_slice(path_q.as_bytes());
+    bytes.push(b'\n');
+    bytes.extend_from_slice(body);
+    wire::sha256_hex(&bytes)
+}
+
+/// The journal is readable by anyone on loopback: never keep a password or signature in it.
+fn redact(mut body: Value) -> Value {
+    if let Some(obj) = body.as_object_mut() {
+        for key in ["password", "sign"] {
+            if let Some(v) = obj.get_mut(key) {
+                *v = Value::String("***".into());
+            }
+        }
+    }
+    body
+}
