@@ -37,18 +37,25 @@ mod tests {
 
     #[pg_test]
     fn id_card_problems_in_sql() {
-        assert_eq!(Spi::get_one::<&str>("SELECT hmr.id_card_problem('11010519491231002X', '1949-12-31')").unwrap(), None);
+        assert_eq!(
+            Spi::get_one::<&str>("SELECT hmr.id_card_problem('11010519491231002X', '1949-12-31')").unwrap(),
+            None
+        );
         assert_eq!(
             Spi::get_one::<&str>("SELECT hmr.id_card_problem('110105194912310021')").unwrap(),
             Some("checksum")
         );
-        assert_eq!(Spi::get_one::<bool>("SELECT hmr.org_code_valid('91350100M000100Y43')").unwrap(), Some(true));
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT hmr.org_code_valid('91350100M000100Y43')").unwrap(),
+            Some(true)
+        );
     }
 
     #[pg_test]
     fn capture_records_which_row_changed() {
         Spi::run("CREATE TABLE lis_report (report_no text PRIMARY KEY, status text)").unwrap();
-        Spi::run("SELECT hmr.watch('lab_report', 'lis_report', 'report_no', 'OLD.status IS DISTINCT FROM NEW.status')").unwrap();
+        Spi::run("SELECT hmr.watch('lab_report', 'lis_report', 'report_no', 'OLD.status IS DISTINCT FROM NEW.status')")
+            .unwrap();
         Spi::run("INSERT INTO lis_report VALUES ('L1', 'new'), ('L2', 'new')").unwrap();
         Spi::run("UPDATE lis_report SET status = status WHERE report_no = 'L1'").unwrap(); // filtered out
         Spi::run("UPDATE lis_report SET status = 'audited' WHERE report_no = 'L1'").unwrap();
@@ -59,11 +66,17 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(events, "lab_report:L1:I lab_report:L2:I lab_report:L1:U lab_report:L1:D");
+        assert_eq!(
+            events,
+            "lab_report:L1:I lab_report:L2:I lab_report:L1:U lab_report:L1:D"
+        );
         let watched = Spi::get_one::<i64>("SELECT count(*) FROM hmr.watches WHERE kind = 'lab_report'").unwrap();
         assert_eq!(watched, Some(2));
         Spi::run("SELECT hmr.unwatch('lab_report', 'lis_report')").unwrap();
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM hmr.watches").unwrap(), Some(0));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.watches").unwrap(),
+            Some(0)
+        );
     }
 
     #[pg_test]
@@ -72,7 +85,9 @@ mod tests {
         Spi::run("SELECT hmr.watch('patient', 'pat', 'pid')").unwrap();
         Spi::run("INSERT INTO pat VALUES (7, 'a')").unwrap();
         Spi::run("UPDATE pat SET pid = 8").unwrap();
-        let events = Spi::get_one::<String>("SELECT string_agg(key || op::text, ' ' ORDER BY id) FROM hmr.outbox").unwrap().unwrap();
+        let events = Spi::get_one::<String>("SELECT string_agg(key || op::text, ' ' ORDER BY id) FROM hmr.outbox")
+            .unwrap()
+            .unwrap();
         assert_eq!(events, "7I 8U 7D");
     }
 
@@ -84,22 +99,34 @@ mod tests {
 
     #[pg_test]
     fn retry_and_discard_quarantined_events() {
-        let id = Spi::get_one::<i64>("SELECT hmr.enqueue('patient', 'P1')").unwrap().unwrap();
+        let id = Spi::get_one::<i64>("SELECT hmr.enqueue('patient', 'P1')")
+            .unwrap()
+            .unwrap();
         Spi::run(&format!(
             "UPDATE hmr.outbox SET state = 'quarantined', error_field = 'id_no', error_reason = 'checksum' WHERE id = {id}"
         ))
         .unwrap();
-        assert_eq!(Spi::get_one::<String>("SELECT error_reason FROM hmr.quarantine").unwrap().as_deref(), Some("checksum"));
+        assert_eq!(
+            Spi::get_one::<String>("SELECT error_reason FROM hmr.quarantine")
+                .unwrap()
+                .as_deref(),
+            Some("checksum")
+        );
         Spi::run(&format!("SELECT hmr.retry({id})")).unwrap();
         assert_eq!(
-            Spi::get_one::<i32>(&format!("SELECT generation FROM hmr.outbox WHERE id = {id} AND state = 'pending'")).unwrap(),
+            Spi::get_one::<i32>(&format!(
+                "SELECT generation FROM hmr.outbox WHERE id = {id} AND state = 'pending'"
+            ))
+            .unwrap(),
             Some(1)
         );
         Spi::run(&format!("UPDATE hmr.outbox SET state = 'quarantined' WHERE id = {id}")).unwrap();
         Spi::run(&format!("SELECT hmr.discard({id}, 'duplicate registration, merged')")).unwrap();
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM hmr.outbox").unwrap(), Some(0));
         assert_eq!(
-            Spi::get_one::<String>(&format!("SELECT outcome FROM hmr.outbox_history WHERE id = {id}")).unwrap().as_deref(),
+            Spi::get_one::<String>(&format!("SELECT outcome FROM hmr.outbox_history WHERE id = {id}"))
+                .unwrap()
+                .as_deref(),
             Some("discarded")
         );
     }
@@ -120,9 +147,14 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert!(problems.contains("gender_code: column is integer, expected text"), "{problems}");
+        assert!(
+            problems.contains("gender_code: column is integer, expected text"),
+            "{problems}"
+        );
         assert!(problems.contains("id_no: required column is missing"), "{problems}");
-        let missing = Spi::get_one::<String>("SELECT problem FROM hmr.check_sources('staff') LIMIT 1").unwrap().unwrap();
+        let missing = Spi::get_one::<String>("SELECT problem FROM hmr.check_sources('staff') LIMIT 1")
+            .unwrap()
+            .unwrap();
         assert!(missing.contains("hmr_src.staff does not exist"), "{missing}");
     }
 

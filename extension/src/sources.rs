@@ -28,8 +28,18 @@ fn check_sources(
 > {
     let kinds: Vec<(String, String, Option<String>)> = Spi::connect(|client| {
         client
-            .select("SELECT kind, source_view, item_view FROM hmr.kinds WHERE kind <> 'decision' ORDER BY kind", None, &[])?
-            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<String>(2)?.unwrap_or_default(), row.get::<String>(3)?)))
+            .select(
+                "SELECT kind, source_view, item_view FROM hmr.kinds WHERE kind <> 'decision' ORDER BY kind",
+                None,
+                &[],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                    row.get::<String>(3)?,
+                ))
+            })
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
     })
     .unwrap_or_else(|e| error!("hmr: cannot read hmr.kinds: {e}"));
@@ -39,7 +49,9 @@ fn check_sources(
         if kind.is_some_and(|wanted| wanted != k) {
             continue;
         }
-        let Some(canonical) = source::view_for(&k) else { continue };
+        let Some(canonical) = source::view_for(&k) else {
+            continue;
+        };
         let columns_ok = check_columns(&k, &view_name, canonical, &mut problems);
         if let Some(items) = &item_view {
             check_columns(&k, items, &source::LAB_ITEM, &mut problems);
@@ -68,7 +80,12 @@ fn check_columns(kind: &str, view: &str, canonical: &SourceView, problems: &mut 
                 None,
                 &[view.into()],
             )?
-            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<String>(2)?.unwrap_or_default())))
+            .map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                ))
+            })
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()?;
         Ok(Some(cols))
     })
@@ -85,17 +102,33 @@ fn check_columns(kind: &str, view: &str, canonical: &SourceView, problems: &mut 
         return false;
     };
     let mut usable = true;
-    let key_columns: &[&str] = if canonical.kind == "lab_item" { &["report_no"] } else { &[canonical.key] };
+    let key_columns: &[&str] = if canonical.kind == "lab_item" {
+        &["report_no"]
+    } else {
+        &[canonical.key]
+    };
     for key in key_columns {
         if !columns.iter().any(|(n, _)| n == key) && !canonical.columns.iter().any(|c| c.name == *key) {
-            problems.push((kind.into(), view.into(), None, Some((*key).into()), "key column is missing".into()));
+            problems.push((
+                kind.into(),
+                view.into(),
+                None,
+                Some((*key).into()),
+                "key column is missing".into(),
+            ));
             usable = false;
         }
     }
     for c in canonical.columns {
         match columns.iter().find(|(n, _)| n == c.name) {
             None if c.required => {
-                problems.push((kind.into(), view.into(), None, Some(c.name.into()), "required column is missing".into()));
+                problems.push((
+                    kind.into(),
+                    view.into(),
+                    None,
+                    Some(c.name.into()),
+                    "required column is missing".into(),
+                ));
                 usable = false;
             }
             None => {}
@@ -105,7 +138,10 @@ fn check_columns(kind: &str, view: &str, canonical: &SourceView, problems: &mut 
                     view.into(),
                     None,
                     Some(c.name.into()),
-                    format!("column is {actual}, expected {} (cast it in the view: {}::{})", c.sql_type, c.name, c.sql_type),
+                    format!(
+                        "column is {actual}, expected {} (cast it in the view: {}::{})",
+                        c.sql_type, c.name, c.sql_type
+                    ),
                 ));
                 usable = false;
             }
@@ -134,8 +170,14 @@ fn check_rows(kind: &str, view: &str, item_view: Option<&str>, canonical: &Sourc
     }
     // Quoting comes from regclass's own output, so a view name cannot inject SQL.
     let rows: Vec<Value> = Spi::connect(|client| {
-        let relation = client.select("SELECT to_regclass($1)::text", None, &[view.into()])?.first().get_one::<String>()?;
-        let query = format!("SELECT to_jsonb(v) FROM {} v LIMIT {limit}", relation.unwrap_or_default());
+        let relation = client
+            .select("SELECT to_regclass($1)::text", None, &[view.into()])?
+            .first()
+            .get_one::<String>()?;
+        let query = format!(
+            "SELECT to_jsonb(v) FROM {} v LIMIT {limit}",
+            relation.unwrap_or_default()
+        );
         client
             .select(&query, None, &[])?
             .map(|row| Ok(row.get::<JsonB>(1)?.map(|j| j.0).unwrap_or(Value::Null)))
@@ -146,7 +188,9 @@ fn check_rows(kind: &str, view: &str, item_view: Option<&str>, canonical: &Sourc
     let now = chrono::Utc::now().with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("valid offset"));
     for row in rows {
         let Value::Object(row) = row else { continue };
-        let key = row.get(canonical.key).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+        let key = row
+            .get(canonical.key)
+            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
         let mut extra = Map::new();
         if matches!(kind, "lab_report" | "exam_report") {
             extra.insert("version".into(), json!(1));

@@ -30,7 +30,11 @@ pub fn id_card_problem(id_no: &str, birth_date: Option<&str>) -> Option<&'static
     {
         return Some("format");
     }
-    let sum: u32 = bytes[..17].iter().zip(WEIGHTS).map(|(b, w)| u32::from(b - b'0') * w).sum();
+    let sum: u32 = bytes[..17]
+        .iter()
+        .zip(WEIGHTS)
+        .map(|(b, w)| u32::from(b - b'0') * w)
+        .sum();
     if CHECK[(sum % 11) as usize] != bytes[17] {
         return Some("checksum");
     }
@@ -117,7 +121,10 @@ mod tests {
         let wrong = format!("{first}{}", if full.ends_with('0') { '1' } else { '0' });
         assert_eq!(id_card_problem(&wrong, None), Some("checksum"));
         assert_eq!(id_card_problem("4413021990030712", None), Some("format"));
-        assert_eq!(id_card_problem(&full.to_lowercase().replace('X', "x"), None).is_some(), full.ends_with('X'));
+        assert_eq!(
+            id_card_problem(&full.to_lowercase().replace('X', "x"), None).is_some(),
+            full.ends_with('X')
+        );
         // Known valid sample from GB 11643's appendix.
         assert_eq!(id_card_problem("11010519491231002X", Some("1949-12-31")), None);
     }

@@ -42,7 +42,11 @@ pub fn code_for_status(status: u16) -> (&'static str, &'static str) {
 
 impl<T> Envelope<T> {
     pub fn ok(data: T) -> Self {
-        Envelope { code: CODE_OK.into(), message: "成功".into(), data: Some(data) }
+        Envelope {
+            code: CODE_OK.into(),
+            message: "成功".into(),
+            data: Some(data),
+        }
     }
 }
 
@@ -66,7 +70,12 @@ pub enum Outcome {
     /// upload the dependency, then retry.
     MissingDependency { reason: String },
     /// Will never succeed as sent: quarantine with the platform's field and reason.
-    Permanent { status: u16, code: String, message: String, errors: Vec<FieldError> },
+    Permanent {
+        status: u16,
+        code: String,
+        message: String,
+        errors: Vec<FieldError>,
+    },
 }
 
 /// Largest answer body a client reads (a platform can misbehave too).
@@ -89,7 +98,9 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Outcome 
         401 => Outcome::RefreshToken,
         404 => Outcome::MissingDependency { reason: message },
         429 => Outcome::Retry {
-            after: retry_after.and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs),
+            after: retry_after
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs),
             reason: "rate limited".into(),
         },
         400 | 403 | 409 | 413 => {
@@ -99,23 +110,37 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Outcome 
                 .and_then(|d| serde_json::from_value::<ErrorData>(d).ok())
                 .map(|d| d.errors)
                 .unwrap_or_default();
-            let code = envelope.map(|e| e.code).unwrap_or_else(|| code_for_status(status).0.into());
-            Outcome::Permanent { status, code, message, errors }
+            let code = envelope
+                .map(|e| e.code)
+                .unwrap_or_else(|| code_for_status(status).0.into());
+            Outcome::Permanent {
+                status,
+                code,
+                message,
+                errors,
+            }
         }
         // 408, 5xx and anything unexpected: the platform may recover.
-        _ => Outcome::Retry { after: None, reason: format!("HTTP {status}") },
+        _ => Outcome::Retry {
+            after: None,
+            reason: format!("HTTP {status}"),
+        },
     }
 }
 
 /// Parses the `data` of a successful answer.
 pub fn parse_data<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, crate::ProtocolError> {
     if body.len() > MAX_ANSWER_BYTES {
-        return Err(crate::ProtocolError::Shape { field: "body".into(), reason: "too-large".into() });
+        return Err(crate::ProtocolError::Shape {
+            field: "body".into(),
+            reason: "too-large".into(),
+        });
     }
     let envelope: Envelope<T> = serde_json::from_slice(body)?;
-    envelope
-        .data
-        .ok_or_else(|| crate::ProtocolError::Shape { field: "data".into(), reason: "required".into() })
+    envelope.data.ok_or_else(|| crate::ProtocolError::Shape {
+        field: "data".into(),
+        reason: "required".into(),
+    })
 }
 
 #[cfg(test)]
@@ -124,13 +149,22 @@ mod tests {
 
     #[test]
     fn maps_statuses_to_outcomes() {
-        assert_eq!(classify(200, None, br#"{"code":"00000","message":"ok","data":null}"#), Outcome::Done);
+        assert_eq!(
+            classify(200, None, br#"{"code":"00000","message":"ok","data":null}"#),
+            Outcome::Done
+        );
         assert_eq!(classify(401, None, b""), Outcome::RefreshToken);
         assert_eq!(
             classify(429, Some("7"), b""),
-            Outcome::Retry { after: Some(Duration::from_secs(7)), reason: "rate limited".into() }
+            Outcome::Retry {
+                after: Some(Duration::from_secs(7)),
+                reason: "rate limited".into()
+            }
         );
-        assert!(matches!(classify(503, None, b"garbage"), Outcome::Retry { after: None, .. }));
+        assert!(matches!(
+            classify(503, None, b"garbage"),
+            Outcome::Retry { after: None, .. }
+        ));
         assert!(matches!(classify(404, None, b"{}"), Outcome::MissingDependency { .. }));
         let body = br#"{"code":"A0400","message":"bad","data":{"errors":[{"field":"idNo","reason":"checksum"}]}}"#;
         match classify(400, None, body) {
@@ -140,6 +174,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(classify(409, None, b"not json"), Outcome::Permanent { status: 409, .. }));
+        assert!(matches!(
+            classify(409, None, b"not json"),
+            Outcome::Permanent { status: 409, .. }
+        ));
     }
 }

@@ -116,15 +116,36 @@ pub fn token(req: &TokenRequest) -> Request {
 }
 
 pub fn patients(records: &[Patient]) -> Request {
-    json(Method::Post, route::PATIENTS.into(), Some(Scope::HisUpload), &Batch { records: records.to_vec() })
+    json(
+        Method::Post,
+        route::PATIENTS.into(),
+        Some(Scope::HisUpload),
+        &Batch {
+            records: records.to_vec(),
+        },
+    )
 }
 
 pub fn departments(records: &[Department]) -> Request {
-    json(Method::Post, route::DEPARTMENTS.into(), Some(Scope::HisUpload), &Batch { records: records.to_vec() })
+    json(
+        Method::Post,
+        route::DEPARTMENTS.into(),
+        Some(Scope::HisUpload),
+        &Batch {
+            records: records.to_vec(),
+        },
+    )
 }
 
 pub fn staff(records: &[Staff]) -> Request {
-    json(Method::Post, route::STAFF.into(), Some(Scope::HisUpload), &Batch { records: records.to_vec() })
+    json(
+        Method::Post,
+        route::STAFF.into(),
+        Some(Scope::HisUpload),
+        &Batch {
+            records: records.to_vec(),
+        },
+    )
 }
 
 pub fn lab_report(report: &LabReport) -> Request {
@@ -132,7 +153,12 @@ pub fn lab_report(report: &LabReport) -> Request {
 }
 
 pub fn exam_report(report: &ExamReport) -> Request {
-    json(Method::Post, route::EXAM_REPORTS.into(), Some(Scope::ExamUpload), report)
+    json(
+        Method::Post,
+        route::EXAM_REPORTS.into(),
+        Some(Scope::ExamUpload),
+        report,
+    )
 }
 
 pub fn revoke(t: ReportType, report_no: &str, body: &Revoke) -> Request {
@@ -164,15 +190,32 @@ pub fn list_recognitions(q: &ListQuery) -> Request {
         encode(&q.dept_code),
         encode(&q.kind)
     );
-    Request { method: Method::Get, path, scope: Some(Scope::Recognition), content_type: None, headers: vec![], body: vec![] }
+    Request {
+        method: Method::Get,
+        path,
+        scope: Some(Scope::Recognition),
+        content_type: None,
+        headers: vec![],
+        body: vec![],
+    }
 }
 
 pub fn precise_query(q: &PreciseQuery) -> Request {
-    json(Method::Post, route::RECOGNITIONS_QUERY.into(), Some(Scope::Recognition), q)
+    json(
+        Method::Post,
+        route::RECOGNITIONS_QUERY.into(),
+        Some(Scope::Recognition),
+        q,
+    )
 }
 
 pub fn prescription_check(c: &PrescriptionCheck) -> Request {
-    json(Method::Post, route::PRESCRIPTION_CHECK.into(), Some(Scope::Recognition), c)
+    json(
+        Method::Post,
+        route::PRESCRIPTION_CHECK.into(),
+        Some(Scope::Recognition),
+        c,
+    )
 }
 
 pub fn decisions(d: &Decisions) -> Request {
@@ -181,8 +224,19 @@ pub fn decisions(d: &Decisions) -> Request {
 
 /// `format` is `pdf` or `json`.
 pub fn download(report_id: &str, format: &str) -> Request {
-    let path = format!("/api/v1/reports/{}/download?format={}", encode(report_id), encode(format));
-    Request { method: Method::Get, path, scope: Some(Scope::Recognition), content_type: None, headers: vec![], body: vec![] }
+    let path = format!(
+        "/api/v1/reports/{}/download?format={}",
+        encode(report_id),
+        encode(format)
+    );
+    Request {
+        method: Method::Get,
+        path,
+        scope: Some(Scope::Recognition),
+        content_type: None,
+        headers: vec![],
+        body: vec![],
+    }
 }
 
 #[cfg(test)]
@@ -194,7 +248,12 @@ mod tests {
         let r = revoke(
             ReportType::Lab,
             "L/2024 01",
-            &Revoke { version: 1, reason: "x".into(), revoked_at: "t".into(), operator_no: "o".into() },
+            &Revoke {
+                version: 1,
+                reason: "x".into(),
+                revoked_at: "t".into(),
+                operator_no: "o".into(),
+            },
         );
         assert_eq!(r.path, "/api/v1/lab-reports/L%2F2024%2001/revoke");
     }
@@ -205,6 +264,9 @@ mod tests {
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
         let j = download("R1", "pdf");
-        assert_eq!(serde_json::from_str::<Request>(&serde_json::to_string(&j).unwrap()).unwrap(), j);
+        assert_eq!(
+            serde_json::from_str::<Request>(&serde_json::to_string(&j).unwrap()).unwrap(),
+            j
+        );
     }
 }

@@ -24,7 +24,11 @@ pub fn sign(alg: SignAlg, app_secret: &str, app_id: &str, timestamp_ms: i64, non
 pub fn verify(alg: SignAlg, app_secret: &str, app_id: &str, timestamp_ms: i64, nonce: &str, sign_hex: &str) -> bool {
     let expected = sign(alg, app_secret, app_id, timestamp_ms, nonce);
     expected.len() == sign_hex.len()
-        && expected.bytes().zip(sign_hex.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        && expected
+            .bytes()
+            .zip(sign_hex.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 #[cfg(test)]
@@ -35,14 +39,24 @@ mod tests {
     fn hmac_sha256_known_answer() {
         // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
         let s = sign(SignAlg::HmacSha256, "Jefe", "what do ya want ", 0, "for nothing?");
-        assert_ne!(s, sign(SignAlg::HmacSha256, "Jefe", "what do ya want ", 1, "for nothing?"));
+        assert_ne!(
+            s,
+            sign(SignAlg::HmacSha256, "Jefe", "what do ya want ", 1, "for nothing?")
+        );
         let direct = {
             let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"Jefe").unwrap();
             mac.update(b"what do ya want 0for nothing?");
             hex::encode(mac.finalize().into_bytes())
         };
         assert_eq!(s, direct);
-        assert!(verify(SignAlg::HmacSha256, "Jefe", "what do ya want ", 0, "for nothing?", &s));
+        assert!(verify(
+            SignAlg::HmacSha256,
+            "Jefe",
+            "what do ya want ",
+            0,
+            "for nothing?",
+            &s
+        ));
     }
 
     #[test]

@@ -27,10 +27,20 @@ pub struct SourceView {
 }
 
 const fn req(name: &'static str, field: &'static str, sql_type: &'static str) -> Column {
-    Column { name, field, sql_type, required: true }
+    Column {
+        name,
+        field,
+        sql_type,
+        required: true,
+    }
 }
 const fn opt(name: &'static str, field: &'static str, sql_type: &'static str) -> Column {
-    Column { name, field, sql_type, required: false }
+    Column {
+        name,
+        field,
+        sql_type,
+        required: false,
+    }
 }
 
 pub const PATIENT: SourceView = SourceView {
@@ -173,7 +183,11 @@ pub fn view_for(kind: &str) -> Option<&'static SourceView> {
 
 impl SourceView {
     fn column_of_field(&self, field: &str) -> &'static str {
-        self.columns.iter().find(|c| c.field == field).map(|c| c.name).unwrap_or("?")
+        self.columns
+            .iter()
+            .find(|c| c.field == field)
+            .map(|c| c.name)
+            .unwrap_or("?")
     }
 
     /// Maps a source row (column → value, as `to_jsonb(row)` gives it) to the platform's
@@ -190,7 +204,11 @@ impl SourceView {
 
     /// Builds a platform record from a row plus fields the hospital side adds (version,
     /// items). Shape errors name the DBA's column (`items[2].result_value` for items).
-    pub fn record<T: DeserializeOwned>(&self, row: &Map<String, Value>, extra: Map<String, Value>) -> Result<T, ProtocolError> {
+    pub fn record<T: DeserializeOwned>(
+        &self,
+        row: &Map<String, Value>,
+        extra: Map<String, Value>,
+    ) -> Result<T, ProtocolError> {
         let mut fields = self.to_fields(row);
         fields.extend(extra);
         serde_path_to_error::deserialize(Value::Object(fields)).map_err(|e| {
@@ -200,12 +218,19 @@ impl SourceView {
             let (path, reason) = match inner.strip_prefix("missing field `") {
                 Some(rest) => {
                     let field = rest.split('`').next().unwrap_or_default();
-                    let at = if path == "." { field.to_string() } else { format!("{path}.{field}") };
-                    (at, "required: the column is missing or NULL".to_string())
+                    let at = if path == "." {
+                        field.to_string()
+                    } else {
+                        format!("{path}.{field}")
+                    };
+                    (at, "required".to_string())
                 }
                 None => (path, inner.split(" at line").next().unwrap_or_default().to_string()),
             };
-            ProtocolError::Shape { field: self.column_path(&path), reason }
+            ProtocolError::Shape {
+                field: self.column_path(&path),
+                reason,
+            }
         })
     }
 
@@ -222,10 +247,17 @@ impl SourceView {
 
 /// The column a platform field (as named in a platform or validation error) comes from.
 pub fn column_for_field(kind: &str, field: &str) -> String {
-    let Some(view) = view_for(kind) else { return field.to_string() };
+    let Some(view) = view_for(kind) else {
+        return field.to_string();
+    };
     match field.split_once('.') {
         Some((head, rest)) if head.starts_with("items[") => format!("{head}.{}", LAB_ITEM.column_of_field(rest)),
-        _ => view.columns.iter().find(|c| c.field == field).map(|c| c.name.to_string()).unwrap_or_else(|| field.to_string()),
+        _ => view
+            .columns
+            .iter()
+            .find(|c| c.field == field)
+            .map(|c| c.name.to_string())
+            .unwrap_or_else(|| field.to_string()),
     }
 }
 
@@ -236,7 +268,9 @@ pub fn content_hash<T: serde::Serialize>(record: &T) -> String {
     if let Value::Object(map) = &mut value {
         map.remove("version");
     }
-    hex::encode(sha2::Sha256::digest(serde_json::to_vec(&value).expect("values serialize")))
+    hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(&value).expect("values serialize"),
+    ))
 }
 
 #[cfg(test)]
@@ -266,11 +300,20 @@ mod tests {
     fn views_cover_wire_types() {
         let extra = |v: Value| v.as_object().unwrap().clone();
         let p: Patient = PATIENT.record(&full_row(&PATIENT), Map::new()).unwrap();
-        assert_eq!(serde_json::to_value(&p).unwrap().as_object().unwrap().len(), PATIENT.columns.len());
+        assert_eq!(
+            serde_json::to_value(&p).unwrap().as_object().unwrap().len(),
+            PATIENT.columns.len()
+        );
         let d: Department = DEPARTMENT.record(&full_row(&DEPARTMENT), Map::new()).unwrap();
-        assert_eq!(serde_json::to_value(&d).unwrap().as_object().unwrap().len(), DEPARTMENT.columns.len());
+        assert_eq!(
+            serde_json::to_value(&d).unwrap().as_object().unwrap().len(),
+            DEPARTMENT.columns.len()
+        );
         let s: Staff = STAFF.record(&full_row(&STAFF), Map::new()).unwrap();
-        assert_eq!(serde_json::to_value(&s).unwrap().as_object().unwrap().len(), STAFF.columns.len());
+        assert_eq!(
+            serde_json::to_value(&s).unwrap().as_object().unwrap().len(),
+            STAFF.columns.len()
+        );
         let item = Value::Object(LAB_ITEM.to_fields(&full_row(&LAB_ITEM)));
         let l: LabReport = LAB_REPORT
             .record(&full_row(&LAB_REPORT), extra(json!({"version": 1, "items": [item]})))
@@ -278,8 +321,13 @@ mod tests {
         let lv = serde_json::to_value(&l).unwrap();
         assert_eq!(lv.as_object().unwrap().len(), LAB_REPORT.columns.len() + 2);
         assert_eq!(lv["items"][0].as_object().unwrap().len(), LAB_ITEM.columns.len());
-        let e: ExamReport = EXAM_REPORT.record(&full_row(&EXAM_REPORT), extra(json!({"version": 1}))).unwrap();
-        assert_eq!(serde_json::to_value(&e).unwrap().as_object().unwrap().len(), EXAM_REPORT.columns.len() + 1);
+        let e: ExamReport = EXAM_REPORT
+            .record(&full_row(&EXAM_REPORT), extra(json!({"version": 1})))
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(&e).unwrap().as_object().unwrap().len(),
+            EXAM_REPORT.columns.len() + 1
+        );
     }
 
     #[test]
@@ -294,7 +342,10 @@ mod tests {
         assert_eq!(err.field_and_reason().0, "id_no");
         let item = json!({"itemCode": "A", "itemName": "B", "resultValue": 5});
         let err = LAB_REPORT
-            .record::<LabReport>(&full_row(&LAB_REPORT), json!({"version": 1, "items": [item]}).as_object().unwrap().clone())
+            .record::<LabReport>(
+                &full_row(&LAB_REPORT),
+                json!({"version": 1, "items": [item]}).as_object().unwrap().clone(),
+            )
             .unwrap_err();
         assert_eq!(err.field_and_reason().0, "items[0].result_value");
     }
@@ -302,7 +353,9 @@ mod tests {
     #[test]
     fn hash_ignores_version() {
         let row = full_row(&EXAM_REPORT);
-        let a: ExamReport = EXAM_REPORT.record(&row, json!({"version": 1}).as_object().unwrap().clone()).unwrap();
+        let a: ExamReport = EXAM_REPORT
+            .record(&row, json!({"version": 1}).as_object().unwrap().clone())
+            .unwrap();
         let mut b = a.clone();
         b.version = 2;
         assert_eq!(content_hash(&a), content_hash(&b));

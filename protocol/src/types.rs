@@ -17,7 +17,12 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [Scope::HisUpload, Scope::LabUpload, Scope::ExamUpload, Scope::Recognition];
+    pub const ALL: [Scope; 4] = [
+        Scope::HisUpload,
+        Scope::LabUpload,
+        Scope::ExamUpload,
+        Scope::Recognition,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::HisUpload => "his-upload",
@@ -37,7 +42,11 @@ impl Scope {
 #[serde(tag = "grantType", deny_unknown_fields)]
 pub enum TokenRequest {
     #[serde(rename = "password")]
-    Password { username: String, password: String, scope: Scope },
+    Password {
+        username: String,
+        password: String,
+        scope: Scope,
+    },
     #[serde(rename = "signature", rename_all = "camelCase")]
     Signature {
         app_id: String,

@@ -16,10 +16,17 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        FieldError { field: field.into(), reason: reason.into() }
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
     pub fn join(errors: &[FieldError]) -> String {
-        errors.iter().map(|e| format!("{}: {}", e.field, e.reason)).collect::<Vec<_>>().join(", ")
+        errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.reason))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -32,10 +39,15 @@ struct Rules<'a> {
 
 impl<'a> Rules<'a> {
     fn new(now: &'a DateTime<FixedOffset>) -> Self {
-        Rules { now, prefix: String::new(), errors: vec![] }
+        Rules {
+            now,
+            prefix: String::new(),
+            errors: vec![],
+        }
     }
     fn fail(&mut self, field: &str, reason: &str) {
-        self.errors.push(FieldError::new(format!("{}{field}", self.prefix), reason));
+        self.errors
+            .push(FieldError::new(format!("{}{field}", self.prefix), reason));
     }
     fn required(&mut self, field: &str, value: &str) -> bool {
         if value.trim().is_empty() {
@@ -143,7 +155,14 @@ pub fn staff(s: &Staff, now: &DateTime<FixedOffset>) -> Result<(), Vec<FieldErro
     r.done()
 }
 
-fn report_common(r: &mut Rules, report_no: &str, version: u32, patient_id: &str, name: &str, visit_type: &Option<String>) {
+fn report_common(
+    r: &mut Rules,
+    report_no: &str,
+    version: u32,
+    patient_id: &str,
+    name: &str,
+    visit_type: &Option<String>,
+) {
     r.required("reportNo", report_no);
     if version < 1 {
         r.fail("version", "range");
@@ -271,7 +290,10 @@ mod tests {
         p.gender_code = "3".into();
         assert_eq!(
             patient(&p, &now()),
-            Err(vec![FieldError::new("genderCode", "code"), FieldError::new("updatedAt", "future")])
+            Err(vec![
+                FieldError::new("genderCode", "code"),
+                FieldError::new("updatedAt", "future")
+            ])
         );
     }
 
@@ -322,7 +344,13 @@ mod tests {
 
     #[test]
     fn decline_needs_reason() {
-        let mut d = Decision { order_id: "O".into(), report_id: "R".into(), recognise: false, reason_code: None, reason_text: None };
+        let mut d = Decision {
+            order_id: "O".into(),
+            report_id: "R".into(),
+            recognise: false,
+            reason_code: None,
+            reason_text: None,
+        };
         assert_eq!(decision(&d), Err(FieldError::new("reasonCode", "required")));
         d.reason_code = Some("06".into());
         assert_eq!(decision(&d), Err(FieldError::new("reasonText", "required")));

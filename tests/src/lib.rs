@@ -21,7 +21,10 @@ pub const OTHER_ORG_NAME: &str = "惠州市中心人民医院";
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the repository").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_path_buf()
 }
 
 /// The cargo target directory holding the built binaries (…/target/debug).
@@ -51,9 +54,16 @@ fn run_as_postgres(args: &[&str]) -> Result<()> {
         c.args(&args[1..]);
         c
     };
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {args:?}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
     if !out.status.success() {
-        bail!("{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -76,7 +86,9 @@ pub struct Cluster {
 impl Cluster {
     pub async fn start() -> Result<Cluster> {
         let dir = unique_dir("hmr-e2e-pg");
-        Command::new("chown").args(["-R", "postgres", dir.to_str().unwrap()]).status()?;
+        Command::new("chown")
+            .args(["-R", "postgres", dir.to_str().unwrap()])
+            .status()?;
         let data = dir.join("data");
         let port = 5432;
         run_as_postgres(&[
@@ -97,7 +109,9 @@ impl Cluster {
         let admin = cluster.connect("postgres").await?;
         admin.batch_execute("CREATE DATABASE his").await?;
         let his = cluster.connect("his").await?;
-        his.batch_execute("CREATE EXTENSION hmr").await.context("CREATE EXTENSION hmr (is it installed?)")?;
+        his.batch_execute("CREATE EXTENSION hmr")
+            .await
+            .context("CREATE EXTENSION hmr (is it installed?)")?;
         for file in ["01_his_schema.sql", "02_hmr_sources.sql"] {
             let sql = std::fs::read_to_string(repo_root().join("sql/demo").join(file))?;
             his.batch_execute(&sql).await.with_context(|| file.to_string())?;
@@ -126,12 +140,23 @@ impl Cluster {
 
     /// `pg_ctl stop -m immediate` then start again: a crash of the database.
     pub fn crash_and_restart(&self) -> Result<()> {
-        run_as_postgres(&[&format!("{PG_BIN}/pg_ctl"), "-D", self.dir.join("data").to_str().unwrap(), "-m", "immediate", "stop"])?;
+        run_as_postgres(&[
+            &format!("{PG_BIN}/pg_ctl"),
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "-m",
+            "immediate",
+            "stop",
+        ])?;
         self.pg_ctl_start()
     }
 
     pub fn url(&self, db: &str) -> String {
-        format!("host={} port={} user=postgres dbname={db}", self.dir.display(), self.port)
+        format!(
+            "host={} port={} user=postgres dbname={db}",
+            self.dir.display(),
+            self.port
+        )
     }
 
     pub async fn connect(&self, db: &str) -> Result<Client> {
@@ -170,11 +195,18 @@ pub struct Sim {
 
 impl Sim {
     pub fn start() -> Result<Sim> {
-        let org = |code: &str, name: &str, user: &str| format!("{code},{name},{user},{user}-secret,{user}-app,{user}-app-secret");
+        let org = |code: &str, name: &str, user: &str| {
+            format!("{code},{name},{user},{user}-secret,{user}-app,{user}-app-secret")
+        };
         let mut child = Command::new(bin_dir().join("hmr-platform-sim"))
             .args(["--listen", "127.0.0.1:0", "--catalog"])
             .arg(repo_root().join("../shared/catalog-sample.csv"))
-            .args(["--org", &org(ORG_CODE, ORG_NAME, "hz1"), "--org", &org(OTHER_ORG_CODE, OTHER_ORG_NAME, "hz2")])
+            .args([
+                "--org",
+                &org(ORG_CODE, ORG_NAME, "hz1"),
+                "--org",
+                &org(OTHER_ORG_CODE, OTHER_ORG_NAME, "hz2"),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -186,15 +218,34 @@ impl Sim {
         if !base.starts_with("http://") {
             bail!("unexpected first line from the simulator: {line:?}");
         }
-        Ok(Sim { child, base, http: reqwest::Client::new() })
+        Ok(Sim {
+            child,
+            base,
+            http: reqwest::Client::new(),
+        })
     }
 
     pub async fn get(&self, path: &str) -> Result<Value> {
-        Ok(self.http.get(format!("{}{path}", self.base)).send().await?.error_for_status()?.json().await?)
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
-        let text = self.http.post(format!("{}{path}", self.base)).json(&body).send().await?.error_for_status()?.text().await?;
+        let text = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
@@ -203,7 +254,11 @@ impl Sim {
     }
 
     pub async fn clear_faults(&self) -> Result<()> {
-        self.http.delete(format!("{}/_sim/faults", self.base)).send().await?.error_for_status()?;
+        self.http
+            .delete(format!("{}/_sim/faults", self.base))
+            .send()
+            .await?
+            .error_for_status()?;
         Ok(())
     }
 
@@ -212,7 +267,10 @@ impl Sim {
         let v = self.get("/_sim/requests").await?;
         Ok(match v {
             Value::Array(a) => a,
-            Value::Object(mut m) => m.remove("requests").and_then(|r| r.as_array().cloned()).unwrap_or_default(),
+            Value::Object(mut m) => m
+                .remove("requests")
+                .and_then(|r| r.as_array().cloned())
+                .unwrap_or_default(),
             _ => vec![],
         })
     }
@@ -307,7 +365,11 @@ shutdown_grace_secs = 2
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))?;
         let log_path = dir.join("worker.log");
-        let mut worker = Worker { child: spawn_worker(&config_path, &log_path)?, log_path, config_path };
+        let mut worker = Worker {
+            child: spawn_worker(&config_path, &log_path)?,
+            log_path,
+            config_path,
+        };
         worker.ensure_running()?;
         Ok(worker)
     }
@@ -315,7 +377,10 @@ shutdown_grace_secs = 2
     fn ensure_running(&mut self) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
         if let Some(status) = self.child.try_wait()? {
-            bail!("worker exited at once ({status}): {}", std::fs::read_to_string(&self.log_path).unwrap_or_default());
+            bail!(
+                "worker exited at once ({status}): {}",
+                std::fs::read_to_string(&self.log_path).unwrap_or_default()
+            );
         }
         Ok(())
     }
@@ -328,7 +393,9 @@ shutdown_grace_secs = 2
 
     /// SIGTERM and wait for a graceful exit.
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
         Ok(self.child.wait()?)
     }
 

@@ -193,14 +193,18 @@ impl Config {
         }
         match self.platform.auth {
             AuthMode::Password if self.platform.username.is_empty() || self.platform.password.expose().is_empty() => {
-                Err(WorkerError::Config("auth = \"password\" needs platform.username and platform.password".into()))
+                Err(WorkerError::Config(
+                    "auth = \"password\" needs platform.username and platform.password".into(),
+                ))
             }
             AuthMode::Signature if self.platform.app_id.is_empty() || self.platform.app_secret.expose().is_empty() => {
-                Err(WorkerError::Config("auth = \"signature\" needs platform.app_id and platform.app_secret".into()))
+                Err(WorkerError::Config(
+                    "auth = \"signature\" needs platform.app_id and platform.app_secret".into(),
+                ))
             }
-            _ if !matches!(self.platform.sign_alg.as_str(), "HMAC-SHA256" | "HMAC-SM3") => {
-                Err(WorkerError::Config("platform.sign_alg must be HMAC-SHA256 or HMAC-SM3".into()))
-            }
+            _ if !matches!(self.platform.sign_alg.as_str(), "HMAC-SHA256" | "HMAC-SM3") => Err(WorkerError::Config(
+                "platform.sign_alg must be HMAC-SHA256 or HMAC-SM3".into(),
+            )),
             _ => Ok(()),
         }
     }
@@ -216,7 +220,10 @@ impl Config {
 #[cfg(unix)]
 fn check_private(path: &Path) -> Result<(), WorkerError> {
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).map_err(|e| WorkerError::Config(e.to_string()))?.permissions().mode();
+    let mode = std::fs::metadata(path)
+        .map_err(|e| WorkerError::Config(e.to_string()))?
+        .permissions()
+        .mode();
     if mode & 0o077 != 0 {
         return Err(WorkerError::Config(format!(
             "{} holds a secret but is readable by others (mode {:o}): chmod 600 it",

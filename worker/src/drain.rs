@@ -96,7 +96,9 @@ impl Drainer {
     /// Exponential backoff with jitter: base·2^(attempts−1), capped, then 50–100 % of it.
     fn backoff(&self, attempts: i32) -> Duration {
         let w = &self.config.worker;
-        let exp = w.backoff_base_ms.saturating_mul(1u64 << attempts.clamp(1, 20).saturating_sub(1) as u32);
+        let exp = w
+            .backoff_base_ms
+            .saturating_mul(1u64 << attempts.clamp(1, 20).saturating_sub(1) as u32);
         let capped = exp.min(w.backoff_max_ms);
         Duration::from_millis(rand::thread_rng().gen_range(capped / 2..=capped.max(1)))
     }
@@ -109,7 +111,9 @@ impl Drainer {
                 .map_err(|e| WorkerError::Answer(format!("event {}: unreadable frozen plan: {e}", event.id)))?,
             None => match self.build_report_plan(&event).await? {
                 Ok(plan) => {
-                    self.store.save_plan(event.id, &serde_json::to_value(&plan).expect("plans serialize")).await?;
+                    self.store
+                        .save_plan(event.id, &serde_json::to_value(&plan).expect("plans serialize"))
+                        .await?;
                     plan
                 }
                 Err(step) => return Ok(step),
@@ -127,7 +131,11 @@ impl Drainer {
         Ok(Step::Finished(Finish {
             id: event.id,
             outcome: "delivered",
-            delivered: Some(Delivered { version: plan.version, content_hash: plan.content_hash, revoked: plan.revoked }),
+            delivered: Some(Delivered {
+                version: plan.version,
+                content_hash: plan.content_hash,
+                revoked: plan.revoked,
+            }),
             detail: None,
         }))
     }
@@ -138,7 +146,11 @@ impl Drainer {
         let keys = [event.key.clone()];
         let row = self.store.source_rows(&event.kind, &keys).await?.remove(&event.key);
         let held = self.store.delivered(&event.kind, &keys).await?.remove(&event.key);
-        let report_type = if event.kind == "lab_report" { ReportType::Lab } else { ReportType::Exam };
+        let report_type = if event.kind == "lab_report" {
+            ReportType::Lab
+        } else {
+            ReportType::Exam
+        };
 
         let Some(Value::Object(row)) = row else {
             // The report no longer qualifies (deleted, un-audited): revoke what the platform holds.
@@ -157,7 +169,11 @@ impl Drainer {
                         revoked: true,
                     })
                 }
-                _ => Err(Step::Finished(self.finished(event, "skipped", "not in the source view, nothing held"))),
+                _ => Err(Step::Finished(self.finished(
+                    event,
+                    "skipped",
+                    "not in the source view, nothing held",
+                ))),
             });
         };
 
@@ -192,15 +208,27 @@ impl Drainer {
         };
         if let Some(h) = &held {
             if h.content_hash == hash && !h.revoked {
-                return Ok(Err(Step::Finished(self.finished(event, "unchanged", "same content as delivered"))));
+                return Ok(Err(Step::Finished(self.finished(
+                    event,
+                    "unchanged",
+                    "same content as delivered",
+                ))));
             }
         }
         // The platform refuses a report whose patient it has not received: send it first.
-        let patient = self.store.delivered("patient", std::slice::from_ref(&patient_id)).await?;
+        let patient = self
+            .store
+            .delivered("patient", std::slice::from_ref(&patient_id))
+            .await?;
         if patient.is_empty() {
             return Ok(Err(self.wait_for_dependency(event, "patient", &patient_id).await?));
         }
-        Ok(Ok(Plan { requests: vec![request], version, content_hash: hash, revoked: false }))
+        Ok(Ok(Plan {
+            requests: vec![request],
+            version,
+            content_hash: hash,
+            revoked: false,
+        }))
     }
 
     async fn wait_for_dependency(&self, event: &Event, kind: &str, key: &str) -> Result<Step, WorkerError> {
@@ -217,8 +245,12 @@ impl Drainer {
         }
         self.store.ensure_enqueued(kind, key).await?;
         // Short first waits: the dependency is usually delivered within one round.
-        let delay = Duration::from_millis(100).saturating_mul(event.attempts.max(1) as u32).min(self.backoff(event.attempts));
-        self.store.reschedule(&[event.id], delay, &format!("waiting for {kind} {key}")).await?;
+        let delay = Duration::from_millis(100)
+            .saturating_mul(event.attempts.max(1) as u32)
+            .min(self.backoff(event.attempts));
+        self.store
+            .reschedule(&[event.id], delay, &format!("waiting for {kind} {key}"))
+            .await?;
         Ok(Step::Rescheduled)
     }
 
@@ -232,14 +264,19 @@ impl Drainer {
                 Ok(Step::Rescheduled)
             }
             Outcome::RefreshToken => {
-                self.store.reschedule(&[event.id], self.backoff(event.attempts), "token refused").await?;
+                self.store
+                    .reschedule(&[event.id], self.backoff(event.attempts), "token refused")
+                    .await?;
                 Ok(Step::Rescheduled)
             }
             Outcome::MissingDependency { reason } => {
                 // Our record of the patient is stale (the platform lost it, or it was never
                 // sent): send it again, then this report.
-                if let Some(Value::Object(row)) =
-                    self.store.source_rows(&event.kind, std::slice::from_ref(&event.key)).await?.remove(&event.key)
+                if let Some(Value::Object(row)) = self
+                    .store
+                    .source_rows(&event.kind, std::slice::from_ref(&event.key))
+                    .await?
+                    .remove(&event.key)
                 {
                     if let Some(pid) = row.get("patient_id").and_then(Value::as_str) {
                         self.store.forget_delivered("patient", pid).await?;
@@ -247,18 +284,35 @@ impl Drainer {
                     }
                 }
                 if event.attempts >= self.config.worker.max_dependency_attempts {
-                    self.store.quarantine(event.id, "patient_id", "not-found", &reason).await?;
+                    self.store
+                        .quarantine(event.id, "patient_id", "not-found", &reason)
+                        .await?;
                     return Ok(Step::Quarantined);
                 }
-                self.store.reschedule(&[event.id], self.backoff(event.attempts), &format!("404: {reason}")).await?;
+                self.store
+                    .reschedule(&[event.id], self.backoff(event.attempts), &format!("404: {reason}"))
+                    .await?;
                 Ok(Step::Rescheduled)
             }
-            Outcome::Permanent { status, code, message, errors } => {
-                let first = errors.first().cloned().unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
+            Outcome::Permanent {
+                status,
+                code,
+                message,
+                errors,
+            } => {
+                let first = errors
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
                 let column = source::column_for_field(&event.kind, &first.field);
                 tracing::warn!(kind = %event.kind, event = event.id, status, %code, field = %column, reason = %first.reason, "quarantined");
                 self.store
-                    .quarantine(event.id, &column, &first.reason, &format!("HTTP {status} {code} {message}"))
+                    .quarantine(
+                        event.id,
+                        &column,
+                        &first.reason,
+                        &format!("HTTP {status} {code} {message}"),
+                    )
                     .await?;
                 Ok(Step::Quarantined)
             }
@@ -272,12 +326,19 @@ impl Drainer {
             _ => field,
         };
         tracing::warn!(kind = %event.kind, event = event.id, field = %column, %reason, "invalid record quarantined");
-        self.store.quarantine(event.id, &column, &reason, &format!("refused before sending: {e}")).await?;
+        self.store
+            .quarantine(event.id, &column, &reason, &format!("refused before sending: {e}"))
+            .await?;
         Ok(Step::Quarantined)
     }
 
     fn finished(&self, event: &Event, outcome: &'static str, detail: &str) -> Finish {
-        Finish { id: event.id, outcome, delivered: None, detail: Some(detail.into()) }
+        Finish {
+            id: event.id,
+            outcome,
+            delivered: None,
+            detail: Some(detail.into()),
+        }
     }
 
     // ------------------------------------------------------------------ master data
@@ -349,7 +410,10 @@ impl Drainer {
             _ => paths::staff(&from_values::<Staff>(records)),
         };
         // Same events and same body → same id; a changed body is a new effect anyway.
-        let ids: Vec<String> = chunk.iter().map(|(e, _, _, _)| format!("{}.{}", e.id, e.generation)).collect();
+        let ids: Vec<String> = chunk
+            .iter()
+            .map(|(e, _, _, _)| format!("{}.{}", e.id, e.generation))
+            .collect();
         let body_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&request.body));
         let id = request_id(&format!("{kind}:{}:{body_hash}", ids.join(",")));
         let (outcome, answer) = self.platform.execute(&request, id).await;
@@ -357,8 +421,9 @@ impl Drainer {
         let max_attempts = chunk.iter().map(|(e, _, _, _)| e.attempts).max().unwrap_or(1);
         match outcome {
             Outcome::Done => {
-                let answer: BatchAnswer = hmr_protocol::envelope::parse_data(&answer.map(|a| a.body).unwrap_or_default())
-                    .map_err(|e| WorkerError::Answer(format!("{kind} batch answer: {e}")))?;
+                let answer: BatchAnswer =
+                    hmr_protocol::envelope::parse_data(&answer.map(|a| a.body).unwrap_or_default())
+                        .map_err(|e| WorkerError::Answer(format!("{kind} batch answer: {e}")))?;
                 let mut finished = Vec::new();
                 for (index, (event, _, hash, version)) in chunk.iter().enumerate() {
                     let result = answer.results.iter().find(|r| r.index == index);
@@ -366,14 +431,26 @@ impl Drainer {
                         Some(r) if r.status == RecordStatus::Accepted => finished.push(Finish {
                             id: event.id,
                             outcome: "delivered",
-                            delivered: Some(Delivered { version: *version, content_hash: hash.clone(), revoked: false }),
+                            delivered: Some(Delivered {
+                                version: *version,
+                                content_hash: hash.clone(),
+                                revoked: false,
+                            }),
                             detail: None,
                         }),
                         Some(r) => {
-                            let first = r.errors.first().cloned().unwrap_or_else(|| FieldError::new("", "rejected"));
+                            let first = r
+                                .errors
+                                .first()
+                                .cloned()
+                                .unwrap_or_else(|| FieldError::new("", "rejected"));
                             if first.reason == "unknown-dept" && kind == "staff" {
                                 // Departments go before the staff who reference them.
-                                let dept = chunk[index].1.get("deptCode").and_then(Value::as_str).unwrap_or_default();
+                                let dept = chunk[index]
+                                    .1
+                                    .get("deptCode")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or_default();
                                 match self.wait_for_dependency(event, "department", dept).await? {
                                     Step::Finished(f) => finished.push(f),
                                     Step::Rescheduled | Step::Quarantined => {}
@@ -382,21 +459,41 @@ impl Drainer {
                             }
                             let column = source::column_for_field(kind, &first.field);
                             self.store
-                                .quarantine(event.id, &column, &first.reason, &format!("rejected by the platform: {}", FieldError::join(&r.errors)))
+                                .quarantine(
+                                    event.id,
+                                    &column,
+                                    &first.reason,
+                                    &format!("rejected by the platform: {}", FieldError::join(&r.errors)),
+                                )
                                 .await?;
                         }
                         None => {
-                            self.store.reschedule(&[event.id], self.backoff(event.attempts), "no result for record").await?;
+                            self.store
+                                .reschedule(&[event.id], self.backoff(event.attempts), "no result for record")
+                                .await?;
                         }
                     }
                 }
                 self.store.finish(&finished).await?;
             }
-            Outcome::Permanent { status, code, message, errors } => {
-                let first = errors.first().cloned().unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
+            Outcome::Permanent {
+                status,
+                code,
+                message,
+                errors,
+            } => {
+                let first = errors
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
                 for event_id in event_ids {
                     self.store
-                        .quarantine(event_id, &source::column_for_field(kind, &first.field), &first.reason, &format!("HTTP {status} {code} {message}"))
+                        .quarantine(
+                            event_id,
+                            &source::column_for_field(kind, &first.field),
+                            &first.reason,
+                            &format!("HTTP {status} {code} {message}"),
+                        )
                         .await?;
                 }
             }
@@ -406,7 +503,13 @@ impl Drainer {
                 self.store.reschedule(&event_ids, delay, &reason).await?;
             }
             Outcome::RefreshToken | Outcome::MissingDependency { .. } => {
-                self.store.reschedule(&event_ids, self.backoff(max_attempts), "platform answered 401/404 to a batch").await?;
+                self.store
+                    .reschedule(
+                        &event_ids,
+                        self.backoff(max_attempts),
+                        "platform answered 401/404 to a batch",
+                    )
+                    .await?;
             }
         }
         Ok(())
@@ -414,7 +517,10 @@ impl Drainer {
 }
 
 fn from_values<T: serde::de::DeserializeOwned>(values: Vec<Value>) -> Vec<T> {
-    values.into_iter().map(|v| serde_json::from_value(v).expect("built from the same type")).collect()
+    values
+        .into_iter()
+        .map(|v| serde_json::from_value(v).expect("built from the same type"))
+        .collect()
 }
 
 #[cfg(test)]

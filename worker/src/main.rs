@@ -21,7 +21,11 @@ use crate::platform::Platform;
 use crate::store::Store;
 
 #[derive(Parser)]
-#[command(name = "hmr-worker", version, about = "Drains the hmr outbox to the city mutual-recognition platform")]
+#[command(
+    name = "hmr-worker",
+    version,
+    about = "Drains the hmr outbox to the city mutual-recognition platform"
+)]
 struct Cli {
     /// Configuration file (TOML); HMR_* environment variables override it.
     #[arg(long, short, env = "HMR_CONFIG", default_value = "/etc/hmr/worker.toml")]
@@ -42,7 +46,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(&cli.config)?;
     init_logging(config.worker.json_logs);
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => run(config).await,
@@ -53,7 +60,9 @@ fn main() -> anyhow::Result<()> {
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HMR_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -63,10 +72,20 @@ fn init_logging(json: bool) {
 
 async fn check(config: Config) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
-    let store = Store::connect(config.database.url.expose(), &config.database.timezone, "check", Duration::from_secs(1), wake)
-        .await
-        .context("database")?;
-    let backlog: i64 = store.client().query_one("SELECT count(*) FROM hmr.outbox", &[]).await?.get(0);
+    let store = Store::connect(
+        config.database.url.expose(),
+        &config.database.timezone,
+        "check",
+        Duration::from_secs(1),
+        wake,
+    )
+    .await
+    .context("database")?;
+    let backlog: i64 = store
+        .client()
+        .query_one("SELECT count(*) FROM hmr.outbox", &[])
+        .await?
+        .get(0);
     println!("database: ok ({backlog} events in the outbox)");
     let platform = Platform::new(config.platform.clone())?;
     platform.reachable().await.context("platform")?;
@@ -101,22 +120,32 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut reconnect_delay = Duration::from_millis(200);
     while !stopping.load(Ordering::SeqCst) {
         let wake = Arc::new(Notify::new());
-        let store =
-            match Store::connect(config.database.url.expose(), &config.database.timezone, &worker_id, lease, wake.clone()).await
-            {
-                Ok(s) => Arc::new(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, delay = ?reconnect_delay, "cannot connect to the database; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(reconnect_delay) => {}
-                        _ = stop.notified() => {}
-                    }
-                    reconnect_delay = (reconnect_delay * 2).min(Duration::from_secs(10));
-                    continue;
+        let store = match Store::connect(
+            config.database.url.expose(),
+            &config.database.timezone,
+            &worker_id,
+            lease,
+            wake.clone(),
+        )
+        .await
+        {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::warn!(error = %e, delay = ?reconnect_delay, "cannot connect to the database; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(reconnect_delay) => {}
+                    _ = stop.notified() => {}
                 }
-            };
+                reconnect_delay = (reconnect_delay * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
         reconnect_delay = Duration::from_millis(200);
-        let drainer = Drainer { store: store.clone(), platform: platform.clone(), config: config.clone() };
+        let drainer = Drainer {
+            store: store.clone(),
+            platform: platform.clone(),
+            config: config.clone(),
+        };
         let result = drain_until_stopped(&drainer, &store, &wake, &stopping, &stop, poll).await;
         match result {
             Ok(()) => {

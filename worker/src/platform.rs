@@ -53,7 +53,12 @@ impl Platform {
         }
         let http = builder.build().map_err(|e| WorkerError::Config(e.to_string()))?;
         let tokens = Scope::ALL.into_iter().map(|s| (s, AsyncMutex::new(None))).collect();
-        Ok(Arc::new(Platform { http, config, tokens, paused_until: std::sync::Mutex::new(None) }))
+        Ok(Arc::new(Platform {
+            http,
+            config,
+            tokens,
+            paused_until: std::sync::Mutex::new(None),
+        }))
     }
 
     /// Sends one request with the given id; transport failures are errors, answers are not.
@@ -83,32 +88,67 @@ impl Platform {
         }
         let mut response = builder.send().await.map_err(|e| WorkerError::Transport(describe(e)))?;
         let status = response.status().as_u16();
-        let retry_after =
-            response.headers().get(HEADER_RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let retry_after = response
+            .headers()
+            .get(HEADER_RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| WorkerError::Transport(describe(e)))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| WorkerError::Transport(describe(e)))?
+        {
             if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(WorkerError::Answer(format!("answer larger than {MAX_ANSWER_BYTES} bytes")));
+                return Err(WorkerError::Answer(format!(
+                    "answer larger than {MAX_ANSWER_BYTES} bytes"
+                )));
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(Answer { status, retry_after, body })
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+        })
     }
 
     /// Sends with the scope's token, refreshing it once on 401, and says what to do next.
     pub async fn execute(&self, req: &Request, request_id: Uuid) -> (Outcome, Option<Answer>) {
         if let Some(wait) = self.paused() {
-            return (Outcome::Retry { after: Some(wait), reason: "platform asked to wait (429)".into() }, None);
+            return (
+                Outcome::Retry {
+                    after: Some(wait),
+                    reason: "platform asked to wait (429)".into(),
+                },
+                None,
+            );
         }
         let scope = req.scope.unwrap_or(Scope::HisUpload);
         for attempt in 0..2 {
             let token = match self.token(scope).await {
                 Ok(t) => t,
-                Err(e) => return (Outcome::Retry { after: None, reason: e.to_string() }, None),
+                Err(e) => {
+                    return (
+                        Outcome::Retry {
+                            after: None,
+                            reason: e.to_string(),
+                        },
+                        None,
+                    )
+                }
             };
             let answer = match self.send(req, request_id, Some(&token)).await {
                 Ok(a) => a,
-                Err(e) => return (Outcome::Retry { after: None, reason: e.to_string() }, None),
+                Err(e) => {
+                    return (
+                        Outcome::Retry {
+                            after: None,
+                            reason: e.to_string(),
+                        },
+                        None,
+                    )
+                }
             };
             let outcome = classify(answer.status, answer.retry_after.as_deref(), &answer.body);
             match outcome {
@@ -117,7 +157,13 @@ impl Platform {
                     continue;
                 }
                 Outcome::RefreshToken => {
-                    return (Outcome::Retry { after: None, reason: "token refused twice".into() }, Some(answer))
+                    return (
+                        Outcome::Retry {
+                            after: None,
+                            reason: "token refused twice".into(),
+                        },
+                        Some(answer),
+                    )
                 }
                 Outcome::Retry { after: Some(after), .. } if answer.status == 429 => {
                     self.pause(after);
@@ -161,12 +207,19 @@ impl Platform {
         let request = self.token_request(scope);
         let answer = self.send(&paths::token(&request), Uuid::new_v4(), None).await?;
         if answer.status != 200 {
-            return Err(WorkerError::Token(format!("HTTP {} for scope {}", answer.status, scope.as_str())));
+            return Err(WorkerError::Token(format!(
+                "HTTP {} for scope {}",
+                answer.status,
+                scope.as_str()
+            )));
         }
         let data: TokenAnswer = parse_data(&answer.body).map_err(|e| WorkerError::Token(e.to_string()))?;
         let lifetime = Duration::from_secs(data.expires_in);
         tracing::info!(scope = scope.as_str(), expires_in = data.expires_in, "token obtained");
-        let token = Token { value: data.access_token, refresh_at: Instant::now() + lifetime.mul_f64(0.8) };
+        let token = Token {
+            value: data.access_token,
+            refresh_at: Instant::now() + lifetime.mul_f64(0.8),
+        };
         *slot = Some(token.clone());
         Ok(token.value)
     }
@@ -174,15 +227,28 @@ impl Platform {
     fn token_request(&self, scope: Scope) -> TokenRequest {
         let c = &self.config;
         match c.auth {
-            AuthMode::Password => {
-                TokenRequest::Password { username: c.username.clone(), password: c.password.expose().into(), scope }
-            }
+            AuthMode::Password => TokenRequest::Password {
+                username: c.username.clone(),
+                password: c.password.expose().into(),
+                scope,
+            },
             AuthMode::Signature => {
-                let alg = if c.sign_alg == "HMAC-SM3" { SignAlg::HmacSm3 } else { SignAlg::HmacSha256 };
+                let alg = if c.sign_alg == "HMAC-SM3" {
+                    SignAlg::HmacSm3
+                } else {
+                    SignAlg::HmacSha256
+                };
                 let timestamp = chrono::Utc::now().timestamp_millis();
                 let nonce = Uuid::new_v4().simple().to_string();
                 let sign = sign::sign(alg, c.app_secret.expose(), &c.app_id, timestamp, &nonce);
-                TokenRequest::Signature { app_id: c.app_id.clone(), timestamp, nonce, scope, sign_alg: alg, sign }
+                TokenRequest::Signature {
+                    app_id: c.app_id.clone(),
+                    timestamp,
+                    nonce,
+                    scope,
+                    sign_alg: alg,
+                    sign,
+                }
             }
         }
     }

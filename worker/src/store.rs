@@ -62,7 +62,13 @@ pub struct Store {
 
 impl Store {
     /// Connects, sets the session up, and forwards NOTIFYs on `hmr_outbox` to `wake`.
-    pub async fn connect(url: &str, timezone: &str, worker_id: &str, lease: Duration, wake: Arc<Notify>) -> Result<Store, WorkerError> {
+    pub async fn connect(
+        url: &str,
+        timezone: &str,
+        worker_id: &str,
+        lease: Duration,
+        wake: Arc<Notify>,
+    ) -> Result<Store, WorkerError> {
         let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
         // NOTIFYs arrive only if we poll the connection ourselves.
         tokio::spawn(async move {
@@ -96,10 +102,22 @@ impl Store {
             let kind: String = row.get(0);
             let relation: Option<String> = row.get(1);
             if let Some(relation) = relation {
-                sources.insert(kind, KindSource { relation, key_column: row.get(2), item_relation: row.get(3) });
+                sources.insert(
+                    kind,
+                    KindSource {
+                        relation,
+                        key_column: row.get(2),
+                        item_relation: row.get(3),
+                    },
+                );
             }
         }
-        Ok(Store { client, worker_id: worker_id.into(), lease, sources })
+        Ok(Store {
+            client,
+            worker_id: worker_id.into(),
+            lease,
+            sources,
+        })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -109,7 +127,11 @@ impl Store {
     /// Claims the oldest eligible events: pending and due (or claimed with an expired lease),
     /// and the earliest unfinished event of their record.
     pub async fn claim(&self, limit: i64) -> Result<Vec<Event>, WorkerError> {
-        let kinds: Vec<&str> = HANDLED_KINDS.iter().copied().filter(|k| self.sources.contains_key(*k)).collect();
+        let kinds: Vec<&str> = HANDLED_KINDS
+            .iter()
+            .copied()
+            .filter(|k| self.sources.contains_key(*k))
+            .collect();
         let rows = self
             .client
             .query(
@@ -150,11 +172,19 @@ impl Store {
 
     /// Current rows of the kind's source view for these keys, as `column → value` objects.
     pub async fn source_rows(&self, kind: &str, keys: &[String]) -> Result<HashMap<String, Value>, WorkerError> {
-        let Some(src) = self.sources.get(kind) else { return Ok(HashMap::new()) };
+        let Some(src) = self.sources.get(kind) else {
+            return Ok(HashMap::new());
+        };
         let key = quote_ident(&src.key_column);
-        let sql = format!("SELECT v.{key}::text, to_jsonb(v) FROM {} v WHERE v.{key}::text = ANY($1)", src.relation);
+        let sql = format!(
+            "SELECT v.{key}::text, to_jsonb(v) FROM {} v WHERE v.{key}::text = ANY($1)",
+            src.relation
+        );
         let rows = self.client.query(&sql, &[&keys]).await?;
-        Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, Value>(1))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, Value>(1)))
+            .collect())
     }
 
     /// Item rows of one report (ordered by `seq` when the view has one).
@@ -180,7 +210,16 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get(0), Delivered { version: r.get(1), content_hash: r.get(2), revoked: r.get(3) }))
+            .map(|r| {
+                (
+                    r.get(0),
+                    Delivered {
+                        version: r.get(1),
+                        content_hash: r.get(2),
+                        revoked: r.get(3),
+                    },
+                )
+            })
             .collect())
     }
 
@@ -203,9 +242,14 @@ impl Store {
         }
         let ids: Vec<i64> = done.iter().map(|f| f.id).collect();
         let versions: Vec<Option<i32>> = done.iter().map(|f| f.delivered.as_ref().map(|d| d.version)).collect();
-        let hashes: Vec<Option<String>> =
-            done.iter().map(|f| f.delivered.as_ref().map(|d| d.content_hash.clone())).collect();
-        let revoked: Vec<bool> = done.iter().map(|f| f.delivered.as_ref().is_some_and(|d| d.revoked)).collect();
+        let hashes: Vec<Option<String>> = done
+            .iter()
+            .map(|f| f.delivered.as_ref().map(|d| d.content_hash.clone()))
+            .collect();
+        let revoked: Vec<bool> = done
+            .iter()
+            .map(|f| f.delivered.as_ref().is_some_and(|d| d.revoked))
+            .collect();
         let outcomes: Vec<&str> = done.iter().map(|f| f.outcome).collect();
         let details: Vec<Option<String>> = done.iter().map(|f| f.detail.clone()).collect();
         self.client
@@ -258,10 +302,20 @@ impl Store {
     pub async fn quarantine(&self, id: i64, field: &str, reason: &str, message: &str) -> Result<(), WorkerError> {
         self.client
             .execute(
-                "UPDATE hmr.outbox
-                    SET state = 'quarantined', lease_owner = NULL, lease_until = NULL,
-                        error_field = $3, error_reason = $4, last_error = $5, failed_at = now()
-                  WHERE id = $1 AND lease_owner = $2",
+                "WITH q AS (
+                    UPDATE hmr.outbox
+                       SET state = 'quarantined', lease_owner = NULL, lease_until = NULL,
+                           error_field = $3, error_reason = $4, last_error = $5, failed_at = now()
+                     WHERE id = $1 AND lease_owner = $2
+                    RETURNING id, kind, key),
+                 -- One row per record in the quarantine: the newest says what is wrong now.
+                 old AS (
+                    DELETE FROM hmr.outbox o USING q
+                     WHERE o.kind = q.kind AND o.key = q.key AND o.id < q.id AND o.state = 'quarantined'
+                    RETURNING o.*)
+                 INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)
+                 SELECT id, kind, key, op, xid, created_at, 'superseded', attempts,
+                        'a later event of the same record was quarantined' FROM old",
                 &[&id, &self.worker_id, &field, &reason, &message],
             )
             .await?;
@@ -269,12 +323,13 @@ impl Store {
     }
 
     /// Makes sure a record the platform needs first (a patient, a department) is on its way.
+    /// A quarantined one stays as it is: the DBA fixes and retries it, then this one follows.
     pub async fn ensure_enqueued(&self, kind: &str, key: &str) -> Result<(), WorkerError> {
         self.client
             .execute(
                 "INSERT INTO hmr.outbox (kind, key, op)
                  SELECT $1, $2, 'S'
-                  WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox WHERE kind = $1 AND key = $2 AND state <> 'quarantined')",
+                  WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox WHERE kind = $1 AND key = $2)",
                 &[&kind, &key],
             )
             .await?;
@@ -283,7 +338,9 @@ impl Store {
 
     /// Forgets what we believed the platform holds of a record (it said it lacks it).
     pub async fn forget_delivered(&self, kind: &str, key: &str) -> Result<(), WorkerError> {
-        self.client.execute("DELETE FROM hmr.delivered WHERE kind = $1 AND key = $2", &[&kind, &key]).await?;
+        self.client
+            .execute("DELETE FROM hmr.delivered WHERE kind = $1 AND key = $2", &[&kind, &key])
+            .await?;
         Ok(())
     }
 
@@ -298,7 +355,9 @@ impl Store {
                 )
                 .await?;
         } else {
-            self.client.execute("DELETE FROM hmr.sleepers WHERE worker = $1", &[&self.worker_id]).await?;
+            self.client
+                .execute("DELETE FROM hmr.sleepers WHERE worker = $1", &[&self.worker_id])
+                .await?;
         }
         Ok(())
     }
