@@ -403,15 +403,20 @@ async fn sigterm_releases_claims_and_exits_cleanly() -> Result<()> {
     let mut worker = Worker::start(&cluster, &sim, &options)?;
     sim.faults(json!({"hang": true, "path_prefix": LAB})).await?;
     approve(&his, "L20261126001").await?;
-    wait_until(Duration::from_secs(20), "the report claimed", || async {
-        Ok(count(
-            &his,
-            "SELECT count(*) FROM hmr.outbox WHERE kind = 'lab_report' AND state = 'claimed'",
-        )
-        .await?
-            == 1)
+    let claimed = wait_until(Duration::from_secs(20), "the report claimed", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.outbox WHERE kind = 'lab_report' AND state = 'claimed'").await? == 1)
     })
-    .await?;
+    .await;
+    if claimed.is_err() {
+        for r in his.query("SELECT id, kind, key, state, attempts, last_error FROM hmr.outbox", &[]).await? {
+            let (id, kind, key, state, attempts, last): (i64, String, String, String, i32, Option<String>) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
+            eprintln!("outbox: {id} {kind} {key} {state} attempts={attempts} {last:?}");
+        }
+        eprintln!("simulator: {:#?}", sim.requests().await?);
+        eprintln!("worker log: {}", worker.log());
+    }
+    claimed?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
     let status = worker.terminate()?;

@@ -140,7 +140,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 continue;
             }
         };
-        reconnect_delay = Duration::from_millis(200);
+        let connected_at = std::time::Instant::now();
         let drainer = Drainer {
             store: store.clone(),
             platform: platform.clone(),
@@ -154,7 +154,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 tracing::info!(released, "hmr-worker stopped");
                 return Ok(());
             }
-            Err(e) => tracing::warn!(error = %e, "database error; reconnecting"),
+            Err(e) => {
+                // A connection that served a while earns a quick reconnect; a failing one backs off.
+                if connected_at.elapsed() > Duration::from_secs(30) {
+                    reconnect_delay = Duration::from_millis(200);
+                }
+                tracing::warn!(error = %e, delay = ?reconnect_delay, "database error; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(reconnect_delay) => {}
+                    _ = stop.notified() => {}
+                }
+                reconnect_delay = (reconnect_delay * 2).min(Duration::from_secs(10));
+            }
         }
     }
     Ok(())
