@@ -38,7 +38,7 @@ for f in sql/demo/01_his_schema.sql sql/demo/02_hmr_sources.sql sql/demo/03_samp
 done
 
 echo "== checking the source views (no rows = ready)"
-psql_his -c "SELECT * FROM hmr.check_sources()"
+psql_his -c "SELECT * FROM hmr.check_sources('patient') UNION ALL SELECT * FROM hmr.check_sources('lab_report')"
 
 echo "== starting the platform simulator"
 org1="124413004567890125,惠州市第一人民医院,hz1,hz1-secret,hz1-app,hz1-app-secret"

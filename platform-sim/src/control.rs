@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::faults::FaultSpec;
 use crate::journal::Effect;
-use crate::state::{OrgData, State};
+use crate::state::{OrgData, ReportBody, State};
 use crate::{auth, Sim};
 
 pub fn router(sim: Sim) -> Router<Sim> {
@@ -251,6 +251,26 @@ async fn summary(AxState(sim): AxState<Sim>) -> Response {
                         h.body.item_count(),
                         h.body.reported_at(),
                     );
+                    // The results as received, so a person can compare them with the LIS.
+                    if let ReportBody::Lab(r) = &h.body {
+                        for item in &r.items {
+                            let _ = writeln!(
+                                out,
+                                "      {} {} = {} {}{}{}",
+                                item.item_code,
+                                item.item_name,
+                                item.result_value,
+                                item.result_unit.as_deref().unwrap_or(""),
+                                item.reference_range.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
+                                match item.abnormal_flag.as_deref() {
+                                    Some("2") => " ↑",
+                                    Some("3") => " ↓",
+                                    Some("4") => " *",
+                                    _ => "",
+                                },
+                            );
+                        }
+                    }
                 }
             }
         }
