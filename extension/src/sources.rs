@@ -14,6 +14,7 @@ type Problem = (String, String, Option<String>, Option<String>, String);
 /// One row per problem: the kind, the source view, the record key (for row problems), the
 /// column, and the problem in plain words. No rows means the sources are ready.
 #[pg_extern]
+#[allow(clippy::type_complexity)] // the column list is the SQL signature
 fn check_sources(
     kind: default!(Option<&str>, "NULL"),
 ) -> TableIterator<

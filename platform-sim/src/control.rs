@@ -261,7 +261,10 @@ async fn summary(AxState(sim): AxState<Sim>) -> Response {
                                 item.item_name,
                                 item.result_value,
                                 item.result_unit.as_deref().unwrap_or(""),
-                                item.reference_range.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
+                                item.reference_range
+                                    .as_deref()
+                                    .map(|r| format!(" ({r})"))
+                                    .unwrap_or_default(),
                                 match item.abnormal_flag.as_deref() {
                                     Some("2") => " ↑",
                                     Some("3") => " ↓",

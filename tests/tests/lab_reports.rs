@@ -404,11 +404,19 @@ async fn sigterm_releases_claims_and_exits_cleanly() -> Result<()> {
     sim.faults(json!({"hang": true, "path_prefix": LAB})).await?;
     approve(&his, "L20261126001").await?;
     let claimed = wait_until(Duration::from_secs(20), "the report claimed", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.outbox WHERE kind = 'lab_report' AND state = 'claimed'").await? == 1)
+        Ok(count(
+            &his,
+            "SELECT count(*) FROM hmr.outbox WHERE kind = 'lab_report' AND state = 'claimed'",
+        )
+        .await?
+            == 1)
     })
     .await;
     if claimed.is_err() {
-        for r in his.query("SELECT id, kind, key, state, attempts, last_error FROM hmr.outbox", &[]).await? {
+        for r in his
+            .query("SELECT id, kind, key, state, attempts, last_error FROM hmr.outbox", &[])
+            .await?
+        {
             let (id, kind, key, state, attempts, last): (i64, String, String, String, i32, Option<String>) =
                 (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
             eprintln!("outbox: {id} {kind} {key} {state} attempts={attempts} {last:?}");
