@@ -38,12 +38,12 @@ for f in sql/demo/01_his_schema.sql sql/demo/02_hmr_sources.sql sql/demo/03_samp
 done
 
 echo "== checking the source views (no rows = ready)"
-psql_his -c "SELECT * FROM hmr.check_sources('patient') UNION ALL SELECT * FROM hmr.check_sources('lab_report')"
+psql_his -c "SELECT * FROM hmr.check_sources() WHERE kind <> 'exam_report'"
 
 echo "== starting the platform simulator"
 org1="124413004567890125,惠州市第一人民医院,hz1,hz1-secret,hz1-app,hz1-app-secret"
 org2="124413004567890200,惠州市中心人民医院,hz2,hz2-secret,hz2-app,hz2-app-secret"
-./target/debug/hmr-platform-sim --listen 127.0.0.1:0 --catalog ../shared/catalog-sample.csv \
+./target/debug/hmr-platform-sim --listen 127.0.0.1:0 --catalog sql/catalog-sample.csv \
   --org "$org1" --org "$org2" >"$demo/sim.out" 2>"$demo/sim.log" &
 sim_pid=$!
 for _ in $(seq 50); do grep -q listening "$demo/sim.out" 2>/dev/null && break; sleep 0.1; done
@@ -60,6 +60,7 @@ base_url = "$sim_url"
 org_code = "124413004567890125"
 username = "hz1"
 password = "hz1-secret"
+campus_codes = ["HZ01", "HZ02"]
 
 [worker]
 poll_interval_ms = 500
@@ -68,6 +69,7 @@ chmod 600 "$demo/worker.toml"
 ./target/debug/hmr-worker --config "$demo/worker.toml" run 2>"$demo/worker.log" &
 worker_pid=$!
 
+echo "== patients, departments (two campuses) and staff were captured as the sample HIS was loaded"
 echo "== the LIS audits three reports (three transactions)"
 for r in L20261126001 L20261126002 L20261126003; do
   psql_his -c "UPDATE lis.report SET status = 'audited', audited_at = now() WHERE report_no = '$r'"

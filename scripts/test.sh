@@ -19,4 +19,4 @@ rm -rf "$pgdata"
 
 echo "== unit, simulator and end-to-end tests"
 # --tests: no doc-tests, so the last line printed is the end-to-end suite's summary.
-cargo test --no-fail-fast -p hmr-protocol -p hmr-worker -p hmr-platform-sim -p hmr-e2e --lib --bins --tests -- --test-threads=2
+cargo test --no-fail-fast -p hmr-protocol -p hmr-pdf -p hmr-worker -p hmr-platform-sim -p hmr-e2e --lib --bins --tests -- --test-threads=2

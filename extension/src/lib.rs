@@ -4,6 +4,7 @@
 
 use pgrx::prelude::*;
 
+mod catalog;
 mod gucs;
 mod sources;
 
@@ -156,6 +157,39 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(missing.contains("hmr_src.staff does not exist"), "{missing}");
+    }
+
+    #[pg_test]
+    fn catalog_loads_from_csv_and_reports_bad_lines() {
+        let n = Spi::get_one::<i64>(
+            "SELECT hmr.load_catalog(E'dataCode,type,name,validityDays\\nJY0001,lab,血常规,7\\nJC0002,exam,\"胸部CT平扫, 含增强\",30\\n')",
+        )
+        .unwrap();
+        assert_eq!(n, Some(2));
+        assert_eq!(
+            Spi::get_one::<String>("SELECT name FROM hmr.catalog WHERE data_code = 'JC0002'")
+                .unwrap()
+                .as_deref(),
+            Some("胸部CT平扫, 含增强")
+        );
+        // Loading again updates in place; `replace` drops what the new list lacks.
+        Spi::run(
+            "SELECT hmr.load_catalog(E'dataCode,type,name,validityDays\\nJY0001,lab,血常规,14\\n', replace => true)",
+        )
+        .unwrap();
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT validity_days FROM hmr.catalog WHERE data_code = 'JY0001'").unwrap(),
+            Some(14)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.catalog").unwrap(),
+            Some(1)
+        );
+    }
+
+    #[pg_test(error = "hmr: catalog CSV line 2: validityDays must be a positive integer")]
+    fn catalog_refuses_a_bad_line() {
+        Spi::run("SELECT hmr.load_catalog(E'dataCode,type,name,validityDays\\nJY0001,lab,血常规,seven\\n')").unwrap();
     }
 
     #[pg_test]

@@ -119,7 +119,7 @@ mod tests {
 
     #[test]
     fn loads_the_shared_sample() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/catalog-sample.csv");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql/catalog-sample.csv");
         if path.exists() {
             let c = Catalog::load(&path).unwrap();
             assert_eq!(c.get("JY0001").unwrap().name, "血常规");

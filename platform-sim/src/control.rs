@@ -236,6 +236,36 @@ async fn summary(AxState(sim): AxState<Sim>) -> Response {
             d.departments.len(),
             d.staff.len()
         );
+        // Small dictionaries are listed (a real one has hundreds: counts only then).
+        if d.departments.len() <= 20 {
+            for dept in d.departments.values() {
+                let _ = writeln!(
+                    out,
+                    "  dept {} {} campus={} std={}{}",
+                    dept.dept_code,
+                    dept.dept_name,
+                    dept.campus_code,
+                    dept.std_dept_code,
+                    dept.parent_code
+                        .as_deref()
+                        .map(|p| format!(" parent={p}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        if d.staff.len() <= 20 {
+            for s in d.staff.values() {
+                let _ = writeln!(
+                    out,
+                    "  staff {} {} dept={} {}{}",
+                    s.staff_no,
+                    s.name,
+                    s.dept_code,
+                    s.role.as_deref().unwrap_or("-"),
+                    if s.external == Some(true) { " (external)" } else { "" }
+                );
+            }
+        }
         for kind in [ReportType::Lab, ReportType::Exam] {
             for (no, held) in d.reports(kind) {
                 for (v, h) in &held.versions {

@@ -20,7 +20,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8900")]
     listen: SocketAddr,
     /// The recognition catalog CSV (dataCode,type,name,validityDays).
-    #[arg(long, default_value = "../shared/catalog-sample.csv")]
+    #[arg(long, default_value = "sql/catalog-sample.csv")]
     catalog: PathBuf,
     /// An org account: CODE,NAME,USERNAME,PASSWORD,APP_ID,APP_SECRET (repeatable).
     /// Without it, two demo Huizhou hospitals (hz1, hz2).

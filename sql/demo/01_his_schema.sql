@@ -17,6 +17,45 @@ CREATE TABLE his.patient (
     updated_at     timestamptz NOT NULL DEFAULT now()
 );
 
+-- Registrations from the WeChat service account land in their own table, with a patient id
+-- from the same HIS sequence: a second path by which patients appear (多端同步).
+CREATE TABLE his.wechat_registration (
+    patient_id  text PRIMARY KEY,
+    openid      text NOT NULL,
+    id_no       text NOT NULL,
+    name        text NOT NULL,
+    sex         smallint NOT NULL,
+    birthday    date NOT NULL,
+    phone       text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- 科室字典 of both campuses (院区): HZ01 main, HZ02 branch.
+CREATE TABLE his.department (
+    dept_code   text PRIMARY KEY,
+    dept_name   text NOT NULL,
+    std_code    text NOT NULL,                 -- 标准科室代码, e.g. A03 内科
+    campus      text NOT NULL,
+    parent_code text,                          -- no foreign key: vendors often have none
+    active      boolean NOT NULL DEFAULT true,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- 人员字典: employees, and external experts / trainees (外院专家, 进修).
+CREATE TABLE his.staff (
+    staff_no    text PRIMARY KEY,
+    name        text NOT NULL,
+    sex         smallint,
+    dept_code   text NOT NULL REFERENCES his.department,
+    title_code  text,
+    cert_no     text,
+    role        text NOT NULL DEFAULT 'doctor',
+    active      boolean NOT NULL DEFAULT true,
+    external    boolean NOT NULL DEFAULT false,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
 -- LIS report header: `status` goes draft → audited (审核); un-audit sets it back.
 CREATE TABLE lis.report (
     report_no     text PRIMARY KEY,

@@ -2,6 +2,7 @@
 -- columns (see README "Source views"), then capture triggers on the HIS tables.
 CREATE SCHEMA IF NOT EXISTS hmr_src;
 
+-- Patients come from two registration paths; the view is their union.
 CREATE OR REPLACE VIEW hmr_src.patient AS
 SELECT p.patient_id,
        p.id_type,
@@ -12,7 +13,34 @@ SELECT p.patient_id,
        nullif(p.phone, '')   AS phone,
        p.created_at          AS registered_at,
        p.updated_at
-FROM his.patient p;
+FROM his.patient p
+UNION ALL
+SELECT w.patient_id, '01', upper(trim(w.id_no)), w.name, w.sex::text, w.birthday, nullif(w.phone, ''),
+       w.created_at, w.updated_at
+FROM his.wechat_registration w;
+
+CREATE OR REPLACE VIEW hmr_src.department AS
+SELECT d.dept_code,
+       d.dept_name,
+       d.std_code     AS std_dept_code,
+       d.campus       AS campus_code,
+       d.parent_code,
+       CASE WHEN d.active THEN '1' ELSE '0' END AS status,
+       d.updated_at
+FROM his.department d;
+
+CREATE OR REPLACE VIEW hmr_src.staff AS
+SELECT s.staff_no,
+       s.name,
+       s.sex::text    AS gender_code,
+       s.dept_code,
+       s.title_code,
+       s.cert_no      AS practice_cert_no,
+       s.role,
+       CASE WHEN s.active THEN '1' ELSE '0' END AS status,
+       s.external,
+       s.updated_at
+FROM his.staff s;
 
 -- Only audited reports qualify: an un-audited one drops out of the view, and the worker
 -- revokes what the platform holds.
@@ -54,6 +82,9 @@ SELECT x.report_no,
 FROM lis.result x;
 
 SELECT hmr.watch('patient', 'his.patient', 'patient_id');
+SELECT hmr.watch('patient', 'his.wechat_registration', 'patient_id');
+SELECT hmr.watch('department', 'his.department', 'dept_code');
+SELECT hmr.watch('staff', 'his.staff', 'staff_no');
 -- Reports: only a change of audit status matters (审核, 取消审核, 重新审核).
 SELECT hmr.watch('lab_report', 'lis.report', 'report_no',
                  'OLD.status IS DISTINCT FROM NEW.status OR OLD.audited_at IS DISTINCT FROM NEW.audited_at');

@@ -1,4 +1,20 @@
--- Sample patients and lab reports (draft): the demo audits them afterwards.
+-- Sample departments (two campuses), staff, patients and lab reports (draft): the demo
+-- audits the reports afterwards.
+INSERT INTO his.department (dept_code, dept_name, std_code, campus, parent_code) VALUES
+    ('03',   '内科',       'A03', 'HZ01', NULL),
+    ('0301', '心血管内科', 'A03.01', 'HZ01', '03'),
+    ('05',   '外科',       'A04', 'HZ01', NULL),
+    ('0502', '普通外科',   'A04.01', 'HZ01', '05'),
+    ('30',   '检验科',     'A30', 'HZ01', NULL),
+    ('B03',  '内科(仲恺院区)', 'A03', 'HZ02', NULL);
+
+INSERT INTO his.staff (staff_no, name, sex, dept_code, title_code, cert_no, role, external) VALUES
+    ('D001', '王建华', 1, '0301', '231', '110440000012345', 'doctor',     false),
+    ('D002', '李秀英', 2, '0502', '232', '110440000023456', 'doctor',     false),
+    ('T001', '张伟',   1, '30',   '252', NULL,              'technician', false),
+    ('T002', '刘芳',   2, '30',   '253', NULL,              'technician', false),
+    ('E001', '周教授', 1, 'B03',  '231', '110110000034567', 'doctor',     true);
+
 INSERT INTO his.patient (patient_id, id_no, name, sex, birthday, phone, registered_via) VALUES
     ('P0001', '441302198003151233', '陈志明', 1, '1980-03-15', '13800000001', 'outpatient'),
     ('P0002', '441302199211082345', '林晓燕', 2, '1992-11-08', NULL,          'wechat'),

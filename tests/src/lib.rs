@@ -198,9 +198,10 @@ impl Sim {
         let org = |code: &str, name: &str, user: &str| {
             format!("{code},{name},{user},{user}-secret,{user}-app,{user}-app-secret")
         };
+        let log_path = unique_dir("hmr-e2e-sim").join("sim.log");
         let mut child = Command::new(bin_dir().join("hmr-platform-sim"))
             .args(["--listen", "127.0.0.1:0", "--catalog"])
-            .arg(repo_root().join("../shared/catalog-sample.csv"))
+            .arg(repo_root().join("sql/catalog-sample.csv"))
             .args([
                 "--org",
                 &org(ORG_CODE, ORG_NAME, "hz1"),
@@ -209,14 +210,17 @@ impl Sim {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
             .spawn()
             .context("starting hmr-platform-sim (is it built?)")?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
         let base = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
         if !base.starts_with("http://") {
-            bail!("unexpected first line from the simulator: {line:?}");
+            bail!(
+                "unexpected first line from the simulator: {line:?}; its log: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
         Ok(Sim {
             child,

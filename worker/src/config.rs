@@ -80,6 +80,10 @@ pub struct PlatformConfig {
     /// The operator number sent with a revoke when the source does not name one.
     #[serde(default = "default_operator")]
     pub revoke_operator_no: String,
+    /// 院区/分支机构代码 of the hospital's campuses (main campus included). When set, a
+    /// department of another campus is quarantined as a mapping mistake.
+    #[serde(default)]
+    pub campus_codes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
 use hmr_protocol::paths::{self, Request};
-use hmr_protocol::source::{self, SourceView};
+use hmr_protocol::source;
 use hmr_protocol::{
     validate, BatchAnswer, Department, ExamReport, FieldError, LabReport, Outcome, Patient, ProtocolError,
     RecordStatus, ReportType, Revoke, Staff,
@@ -349,40 +349,38 @@ impl Drainer {
         let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
         let rows = self.store.source_rows(kind, &keys).await?;
         let held = self.store.delivered(kind, &keys).await?;
-        let view: &SourceView = source::view_for(kind).expect("handled kinds have views");
         let now = self.now();
         let mut finished = Vec::new();
-        let mut to_send: Vec<(Event, Value, String, i32)> = Vec::new();
+        let mut built: Vec<(Event, Master)> = Vec::new();
         for event in events {
             let Some(Value::Object(row)) = rows.get(&event.key) else {
                 finished.push(self.finished(&event, "skipped", "not in the source view"));
                 continue;
             };
-            let built: Result<Value, ProtocolError> = match kind {
-                "patient" => view.record::<Patient>(row, Map::new()).and_then(|r| {
-                    validate::patient(&r, &now).map_err(ProtocolError::Invalid)?;
-                    Ok(serde_json::to_value(r)?)
-                }),
-                "department" => view.record::<Department>(row, Map::new()).and_then(|r| {
-                    validate::department(&r, &now).map_err(ProtocolError::Invalid)?;
-                    Ok(serde_json::to_value(r)?)
-                }),
-                _ => view.record::<Staff>(row, Map::new()).and_then(|r| {
-                    validate::staff(&r, &now).map_err(ProtocolError::Invalid)?;
-                    Ok(serde_json::to_value(r)?)
-                }),
-            };
-            let record = match built {
-                Ok(r) => r,
+            match Master::build(kind, row, &now, &self.config.platform.campus_codes) {
+                Ok(record) => built.push((event, record)),
                 Err(e) => {
                     self.quarantine_invalid(&event, &e).await?;
-                    continue;
                 }
-            };
-            let hash = source::content_hash(&record);
+            }
+        }
+        // Departments go before the staff who reference them.
+        let needed: Vec<String> = built.iter().filter_map(|(_, r)| r.department()).collect();
+        let departments = if needed.is_empty() {
+            HashMap::new()
+        } else {
+            self.store.delivered("department", &needed).await?
+        };
+        let mut to_send: Vec<(Event, Master, String, i32)> = Vec::new();
+        for (event, record) in built {
+            let hash = record.hash();
             let previous = held.get(&event.key);
             if previous.is_some_and(|h| h.content_hash == hash) {
                 finished.push(self.finished(&event, "unchanged", "same content as delivered"));
+                continue;
+            }
+            if let Some(dept) = record.department().filter(|d| !departments.contains_key(d)) {
+                self.wait_for_dependency(&event, "department", &dept).await?;
                 continue;
             }
             let version = previous.map_or(1, |h| h.version + 1);
@@ -390,10 +388,13 @@ impl Drainer {
         }
         self.store.finish(&finished).await?;
 
-        let chunks: Vec<Vec<(Event, Value, String, i32)>> = to_send
-            .chunks(hmr_protocol::checks::MAX_BATCH)
-            .map(<[_]>::to_vec)
-            .collect();
+        let mut chunks: Vec<Vec<(Event, Master, String, i32)>> = Vec::new();
+        for item in to_send {
+            match chunks.last_mut() {
+                Some(c) if c.len() < hmr_protocol::checks::MAX_BATCH => c.push(item),
+                _ => chunks.push(vec![item]),
+            }
+        }
         let results: Vec<Result<(), WorkerError>> = stream::iter(chunks)
             .map(|chunk| self.send_batch(kind, chunk))
             .buffer_unordered(self.config.worker.concurrency.clamp(1, 4))
@@ -402,17 +403,14 @@ impl Drainer {
         results.into_iter().collect()
     }
 
-    async fn send_batch(&self, kind: &str, chunk: Vec<(Event, Value, String, i32)>) -> Result<(), WorkerError> {
-        let records: Vec<Value> = chunk.iter().map(|(_, r, _, _)| r.clone()).collect();
-        let request = match kind {
-            "patient" => paths::patients(&from_values::<Patient>(records)),
-            "department" => paths::departments(&from_values::<Department>(records)),
-            _ => paths::staff(&from_values::<Staff>(records)),
-        };
-        // Same events and same body → same id; a changed body is a new effect anyway.
+    async fn send_batch(&self, kind: &str, chunk: Vec<(Event, Master, String, i32)>) -> Result<(), WorkerError> {
+        let request = Master::batch_request(chunk.iter().map(|(_, r, _, _)| r));
+        // Derived from the events (with their attempt, since a record the platform refused
+        // for a missing department is sent again after it) and the body: a lost answer is
+        // replayed, and a re-send of master data is an upsert with no second effect.
         let ids: Vec<String> = chunk
             .iter()
-            .map(|(e, _, _, _)| format!("{}.{}", e.id, e.generation))
+            .map(|(e, _, _, _)| format!("{}.{}.{}", e.id, e.generation, e.attempts))
             .collect();
         let body_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&request.body));
         let id = request_id(&format!("{kind}:{}:{body_hash}", ids.join(",")));
@@ -425,9 +423,8 @@ impl Drainer {
                     hmr_protocol::envelope::parse_data(&answer.map(|a| a.body).unwrap_or_default())
                         .map_err(|e| WorkerError::Answer(format!("{kind} batch answer: {e}")))?;
                 let mut finished = Vec::new();
-                for (index, (event, _, hash, version)) in chunk.iter().enumerate() {
-                    let result = answer.results.iter().find(|r| r.index == index);
-                    match result {
+                for (index, (event, record, hash, version)) in chunk.iter().enumerate() {
+                    match answer.results.iter().find(|r| r.index == index) {
                         Some(r) if r.status == RecordStatus::Accepted => finished.push(Finish {
                             id: event.id,
                             outcome: "delivered",
@@ -444,27 +441,16 @@ impl Drainer {
                                 .first()
                                 .cloned()
                                 .unwrap_or_else(|| FieldError::new("", "rejected"));
-                            if first.reason == "unknown-dept" && kind == "staff" {
-                                // Departments go before the staff who reference them.
-                                let dept = chunk[index]
-                                    .1
-                                    .get("deptCode")
-                                    .and_then(Value::as_str)
-                                    .unwrap_or_default();
-                                match self.wait_for_dependency(event, "department", dept).await? {
-                                    Step::Finished(f) => finished.push(f),
-                                    Step::Rescheduled | Step::Quarantined => {}
-                                }
+                            if let (Some(dept), "unknown-dept") = (record.department(), first.reason.as_str()) {
+                                // Our record of the department is stale: send it again first.
+                                self.store.forget_delivered("department", &dept).await?;
+                                self.wait_for_dependency(event, "department", &dept).await?;
                                 continue;
                             }
                             let column = source::column_for_field(kind, &first.field);
+                            let message = format!("rejected by the platform: {}", FieldError::join(&r.errors));
                             self.store
-                                .quarantine(
-                                    event.id,
-                                    &column,
-                                    &first.reason,
-                                    &format!("rejected by the platform: {}", FieldError::join(&r.errors)),
-                                )
+                                .quarantine(event.id, &column, &first.reason, &message)
                                 .await?;
                         }
                         None => {
@@ -486,11 +472,12 @@ impl Drainer {
                     .first()
                     .cloned()
                     .unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
+                let column = source::column_for_field(kind, &first.field);
                 for event_id in event_ids {
                     self.store
                         .quarantine(
                             event_id,
-                            &source::column_for_field(kind, &first.field),
+                            &column,
                             &first.reason,
                             &format!("HTTP {status} {code} {message}"),
                         )
@@ -516,11 +503,106 @@ impl Drainer {
     }
 }
 
-fn from_values<T: serde::de::DeserializeOwned>(values: Vec<Value>) -> Vec<T> {
-    values
-        .into_iter()
-        .map(|v| serde_json::from_value(v).expect("built from the same type"))
-        .collect()
+/// A master-data record, built from its source row and checked.
+#[derive(Debug, Clone)]
+enum Master {
+    Patient(Patient),
+    Department(Department),
+    Staff(Staff),
+}
+
+impl Master {
+    fn build(
+        kind: &str,
+        row: &Map<String, Value>,
+        now: &chrono::DateTime<chrono::FixedOffset>,
+        campus_codes: &[String],
+    ) -> Result<Master, ProtocolError> {
+        let invalid = ProtocolError::Invalid;
+        Ok(match kind {
+            "patient" => {
+                let r: Patient = source::PATIENT.record(row, Map::new())?;
+                validate::patient(&r, now).map_err(invalid)?;
+                Master::Patient(r)
+            }
+            "department" => {
+                let r: Department = source::DEPARTMENT.record(row, Map::new())?;
+                validate::department(&r, now).map_err(invalid)?;
+                // A campus the hospital did not configure is a mapping mistake, not a new campus.
+                if !campus_codes.is_empty() && !campus_codes.contains(&r.campus_code) {
+                    return Err(ProtocolError::Shape {
+                        field: "campus_code".into(),
+                        reason: "unknown-campus".into(),
+                    });
+                }
+                Master::Department(r)
+            }
+            _ => {
+                let r: Staff = source::STAFF.record(row, Map::new())?;
+                validate::staff(&r, now).map_err(invalid)?;
+                Master::Staff(r)
+            }
+        })
+    }
+
+    fn hash(&self) -> String {
+        match self {
+            Master::Patient(r) => source::content_hash(r),
+            Master::Department(r) => source::content_hash(r),
+            Master::Staff(r) => source::content_hash(r),
+        }
+    }
+
+    /// The department a staff record references.
+    fn department(&self) -> Option<String> {
+        match self {
+            Master::Staff(s) => Some(s.dept_code.clone()),
+            _ => None,
+        }
+    }
+
+    /// One batch request; all records are of one kind (a round groups events by kind).
+    fn batch_request<'a>(records: impl Iterator<Item = &'a Master>) -> Request {
+        let records: Vec<&Master> = records.collect();
+        match records.first() {
+            Some(Master::Patient(_)) => paths::patients(
+                &records
+                    .iter()
+                    .filter_map(|r| {
+                        if let Master::Patient(p) = r {
+                            Some(p.clone())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Some(Master::Department(_)) => paths::departments(
+                &records
+                    .iter()
+                    .filter_map(|r| {
+                        if let Master::Department(d) = r {
+                            Some(d.clone())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            _ => paths::staff(
+                &records
+                    .iter()
+                    .filter_map(|r| {
+                        if let Master::Staff(s) = r {
+                            Some(s.clone())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

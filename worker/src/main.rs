@@ -1,5 +1,6 @@
 //! `hmr-worker`: drains the hmr outbox to the city mutual-recognition platform.
 
+mod backfill;
 mod config;
 mod drain;
 mod error;
@@ -40,6 +41,18 @@ enum Command {
     Run,
     /// Check the configuration, the database and the platform, then exit.
     Check,
+    /// Enqueue every existing record of a kind (patients, departments, staff, lab, exam)
+    /// through the outbox. Interrupt it at will: run it again to resume.
+    Backfill {
+        /// patients | departments | staff | lab | exam
+        kind: String,
+        /// Only records changed (reports: reported) since this time, e.g. 2024-01-01T00:00:00+08:00.
+        #[arg(long)]
+        since: Option<String>,
+        /// Records per page (each page commits with its checkpoint).
+        #[arg(long, default_value_t = 5000)]
+        page: i32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +67,25 @@ fn main() -> anyhow::Result<()> {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => run(config).await,
             Command::Check => check(config).await,
+            Command::Backfill { kind, since, page } => {
+                let kind = backfill::kind_of(&kind).ok_or_else(|| {
+                    anyhow::anyhow!("unknown kind {kind:?}: patients, departments, staff, lab or exam")
+                })?;
+                let s = backfill::run(config.database.url.expose(), kind, since.as_deref(), page.max(1)).await?;
+                let rate = s.enqueued as f64 / s.elapsed.as_secs_f64().max(1e-3);
+                println!(
+                    "backfill #{} {kind}: {} of {} enqueued{} ({rate:.0} records/s this run)",
+                    s.id,
+                    s.enqueued,
+                    s.total,
+                    if s.finished {
+                        ", finished"
+                    } else {
+                        ", interrupted: run the same command again to resume"
+                    }
+                );
+                Ok(())
+            }
         }
     })
 }
