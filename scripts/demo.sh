@@ -33,6 +33,7 @@ $keep || trap cleanup EXIT
 psql_his() { psql -X -q -v ON_ERROR_STOP=1 -h "$demo/pg" -p "$port" -U postgres -d his "$@"; }
 psql -X -q -h "$demo/pg" -p "$port" -U postgres -d postgres -c "CREATE DATABASE his"
 psql_his -c "CREATE EXTENSION hmr"
+echo "SELECT hmr.load_catalog(:'catalog') AS catalog_items_loaded" | psql_his -v catalog="$(cat sql/catalog-sample.csv)"
 for f in sql/demo/01_his_schema.sql sql/demo/02_hmr_sources.sql sql/demo/03_sample_data.sql; do
   psql_his -f "$f" >/dev/null
 done
@@ -64,12 +65,17 @@ campus_codes = ["HZ01", "HZ02"]
 
 [worker]
 poll_interval_ms = 500
+poll_sources_ms = 1000
+
+[pdf]
+hospital_name = "惠州市第一人民医院"
 TOML
 chmod 600 "$demo/worker.toml"
 ./target/debug/hmr-worker --config "$demo/worker.toml" run 2>"$demo/worker.log" &
 worker_pid=$!
 
 echo "== patients, departments (two campuses) and staff were captured as the sample HIS was loaded"
+echo "== the RIS has one final CT report (polled; its item is mapped to the catalog) and one preliminary"
 echo "== the LIS audits three reports (three transactions)"
 for r in L20261126001 L20261126002 L20261126003; do
   psql_his -c "UPDATE lis.report SET status = 'audited', audited_at = now() WHERE report_no = '$r'"
@@ -82,6 +88,10 @@ done
 
 echo "== delivery log (hmr.outbox_history)"
 psql_his -c "SELECT id, kind, key, outcome, version, finished_at - created_at AS took FROM hmr.outbox_history ORDER BY id"
+echo "== the first lab report's PDF, as the platform holds it (rendered from the template)"
+curl -s "$sim_url/_sim/pdf/124413004567890125/lab/L20261126001/1" -o "$demo/L20261126001.pdf"
+ls -l "$demo/L20261126001.pdf" | awk '{print "   " $5 " bytes: " $9}'
+pdftotext -layout "$demo/L20261126001.pdf" - | sed -n '1,16p' | sed 's/^/   | /'
 echo "== what the simulated city platform received"
 curl -s "$sim_url/_sim/summary"
 echo

@@ -366,3 +366,84 @@ CREATE TABLE hmr.unmapped_items (
     example_key  text,
     PRIMARY KEY (type, local_code)
 );
+
+-- Polled sources: exam systems (RIS, PACS, ultrasound, endoscopy) are often another database
+-- or a vendor view the HIS cannot put triggers on. The worker polls them through the kind's
+-- source view, by a watermark on the audit time. Pairs (key, audit time) already seen are
+-- remembered for `lookback`, so equal audit times and rows that arrive late (committed after
+-- newer ones were polled) are still picked up, and a re-audit (new audit time) is a new event.
+CREATE TABLE hmr.polled_sources (
+    kind         text PRIMARY KEY REFERENCES hmr.kinds,
+    time_column  text NOT NULL DEFAULT 'audited_at',
+    -- wait this long after audit before uploading (radiologists correct within minutes)
+    delay        interval NOT NULL DEFAULT '0',
+    -- how late a row may arrive and still be picked up
+    lookback     interval NOT NULL DEFAULT '1 day',
+    watermark    timestamptz,
+    polled_at    timestamptz,
+    enabled      boolean NOT NULL DEFAULT true
+);
+
+CREATE TABLE hmr.polled_seen (
+    kind       text NOT NULL,
+    key        text NOT NULL,
+    seen_time  timestamptz NOT NULL,
+    PRIMARY KEY (kind, key, seen_time)
+);
+
+-- Polls one source: enqueues rows audited since (watermark - lookback) and at least `delay`
+-- ago that were not seen yet; also enqueues reports the platform holds that left the view
+-- (withdrawn in the exam system), so they are revoked. Returns the events enqueued.
+CREATE FUNCTION hmr.poll_source(source_kind text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    p hmr.polled_sources;
+    k hmr.kinds;
+    since timestamptz;
+    newest timestamptz;
+    added integer;
+    gone integer;
+BEGIN
+    SELECT * INTO p FROM hmr.polled_sources WHERE kind = source_kind AND enabled FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    SELECT * INTO k FROM hmr.kinds WHERE kind = source_kind;
+    since := coalesce(p.watermark - p.lookback, '-infinity');
+    EXECUTE format(
+        'WITH cand AS (
+            SELECT v.%1$I::text AS key, v.%2$I AS t FROM %3$s v
+             WHERE v.%2$I > $1 AND v.%2$I <= now() - $2),
+         new AS (
+            INSERT INTO hmr.polled_seen (kind, key, seen_time) SELECT $3, key, t FROM cand
+            ON CONFLICT DO NOTHING RETURNING key, seen_time),
+         ins AS (
+            INSERT INTO hmr.outbox (kind, key, op) SELECT $3, key, ''P'' FROM new ORDER BY seen_time, key
+            RETURNING 1)
+         SELECT (SELECT count(*)::int FROM ins), (SELECT max(t) FROM cand)',
+        k.key_column, p.time_column, k.source_view::regclass)
+      INTO added, newest USING since, p.delay, source_kind;
+    -- Withdrawn: held by the platform, recently seen, no longer in the view.
+    EXECUTE format(
+        'INSERT INTO hmr.outbox (kind, key, op)
+         SELECT d.kind, d.key, ''P'' FROM hmr.delivered d
+          WHERE d.kind = $1 AND NOT d.revoked AND d.delivered_at > now() - $2
+            AND NOT EXISTS (SELECT 1 FROM %1$s v WHERE v.%2$I::text = d.key)
+            AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = d.kind AND o.key = d.key)',
+        k.source_view::regclass, k.key_column)
+      USING source_kind, p.lookback;
+    GET DIAGNOSTICS gone = ROW_COUNT;
+    UPDATE hmr.polled_sources
+       SET watermark = greatest(watermark, newest), polled_at = now()
+     WHERE kind = source_kind;
+    DELETE FROM hmr.polled_seen
+     WHERE kind = source_kind AND seen_time < greatest(p.watermark, newest) - p.lookback;
+    RETURN added + gone;
+END
+$$;
+
+-- Polls every enabled source; the worker calls this on its poll interval.
+CREATE FUNCTION hmr.poll_sources() RETURNS integer
+LANGUAGE sql AS $$
+    SELECT coalesce(sum(hmr.poll_source(kind)), 0)::int FROM hmr.polled_sources WHERE enabled
+$$;

@@ -29,6 +29,7 @@ pub fn router(sim: Sim) -> Router<Sim> {
         .route("/reset", post(reset))
         .route("/summary", get(summary))
         .route("/clock", get(get_clock).post(set_clock))
+        .route("/pdf/{org}/{kind}/{report_no}/{version}", get(stored_pdf))
         .route_layer(middleware::from_fn_with_state(sim, loopback_only))
 }
 
@@ -145,6 +146,27 @@ async fn set_clock(AxState(sim): AxState<Sim>, body: Bytes) -> Response {
     };
     sim.lock().clock_offset_secs = clock.offset_secs;
     get_clock(AxState(sim)).await
+}
+
+/// The PDF held for one report version, as received (for checking it as a person would).
+async fn stored_pdf(
+    AxState(sim): AxState<Sim>,
+    axum::extract::Path((org, kind, report_no, version)): axum::extract::Path<(String, String, String, u32)>,
+) -> Response {
+    let st = sim.lock();
+    let Some(kind) = ReportType::parse(&kind) else {
+        return (StatusCode::NOT_FOUND, "kind is lab or exam").into_response();
+    };
+    let pdf = st
+        .orgs
+        .get(&org)
+        .and_then(|d| d.reports(kind).get(&report_no))
+        .and_then(|r| r.versions.get(&version))
+        .and_then(|v| v.pdf.as_ref());
+    match pdf {
+        Some(p) => ([(axum::http::header::CONTENT_TYPE, "application/pdf")], p.bytes.clone()).into_response(),
+        None => (StatusCode::NOT_FOUND, "no PDF held for that version").into_response(),
+    }
 }
 
 async fn state(AxState(sim): AxState<Sim>) -> Response {

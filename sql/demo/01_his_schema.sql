@@ -2,6 +2,7 @@
 -- and it shows a DBA how their own tables connect to hmr. Nothing here is hmr's.
 CREATE SCHEMA his;
 CREATE SCHEMA lis;
+CREATE SCHEMA ris;
 
 -- 患者主索引: registered from several points (outpatient, admission, kiosk, WeChat).
 CREATE TABLE his.patient (
@@ -88,4 +89,40 @@ CREATE TABLE lis.result (
     flag       text,                           -- H high, L low, N normal, A abnormal, '' none
     critical   boolean NOT NULL DEFAULT false,
     PRIMARY KEY (report_no, seq)
+);
+
+-- LIS 取消审核 log: who un-audited a report and why (the revoke carries it).
+CREATE TABLE lis.unaudit_log (
+    report_no  text NOT NULL,
+    reason     text NOT NULL,
+    operator   text NOT NULL,
+    at         timestamptz NOT NULL DEFAULT now()
+);
+
+-- The exam system (RIS/PACS/ultrasound/endoscopy), a vendor table without hmr triggers:
+-- hmr polls it. status P preliminary, F final, C cancelled.
+CREATE TABLE ris.exam_report (
+    exam_no      text PRIMARY KEY,
+    patient_id   text NOT NULL,
+    visit_type   text NOT NULL DEFAULT '1',
+    visit_no     text,
+    apply_no     text,
+    dept_code    text,
+    doctor_no    text,
+    modality     text NOT NULL,                -- CT, MR, DR, US, ES …
+    item_code    text NOT NULL,                -- the RIS's own exam item code
+    item_name    text NOT NULL,
+    body_part    text,
+    accession_no text,
+    study_uid    text,
+    findings     text,
+    conclusion   text,
+    examined_at  timestamptz,
+    reported_at  timestamptz,
+    audited_at   timestamptz,
+    reporter     text,
+    auditor      text,
+    status       text NOT NULL DEFAULT 'P',
+    critical     boolean NOT NULL DEFAULT false,
+    pdf          bytea                         -- the RIS's own PDF, when it makes one
 );

@@ -81,6 +81,50 @@ SELECT x.report_no,
        x.critical AS critical_flag
 FROM lis.result x;
 
+-- Reason and operator of a 取消审核, sent with the revoke.
+CREATE OR REPLACE VIEW hmr_src.revocation AS
+SELECT 'lab_report'::text AS kind, u.report_no, u.reason, u.operator AS operator_no, u.at AS revoked_at
+FROM lis.unaudit_log u;
+
+-- Exam reports from the RIS: final ones only; the RIS item code maps to the platform
+-- catalog through hmr.item_map (unmapped items are listed in hmr.unmapped_items).
+CREATE OR REPLACE VIEW hmr_src.exam_report AS
+SELECT e.exam_no              AS report_no,
+       e.patient_id,
+       p.id_type,
+       upper(trim(p.id_no))   AS id_no,
+       p.name                 AS patient_name,
+       e.visit_type,
+       e.visit_no,
+       e.apply_no             AS order_no,
+       e.dept_code,
+       e.doctor_no            AS request_doctor_no,
+       e.modality             AS exam_class,
+       e.item_code            AS exam_item_code,
+       e.item_name            AS exam_item_name,
+       e.item_code            AS local_item_code,
+       e.item_name            AS local_item_name,
+       e.body_part            AS body_part_name,
+       e.accession_no,
+       e.study_uid            AS study_instance_uid,
+       e.findings,
+       e.conclusion           AS impression,
+       e.examined_at,
+       e.reported_at,
+       e.audited_at,
+       e.reporter             AS reporter_no,
+       e.auditor              AS auditor_no,
+       e.critical             AS critical_flag,
+       e.pdf
+FROM ris.exam_report e
+JOIN his.patient p USING (patient_id)
+WHERE e.status = 'F';
+
+-- The RIS has no triggers: poll it by audit time (here without delay; a hospital whose
+-- radiologists correct reports within minutes sets e.g. delay = '10 minutes').
+INSERT INTO hmr.polled_sources (kind, time_column, delay, lookback)
+VALUES ('exam_report', 'audited_at', '0', '1 day');
+
 SELECT hmr.watch('patient', 'his.patient', 'patient_id');
 SELECT hmr.watch('patient', 'his.wechat_registration', 'patient_id');
 SELECT hmr.watch('department', 'his.department', 'dept_code');

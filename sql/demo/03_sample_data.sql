@@ -39,3 +39,19 @@ INSERT INTO lis.result (report_no, seq, item_code, item_name, value, unit, ref_r
     ('L20261126002', 3, 'TBIL', '总胆红素',    '15.2', 'μmol/L', '0-21',      'N', false),
     ('L20261126003', 1, 'CREA', '肌酐',        '98',   'μmol/L', '57-111',    'N', false),
     ('L20261126003', 2, 'UREA', '尿素',        '6.1',  'mmol/L', '3.1-8.0',   'N', false);
+
+-- RIS item codes → platform catalog (the catalog is loaded first: hmr.load_catalog).
+INSERT INTO hmr.item_map (type, local_code, data_code) VALUES
+    ('exam', 'CT-HEAD',  'JC0001'),
+    ('exam', 'CT-CHEST', 'JC0002');
+
+-- A final CT report (polled from the RIS) and a preliminary one (not uploaded yet).
+INSERT INTO ris.exam_report (exam_no, patient_id, visit_no, apply_no, dept_code, doctor_no, modality, item_code,
+                             item_name, body_part, accession_no, study_uid, findings, conclusion, examined_at,
+                             reported_at, audited_at, reporter, auditor, status) VALUES
+    ('E20261126001', 'P0003', 'ZY003', 'SQ101', '0502', 'D002', 'CT', 'CT-CHEST', '胸部CT平扫', '胸部',
+     'A0001', '1.2.840.1.1', '双肺纹理清晰，未见明显实质性病变。纵隔居中，心影不大。', '胸部CT平扫未见明显异常。',
+     now() - interval '2 hours', now() - interval '90 minutes', now() - interval '80 minutes', 'D002', 'D001', 'F'),
+    ('E20261126002', 'P0001', 'MZ001', 'SQ102', '0301', 'D001', 'US', 'US-ABD', '腹部彩超', '腹部',
+     'A0002', NULL, '肝胆胰脾未见明显异常。', '腹部彩超未见异常。',
+     now() - interval '1 hour', now() - interval '30 minutes', NULL, 'D001', NULL, 'P');

@@ -112,6 +112,10 @@ impl Cluster {
         his.batch_execute("CREATE EXTENSION hmr")
             .await
             .context("CREATE EXTENSION hmr (is it installed?)")?;
+        let catalog = std::fs::read_to_string(repo_root().join("sql/catalog-sample.csv"))?;
+        his.execute("SELECT hmr.load_catalog($1)", &[&catalog])
+            .await
+            .context("loading the catalog")?;
         for file in ["01_his_schema.sql", "02_hmr_sources.sql"] {
             let sql = std::fs::read_to_string(repo_root().join("sql/demo").join(file))?;
             his.batch_execute(&sql).await.with_context(|| file.to_string())?;
@@ -349,6 +353,7 @@ timeout_ms = {timeout}
 
 [worker]
 poll_interval_ms = {poll}
+poll_sources_ms = 300
 backoff_base_ms = {bb}
 backoff_max_ms = {bm}
 lease_secs = {lease}

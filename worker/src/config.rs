@@ -34,6 +34,33 @@ pub struct Config {
     pub platform: PlatformConfig,
     #[serde(default)]
     pub worker: WorkerConfig,
+    #[serde(default)]
+    pub pdf: PdfConfig,
+}
+
+/// Report PDFs: the source's own (a `pdf` bytea or `pdf_path` column), else rendered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PdfConfig {
+    /// Render a PDF from the template when the source has none (else upload data only).
+    pub render: bool,
+    /// The hospital's template (TOML); the built-in 报告单 layout when absent.
+    pub template: Option<String>,
+    /// A font with Chinese glyphs (.ttf/.ttc), embedded and subset into every PDF.
+    pub font: String,
+    /// Printed as the title of rendered reports.
+    pub hospital_name: String,
+}
+
+impl Default for PdfConfig {
+    fn default() -> Self {
+        PdfConfig {
+            render: true,
+            template: None,
+            font: hmr_pdf::DEFAULT_FONT.into(),
+            hospital_name: "医院".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +134,8 @@ pub struct WorkerConfig {
     pub shutdown_grace_secs: u64,
     /// Log as JSON lines (for log collectors) instead of text.
     pub json_logs: bool,
+    /// How often polled sources (`hmr.polled_sources`: exam systems without triggers) are read.
+    pub poll_sources_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -122,6 +151,7 @@ impl Default for WorkerConfig {
             max_dependency_attempts: 20,
             shutdown_grace_secs: 10,
             json_logs: false,
+            poll_sources_ms: 5000,
         }
     }
 }

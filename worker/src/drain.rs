@@ -46,7 +46,12 @@ pub struct Drainer {
     pub store: Arc<Store>,
     pub platform: Arc<Platform>,
     pub config: Arc<Config>,
+    /// Renders report PDFs when the source has none (`pdf.render`).
+    pub pdf_renderer: Option<Arc<hmr_pdf::Renderer>>,
 }
+
+/// A rendered PDF, or why it could not be.
+type Rendered = Option<Result<Vec<u8>, hmr_pdf::PdfError>>;
 
 /// What happened to one event in a round.
 enum Step {
@@ -119,10 +124,13 @@ impl Drainer {
                 Err(step) => return Ok(step),
             },
         };
+        let steps = plan.requests.len();
         for (index, request) in plan.requests.iter().enumerate().skip(event.step.max(0) as usize) {
             let id = request_id(&format!("{}:{}:{}", event.id, event.generation, index));
             let (outcome, _) = self.platform.execute(request, id).await;
             match outcome {
+                // Remember progress between steps (data, then PDF): a retry starts at the PDF.
+                Outcome::Done if index + 1 < steps => self.store.save_step(event.id, index as i32 + 1).await?,
                 Outcome::Done => {}
                 other => return self.not_done(&event, other).await,
             }
@@ -156,11 +164,20 @@ impl Drainer {
             // The report no longer qualifies (deleted, un-audited): revoke what the platform holds.
             return Ok(match held {
                 Some(h) if !h.revoked => {
+                    let said = self.store.revocation(&event.kind, &event.key).await?;
                     let revoke = Revoke {
                         version: h.version as u32,
-                        reason: "取消审核".into(),
-                        revoked_at: hmr_protocol::checks::format_time(&self.now()),
-                        operator_no: self.config.platform.revoke_operator_no.clone(),
+                        reason: said
+                            .as_ref()
+                            .and_then(|r| r.reason.clone())
+                            .unwrap_or_else(|| "取消审核".into()),
+                        revoked_at: said
+                            .as_ref()
+                            .and_then(|r| r.revoked_at.clone())
+                            .unwrap_or_else(|| hmr_protocol::checks::format_time(&self.now())),
+                        operator_no: said
+                            .and_then(|r| r.operator_no)
+                            .unwrap_or_else(|| self.config.platform.revoke_operator_no.clone()),
                     };
                     Ok(Plan {
                         requests: vec![paths::revoke(report_type, &event.key, &revoke)],
@@ -177,10 +194,12 @@ impl Drainer {
             });
         };
 
+        let mut row = row;
+        self.map_item_code(report_type, &event.key, &mut row).await?;
         let version = held.as_ref().map_or(1, |h| h.version + 1);
         let mut extra = Map::new();
         extra.insert("version".into(), json!(version));
-        let built: Result<(Request, String, String), ProtocolError> = if report_type == ReportType::Lab {
+        let built: Result<(Request, String, String, Rendered), ProtocolError> = if report_type == ReportType::Lab {
             let items: Vec<Value> = self
                 .store
                 .item_rows(&event.kind, &event.key)
@@ -194,15 +213,27 @@ impl Drainer {
             extra.insert("items".into(), Value::Array(items));
             source::LAB_REPORT.record::<LabReport>(&row, extra).and_then(|r| {
                 validate::lab_report(&r, &self.now()).map_err(ProtocolError::Invalid)?;
-                Ok((paths::lab_report(&r), source::content_hash(&r), r.patient_id.clone()))
+                let pdf = self.pdf_renderer.as_ref().map(|p| p.lab(&r, &self.pdf_context()));
+                Ok((
+                    paths::lab_report(&r),
+                    source::content_hash(&r),
+                    r.patient_id.clone(),
+                    pdf,
+                ))
             })
         } else {
             source::EXAM_REPORT.record::<ExamReport>(&row, extra).and_then(|r| {
                 validate::exam_report(&r, &self.now()).map_err(ProtocolError::Invalid)?;
-                Ok((paths::exam_report(&r), source::content_hash(&r), r.patient_id.clone()))
+                let pdf = self.pdf_renderer.as_ref().map(|p| p.exam(&r, &self.pdf_context()));
+                Ok((
+                    paths::exam_report(&r),
+                    source::content_hash(&r),
+                    r.patient_id.clone(),
+                    pdf,
+                ))
             })
         };
-        let (request, hash, patient_id) = match built {
+        let (request, hash, patient_id, rendered) = match built {
             Ok(b) => b,
             Err(e) => return Ok(Err(self.quarantine_invalid(event, &e).await?)),
         };
@@ -223,12 +254,82 @@ impl Drainer {
         if patient.is_empty() {
             return Ok(Err(self.wait_for_dependency(event, "patient", &patient_id).await?));
         }
+        // The PDF: the source's own when it has one, else rendered from the template.
+        let mut requests = vec![request];
+        let pdf = match self.source_pdf(&event.kind, &event.key, &row).await? {
+            Some(bytes) => Some(bytes),
+            None => match rendered {
+                Some(Ok(bytes)) => Some(bytes),
+                Some(Err(e)) => {
+                    let message = format!("rendering the PDF failed: {e}");
+                    self.store.quarantine(event.id, "pdf", "render", &message).await?;
+                    return Ok(Err(Step::Quarantined));
+                }
+                None => None,
+            },
+        };
+        if let Some(bytes) = pdf {
+            if !bytes.starts_with(b"%PDF-") || bytes.len() > hmr_protocol::checks::MAX_PDF_BYTES {
+                let reason = if bytes.len() > hmr_protocol::checks::MAX_PDF_BYTES {
+                    "too-large"
+                } else {
+                    "not-a-pdf"
+                };
+                self.store
+                    .quarantine(event.id, "pdf", reason, "the source's PDF cannot be uploaded")
+                    .await?;
+                return Ok(Err(Step::Quarantined));
+            }
+            requests.push(paths::pdf(report_type, &event.key, version as u32, bytes));
+        }
         Ok(Ok(Plan {
-            requests: vec![request],
+            requests,
             version,
             content_hash: hash,
             revoked: false,
         }))
+    }
+
+    fn pdf_context(&self) -> hmr_pdf::Context {
+        hmr_pdf::Context {
+            hospital_name: self.config.pdf.hospital_name.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// A PDF the source supplies: a `pdf` bytea column, or a `pdf_path` the worker can read.
+    async fn source_pdf(
+        &self,
+        kind: &str,
+        key: &str,
+        row: &Map<String, Value>,
+    ) -> Result<Option<Vec<u8>>, WorkerError> {
+        if row.get("pdf").is_some_and(|v| !v.is_null()) {
+            return self.store.source_pdf(kind, key).await;
+        }
+        match row.get("pdf_path").and_then(Value::as_str) {
+            Some(path) => std::fs::read(path)
+                .map(Some)
+                .map_err(|e| WorkerError::Answer(format!("cannot read the report's pdf_path {path}: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Maps a local item code (`local_item_code`) to the platform's `data_code` through
+    /// `hmr.item_map` when the source gives no data code; an unmapped code is recorded for
+    /// the DBA and the report goes up without one (shared, never recognised).
+    async fn map_item_code(&self, t: ReportType, key: &str, row: &mut Map<String, Value>) -> Result<(), WorkerError> {
+        if row.get("data_code").is_some_and(|v| !v.is_null()) {
+            return Ok(());
+        }
+        let Some(local) = row.get("local_item_code").and_then(Value::as_str).map(str::to_string) else {
+            return Ok(());
+        };
+        let name = row.get("local_item_name").and_then(Value::as_str).map(str::to_string);
+        if let Some(code) = self.store.map_item(t.as_str(), &local, name.as_deref(), key).await? {
+            row.insert("data_code".into(), Value::String(code));
+        }
+        Ok(())
     }
 
     async fn wait_for_dependency(&self, event: &Event, kind: &str, key: &str) -> Result<Step, WorkerError> {

@@ -129,6 +129,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let worker_id = config.worker_id();
     let platform = Platform::new(config.platform.clone())?;
+    let pdf_renderer = pdf_renderer(&config)?;
     let stopping = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(Notify::new());
     {
@@ -177,6 +178,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             store: store.clone(),
             platform: platform.clone(),
             config: config.clone(),
+            pdf_renderer: pdf_renderer.clone(),
         };
         let result = drain_until_stopped(&drainer, &store, &wake, &stopping, &stop, poll).await;
         match result {
@@ -203,6 +205,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loads the report template and font once, at start: a bad template stops the worker
+/// with a clear message instead of quarantining every report.
+fn pdf_renderer(config: &Config) -> anyhow::Result<Option<Arc<hmr_pdf::Renderer>>> {
+    if !config.pdf.render {
+        return Ok(None);
+    }
+    let template = match &config.pdf.template {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("pdf.template {path}"))?;
+            hmr_pdf::Template::from_toml(&text).with_context(|| format!("pdf.template {path}"))?
+        }
+        None => hmr_pdf::Template::builtin(),
+    };
+    let renderer = hmr_pdf::Renderer::from_font_file(template, std::path::Path::new(&config.pdf.font))
+        .with_context(|| format!("pdf.font {}", config.pdf.font))?;
+    Ok(Some(Arc::new(renderer)))
+}
+
 /// Tells systemd (Type=notify) about our state; a no-op outside systemd.
 fn notify_systemd(state: &str) {
     if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
@@ -223,9 +243,18 @@ async fn drain_until_stopped(
     poll: Duration,
 ) -> Result<(), error::WorkerError> {
     let grace = Duration::from_secs(drainer.config.worker.shutdown_grace_secs);
+    let poll_sources_every = Duration::from_millis(drainer.config.worker.poll_sources_ms);
+    let mut sources_polled: Option<std::time::Instant> = None;
     loop {
         if stopping.load(Ordering::SeqCst) {
             return Ok(());
+        }
+        if sources_polled.is_none_or(|t| t.elapsed() >= poll_sources_every) {
+            sources_polled = Some(std::time::Instant::now());
+            let found = store.poll_sources().await?;
+            if found > 0 {
+                tracing::info!(events = found, "polled sources");
+            }
         }
         if store.is_closed() {
             return Err(error::WorkerError::Transport("database connection closed".into()));

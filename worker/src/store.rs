@@ -58,6 +58,16 @@ pub struct Store {
     worker_id: String,
     lease: Duration,
     sources: HashMap<String, KindSource>,
+    /// `hmr_src.revocation`, when the DBA provides it (reason and operator of an un-audit).
+    revocation_view: Option<String>,
+}
+
+/// What the source says of an un-audit.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct Revocation {
+    pub reason: Option<String>,
+    pub operator_no: Option<String>,
+    pub revoked_at: Option<String>,
 }
 
 impl Store {
@@ -112,11 +122,16 @@ impl Store {
                 );
             }
         }
+        let revocation_view: Option<String> = client
+            .query_one("SELECT to_regclass('hmr_src.revocation')::text", &[])
+            .await?
+            .get(0);
         Ok(Store {
             client,
             worker_id: worker_id.into(),
             lease,
             sources,
+            revocation_view,
         })
     }
 
@@ -198,6 +213,81 @@ impl Store {
         );
         let rows = self.client.query(&sql, &[&report_no]).await?;
         Ok(rows.iter().map(|r| r.get::<_, Value>(0)).collect())
+    }
+
+    /// The source's own PDF of a report (its `pdf` bytea column).
+    pub async fn source_pdf(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, WorkerError> {
+        let Some(src) = self.sources.get(kind) else {
+            return Ok(None);
+        };
+        let sql = format!(
+            "SELECT v.pdf FROM {} v WHERE v.{}::text = $1",
+            src.relation,
+            quote_ident(&src.key_column)
+        );
+        Ok(self
+            .client
+            .query_opt(&sql, &[&key])
+            .await?
+            .and_then(|r| r.get::<_, Option<Vec<u8>>>(0)))
+    }
+
+    /// The latest un-audit the source records for a report, if it keeps them.
+    pub async fn revocation(&self, kind: &str, key: &str) -> Result<Option<Revocation>, WorkerError> {
+        let Some(view) = &self.revocation_view else {
+            return Ok(None);
+        };
+        let sql = format!(
+            "SELECT to_jsonb(r) FROM {view} r WHERE r.kind = $1 AND r.report_no::text = $2 ORDER BY r.revoked_at DESC LIMIT 1"
+        );
+        let row = self.client.query_opt(&sql, &[&kind, &key]).await?;
+        Ok(row.and_then(|r| serde_json::from_value(r.get::<_, Value>(0)).ok()))
+    }
+
+    /// `hmr.item_map` lookup; an unmapped code is counted in `hmr.unmapped_items`.
+    pub async fn map_item(
+        &self,
+        t: &str,
+        local: &str,
+        name: Option<&str>,
+        key: &str,
+    ) -> Result<Option<String>, WorkerError> {
+        let found = self
+            .client
+            .query_opt(
+                "SELECT data_code FROM hmr.item_map WHERE type = $1 AND local_code = $2",
+                &[&t, &local],
+            )
+            .await?;
+        if let Some(row) = found {
+            return Ok(Some(row.get(0)));
+        }
+        self.client
+            .execute(
+                "INSERT INTO hmr.unmapped_items (type, local_code, local_name, example_key) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (type, local_code) DO UPDATE
+                    SET reports = hmr.unmapped_items.reports + 1, last_seen = now(),
+                        local_name = coalesce(EXCLUDED.local_name, hmr.unmapped_items.local_name),
+                        example_key = EXCLUDED.example_key",
+                &[&t, &local, &name, &key],
+            )
+            .await?;
+        Ok(None)
+    }
+
+    /// Reads the polled sources (exam systems without triggers) into the outbox.
+    pub async fn poll_sources(&self) -> Result<i32, WorkerError> {
+        Ok(self.client.query_one("SELECT hmr.poll_sources()", &[]).await?.get(0))
+    }
+
+    pub async fn save_step(&self, id: i64, step: i32) -> Result<(), WorkerError> {
+        self.client
+            .execute(
+                "UPDATE hmr.outbox SET step = $3 WHERE id = $1 AND lease_owner = $2",
+                &[&id, &self.worker_id, &step],
+            )
+            .await?;
+        Ok(())
     }
 
     pub async fn delivered(&self, kind: &str, keys: &[String]) -> Result<HashMap<String, Delivered>, WorkerError> {

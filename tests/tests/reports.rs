@@ -1,0 +1,292 @@
+//! Lab and exam reports complete: versions, revoke, PDFs (rendered or the source's own) and
+//! the polled exam source, end to end.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use hmr_e2e::*;
+use serde_json::Value;
+
+/// The simulator's requests concerning one report, as `(kind of call, version)` in order.
+async fn history_of(sim: &Sim, base: &str, report: &str) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for r in sim.requests().await? {
+        let path = r["path"].as_str().unwrap_or_default();
+        if r["effect"] != "applied" || !path.starts_with(base) {
+            continue;
+        }
+        if path == base && r["body"]["reportNo"] == report {
+            out.push(("data".to_string(), r["body"]["version"].as_u64().unwrap_or(0)));
+        } else if path == format!("{base}/{report}/revoke") {
+            out.push(("revoke".to_string(), r["body"]["version"].as_u64().unwrap_or(0)));
+        } else if let Some(v) = path
+            .strip_prefix(&format!("{base}/{report}/versions/"))
+            .and_then(|rest| rest.strip_suffix("/pdf"))
+        {
+            out.push(("pdf".to_string(), v.parse().unwrap_or(0)));
+        }
+    }
+    Ok(out)
+}
+
+async fn outbox_empty(his: &tokio_postgres::Client) -> Result<bool> {
+    Ok(count(his, "SELECT count(*) FROM hmr.outbox WHERE state <> 'quarantined'").await? == 0)
+}
+
+fn steps(list: &[(&str, u64)]) -> Vec<(String, u64)> {
+    list.iter().map(|(s, v)| (s.to_string(), *v)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lab_report_versions_revoke_and_pdfs_arrive_in_order() -> Result<()> {
+    const LAB: &str = "/api/v1/lab-reports";
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    let r = "L20261126001";
+    let wait_for = |expected: Vec<(String, u64)>| {
+        let sim = &sim;
+        async move {
+            wait_until(Duration::from_secs(20), &format!("{expected:?}"), || async {
+                Ok(history_of(sim, LAB, r).await? == expected)
+            })
+            .await
+        }
+    };
+
+    // 审核 → v1 with its PDF, the PDF after the data.
+    his.execute(
+        "UPDATE lis.report SET status = 'audited', audited_at = now() WHERE report_no = $1",
+        &[&r],
+    )
+    .await?;
+    wait_for(steps(&[("data", 1), ("pdf", 1)])).await?;
+    // 取消审核, a result corrected, 重新审核 → revoke v1, then v2 and its PDF.
+    his.batch_execute(&format!(
+        "UPDATE lis.report SET status = 'draft' WHERE report_no = '{r}';
+         INSERT INTO lis.unaudit_log (report_no, reason, operator) VALUES ('{r}', '标本溶血，重新检测', 'T002');"
+    ))
+    .await?;
+    wait_for(steps(&[("data", 1), ("pdf", 1), ("revoke", 1)])).await?;
+    his.batch_execute(&format!(
+        "UPDATE lis.result SET value = '5.2' WHERE report_no = '{r}' AND seq = 1;
+         UPDATE lis.report SET status = 'audited', audited_at = now() WHERE report_no = '{r}';"
+    ))
+    .await?;
+    wait_for(steps(&[
+        ("data", 1),
+        ("pdf", 1),
+        ("revoke", 1),
+        ("data", 2),
+        ("pdf", 2),
+    ]))
+    .await?;
+    // The revoke carried the LIS's reason and operator.
+    let revoke = sim
+        .requests()
+        .await?
+        .into_iter()
+        .find(|q| q["path"] == format!("{LAB}/{r}/revoke"))
+        .expect("a revoke");
+    assert_eq!(revoke["body"]["reason"], "标本溶血，重新检测");
+    assert_eq!(revoke["body"]["operatorNo"], "T002");
+    // Revoked again, re-audited with the same content: a new version, valid again.
+    his.batch_execute(&format!(
+        "UPDATE lis.report SET status = 'draft' WHERE report_no = '{r}'"
+    ))
+    .await?;
+    wait_for(steps(&[
+        ("data", 1),
+        ("pdf", 1),
+        ("revoke", 1),
+        ("data", 2),
+        ("pdf", 2),
+        ("revoke", 2),
+    ]))
+    .await?;
+    his.batch_execute(&format!(
+        "UPDATE lis.report SET status = 'audited' WHERE report_no = '{r}'"
+    ))
+    .await?;
+    wait_for(steps(&[
+        ("data", 1),
+        ("pdf", 1),
+        ("revoke", 1),
+        ("data", 2),
+        ("pdf", 2),
+        ("revoke", 2),
+        ("data", 3),
+        ("pdf", 3),
+    ]))
+    .await?;
+    let state = sim.get("/_sim/state").await?;
+    let versions = &state["orgs"][ORG_CODE]["lab_reports"][r]["versions"];
+    let newest = versions
+        .as_array()
+        .and_then(|v| v.last())
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(newest["version"], 3);
+    assert_eq!(newest["revoked"], false);
+    assert_eq!(newest["has_pdf"], true);
+
+    // The rendered PDF reads as a Chinese 检验报告单.
+    let pdf = reqwest::get(format!("{}/_sim/pdf/{ORG_CODE}/lab/{r}/3", sim.base))
+        .await?
+        .bytes()
+        .await?;
+    assert!(pdf.starts_with(b"%PDF-"));
+    assert!(pdf.len() < 200 * 1024, "{} bytes", pdf.len());
+    let dir = std::env::temp_dir().join(format!("hmr-e2e-pdf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("report.pdf");
+    std::fs::write(&path, &pdf)?;
+    let text = String::from_utf8(
+        std::process::Command::new("pdftotext")
+            .arg(&path)
+            .arg("-")
+            .output()?
+            .stdout,
+    )?;
+    for expected in ["检验报告单", "陈志明", "白细胞计数", "5.2", "↓", "T001"] {
+        assert!(text.contains(expected), "{expected:?} not in the PDF text:\n{text}");
+    }
+    let png = std::process::Command::new("pdftoppm")
+        .args(["-png", "-r", "50", "-f", "1", "-l", "1"])
+        .arg(&path)
+        .arg(dir.join("page"))
+        .status()?;
+    assert!(png.success());
+    let page = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().ends_with(".png"));
+    assert!(
+        page.is_some_and(|p| p.metadata().map(|m| m.len() > 5_000).unwrap_or(false)),
+        "a page image"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn polled_exam_source_equal_times_late_rows_delay_and_unmapped_items() -> Result<()> {
+    const EXAM: &str = "/api/v1/exam-reports";
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    // Poll often in this test; a RIS-supplied PDF on one report.
+    his.batch_execute("UPDATE hmr.polled_sources SET lookback = '1 hour'")
+        .await?;
+    let sim = Sim::start()?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    let arrived = |no: &'static str| {
+        let sim = &sim;
+        async move { Ok::<bool, anyhow::Error>(!history_of(sim, EXAM, no).await?.is_empty()) }
+    };
+    wait_until(Duration::from_secs(20), "the sample CT", || arrived("E20261126001")).await?;
+
+    // Two reports audited at the same instant, one of them with the RIS's own PDF.
+    his.batch_execute(
+        "INSERT INTO ris.exam_report (exam_no, patient_id, modality, item_code, item_name, findings, conclusion,
+                                      reported_at, audited_at, auditor, status, pdf)
+         SELECT 'E2', 'P0001', 'CT', 'CT-HEAD', '头颅CT平扫', '脑实质未见异常密度。', '头颅CT未见异常。',
+                t, t, 'D001', 'F', convert_to('%PDF-1.4 RIS own pdf', 'UTF8')
+           FROM (SELECT now() - interval '5 minutes' AS t) s
+         UNION ALL
+         SELECT 'E3', 'P0002', 'US', 'US-ABD', '腹部彩超', '肝胆胰脾未见异常。', '未见异常。',
+                t, t, 'D001', 'F', NULL
+           FROM (SELECT now() - interval '5 minutes' AS t) s;",
+    )
+    .await?;
+    wait_until(Duration::from_secs(20), "both equal-time reports", || async {
+        Ok(arrived("E2").await? && arrived("E3").await?)
+    })
+    .await?;
+    // A late row: audited earlier than what was already polled, committed only now.
+    his.batch_execute(
+        "INSERT INTO ris.exam_report (exam_no, patient_id, modality, item_code, item_name, findings, conclusion,
+                                      reported_at, audited_at, auditor, status)
+         VALUES ('E4', 'P0003', 'CT', 'CT-CHEST', '胸部CT平扫', '右肺上叶见一小结节。', '右肺上叶小结节，建议随访。',
+                 now() - interval '20 minutes', now() - interval '20 minutes', 'D001', 'F')",
+    )
+    .await?;
+    wait_until(Duration::from_secs(20), "the late report", || arrived("E4")).await?;
+
+    // Mapping: CT-HEAD → JC0001; US-ABD is unmapped: uploaded without a dataCode, listed.
+    let body_of = |no: &str, requests: &[Value]| {
+        requests
+            .iter()
+            .find(|r| r["path"] == EXAM && r["body"]["reportNo"] == no)
+            .map(|r| r["body"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let requests = sim.requests().await?;
+    assert_eq!(body_of("E2", &requests)["dataCode"], "JC0001");
+    assert!(
+        body_of("E3", &requests).get("dataCode").is_none(),
+        "no dataCode for an unmapped item"
+    );
+    let unmapped = his
+        .query(
+            "SELECT local_code, local_name, reports FROM hmr.unmapped_items WHERE type = 'exam'",
+            &[],
+        )
+        .await?;
+    assert_eq!(unmapped.len(), 1);
+    assert_eq!(unmapped[0].get::<_, String>(0), "US-ABD");
+    assert_eq!(unmapped[0].get::<_, Option<String>>(1).as_deref(), Some("腹部彩超"));
+
+    // The RIS's own PDF went up as it is (not rendered); the other was rendered.
+    let state = sim.get("/_sim/state").await?;
+    let exams = &state["orgs"][ORG_CODE]["exam_reports"];
+    let sha = |no: &str| {
+        exams[no]["versions"][0]["pdf_sha256"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let own = {
+        use std::process::Command;
+        let out = Command::new("sh")
+            .args(["-c", "printf '%s' '%PDF-1.4 RIS own pdf' | sha256sum"])
+            .output()?;
+        String::from_utf8(out.stdout)?
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(sha("E2"), own);
+    assert!(!sha("E3").is_empty() && sha("E3") != own);
+
+    // The delay rule: with a 3 s delay a fresh report waits, then goes.
+    his.batch_execute(
+        "UPDATE hmr.polled_sources SET delay = '3 seconds';
+         INSERT INTO ris.exam_report (exam_no, patient_id, modality, item_code, item_name, findings, conclusion,
+                                      reported_at, audited_at, auditor, status)
+         VALUES ('E5', 'P0001', 'DR', 'DR-CHEST', '胸部正位片', '心肺膈未见异常。', '胸片未见异常。', now(), now(), 'D001', 'F')",
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!arrived("E5").await?, "not before the delay");
+    wait_until(Duration::from_secs(20), "the delayed report", || arrived("E5")).await?;
+
+    // Preliminary reports never go; withdrawing a final one (status back to P) revokes it.
+    assert!(!arrived("E20261126002").await?);
+    his.batch_execute("UPDATE ris.exam_report SET status = 'C' WHERE exam_no = 'E4'")
+        .await?;
+    wait_until(Duration::from_secs(20), "the withdrawn report revoked", || async {
+        Ok(history_of(&sim, EXAM, "E4").await?.iter().any(|(s, _)| s == "revoke"))
+    })
+    .await?;
+    // Every report arrived once, in order (data before its PDF).
+    for no in ["E2", "E3", "E4", "E5"] {
+        let h = history_of(&sim, EXAM, no).await?;
+        assert_eq!(h.iter().filter(|(s, _)| s == "data").count(), 1, "{no}: {h:?}");
+        assert_eq!(h[0].0, "data", "{no}: {h:?}");
+    }
+    wait_until(Duration::from_secs(10), "an empty outbox", || outbox_empty(&his)).await?;
+    Ok(())
+}
