@@ -447,3 +447,204 @@ CREATE FUNCTION hmr.poll_sources() RETURNS integer
 LANGUAGE sql AS $$
     SELECT coalesce(sum(hmr.poll_source(kind)), 0)::int FROM hmr.polled_sources WHERE enabled
 $$;
+
+-- ===================================================================== recognition (互认服务)
+
+-- How SQL functions reach the platform. One row; readable only by the extension's owner:
+-- the functions that use it are SECURITY DEFINER. Set it with hmr.configure_platform().
+CREATE TABLE hmr.platform (
+    id          boolean PRIMARY KEY DEFAULT true CHECK (id),
+    base_url    text NOT NULL,
+    org_code    text NOT NULL,
+    auth        text NOT NULL DEFAULT 'password' CHECK (auth IN ('password', 'signature')),
+    username    text,
+    password    text,
+    app_id      text,
+    app_secret  text,
+    sign_alg    text NOT NULL DEFAULT 'HMAC-SHA256' CHECK (sign_alg IN ('HMAC-SHA256', 'HMAC-SM3'))
+);
+REVOKE ALL ON hmr.platform FROM PUBLIC;
+
+CREATE FUNCTION hmr.configure_platform(base_url text, org_code text, username text DEFAULT NULL,
+                                       password text DEFAULT NULL, app_id text DEFAULT NULL,
+                                       app_secret text DEFAULT NULL, auth text DEFAULT 'password',
+                                       sign_alg text DEFAULT 'HMAC-SHA256')
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT hmr.org_code_valid(org_code) THEN
+        RAISE EXCEPTION 'hmr: % is not a valid 统一社会信用代码', org_code USING ERRCODE = 'HM012';
+    END IF;
+    INSERT INTO hmr.platform VALUES (true, base_url, org_code, auth, username, password, app_id, app_secret, sign_alg)
+    ON CONFLICT (id) DO UPDATE SET base_url = EXCLUDED.base_url, org_code = EXCLUDED.org_code, auth = EXCLUDED.auth,
+        username = EXCLUDED.username, password = EXCLUDED.password, app_id = EXCLUDED.app_id,
+        app_secret = EXCLUDED.app_secret, sign_alg = EXCLUDED.sign_alg;
+END
+$$;
+
+-- Every prescription check, kept (the gate's own check is rolled back with the refused
+-- save; hmr_record_decision() keeps it then). `status` ok or unavailable (skipped check).
+CREATE TABLE hmr.checks (
+    check_id     text PRIMARY KEY,
+    status       text NOT NULL,
+    patient_id   text,
+    id_type      text,
+    id_no_masked text,
+    visit_type   text,
+    visit_no     text,
+    doctor_no    text,
+    dept_code    text,
+    orders       jsonb NOT NULL,
+    matches      jsonb NOT NULL DEFAULT '[]',
+    url          text,
+    checked_at   timestamptz NOT NULL DEFAULT now(),
+    checked_by   text NOT NULL DEFAULT session_user
+);
+
+-- 互认 / 不互认 decisions: an audit trail nobody edits (UPDATE and DELETE refused for all).
+-- The newest decision of an order counts until the check's decisions are sent.
+CREATE TABLE hmr.decisions (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    check_id     text NOT NULL REFERENCES hmr.checks,
+    order_id     text NOT NULL,
+    report_id    text NOT NULL,
+    recognise    boolean NOT NULL,
+    reason_code  text,
+    reason_text  text,
+    doctor_no    text NOT NULL,
+    dept_code    text NOT NULL,
+    decided_at   timestamptz NOT NULL DEFAULT now(),
+    recorded_by  text NOT NULL DEFAULT session_user
+);
+CREATE INDEX decisions_order_idx ON hmr.decisions (order_id);
+CREATE INDEX decisions_check_idx ON hmr.decisions (check_id);
+
+CREATE FUNCTION hmr.refuse_edit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'hmr: % is an audit trail: rows are never changed or deleted', TG_TABLE_NAME
+        USING ERRCODE = 'HM030';
+END
+$$;
+CREATE TRIGGER decisions_append_only BEFORE UPDATE OR DELETE ON hmr.decisions
+    FOR EACH ROW EXECUTE FUNCTION hmr.refuse_edit();
+
+CREATE VIEW hmr.current_decisions AS
+SELECT DISTINCT ON (check_id, order_id) *
+FROM hmr.decisions
+ORDER BY check_id, order_id, id DESC;
+
+-- Reports of other hospitals recognised here, downloaded and kept.
+CREATE TABLE hmr.retained_reports (
+    report_id   text NOT NULL,
+    format      text NOT NULL CHECK (format IN ('pdf', 'json')),
+    bytes       bytea NOT NULL,
+    sha256      text NOT NULL,
+    source_org  text,
+    check_id    text,
+    fetched_at  timestamptz NOT NULL DEFAULT now(),
+    fetched_by  text NOT NULL DEFAULT session_user,
+    PRIMARY KEY (report_id, format)
+);
+
+-- Who read which kept report, when (for the hospital's auditors).
+CREATE TABLE hmr.download_log (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    report_id  text NOT NULL,
+    format     text NOT NULL,
+    source     text NOT NULL,          -- kept | platform
+    read_by    text NOT NULL DEFAULT session_user,
+    read_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE TRIGGER download_log_append_only BEFORE UPDATE OR DELETE ON hmr.download_log
+    FOR EACH ROW EXECUTE FUNCTION hmr.refuse_edit();
+
+-- Short-lived answers of the list, so a workstation that polls does not flood the platform.
+CREATE UNLOGGED TABLE hmr.list_cache (
+    cache_key   text PRIMARY KEY,
+    answer      jsonb NOT NULL,
+    expires_at  timestamptz NOT NULL
+);
+
+-- The gate: a statement-level trigger on the HIS order table runs the DBA's guard query
+-- over the saved rows (transition table `new_rows`), which yields one row per
+-- prescription with columns `visit` jsonb and `orders` jsonb (see README), and refuses the
+-- save (HM001) while a duplicate of a recognisable report has no decision.
+CREATE TABLE hmr.guards (
+    tbl    regclass PRIMARY KEY,
+    query  text NOT NULL
+);
+
+CREATE FUNCTION hmr.gate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    guard_query text;
+    r record;
+    answer jsonb;
+    undecided jsonb;
+BEGIN
+    SELECT g.query INTO guard_query FROM hmr.guards g WHERE g.tbl = TG_RELID;
+    IF guard_query IS NULL THEN
+        RETURN NULL;
+    END IF;
+    FOR r IN EXECUTE guard_query LOOP
+        answer := hmr.check_prescription_json(r.visit, r.orders);
+        IF answer->>'status' = 'unavailable' THEN
+            IF current_setting('hmr.gate_on_unavailable') = 'block' THEN
+                RAISE EXCEPTION '互认平台暂不可用，无法完成互认校验，请稍后再保存'
+                    USING ERRCODE = 'HM002', DETAIL = answer::text,
+                          HINT = 'hmr.gate_on_unavailable = block; set it to allow to save without the check.';
+            END IF;
+            RAISE WARNING 'hmr: the platform is unavailable; saved without the mutual-recognition check (check %)',
+                answer->>'check_id';
+            CONTINUE;
+        END IF;
+        SELECT jsonb_agg(m) INTO undecided
+          FROM jsonb_array_elements(answer->'matches') m
+         WHERE NOT EXISTS (
+                SELECT 1 FROM hmr.current_decisions d
+                 WHERE d.order_id = m->>'order_id'
+                   AND d.report_id IN (SELECT x->>'report_id' FROM jsonb_array_elements(m->'reports') x));
+        IF undecided IS NOT NULL THEN
+            RAISE EXCEPTION '存在可互认的检查检验结果，请选择"互认"或"不互认"后再保存'
+                USING ERRCODE = 'HM001',
+                      DETAIL = jsonb_build_object('check_id', answer->>'check_id', 'url', answer->>'url',
+                                                  'matches', undecided)::text,
+                      HINT = 'Record the doctor''s choice for each order: SELECT hmr_record_decision(check_id, order_id, true) '
+                             'for 互认, or hmr_record_decision(check_id, order_id, false, reason_code, reason_text) '
+                             'for 不互认; then save again.';
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
+-- Attach the gate to a HIS order table. `query` reads the transition table `new_rows` and
+-- returns (visit jsonb, orders jsonb) per prescription.
+CREATE FUNCTION hmr.guard(tbl regclass, query text) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- Checked now, not at the first save: a mistake in the query is the DBA's to see.
+    EXECUTE format('CREATE TEMP TABLE new_rows AS SELECT * FROM %s LIMIT 0', tbl);
+    BEGIN
+        EXECUTE format('SELECT visit, orders FROM (%s) q LIMIT 0', query);
+    EXCEPTION WHEN OTHERS THEN
+        DROP TABLE pg_temp.new_rows;
+        RAISE EXCEPTION 'hmr: the guard query does not run: %', SQLERRM USING ERRCODE = 'HM013',
+            HINT = 'It reads new_rows (the saved rows) and returns the columns visit jsonb and orders jsonb.';
+    END;
+    DROP TABLE pg_temp.new_rows;
+    INSERT INTO hmr.guards AS g VALUES (guard.tbl, guard.query)
+    ON CONFLICT ON CONSTRAINT guards_pkey DO UPDATE SET query = EXCLUDED.query;
+    EXECUTE format('DROP TRIGGER IF EXISTS hmr_gate ON %s', tbl);
+    EXECUTE format('CREATE TRIGGER hmr_gate AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION hmr.gate()', tbl);
+    RETURN format('saving into %s now requires a decision for every duplicate of a recognisable report', tbl);
+END
+$$;
+
+CREATE FUNCTION hmr.unguard(tbl regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('DROP TRIGGER IF EXISTS hmr_gate ON %s', tbl);
+    DELETE FROM hmr.guards g WHERE g.tbl = unguard.tbl;
+END
+$$;

@@ -6,11 +6,14 @@ use pgrx::prelude::*;
 
 mod catalog;
 mod gucs;
+mod platform;
+mod recognition;
 mod sources;
 
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/api.sql", name = "api", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

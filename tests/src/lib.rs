@@ -467,3 +467,143 @@ pub async fn load_sample_data(his: &Client) -> Result<()> {
 pub async fn count(his: &Client, sql: &str) -> Result<i64> {
     Ok(his.query_one(sql, &[]).await?.get(0))
 }
+
+/// The second hospital, talking to the simulator directly (built with the protocol crate's
+/// own request builders): it uploads the reports our doctors may recognise.
+pub struct OtherHospital<'a> {
+    sim: &'a Sim,
+    http: reqwest::Client,
+}
+
+impl<'a> OtherHospital<'a> {
+    pub fn new(sim: &'a Sim) -> Self {
+        OtherHospital {
+            sim,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn send(&self, req: &hmr_protocol::paths::Request) -> Result<(u16, Value)> {
+        let scope = req.scope;
+        let token = match scope {
+            Some(scope) => {
+                let t = hmr_protocol::paths::token(&hmr_protocol::TokenRequest::Password {
+                    username: "hz2".into(),
+                    password: "hz2-secret".into(),
+                    scope,
+                });
+                let (_, body) = Box::pin(self.send(&t)).await?;
+                Some(body["data"]["accessToken"].as_str().unwrap_or_default().to_string())
+            }
+            None => None,
+        };
+        let method = match req.method {
+            hmr_protocol::paths::Method::Get => reqwest::Method::GET,
+            hmr_protocol::paths::Method::Post => reqwest::Method::POST,
+            hmr_protocol::paths::Method::Put => reqwest::Method::PUT,
+        };
+        let mut b = self
+            .http
+            .request(method, format!("{}{}", self.sim.base, req.path))
+            .header("X-Org-Code", OTHER_ORG_CODE)
+            .header("X-Request-Id", uuid::Uuid::new_v4().to_string());
+        if let Some(t) = token {
+            b = b.bearer_auth(t);
+        }
+        if let Some(ct) = &req.content_type {
+            b = b.header("Content-Type", ct);
+        }
+        for (k, v) in &req.headers {
+            b = b.header(k, v);
+        }
+        if req.method != hmr_protocol::paths::Method::Get {
+            b = b.body(req.body.clone());
+        }
+        let r = b.send().await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// Registers a patient there (same person: same id number) and uploads a lab report of
+    /// `data_code`, reported `days_ago`, with a PDF; returns the report's number.
+    pub async fn lab_report(
+        &self,
+        id_no: &str,
+        birth: &str,
+        report_no: &str,
+        data_code: &str,
+        days_ago: i64,
+    ) -> Result<()> {
+        use hmr_protocol::*;
+        let now = chrono::Utc::now().with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).unwrap());
+        let at = checks::format_time(&(now - chrono::Duration::days(days_ago)));
+        let patient = Patient {
+            patient_id: format!("X-{id_no}"),
+            id_type: "01".into(),
+            id_no: id_no.into(),
+            name: "外院患者".into(),
+            gender_code: "1".into(),
+            birth_date: birth.into(),
+            phone: None,
+            registered_at: at.clone(),
+            updated_at: at.clone(),
+        };
+        let (status, body) = self.send(&paths::patients(&[patient])).await?;
+        anyhow::ensure!(status == 200, "patient upload: {status} {body}");
+        let report = LabReport {
+            report_no: report_no.into(),
+            version: 1,
+            patient_id: format!("X-{id_no}"),
+            id_type: "01".into(),
+            id_no: id_no.into(),
+            name: "外院患者".into(),
+            visit_type: Some("1".into()),
+            visit_no: None,
+            order_no: None,
+            dept_code: None,
+            request_doctor_no: None,
+            specimen_code: None,
+            specimen_name: None,
+            specimen_no: None,
+            sampled_at: None,
+            reported_at: at,
+            audited_at: None,
+            auditor_no: "Z001".into(),
+            category_code: None,
+            category_name: None,
+            data_code: Some(data_code.into()),
+            items: vec![LabItem {
+                item_code: "WBC".into(),
+                item_name: "白细胞计数".into(),
+                loinc: None,
+                result_value: "5.0".into(),
+                result_unit: Some("10^9/L".into()),
+                reference_range: None,
+                abnormal_flag: Some("1".into()),
+                critical_flag: None,
+                method: None,
+            }],
+        };
+        let (status, body) = self.send(&paths::lab_report(&report)).await?;
+        anyhow::ensure!(status == 200, "report upload: {status} {body}");
+        let pdf = format!("%PDF-1.4 report {report_no} of {OTHER_ORG_NAME}").into_bytes();
+        let (status, body) = self.send(&paths::pdf(ReportType::Lab, report_no, 1, pdf)).await?;
+        anyhow::ensure!(status == 200, "pdf upload: {status} {body}");
+        Ok(())
+    }
+
+    pub async fn revoke_lab(&self, report_no: &str) -> Result<()> {
+        use hmr_protocol::*;
+        let now = chrono::Utc::now().with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).unwrap());
+        let body = Revoke {
+            version: 1,
+            reason: "取消审核".into(),
+            revoked_at: checks::format_time(&now),
+            operator_no: "Z001".into(),
+        };
+        let (status, answer) = self.send(&paths::revoke(ReportType::Lab, report_no, &body)).await?;
+        anyhow::ensure!(status == 200, "revoke: {status} {answer}");
+        Ok(())
+    }
+}

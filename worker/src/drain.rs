@@ -40,6 +40,9 @@ struct Plan {
     version: i32,
     content_hash: String,
     revoked: bool,
+    /// For download steps: the report id and format whose answer is kept.
+    #[serde(default)]
+    keep: Vec<Option<(String, String)>>,
 }
 
 pub struct Drainer {
@@ -114,6 +117,15 @@ impl Drainer {
         let plan = match &event.plan {
             Some(frozen) => serde_json::from_value::<Plan>(frozen.clone())
                 .map_err(|e| WorkerError::Answer(format!("event {}: unreadable frozen plan: {e}", event.id)))?,
+            None if event.kind == "decision" => match self.build_decision_plan(&event).await? {
+                Ok(plan) => {
+                    self.store
+                        .save_plan(event.id, &serde_json::to_value(&plan).expect("plans serialize"))
+                        .await?;
+                    plan
+                }
+                Err(step) => return Ok(step),
+            },
             None => match self.build_report_plan(&event).await? {
                 Ok(plan) => {
                     self.store
@@ -127,7 +139,32 @@ impl Drainer {
         let steps = plan.requests.len();
         for (index, request) in plan.requests.iter().enumerate().skip(event.step.max(0) as usize) {
             let id = request_id(&format!("{}:{}:{}", event.id, event.generation, index));
-            let (outcome, _) = self.platform.execute(request, id).await;
+            let (outcome, answer) = self.platform.execute(request, id).await;
+            if let Some(Some((report_id, format))) = plan.keep.get(index) {
+                // A recognised report: keep what the platform gives; a missing file (404) or a
+                // refusal does not undo the delivered decision.
+                match outcome {
+                    Outcome::Done => {
+                        let body = answer.map(|a| a.body).unwrap_or_default();
+                        let bytes = if format == "json" {
+                            hmr_protocol::envelope::parse_data::<Value>(&body)
+                                .map(|v| serde_json::to_vec(&v).unwrap_or_default())
+                                .unwrap_or(body)
+                        } else {
+                            body
+                        };
+                        self.store.keep_report(report_id, format, &bytes, &event.key).await?;
+                    }
+                    Outcome::Retry { .. } | Outcome::RefreshToken => return self.not_done(&event, outcome).await,
+                    Outcome::MissingDependency { .. } | Outcome::Permanent { .. } => {
+                        tracing::info!(report = %report_id, format = %format, "recognised report not downloadable");
+                    }
+                }
+                if index + 1 < steps {
+                    self.store.save_step(event.id, index as i32 + 1).await?;
+                }
+                continue;
+            }
             match outcome {
                 // Remember progress between steps (data, then PDF): a retry starts at the PDF.
                 Outcome::Done if index + 1 < steps => self.store.save_step(event.id, index as i32 + 1).await?,
@@ -145,6 +182,39 @@ impl Drainer {
                 revoked: plan.revoked,
             }),
             detail: None,
+        }))
+    }
+
+    /// The decisions of a check, once every matched order has one; then the recognised
+    /// reports' downloads, kept in `hmr.retained_reports`.
+    async fn build_decision_plan(&self, event: &Event) -> Result<Result<Plan, Step>, WorkerError> {
+        let Some(decisions) = self.store.decisions(&event.key).await? else {
+            return Ok(Err(Step::Finished(self.finished(
+                event,
+                "skipped",
+                "no decisions recorded",
+            ))));
+        };
+        if let Err(errors) = validate::decisions(&decisions, &self.now()) {
+            return Ok(Err(self
+                .quarantine_invalid(event, &ProtocolError::Invalid(errors))
+                .await?));
+        }
+        let hash = source::content_hash(&decisions);
+        let mut requests = vec![paths::decisions(&decisions)];
+        let mut keep = vec![None];
+        for d in decisions.decisions.iter().filter(|d| d.recognise) {
+            for format in ["pdf", "json"] {
+                requests.push(paths::download(&d.report_id, format));
+                keep.push(Some((d.report_id.clone(), format.to_string())));
+            }
+        }
+        Ok(Ok(Plan {
+            requests,
+            version: 1,
+            content_hash: hash,
+            revoked: false,
+            keep,
         }))
     }
 
@@ -184,6 +254,7 @@ impl Drainer {
                         version: h.version,
                         content_hash: h.content_hash,
                         revoked: true,
+                        keep: vec![],
                     })
                 }
                 _ => Err(Step::Finished(self.finished(
@@ -287,6 +358,7 @@ impl Drainer {
             version,
             content_hash: hash,
             revoked: false,
+            keep: vec![],
         }))
     }
 

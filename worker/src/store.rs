@@ -14,7 +14,14 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 use crate::error::WorkerError;
 
 /// Kinds this worker delivers; events of other kinds wait for a worker that knows them.
-pub const HANDLED_KINDS: [&str; 5] = ["patient", "department", "staff", "lab_report", "exam_report"];
+pub const HANDLED_KINDS: [&str; 6] = [
+    "patient",
+    "department",
+    "staff",
+    "lab_report",
+    "exam_report",
+    "decision",
+];
 
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -273,6 +280,56 @@ impl Store {
             )
             .await?;
         Ok(None)
+    }
+
+    /// The current decisions of a check, as the platform wants them (one per matched order).
+    pub async fn decisions(&self, check_id: &str) -> Result<Option<hmr_protocol::Decisions>, WorkerError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT order_id, report_id, recognise, reason_code, reason_text, doctor_no, dept_code,
+                        to_jsonb(decided_at) #>> '{}'
+                   FROM hmr.current_decisions WHERE check_id = $1 ORDER BY decided_at, order_id",
+                &[&check_id],
+            )
+            .await?;
+        let Some(last) = rows.last() else { return Ok(None) };
+        Ok(Some(hmr_protocol::Decisions {
+            check_id: check_id.into(),
+            doctor_no: last.get(5),
+            dept_code: last.get(6),
+            decided_at: last.get(7),
+            decisions: rows
+                .iter()
+                .map(|r| hmr_protocol::Decision {
+                    order_id: r.get(0),
+                    report_id: r.get(1),
+                    recognise: r.get(2),
+                    reason_code: r.get(3),
+                    reason_text: r.get(4),
+                })
+                .collect(),
+        }))
+    }
+
+    /// Keeps a recognised report downloaded from the platform.
+    pub async fn keep_report(
+        &self,
+        report_id: &str,
+        format: &str,
+        bytes: &[u8],
+        check_id: &str,
+    ) -> Result<(), WorkerError> {
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
+        let org = report_id.split(':').next().unwrap_or_default();
+        self.client
+            .execute(
+                "INSERT INTO hmr.retained_reports (report_id, format, bytes, sha256, source_org, check_id)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (report_id, format) DO NOTHING",
+                &[&report_id, &format, &bytes, &sha, &org, &check_id],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Reads the polled sources (exam systems without triggers) into the outbox.

@@ -1,0 +1,227 @@
+//! Calls to the platform from SQL, for what a doctor is waiting for. The HTTP request runs
+//! on its own thread with a hard timeout; the backend waits in short slices, checking for
+//! interrupts, so `pg_cancel_backend` and `statement_timeout` end the call at once. The
+//! thread touches no Postgres memory: it owns copies of everything it needs.
+
+use std::io::Read;
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hmr_protocol::envelope::{parse_data, MAX_ANSWER_BYTES};
+use hmr_protocol::paths::{self, Request, HEADER_ORG_CODE, HEADER_REQUEST_ID};
+use hmr_protocol::{classify, sign, Outcome, Scope, SignAlg, TokenAnswer, TokenRequest};
+use pgrx::prelude::*;
+
+use crate::gucs;
+
+/// The platform settings (`hmr.platform`), read by SECURITY DEFINER code only.
+#[derive(Clone)]
+pub struct Settings {
+    pub base_url: String,
+    pub org_code: String,
+    auth: String,
+    username: String,
+    password: String,
+    app_id: String,
+    app_secret: String,
+    sign_alg: String,
+}
+
+impl Settings {
+    pub fn load() -> Option<Settings> {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT base_url, org_code, auth, coalesce(username, ''), coalesce(password, ''), \
+                        coalesce(app_id, ''), coalesce(app_secret, ''), sign_alg FROM hmr.platform",
+                None,
+                &[],
+            )?;
+            let mut found = None;
+            for row in rows {
+                let get = |i: usize| row.get::<String>(i).ok().flatten().unwrap_or_default();
+                found = Some(Settings {
+                    base_url: get(1),
+                    org_code: get(2),
+                    auth: get(3),
+                    username: get(4),
+                    password: get(5),
+                    app_id: get(6),
+                    app_secret: get(7),
+                    sign_alg: get(8),
+                });
+            }
+            Ok::<_, pgrx::spi::Error>(found)
+        })
+        .unwrap_or_else(|e| error!("hmr: cannot read hmr.platform: {e}"))
+    }
+}
+
+/// Why a call did not produce an answer.
+#[derive(Debug)]
+pub enum CallError {
+    /// Timeout, connection refused, platform fault, bad answer: the platform is unavailable.
+    Unavailable(String),
+    /// The platform refused the request itself (4xx other than 401/404).
+    Refused { status: u16, message: String },
+    /// The platform does not know what we referenced (404).
+    NotFound(String),
+}
+
+/// The recognition token, cached per backend until 80 % of its lifetime.
+static TOKEN: Mutex<Option<(String, Instant)>> = Mutex::new(None);
+
+/// Sends a request with the recognition token and returns the answer body of a 2xx.
+/// Blocks the backend at most `hmr.platform_timeout_ms`, interruptibly.
+pub fn call(settings: &Settings, request: Request) -> Result<Vec<u8>, CallError> {
+    let timeout = Duration::from_millis(gucs::PLATFORM_TIMEOUT_MS.get().max(1) as u64);
+    let deadline = Instant::now() + timeout;
+    let settings = settings.clone();
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("hmr-platform-call".into())
+        .spawn(move || {
+            let _ = tx.send(exchange(&settings, &request, deadline));
+        })
+        .map_err(|e| CallError::Unavailable(format!("cannot start the call: {e}")))?;
+    loop {
+        match rx.recv_timeout(Duration::from_micros(500)) {
+            Ok(result) => return result,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(CallError::Unavailable("the call ended without an answer".into()))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // pg_cancel_backend / statement_timeout raise here; the thread is left to
+                // finish on its own timeout and its answer is dropped.
+                check_for_interrupts!();
+                if Instant::now() >= deadline + Duration::from_millis(20) {
+                    return Err(CallError::Unavailable(format!(
+                        "no answer within {} ms",
+                        timeout.as_millis()
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// The HTTP exchange, on the call's own thread: token (cached), request, one refresh on 401.
+fn exchange(settings: &Settings, request: &Request, deadline: Instant) -> Result<Vec<u8>, CallError> {
+    for attempt in 0..2 {
+        let token = token(settings, deadline, attempt > 0)?;
+        let (status, body) = send(settings, request, Some(&token), deadline)?;
+        match classify(status, None, &body) {
+            Outcome::Done => return Ok(body),
+            Outcome::RefreshToken if attempt == 0 => continue,
+            Outcome::RefreshToken => return Err(CallError::Unavailable("token refused".into())),
+            Outcome::Retry { reason, .. } => return Err(CallError::Unavailable(reason)),
+            Outcome::MissingDependency { reason } => return Err(CallError::NotFound(reason)),
+            Outcome::Permanent {
+                status,
+                code,
+                message,
+                errors,
+            } => {
+                let detail = hmr_protocol::FieldError::join(&errors);
+                return Err(CallError::Refused {
+                    status,
+                    message: format!("{code} {message} {detail}").trim().into(),
+                });
+            }
+        }
+    }
+    unreachable!("the loop returns on its second pass")
+}
+
+fn token(settings: &Settings, deadline: Instant, refresh: bool) -> Result<String, CallError> {
+    if !refresh {
+        if let Some((t, until)) = TOKEN.lock().ok().and_then(|g| g.clone()) {
+            if Instant::now() < until {
+                return Ok(t);
+            }
+        }
+    }
+    let scope = Scope::Recognition;
+    let request = if settings.auth == "signature" {
+        let alg = if settings.sign_alg == "HMAC-SM3" {
+            SignAlg::HmacSm3
+        } else {
+            SignAlg::HmacSha256
+        };
+        let timestamp = chrono::Utc::now().timestamp_millis();
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let sign = sign::sign(alg, &settings.app_secret, &settings.app_id, timestamp, &nonce);
+        TokenRequest::Signature {
+            app_id: settings.app_id.clone(),
+            timestamp,
+            nonce,
+            scope,
+            sign_alg: alg,
+            sign,
+        }
+    } else {
+        TokenRequest::Password {
+            username: settings.username.clone(),
+            password: settings.password.clone(),
+            scope,
+        }
+    };
+    let (status, body) = send(settings, &paths::token(&request), None, deadline)?;
+    if status != 200 {
+        return Err(CallError::Unavailable(format!("token: HTTP {status}")));
+    }
+    let answer: TokenAnswer = parse_data(&body).map_err(|e| CallError::Unavailable(format!("token answer: {e}")))?;
+    let until = Instant::now() + Duration::from_secs(answer.expires_in).mul_f64(0.8);
+    if let Ok(mut g) = TOKEN.lock() {
+        *g = Some((answer.access_token.clone(), until));
+    }
+    Ok(answer.access_token)
+}
+
+fn send(
+    settings: &Settings,
+    request: &Request,
+    token: Option<&str>,
+    deadline: Instant,
+) -> Result<(u16, Vec<u8>), CallError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(CallError::Unavailable("timeout".into()));
+    }
+    let agent = ureq::AgentBuilder::new().timeout(left).build();
+    let url = format!("{}{}", settings.base_url.trim_end_matches('/'), request.path);
+    let mut req = agent
+        .request(request.method.as_str(), &url)
+        .set(HEADER_ORG_CODE, &settings.org_code)
+        .set(HEADER_REQUEST_ID, &uuid::Uuid::new_v4().to_string());
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    if let Some(ct) = &request.content_type {
+        req = req.set("Content-Type", ct);
+    }
+    for (k, v) in &request.headers {
+        req = req.set(k, v);
+    }
+    let result = if request.method == paths::Method::Get {
+        req.call()
+    } else {
+        req.send_bytes(&request.body)
+    };
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(ureq::Error::Transport(t)) => return Err(CallError::Unavailable(format!("{:?}", t.kind()))),
+    };
+    let status = response.status();
+    let mut body = Vec::new();
+    response
+        .into_reader()
+        .take(MAX_ANSWER_BYTES as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| CallError::Unavailable(format!("reading the answer: {e}")))?;
+    if body.len() > MAX_ANSWER_BYTES {
+        return Err(CallError::Unavailable("answer too large".into()));
+    }
+    Ok((status, body))
+}

@@ -1,0 +1,508 @@
+//! The recognition services as SQL functions (the public `hmr_*` wrappers are in
+//! `sql/api.sql`). Answers are JSON in the hospital side's own snake_case words; the
+//! platform's field names stay in the protocol crate.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use hmr_protocol::envelope::parse_data;
+use hmr_protocol::{
+    paths, CheckAnswer, CheckOrder, ItemsAnswer, ListAnswer, ListQuery, PreciseQuery, PrescriptionCheck,
+    RecognitionItem, ReportType,
+};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Value};
+use sha2::Digest;
+
+use crate::gucs;
+use crate::platform::{call, CallError, Settings};
+
+fn item_json(i: &RecognitionItem) -> Value {
+    json!({
+        "report_id": i.report_id,
+        "type": i.report_type.as_str(),
+        "org_code": i.org_code,
+        "org_name": i.org_name,
+        "report_no": i.report_no,
+        "version": i.version,
+        "data_code": i.data_code,
+        "item_name": i.item_name,
+        "reported_at": i.reported_at,
+        "valid_until": i.valid_until,
+    })
+}
+
+fn unavailable(reason: &str) -> Value {
+    json!({"status": "unavailable", "reason": reason})
+}
+
+fn bad_argument(message: String) -> ! {
+    ereport!(
+        PgLogLevel::ERROR,
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message
+    );
+    unreachable!("ereport(ERROR) does not return")
+}
+
+fn refused(status: u16, message: &str) -> ! {
+    ereport!(
+        PgLogLevel::ERROR,
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("互认平台拒绝了请求 (HTTP {status})"),
+        message.to_string()
+    );
+    unreachable!("ereport(ERROR) does not return")
+}
+
+fn text_arg(v: &Value, name: &str, what: &str) -> String {
+    match v.get(name) {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => bad_argument(format!("hmr: {what}.{name} is required (text)")),
+    }
+}
+
+fn opt_text(v: &Value, name: &str) -> Option<String> {
+    v.get(name)
+        .and_then(|x| x.as_str())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Local item code → platform data code, through `hmr.item_map` (and codes already in the
+/// catalog pass as they are).
+fn map_item(kind: &str, local: &str) -> Option<String> {
+    Spi::get_one_with_args::<String>(
+        "SELECT coalesce((SELECT data_code FROM hmr.item_map WHERE type = $1 AND local_code = $2),
+                         (SELECT data_code FROM hmr.catalog WHERE type = $1 AND data_code = $2))",
+        &[kind.into(), local.into()],
+    )
+    .unwrap_or(None)
+}
+
+fn settings_or(reason: &str) -> Result<Settings, Value> {
+    Settings::load().ok_or_else(|| unavailable(reason))
+}
+
+/// 互认信息列表: count, page URL and items for the reception badge.
+#[pg_extern(security_definer)]
+#[allow(clippy::too_many_arguments)]
+fn list_recognitions_json(
+    id_type: &str,
+    id_no: &str,
+    visit_no: &str,
+    doctor_no: &str,
+    dept_code: &str,
+    kind: default!(&str, "'all'"),
+    use_cache: default!(bool, true),
+) -> JsonB {
+    if !matches!(kind, "lab" | "exam" | "all") {
+        bad_argument(format!("hmr: kind must be lab, exam or all, not {kind:?}"));
+    }
+    let query = ListQuery {
+        id_type: id_type.trim().into(),
+        id_no: hmr_protocol::checks::normalise_id_no(id_no),
+        visit_no: visit_no.trim().into(),
+        doctor_no: doctor_no.trim().into(),
+        dept_code: dept_code.trim().into(),
+        kind: kind.into(),
+    };
+    let cache_key = hex::encode(sha2::Sha256::digest(serde_json::to_vec(&query).unwrap_or_default()));
+    let ttl = gucs::LIST_CACHE_SECONDS.get();
+    if use_cache && ttl > 0 {
+        if let Ok(Some(JsonB(hit))) = Spi::get_one_with_args::<JsonB>(
+            "SELECT answer FROM hmr.list_cache WHERE cache_key = $1 AND expires_at > clock_timestamp()",
+            &[cache_key.as_str().into()],
+        ) {
+            return JsonB(hit);
+        }
+    }
+    let settings = match settings_or("hmr.platform is not configured") {
+        Ok(s) => s,
+        Err(v) => return JsonB(with_empty_list(v)),
+    };
+    let answer = match call(&settings, paths::list_recognitions(&query)) {
+        Ok(body) => match parse_data::<ListAnswer>(&body) {
+            Ok(a) => json!({
+                "status": "ok",
+                "count": a.count,
+                "url": a.url,
+                "items": a.items.iter().map(item_json).collect::<Vec<_>>(),
+            }),
+            Err(e) => with_empty_list(unavailable(&format!("unreadable answer: {e}"))),
+        },
+        Err(CallError::Refused { status, message }) => refused(status, &message),
+        Err(CallError::Unavailable(reason) | CallError::NotFound(reason)) => with_empty_list(unavailable(&reason)),
+    };
+    if answer["status"] == "ok" && ttl > 0 {
+        let _ = Spi::run_with_args(
+            "INSERT INTO hmr.list_cache VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+             ON CONFLICT (cache_key) DO UPDATE SET answer = EXCLUDED.answer, expires_at = EXCLUDED.expires_at",
+            &[
+                cache_key.as_str().into(),
+                JsonB(answer.clone()).into(),
+                f64::from(ttl).into(),
+            ],
+        );
+    }
+    JsonB(answer)
+}
+
+fn with_empty_list(mut v: Value) -> Value {
+    v["count"] = json!(0);
+    v["url"] = Value::Null;
+    v["items"] = json!([]);
+    v
+}
+
+/// 精准互认信息: by organisation, item (local codes are mapped), date range.
+#[pg_extern(security_definer)]
+fn query_recognitions_json(filter: JsonB) -> JsonB {
+    let f = filter.0;
+    if !f.is_object() {
+        bad_argument("hmr: the filter must be a JSON object".into());
+    }
+    let kind = opt_text(&f, "type");
+    if kind.as_deref().is_some_and(|k| !matches!(k, "lab" | "exam" | "all")) {
+        bad_argument("hmr: filter.type must be lab, exam or all".into());
+    }
+    let mut data_codes: Vec<String> = f
+        .get("data_codes")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    if let Some(locals) = f.get("item_codes").and_then(Value::as_array) {
+        for local in locals.iter().filter_map(Value::as_str) {
+            let types: &[&str] = match kind.as_deref() {
+                Some("lab") => &["lab"],
+                Some("exam") => &["exam"],
+                _ => &["lab", "exam"],
+            };
+            data_codes.extend(types.iter().filter_map(|t| map_item(t, local)));
+        }
+        if data_codes.is_empty() {
+            // Local items outside the catalog can never be recognised: nothing to ask.
+            return JsonB(json!({"status": "ok", "items": []}));
+        }
+    }
+    let query = PreciseQuery {
+        id_type: text_arg(&f, "id_type", "filter"),
+        id_no: hmr_protocol::checks::normalise_id_no(&text_arg(&f, "id_no", "filter")),
+        org_code: opt_text(&f, "org_code"),
+        org_name: opt_text(&f, "org_name"),
+        data_codes: (!data_codes.is_empty()).then_some(data_codes),
+        item_name: opt_text(&f, "item_name"),
+        from: opt_text(&f, "from"),
+        to: opt_text(&f, "to"),
+        kind,
+    };
+    let settings = match settings_or("hmr.platform is not configured") {
+        Ok(s) => s,
+        Err(mut v) => {
+            v["items"] = json!([]);
+            return JsonB(v);
+        }
+    };
+    JsonB(match call(&settings, paths::precise_query(&query)) {
+        Ok(body) => match parse_data::<ItemsAnswer>(&body) {
+            Ok(a) => json!({"status": "ok", "items": a.items.iter().map(item_json).collect::<Vec<_>>()}),
+            Err(e) => json!({"status": "unavailable", "reason": format!("unreadable answer: {e}"), "items": []}),
+        },
+        Err(CallError::Refused { status, message }) => refused(status, &message),
+        Err(CallError::Unavailable(reason) | CallError::NotFound(reason)) => {
+            json!({"status": "unavailable", "reason": reason, "items": []})
+        }
+    })
+}
+
+/// A check as recorded in `hmr.checks`: kept in backend memory too, because the gate's own
+/// check is rolled back with the save it refuses.
+#[derive(Clone)]
+struct CheckRow {
+    check_id: String,
+    status: String,
+    visit: Value,
+    orders: Value,
+    matches: Value,
+    url: Option<String>,
+}
+
+thread_local! {
+    static RECENT_CHECKS: RefCell<HashMap<String, CheckRow>> = RefCell::new(HashMap::new());
+}
+
+fn record_check(row: &CheckRow) {
+    let masked = opt_text(&row.visit, "id_no").map(|n| mask_id(&n));
+    Spi::run_with_args(
+        "INSERT INTO hmr.checks (check_id, status, patient_id, id_type, id_no_masked, visit_type, visit_no,
+                                 doctor_no, dept_code, orders, matches, url)
+         VALUES ($1, $2, $3->>'patient_id', $3->>'id_type', $4, $3->>'visit_type', $3->>'visit_no',
+                 $3->>'doctor_no', $3->>'dept_code', $5, $6, $7)
+         ON CONFLICT (check_id) DO NOTHING",
+        &[
+            row.check_id.as_str().into(),
+            row.status.as_str().into(),
+            JsonB(row.visit.clone()).into(),
+            masked.into(),
+            JsonB(row.orders.clone()).into(),
+            JsonB(row.matches.clone()).into(),
+            row.url.clone().into(),
+        ],
+    )
+    .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"));
+    RECENT_CHECKS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() > 1000 {
+            c.clear();
+        }
+        c.insert(row.check_id.clone(), row.clone());
+    });
+}
+
+/// 4413**********1234: enough to recognise, not enough to identify.
+pub fn mask_id(id_no: &str) -> String {
+    let chars: Vec<char> = id_no.chars().collect();
+    if chars.len() <= 8 {
+        return "*".repeat(chars.len());
+    }
+    let head: String = chars[..4].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}{}{tail}", "*".repeat(chars.len() - 8))
+}
+
+/// Makes sure a check is in `hmr.checks` (re-recording it from this session's memory when
+/// the gate's transaction rolled it back). False when it is unknown.
+#[pg_extern(security_definer)]
+fn ensure_check(check_id: &str) -> bool {
+    let known = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM hmr.checks WHERE check_id = $1)",
+        &[check_id.into()],
+    )
+    .unwrap_or(Some(false))
+    .unwrap_or(false);
+    if known {
+        return true;
+    }
+    match RECENT_CHECKS.with(|c| c.borrow().get(check_id).cloned()) {
+        Some(row) => {
+            record_check(&row);
+            true
+        }
+        None => false,
+    }
+}
+
+/// 处方保存互认逻辑校验: maps local item codes, asks the platform, records the check.
+#[pg_extern(security_definer)]
+fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
+    let visit = visit.0;
+    let Value::Array(order_list) = orders.0 else {
+        bad_argument("hmr: orders must be a JSON array".into())
+    };
+    let mut checked = Vec::new();
+    let mut local_of: HashMap<String, String> = HashMap::new();
+    for o in &order_list {
+        let order_id = text_arg(o, "order_id", "orders[]");
+        let local = text_arg(o, "item_code", "orders[]");
+        let kind = text_arg(o, "type", "orders[]");
+        let Some(report_type) = ReportType::parse(&kind) else {
+            bad_argument(format!("hmr: orders[].type must be lab or exam, not {kind:?}"))
+        };
+        // Items outside the catalog can never be recognised: they are not asked about.
+        if let Some(data_code) = map_item(&kind, &local) {
+            local_of.insert(order_id.clone(), local.clone());
+            checked.push(CheckOrder {
+                order_id,
+                local_item_code: local,
+                data_code,
+                report_type,
+            });
+        }
+    }
+    if checked.is_empty() {
+        return JsonB(json!({"status": "ok", "duplicate": false, "check_id": null, "url": null, "matches": []}));
+    }
+    let request = PrescriptionCheck {
+        id_type: text_arg(&visit, "id_type", "visit"),
+        id_no: hmr_protocol::checks::normalise_id_no(&text_arg(&visit, "id_no", "visit")),
+        patient_id: text_arg(&visit, "patient_id", "visit"),
+        visit_type: text_arg(&visit, "visit_type", "visit"),
+        visit_no: text_arg(&visit, "visit_no", "visit"),
+        doctor_no: text_arg(&visit, "doctor_no", "visit"),
+        dept_code: text_arg(&visit, "dept_code", "visit"),
+        orders: checked,
+    };
+    let orders_json = json!(request
+        .orders
+        .iter()
+        .map(
+            |o| json!({"order_id": o.order_id, "item_code": o.local_item_code, "data_code": o.data_code,
+                        "type": o.report_type.as_str()})
+        )
+        .collect::<Vec<_>>());
+    let outcome = match Settings::load() {
+        None => Err(CallError::Unavailable("hmr.platform is not configured".into())),
+        Some(settings) => call(&settings, paths::prescription_check(&request)),
+    };
+    let (row, reason) = match outcome.and_then(|body| {
+        parse_data::<CheckAnswer>(&body).map_err(|e| CallError::Unavailable(format!("unreadable answer: {e}")))
+    }) {
+        Ok(a) => {
+            let matches = json!(a
+                .matches
+                .iter()
+                .map(|m| json!({
+                    "order_id": m.order_id,
+                    "data_code": m.data_code,
+                    "item_code": local_of.get(&m.order_id),
+                    "reports": m.reports.iter().map(item_json).collect::<Vec<_>>(),
+                }))
+                .collect::<Vec<_>>());
+            (
+                CheckRow {
+                    check_id: a.check_id,
+                    status: "ok".into(),
+                    visit,
+                    orders: orders_json,
+                    matches,
+                    url: Some(a.url),
+                },
+                None,
+            )
+        }
+        Err(CallError::Refused { status, message }) => refused(status, &message),
+        Err(CallError::NotFound(reason)) => refused(404, &format!("患者未上传到互认平台: {reason}")),
+        Err(CallError::Unavailable(reason)) => (
+            CheckRow {
+                check_id: format!("unavailable-{}", uuid::Uuid::new_v4()),
+                status: "unavailable".into(),
+                visit,
+                orders: orders_json,
+                matches: json!([]),
+                url: None,
+            },
+            Some(reason),
+        ),
+    };
+    record_check(&row);
+    let mut answer = json!({
+        "status": row.status,
+        "duplicate": row.matches.as_array().is_some_and(|m| !m.is_empty()),
+        "check_id": row.check_id,
+        "url": row.url,
+        "matches": row.matches,
+    });
+    if let Some(reason) = reason {
+        answer["reason"] = json!(reason);
+    }
+    JsonB(answer)
+}
+
+/// The contract's reason rules, in words for the doctor; NULL when the decision is valid.
+#[pg_extern(immutable, parallel_safe)]
+fn decision_problem(recognise: bool, reason_code: Option<&str>, reason_text: Option<&str>) -> Option<String> {
+    let d = hmr_protocol::Decision {
+        order_id: "-".into(),
+        report_id: "-".into(),
+        recognise,
+        reason_code: reason_code.map(str::to_string),
+        reason_text: reason_text.map(str::to_string),
+    };
+    let e = hmr_protocol::validate::decision(&d).err()?;
+    Some(
+        match (e.field.as_str(), e.reason.as_str()) {
+            ("reasonCode", "required") => "选择“不互认”时必须选择原因（01–06）",
+            ("reasonCode", "code") => "不互认原因代码无效，应为 01–06",
+            ("reasonText", "required") => "原因为“其他情形确需复查”（06）时必须填写具体说明",
+            ("reasonCode" | "reasonText", "not-allowed") => "选择“互认”时不填写不互认原因",
+            _ => "互认/不互认选择无效",
+        }
+        .to_string(),
+    )
+}
+
+/// Downloads a recognised report from the platform and keeps it; NULL when the platform is
+/// unavailable. Called by hmr_download_report() when the kept copy is missing.
+#[pg_extern(security_definer)]
+fn fetch_report(report_id: &str, format: &str) -> Option<Vec<u8>> {
+    let settings = Settings::load()?;
+    match call(&settings, paths::download(report_id, format)) {
+        Ok(body) => {
+            let bytes = if format == "json" {
+                // Keep the structured report itself, not the envelope around it.
+                parse_data::<Value>(&body)
+                    .map(|v| serde_json::to_vec(&v).unwrap_or_default())
+                    .unwrap_or(body)
+            } else {
+                body
+            };
+            keep_report(report_id, format, &bytes);
+            Some(bytes)
+        }
+        Err(CallError::Refused { status: 403, .. }) => {
+            bad_argument(format!("互认平台拒绝下载报告 {report_id}：本院未互认该报告"))
+        }
+        Err(CallError::NotFound(_)) => bad_argument(format!("互认平台没有报告 {report_id} 的 {format} 文件")),
+        Err(CallError::Refused { status, message }) => refused(status, &message),
+        Err(CallError::Unavailable(_)) => None,
+    }
+}
+
+fn keep_report(report_id: &str, format: &str, bytes: &[u8]) {
+    let sha = hex::encode(sha2::Sha256::digest(bytes));
+    let org = report_id.split(':').next().unwrap_or_default().to_string();
+    Spi::run_with_args(
+        "INSERT INTO hmr.retained_reports (report_id, format, bytes, sha256, source_org)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (report_id, format) DO NOTHING",
+        &[
+            report_id.into(),
+            format.into(),
+            bytes.to_vec().into(),
+            sha.into(),
+            org.into(),
+        ],
+    )
+    .unwrap_or_else(|e| error!("hmr: cannot keep the report: {e}"));
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn decision_rules_in_chinese() {
+        let p = |sql: &str| Spi::get_one::<String>(sql).unwrap();
+        assert_eq!(p("SELECT hmr.decision_problem(true, NULL, NULL)"), None);
+        assert_eq!(
+            p("SELECT hmr.decision_problem(false, NULL, NULL)").as_deref(),
+            Some("选择“不互认”时必须选择原因（01–06）")
+        );
+        assert!(p("SELECT hmr.decision_problem(false, '06', NULL)")
+            .unwrap()
+            .contains("具体说明"));
+        assert_eq!(p("SELECT hmr.decision_problem(false, '02', NULL)"), None);
+        assert!(p("SELECT hmr.decision_problem(false, '09', NULL)")
+            .unwrap()
+            .contains("无效"));
+    }
+
+    #[pg_test]
+    fn unconfigured_platform_is_unavailable_not_an_error() {
+        let v =
+            Spi::get_one::<pgrx::JsonB>("SELECT hmr_list_recognitions('01', '11010519491231002X', 'V1', 'D1', 'K1')")
+                .unwrap()
+                .unwrap()
+                .0;
+        assert_eq!(v["status"], "unavailable");
+        assert_eq!(v["count"], 0);
+    }
+
+    #[pg_test]
+    fn ids_are_masked() {
+        assert_eq!(super::mask_id("441302198003151233"), "4413**********1233");
+    }
+}
