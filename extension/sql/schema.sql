@@ -588,7 +588,7 @@ BEGIN
     FOR r IN EXECUTE guard_query LOOP
         answer := hmr.check_prescription_json(r.visit, r.orders);
         IF answer->>'status' = 'unavailable' THEN
-            IF current_setting('hmr.gate_on_unavailable') = 'block' THEN
+            IF coalesce(current_setting('hmr.gate_on_unavailable', true), 'allow') = 'block' THEN
                 RAISE EXCEPTION '互认平台暂不可用，无法完成互认校验，请稍后再保存'
                     USING ERRCODE = 'HM002', DETAIL = answer::text,
                           HINT = 'hmr.gate_on_unavailable = block; set it to allow to save without the check.';
@@ -646,5 +646,49 @@ LANGUAGE plpgsql AS $$
 BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS hmr_gate ON %s', tbl);
     DELETE FROM hmr.guards g WHERE g.tbl = unguard.tbl;
+END
+$$;
+
+-- ===================================================================== operations
+
+-- Records whose oldest unfinished event has been failing for a while: one stuck or
+-- poisoned record never holds back others, but someone should look at it.
+CREATE VIEW hmr.stuck_records AS
+SELECT o.kind, o.key, o.id AS event_id, o.state, o.attempts, o.created_at,
+       now() - o.created_at AS waiting, o.last_error, o.error_field, o.error_reason
+FROM hmr.outbox o
+WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox e WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id)
+  AND (o.state = 'quarantined'
+       OR (o.attempts > 0 AND o.last_error IS NOT NULL
+           AND o.created_at < now() - make_interval(secs => coalesce(current_setting('hmr.stuck_after_seconds', true), '600')::int)));
+
+-- One row of facts for operators (the same as `hmr-worker status`).
+CREATE VIEW hmr.status AS
+SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')       AS pending,
+       (SELECT count(*) FROM hmr.outbox WHERE state = 'claimed')       AS in_flight,
+       (SELECT count(*) FROM hmr.outbox WHERE state = 'quarantined')   AS quarantined,
+       (SELECT now() - min(created_at) FROM hmr.outbox WHERE state <> 'quarantined') AS oldest_event_age,
+       (SELECT count(*) FROM hmr.stuck_records)                        AS stuck_records,
+       (SELECT count(*) FROM hmr.sleepers WHERE until > now())         AS idle_workers,
+       (SELECT max(finished_at) FROM hmr.outbox_history WHERE outcome = 'delivered') AS last_delivery,
+       (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_live_rows,
+       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_dead_rows;
+
+-- Finished events older than `keep` leave the history in batches (the worker calls this;
+-- the history exists for audit, so keep it as long as the hospital's rules say).
+CREATE FUNCTION hmr.purge_history(keep interval DEFAULT '90 days', batch integer DEFAULT 10000) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    removed bigint := 0;
+    n bigint;
+BEGIN
+    LOOP
+        DELETE FROM hmr.outbox_history
+         WHERE id IN (SELECT id FROM hmr.outbox_history WHERE finished_at < now() - keep ORDER BY finished_at LIMIT batch);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed + n;
+        EXIT WHEN n < batch;
+    END LOOP;
+    RETURN removed;
 END
 $$;

@@ -6,6 +6,9 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 /// Rows per source view that `hmr.check_sources()` converts and validates.
 pub static CHECK_SAMPLE_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
+/// A record whose head event has been failing this long shows in `hmr.stuck_records`.
+pub static STUCK_AFTER_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(600);
+
 /// Hard limit of one platform call from SQL (token included).
 pub static PLATFORM_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(3000);
 
@@ -27,6 +30,16 @@ pub fn init() {
         10_000_000,
         GucContext::Userset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"hmr.stuck_after_seconds",
+        c"A record whose oldest event has failed for this long is listed in hmr.stuck_records.",
+        c"",
+        &STUCK_AFTER_SECONDS,
+        1,
+        86_400 * 30,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"hmr.platform_timeout_ms",

@@ -136,6 +136,10 @@ pub struct WorkerConfig {
     pub json_logs: bool,
     /// How often polled sources (`hmr.polled_sources`: exam systems without triggers) are read.
     pub poll_sources_ms: u64,
+    /// `host:port` for Prometheus `/metrics` and `/health` (off when absent).
+    pub metrics_listen: Option<String>,
+    /// Finished events stay in `hmr.outbox_history` this many days (audit), then are removed.
+    pub history_retention_days: i32,
 }
 
 impl Default for WorkerConfig {
@@ -152,6 +156,8 @@ impl Default for WorkerConfig {
             shutdown_grace_secs: 10,
             json_logs: false,
             poll_sources_ms: 5000,
+            metrics_listen: None,
+            history_retention_days: 90,
         }
     }
 }

@@ -79,18 +79,19 @@ impl Drainer {
             match kind.as_str() {
                 "patient" | "department" | "staff" => self.master_data(&kind, events).await?,
                 _ => {
-                    let results: Vec<Result<Step, WorkerError>> = stream::iter(events)
-                        .map(|e| self.report(e))
+                    // Each report is finished as soon as it is done, so a slow one (a hanging
+                    // request) does not keep the others claimed.
+                    let results: Vec<Result<(), WorkerError>> = stream::iter(events)
+                        .map(|e| async move {
+                            if let Step::Finished(f) = self.report(e).await? {
+                                self.store.finish(std::slice::from_ref(&f)).await?;
+                            }
+                            Ok(())
+                        })
                         .buffer_unordered(self.config.worker.concurrency.max(1))
                         .collect()
                         .await;
-                    let mut finished = Vec::new();
-                    for r in results {
-                        if let Step::Finished(f) = r? {
-                            finished.push(f);
-                        }
-                    }
-                    self.store.finish(&finished).await?;
+                    results.into_iter().collect::<Result<(), WorkerError>>()?;
                 }
             }
         }

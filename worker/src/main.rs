@@ -4,6 +4,7 @@ mod backfill;
 mod config;
 mod drain;
 mod error;
+mod metrics;
 mod platform;
 mod store;
 
@@ -39,8 +40,9 @@ struct Cli {
 enum Command {
     /// Deliver events until SIGTERM or SIGINT (the default).
     Run,
-    /// Check the configuration, the database and the platform, then exit.
-    Check,
+    /// Backlog, oldest event, quarantine, stuck records, token state and platform reachability.
+    #[command(alias = "check")]
+    Status,
     /// Enqueue every existing record of a kind (patients, departments, staff, lab, exam)
     /// through the outbox. Interrupt it at will: run it again to resume.
     Backfill {
@@ -66,7 +68,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => run(config).await,
-            Command::Check => check(config).await,
+            Command::Status => status(config).await,
             Command::Backfill { kind, since, page } => {
                 let kind = backfill::kind_of(&kind).ok_or_else(|| {
                     anyhow::anyhow!("unknown kind {kind:?}: patients, departments, staff, lab or exam")
@@ -102,26 +104,40 @@ fn init_logging(json: bool) {
     }
 }
 
-async fn check(config: Config) -> anyhow::Result<()> {
+/// What an operator asks first: backlog, oldest event, quarantine, stuck records, and
+/// whether the platform gives us tokens.
+async fn status(config: Config) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
-    let store = Store::connect(
-        config.database.url.expose(),
-        &config.database.timezone,
-        "check",
-        Duration::from_secs(1),
-        wake,
-    )
-    .await
-    .context("database")?;
-    let backlog: i64 = store
+    let metrics = Arc::new(metrics::Metrics::default());
+    let store =
+        Store::connect(config.database.url.expose(), &config.database.timezone, "status", Duration::from_secs(1), wake, metrics)
+            .await
+            .context("database")?;
+    println!("database: ok");
+    for (name, value) in store.status().await? {
+        println!("  {name:<26} {value}");
+    }
+    println!("backlog per kind (pending / in flight / quarantined, oldest):");
+    for row in store
         .client()
-        .query_one("SELECT count(*) FROM hmr.outbox", &[])
+        .query("SELECT kind, pending, in_flight, quarantined, coalesce(oldest::text, '-') FROM hmr.backlog ORDER BY kind", &[])
         .await?
-        .get(0);
-    println!("database: ok ({backlog} events in the outbox)");
+    {
+        let (kind, p, f, q, oldest): (String, i64, i64, i64, String) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        println!("  {kind:<12} {p:>8} {f:>8} {q:>8}  {oldest}");
+    }
     let platform = Platform::new(config.platform.clone())?;
-    platform.reachable().await.context("platform")?;
-    println!("platform: ok (token obtained)");
+    let mut reachable = true;
+    for scope in hmr_protocol::Scope::ALL {
+        match platform.token(scope).await {
+            Ok(_) => println!("token {:<12} ok", scope.as_str()),
+            Err(e) => {
+                reachable = false;
+                println!("token {:<12} FAILED: {e}", scope.as_str());
+            }
+        }
+    }
+    println!("platform: {}", if reachable { "reachable" } else { "NOT reachable" });
     Ok(())
 }
 
@@ -130,6 +146,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let worker_id = config.worker_id();
     let platform = Platform::new(config.platform.clone())?;
     let pdf_renderer = pdf_renderer(&config)?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    if let Some(listen) = config.worker.metrics_listen.clone() {
+        let healthy_within = Duration::from_millis(config.worker.poll_interval_ms * 3 + config.platform.timeout_ms * 2);
+        tokio::spawn(metrics::serve(listen, metrics.clone(), healthy_within));
+    }
     let stopping = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(Notify::new());
     {
@@ -159,6 +180,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             &worker_id,
             lease,
             wake.clone(),
+            metrics.clone(),
         )
         .await
         {
@@ -180,7 +202,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             config: config.clone(),
             pdf_renderer: pdf_renderer.clone(),
         };
-        let result = drain_until_stopped(&drainer, &store, &wake, &stopping, &stop, poll).await;
+        let result = drain_until_stopped(&drainer, &store, &wake, &stopping, &stop, poll, &metrics).await;
         match result {
             Ok(()) => {
                 let released = store.release_claims().await.unwrap_or(0);
@@ -241,16 +263,27 @@ async fn drain_until_stopped(
     stopping: &AtomicBool,
     stop: &Notify,
     poll: Duration,
+    metrics: &metrics::Metrics,
 ) -> Result<(), error::WorkerError> {
     let grace = Duration::from_secs(drainer.config.worker.shutdown_grace_secs);
     let poll_sources_every = Duration::from_millis(drainer.config.worker.poll_sources_ms);
     let mut sources_polled: Option<std::time::Instant> = None;
+    let mut housekept: Option<std::time::Instant> = None;
     loop {
         if stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
+        metrics.alive();
         if sources_polled.is_none_or(|t| t.elapsed() >= poll_sources_every) {
             sources_polled = Some(std::time::Instant::now());
+            metrics.set_backlog(store.status().await?);
+            if housekept.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(3600)) {
+                housekept = Some(std::time::Instant::now());
+                let removed = store.purge_history(drainer.config.worker.history_retention_days).await?;
+                if removed > 0 {
+                    tracing::info!(removed, "old history removed");
+                }
+            }
             let found = store.poll_sources().await?;
             if found > 0 {
                 tracing::info!(events = found, "polled sources");

@@ -252,11 +252,6 @@ impl Platform {
             }
         }
     }
-
-    /// Whether a token can be had for the scope now (for `status`).
-    pub async fn reachable(&self) -> Result<(), WorkerError> {
-        self.token(Scope::HisUpload).await.map(|_| ())
-    }
 }
 
 /// A transport error without the URL's query (which could carry an identity number).

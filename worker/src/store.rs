@@ -61,6 +61,7 @@ pub struct KindSource {
 }
 
 pub struct Store {
+    metrics: Arc<crate::metrics::Metrics>,
     client: Client,
     worker_id: String,
     lease: Duration,
@@ -85,6 +86,7 @@ impl Store {
         worker_id: &str,
         lease: Duration,
         wake: Arc<Notify>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Store, WorkerError> {
         let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
         // NOTIFYs arrive only if we poll the connection ourselves.
@@ -134,6 +136,7 @@ impl Store {
             .await?
             .get(0);
         Ok(Store {
+            metrics,
             client,
             worker_id: worker_id.into(),
             lease,
@@ -332,7 +335,39 @@ impl Store {
         Ok(())
     }
 
-    /// Reads the polled sources (exam systems without triggers) into the outbox.
+    /// Removes finished events older than the retention, in batches.
+    pub async fn purge_history(&self, days: i32) -> Result<i64, WorkerError> {
+        Ok(self
+            .client
+            .query_one("SELECT hmr.purge_history(make_interval(days => $1))", &[&days])
+            .await?
+            .get(0))
+    }
+
+    /// The operator's facts (`hmr.status`) as metric name → value.
+    pub async fn status(&self) -> Result<Vec<(String, f64)>, WorkerError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT pending::float8, in_flight::float8, quarantined::float8,
+                        coalesce(extract(epoch FROM oldest_event_age), 0)::float8, stuck_records::float8,
+                        coalesce(outbox_dead_rows, 0)::float8
+                   FROM hmr.status",
+                &[],
+            )
+            .await?;
+        let names = [
+            "outbox_pending",
+            "outbox_in_flight",
+            "outbox_quarantined",
+            "oldest_event_age_seconds",
+            "stuck_records",
+            "outbox_dead_rows",
+        ];
+        Ok(names.iter().enumerate().map(|(i, n)| (n.to_string(), row.get::<_, f64>(i))).collect())
+    }
+
+        /// Reads the polled sources (exam systems without triggers) into the outbox.
     pub async fn poll_sources(&self) -> Result<i32, WorkerError> {
         Ok(self.client.query_one("SELECT hmr.poll_sources()", &[]).await?.get(0))
     }
@@ -399,8 +434,9 @@ impl Store {
             .collect();
         let outcomes: Vec<&str> = done.iter().map(|f| f.outcome).collect();
         let details: Vec<Option<String>> = done.iter().map(|f| f.detail.clone()).collect();
-        self.client
-            .execute(
+        let rows = self
+            .client
+            .query(
                 "WITH f AS (
                     SELECT * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::bool[], $6::text[], $7::text[])
                       AS f(id, version, hash, revoked, outcome, detail)),
@@ -424,15 +460,22 @@ impl Store {
                     SELECT id, kind, key, op, xid, created_at, 'superseded', attempts,
                            'a later event of the same record finished' FROM q)
                  INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, version, attempts, detail)
-                 SELECT id, kind, key, op, xid, created_at, outcome, version, attempts, detail FROM d",
+                 SELECT id, kind, key, op, xid, created_at, outcome, version, attempts, detail FROM d
+                 RETURNING kind, outcome",
                 &[&self.worker_id, &ids, &versions, &hashes, &revoked, &outcomes, &details],
             )
             .await?;
+        for row in &rows {
+            if row.get::<_, &str>(1) == "delivered" {
+                self.metrics.delivered(row.get(0), 1);
+            }
+        }
         Ok(())
     }
 
     /// Puts events back to wait `delay` (backoff, Retry-After, a dependency).
     pub async fn reschedule(&self, ids: &[i64], delay: Duration, error: &str) -> Result<(), WorkerError> {
+        self.metrics.retries.fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.client
             .execute(
                 "UPDATE hmr.outbox
@@ -447,6 +490,7 @@ impl Store {
 
     /// Parks an event for the DBA with the offending column (or platform field) and reason.
     pub async fn quarantine(&self, id: i64, field: &str, reason: &str, message: &str) -> Result<(), WorkerError> {
+        self.metrics.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.client
             .execute(
                 "WITH q AS (

@@ -1,0 +1,98 @@
+//! Prometheus `/metrics` and a `/health` endpoint on a small loopback HTTP listener. Counters
+//! live in the process; the backlog comes from the database (`hmr.status`), sampled by the
+//! drain loop, so a scrape never waits on the database.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Default)]
+pub struct Metrics {
+    delivered: Mutex<BTreeMap<String, u64>>,
+    pub quarantined: AtomicU64,
+    pub retries: AtomicU64,
+    pub rounds: AtomicU64,
+    /// `hmr.status` columns, as last sampled.
+    backlog: Mutex<Vec<(String, f64)>>,
+    last_loop: Mutex<Option<Instant>>,
+}
+
+impl Metrics {
+    pub fn delivered(&self, kind: &str, n: u64) {
+        *self.delivered.lock().expect("metrics").entry(kind.to_string()).or_default() += n;
+    }
+
+    pub fn alive(&self) {
+        *self.last_loop.lock().expect("metrics") = Some(Instant::now());
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_backlog(&self, values: Vec<(String, f64)>) {
+        *self.backlog.lock().expect("metrics") = values;
+    }
+
+    /// Healthy while the drain loop turned within the last `within`.
+    pub fn healthy(&self, within: Duration) -> bool {
+        self.last_loop.lock().expect("metrics").is_some_and(|t| t.elapsed() < within)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP hmr_events_delivered_total Events delivered to the platform, by kind.");
+        let _ = writeln!(out, "# TYPE hmr_events_delivered_total counter");
+        for (kind, n) in self.delivered.lock().expect("metrics").iter() {
+            let _ = writeln!(out, "hmr_events_delivered_total{{kind=\"{kind}\"}} {n}");
+        }
+        for (name, help, v) in [
+            ("hmr_events_quarantined_total", "Events quarantined by this worker.", &self.quarantined),
+            ("hmr_retries_total", "Deliveries put back to wait (backoff, Retry-After, dependency).", &self.retries),
+            ("hmr_drain_rounds_total", "Turns of the drain loop.", &self.rounds),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        for (column, value) in self.backlog.lock().expect("metrics").iter() {
+            let _ = writeln!(out, "# TYPE hmr_{column} gauge\nhmr_{column} {value}");
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` and `/health` until the process ends.
+pub async fn serve(listen: String, metrics: std::sync::Arc<Metrics>, healthy_within: Duration) {
+    let listener = match tokio::net::TcpListener::bind(&listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%listen, error = %e, "metrics endpoint not started");
+            return;
+        }
+    };
+    tracing::info!(%listen, "metrics on /metrics, health on /health");
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else { continue };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", metrics.render()),
+                "/health" if metrics.healthy(healthy_within) => ("200 OK", "ok\n".to_string()),
+                "/health" => ("503 Service Unavailable", "the drain loop is not turning\n".to_string()),
+                _ => ("404 Not Found", "try /metrics or /health\n".to_string()),
+            };
+            let answer = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        });
+    }
+}
