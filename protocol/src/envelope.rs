@@ -81,9 +81,13 @@ pub enum Outcome {
 /// Largest answer body a client reads (a platform can misbehave too).
 pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
+/// Longest pause a `Retry-After` can ask for; larger values are cut to this, so a hostile
+/// header cannot overflow a clock (`Instant + Duration` panics) or stall a client for ever.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// Maps an HTTP answer to what the client does. `retry_after` is the raw header.
 pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Outcome {
-    let envelope: Option<Envelope<serde_json::Value>> = serde_json::from_slice(body).ok();
+    let envelope = loose_envelope(body);
     let message = envelope.as_ref().map(|e| e.message.clone()).unwrap_or_default();
     match status {
         200..=299 => match &envelope {
@@ -100,7 +104,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Outcome 
         429 => Outcome::Retry {
             after: retry_after
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs),
+                .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER)),
             reason: "rate limited".into(),
         },
         400 | 403 | 409 | 413 => {
@@ -126,6 +130,27 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Outcome 
             reason: format!("HTTP {status}"),
         },
     }
+}
+
+/// The envelope of an answer, read leniently: an answer that leaves out `message` or sends
+/// a code that is not a string still names its code (a 2xx naming a code other than
+/// `00000` must not count as delivered). `None` when the body names no code.
+fn loose_envelope(body: &[u8]) -> Option<Envelope<serde_json::Value>> {
+    use serde_json::Value;
+    let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    let code = match map.remove("code")? {
+        Value::Null => return None,
+        Value::String(code) => code,
+        other => other.to_string(),
+    };
+    let message = match map.remove("message") {
+        Some(Value::String(message)) => message,
+        _ => String::new(),
+    };
+    let data = map.remove("data").filter(|d| !d.is_null());
+    Some(Envelope { code, message, data })
 }
 
 /// Parses the `data` of a successful answer.

@@ -182,12 +182,13 @@ pub fn view_for(kind: &str) -> Option<&'static SourceView> {
 }
 
 impl SourceView {
-    fn column_of_field(&self, field: &str) -> &'static str {
+    /// The column filling `field`; a field no column fills (`version`, `items`, an
+    /// unknown field) keeps its own name rather than becoming an anonymous `?`.
+    fn column_of_field(&self, field: &str) -> String {
         self.columns
             .iter()
             .find(|c| c.field == field)
-            .map(|c| c.name)
-            .unwrap_or("?")
+            .map_or_else(|| field.to_string(), |c| c.name.to_string())
     }
 
     /// Maps a source row (column → value, as `to_jsonb(row)` gives it) to the platform's
@@ -240,7 +241,7 @@ impl SourceView {
             Some((head, rest)) if head.starts_with("items[") => {
                 format!("{head}.{}", LAB_ITEM.column_of_field(rest))
             }
-            _ => self.column_of_field(path).to_string(),
+            _ => self.column_of_field(path),
         }
     }
 }

@@ -607,3 +607,4 @@ impl<'a> OtherHospital<'a> {
         Ok(())
     }
 }
+pub mod faults;

@@ -408,7 +408,12 @@ async fn sigterm_releases_claims_and_exits_cleanly() -> Result<()> {
     sim.faults(json!({"hang": true, "path_prefix": LAB})).await?;
     approve(&his, "L20261126001").await?;
     let claimed = wait_until(Duration::from_secs(20), "the report claimed", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.outbox WHERE key = 'L20261126001' AND state = 'claimed'").await? >= 1)
+        Ok(count(
+            &his,
+            "SELECT count(*) FROM hmr.outbox WHERE key = 'L20261126001' AND state = 'claimed'",
+        )
+        .await?
+            >= 1)
     })
     .await;
     if claimed.is_err() {

@@ -8,7 +8,6 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 
 const P0001_ID: &str = "441302198003151233"; // 陈志明, born 1980-03-15
-const P0002_ID: &str = "441302199211082345";
 
 struct Setup {
     cluster: Cluster,

@@ -118,24 +118,27 @@ impl Drainer {
         let plan = match &event.plan {
             Some(frozen) => serde_json::from_value::<Plan>(frozen.clone())
                 .map_err(|e| WorkerError::Answer(format!("event {}: unreadable frozen plan: {e}", event.id)))?,
-            None if event.kind == "decision" => match self.build_decision_plan(&event).await? {
-                Ok(plan) => {
-                    self.store
-                        .save_plan(event.id, &serde_json::to_value(&plan).expect("plans serialize"))
-                        .await?;
-                    plan
+            None => {
+                let built = if event.kind == "decision" {
+                    self.build_decision_plan(&event).await?
+                } else {
+                    self.build_report_plan(&event).await?
+                };
+                let plan = match built {
+                    Ok(plan) => plan,
+                    Err(step) => return Ok(step),
+                };
+                if !self
+                    .store
+                    .save_plan(event.id, &serde_json::to_value(&plan).expect("plans serialize"))
+                    .await?
+                {
+                    // Another worker took the event (our lease expired): it sends, not us.
+                    tracing::info!(event = event.id, "lease lost before sending");
+                    return Ok(Step::Rescheduled);
                 }
-                Err(step) => return Ok(step),
-            },
-            None => match self.build_report_plan(&event).await? {
-                Ok(plan) => {
-                    self.store
-                        .save_plan(event.id, &serde_json::to_value(&plan).expect("plans serialize"))
-                        .await?;
-                    plan
-                }
-                Err(step) => return Ok(step),
-            },
+                plan
+            }
         };
         let steps = plan.requests.len();
         for (index, request) in plan.requests.iter().enumerate().skip(event.step.max(0) as usize) {

@@ -109,10 +109,16 @@ fn init_logging(json: bool) {
 async fn status(config: Config) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
     let metrics = Arc::new(metrics::Metrics::default());
-    let store =
-        Store::connect(config.database.url.expose(), &config.database.timezone, "status", Duration::from_secs(1), wake, metrics)
-            .await
-            .context("database")?;
+    let store = Store::connect(
+        config.database.url.expose(),
+        &config.database.timezone,
+        "status",
+        Duration::from_secs(1),
+        wake,
+        metrics,
+    )
+    .await
+    .context("database")?;
     println!("database: ok");
     for (name, value) in store.status().await? {
         println!("  {name:<26} {value}");
@@ -120,10 +126,14 @@ async fn status(config: Config) -> anyhow::Result<()> {
     println!("backlog per kind (pending / in flight / quarantined, oldest):");
     for row in store
         .client()
-        .query("SELECT kind, pending, in_flight, quarantined, coalesce(oldest::text, '-') FROM hmr.backlog ORDER BY kind", &[])
+        .query(
+            "SELECT kind, pending, in_flight, quarantined, coalesce(oldest::text, '-') FROM hmr.backlog ORDER BY kind",
+            &[],
+        )
         .await?
     {
-        let (kind, p, f, q, oldest): (String, i64, i64, i64, String) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let (kind, p, f, q, oldest): (String, i64, i64, i64, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
         println!("  {kind:<12} {p:>8} {f:>8} {q:>8}  {oldest}");
     }
     let platform = Platform::new(config.platform.clone())?;
@@ -279,7 +289,9 @@ async fn drain_until_stopped(
             metrics.set_backlog(store.status().await?);
             if housekept.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(3600)) {
                 housekept = Some(std::time::Instant::now());
-                let removed = store.purge_history(drainer.config.worker.history_retention_days).await?;
+                let removed = store
+                    .purge_history(drainer.config.worker.history_retention_days)
+                    .await?;
                 if removed > 0 {
                     tracing::info!(removed, "old history removed");
                 }

@@ -23,7 +23,12 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn delivered(&self, kind: &str, n: u64) {
-        *self.delivered.lock().expect("metrics").entry(kind.to_string()).or_default() += n;
+        *self
+            .delivered
+            .lock()
+            .expect("metrics")
+            .entry(kind.to_string())
+            .or_default() += n;
     }
 
     pub fn alive(&self) {
@@ -37,22 +42,40 @@ impl Metrics {
 
     /// Healthy while the drain loop turned within the last `within`.
     pub fn healthy(&self, within: Duration) -> bool {
-        self.last_loop.lock().expect("metrics").is_some_and(|t| t.elapsed() < within)
+        self.last_loop
+            .lock()
+            .expect("metrics")
+            .is_some_and(|t| t.elapsed() < within)
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP hmr_events_delivered_total Events delivered to the platform, by kind.");
+        let _ = writeln!(
+            out,
+            "# HELP hmr_events_delivered_total Events delivered to the platform, by kind."
+        );
         let _ = writeln!(out, "# TYPE hmr_events_delivered_total counter");
         for (kind, n) in self.delivered.lock().expect("metrics").iter() {
             let _ = writeln!(out, "hmr_events_delivered_total{{kind=\"{kind}\"}} {n}");
         }
         for (name, help, v) in [
-            ("hmr_events_quarantined_total", "Events quarantined by this worker.", &self.quarantined),
-            ("hmr_retries_total", "Deliveries put back to wait (backoff, Retry-After, dependency).", &self.retries),
+            (
+                "hmr_events_quarantined_total",
+                "Events quarantined by this worker.",
+                &self.quarantined,
+            ),
+            (
+                "hmr_retries_total",
+                "Deliveries put back to wait (backoff, Retry-After, dependency).",
+                &self.retries,
+            ),
             ("hmr_drain_rounds_total", "Turns of the drain loop.", &self.rounds),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         for (column, value) in self.backlog.lock().expect("metrics").iter() {
             let _ = writeln!(out, "# TYPE hmr_{column} gauge\nhmr_{column} {value}");
@@ -72,7 +95,9 @@ pub async fn serve(listen: String, metrics: std::sync::Arc<Metrics>, healthy_wit
     };
     tracing::info!(%listen, "metrics on /metrics, health on /health");
     loop {
-        let Ok((mut socket, _)) = listener.accept().await else { continue };
+        let Ok((mut socket, _)) = listener.accept().await else {
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];

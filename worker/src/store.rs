@@ -364,10 +364,14 @@ impl Store {
             "stuck_records",
             "outbox_dead_rows",
         ];
-        Ok(names.iter().enumerate().map(|(i, n)| (n.to_string(), row.get::<_, f64>(i))).collect())
+        Ok(names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), row.get::<_, f64>(i)))
+            .collect())
     }
 
-        /// Reads the polled sources (exam systems without triggers) into the outbox.
+    /// Reads the polled sources (exam systems without triggers) into the outbox.
     pub async fn poll_sources(&self) -> Result<i32, WorkerError> {
         Ok(self.client.query_one("SELECT hmr.poll_sources()", &[]).await?.get(0))
     }
@@ -405,15 +409,19 @@ impl Store {
             .collect())
     }
 
-    /// Freezes the requests of an event before the first is sent.
-    pub async fn save_plan(&self, id: i64, plan: &Value) -> Result<(), WorkerError> {
-        self.client
+    /// Freezes the requests of an event before the first is sent. False when this worker no
+    /// longer holds the event (its lease expired and another worker took it): then it must
+    /// not send anything, or two bodies could go out under one request id.
+    pub async fn save_plan(&self, id: i64, plan: &Value) -> Result<bool, WorkerError> {
+        let n = self
+            .client
             .execute(
-                "UPDATE hmr.outbox SET plan = $3, step = 0 WHERE id = $1 AND lease_owner = $2",
-                &[&id, &self.worker_id, plan],
+                "UPDATE hmr.outbox SET plan = $3, step = 0, lease_until = now() + make_interval(secs => $4)
+                  WHERE id = $1 AND lease_owner = $2 AND plan IS NULL",
+                &[&id, &self.worker_id, plan, &self.lease.as_secs_f64()],
             )
             .await?;
-        Ok(())
+        Ok(n == 1)
     }
 
     /// Ends events: out of the outbox into the history, the delivery state updated, and
@@ -475,7 +483,9 @@ impl Store {
 
     /// Puts events back to wait `delay` (backoff, Retry-After, a dependency).
     pub async fn reschedule(&self, ids: &[i64], delay: Duration, error: &str) -> Result<(), WorkerError> {
-        self.metrics.retries.fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .retries
+            .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.client
             .execute(
                 "UPDATE hmr.outbox
@@ -490,7 +500,9 @@ impl Store {
 
     /// Parks an event for the DBA with the offending column (or platform field) and reason.
     pub async fn quarantine(&self, id: i64, field: &str, reason: &str, message: &str) -> Result<(), WorkerError> {
-        self.metrics.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .quarantined
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.client
             .execute(
                 "WITH q AS (
