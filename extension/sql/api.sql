@@ -120,3 +120,61 @@ BEGIN
     RETURN kept;
 END
 $$;
+
+-- ===================================================================== roles (least privilege)
+-- hmr_his     HIS stored procedures: the hmr_* API only; nothing of hmr's tables.
+-- hmr_worker  the worker: drains the outbox, keeps downloads; reads the hmr_src views
+--             (GRANT SELECT ON ALL TABLES IN SCHEMA hmr_src TO hmr_worker).
+-- hmr_admin   DBAs: configure, attach, retry, discard, load the catalog; read the audit trail.
+-- Nobody but the extension's owner reads hmr.platform (credentials).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'hmr_his') THEN CREATE ROLE hmr_his NOLOGIN; END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'hmr_worker') THEN CREATE ROLE hmr_worker NOLOGIN; END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'hmr_admin') THEN CREATE ROLE hmr_admin NOLOGIN; END IF;
+END
+$$;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA hmr FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA hmr FROM PUBLIC;
+REVOKE ALL ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean),
+                       public.hmr_query_recognitions(jsonb),
+                       public.hmr_check_prescription(jsonb, jsonb),
+                       public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
+                       public.hmr_download_report(text, text) FROM PUBLIC;
+
+-- The gate runs with the saving role's rights: it may call what it needs.
+GRANT USAGE ON SCHEMA hmr TO hmr_his, hmr_worker, hmr_admin;
+GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean),
+                          public.hmr_query_recognitions(jsonb),
+                          public.hmr_check_prescription(jsonb, jsonb),
+                          public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
+                          public.hmr_download_report(text, text),
+                          hmr.gate(), hmr.check_prescription_json(jsonb, jsonb), hmr.id_card_problem(text, date),
+                          hmr.org_code_valid(text), hmr.decision_problem(boolean, text, text)
+      TO hmr_his, hmr_admin;
+GRANT SELECT ON hmr.guards, hmr.current_decisions, hmr.decisions, hmr.catalog, hmr.item_map TO hmr_his;
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.outbox, hmr.outbox_history, hmr.delivered, hmr.sleepers,
+                                       hmr.polled_sources, hmr.polled_seen, hmr.backfills, hmr.unmapped_items
+      TO hmr_worker, hmr_admin;
+GRANT SELECT ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.checks, hmr.decisions, hmr.current_decisions,
+                hmr.status, hmr.backlog, hmr.stuck_records, hmr.quarantine
+      TO hmr_worker, hmr_admin;
+GRANT SELECT, INSERT ON hmr.retained_reports TO hmr_worker;
+-- The worker turns off the logging of its statements' parameters (patients' data).
+GRANT SET ON PARAMETER log_parameter_max_length TO hmr_worker;
+GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_history(interval, integer),
+                          hmr.backfill_start(text, timestamptz), hmr.backfill_page(bigint, integer),
+                          hmr.capture()
+      TO hmr_worker, hmr_admin;
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.guards TO hmr_admin;
+GRANT SELECT ON hmr.watches, hmr.backfill_progress, hmr.retained_reports, hmr.download_log, hmr.checks,
+                hmr.list_cache TO hmr_admin;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA hmr TO hmr_admin;
+GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean),
+                          public.hmr_query_recognitions(jsonb), public.hmr_check_prescription(jsonb, jsonb),
+                          public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
+                          public.hmr_download_report(text, text)
+      TO hmr_admin;

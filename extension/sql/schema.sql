@@ -469,7 +469,7 @@ CREATE FUNCTION hmr.configure_platform(base_url text, org_code text, username te
                                        password text DEFAULT NULL, app_id text DEFAULT NULL,
                                        app_secret text DEFAULT NULL, auth text DEFAULT 'password',
                                        sign_alg text DEFAULT 'HMAC-SHA256')
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT hmr.org_code_valid(org_code) THEN
         RAISE EXCEPTION 'hmr: % is not a valid 统一社会信用代码', org_code USING ERRCODE = 'HM012';

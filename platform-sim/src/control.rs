@@ -30,6 +30,7 @@ pub fn router(sim: Sim) -> Router<Sim> {
         .route("/summary", get(summary))
         .route("/clock", get(get_clock).post(set_clock))
         .route("/pdf/{org}/{kind}/{report_no}/{version}", get(stored_pdf))
+        .route("/tokens", get(issued_tokens))
         .route_layer(middleware::from_fn_with_state(sim, loopback_only))
 }
 
@@ -146,6 +147,17 @@ async fn set_clock(AxState(sim): AxState<Sim>, body: Bytes) -> Response {
     };
     sim.lock().clock_offset_secs = clock.offset_secs;
     get_clock(AxState(sim)).await
+}
+
+/// Every token issued and still remembered: a rehearsal checks its own logs for them.
+async fn issued_tokens(AxState(sim): AxState<Sim>) -> Response {
+    let st = sim.lock();
+    let tokens: Vec<Value> = st
+        .tokens
+        .iter()
+        .map(|(t, i)| serde_json::json!({"token": t, "org": i.org, "scope": i.scope.as_str()}))
+        .collect();
+    Json(Value::Array(tokens)).into_response()
 }
 
 /// The PDF held for one report version, as received (for checking it as a person would).

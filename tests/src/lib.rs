@@ -155,6 +155,18 @@ impl Cluster {
         self.pg_ctl_start()
     }
 
+    pub fn url_as(&self, db: &str, user: &str) -> String {
+        format!("host={} port={} user={user} dbname={db}", self.dir.display(), self.port)
+    }
+
+    pub async fn connect_as(&self, db: &str, user: &str) -> Result<Client> {
+        let (client, connection) = tokio_postgres::connect(&self.url_as(db, user), NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
     pub fn url(&self, db: &str) -> String {
         format!(
             "host={} port={} user=postgres dbname={db}",
@@ -193,6 +205,7 @@ impl Drop for Cluster {
 /// The platform simulator as a process on a loopback port.
 pub struct Sim {
     child: Child,
+    pub log_path: PathBuf,
     pub base: String,
     http: reqwest::Client,
 }
@@ -228,6 +241,7 @@ impl Sim {
         }
         Ok(Sim {
             child,
+            log_path,
             base,
             http: reqwest::Client::new(),
         })
@@ -311,6 +325,8 @@ pub struct WorkerOptions {
     pub timeout_ms: u64,
     pub batch_size: i64,
     pub auth: &'static str,
+    /// The database role the worker logs in as.
+    pub db_user: &'static str,
 }
 
 impl Default for WorkerOptions {
@@ -323,6 +339,7 @@ impl Default for WorkerOptions {
             timeout_ms: 3000,
             batch_size: 200,
             auth: "password",
+            db_user: "postgres",
         }
     }
 }
@@ -360,7 +377,9 @@ lease_secs = {lease}
 batch_size = {batch}
 shutdown_grace_secs = 2
 "#,
-            url = cluster.url("his"),
+            url = cluster
+                .url("his")
+                .replace("user=postgres", &format!("user={}", options.db_user)),
             base = sim.base,
             auth = options.auth,
             timeout = options.timeout_ms,

@@ -29,6 +29,10 @@ use crate::store::{Delivered, Event, Finish, Store};
 /// Namespace of request ids: UUIDv5 of the event, its retry generation and the step.
 const REQUEST_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a8f_4c1e_9b2d_4e57_a3c0_5d1f_7e92_b604);
 
+/// `last_error` of an event quarantined behind a quarantined dependency: the prefix, then
+/// `kind:key` of the dependency (the finish statement releases it when that is delivered).
+pub const DEPENDENCY_PREFIX: &str = "waiting for quarantined ";
+
 pub fn request_id(name: &str) -> Uuid {
     Uuid::new_v5(&REQUEST_ID_NAMESPACE, name.as_bytes())
 }
@@ -409,11 +413,21 @@ impl Drainer {
     }
 
     async fn wait_for_dependency(&self, event: &Event, kind: &str, key: &str) -> Result<Step, WorkerError> {
+        let field = if kind == "patient" { "patient_id" } else { "dept_code" };
+        // The record needed is quarantined: this one waits in the quarantine too, and goes by
+        // itself once the DBA's fix of that record is delivered (see Store::finish).
+        if self.store.is_quarantined(kind, key).await? {
+            let message = format!("{DEPENDENCY_PREFIX}{kind}:{key}");
+            self.store
+                .quarantine(event.id, field, "dependency-quarantined", &message)
+                .await?;
+            return Ok(Step::Quarantined);
+        }
         if event.attempts >= self.config.worker.max_dependency_attempts {
             self.store
                 .quarantine(
                     event.id,
-                    if kind == "patient" { "patient_id" } else { "dept_code" },
+                    field,
                     "dependency-not-delivered",
                     &format!("{kind} {key} has not reached the platform (is it quarantined?)"),
                 )

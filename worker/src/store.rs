@@ -110,6 +110,14 @@ impl Store {
                 quote_literal(timezone)
             ))
             .await?;
+        // Our statements carry patients' data as parameters (frozen reports, source rows): keep
+        // them out of the server log even where slow statements are logged.
+        if let Err(e) = client.batch_execute("SET log_parameter_max_length = 0").await {
+            tracing::warn!(
+                error = %WorkerError::from(e),
+                "cannot turn off logging of statement parameters: GRANT SET ON PARAMETER log_parameter_max_length to this role"
+            );
+        }
         let mut sources = HashMap::new();
         for row in client
             .query(
@@ -466,11 +474,30 @@ impl Store {
                  qh AS (
                     INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)
                     SELECT id, kind, key, op, xid, created_at, 'superseded', attempts,
-                           'a later event of the same record finished' FROM q)
+                           'a later event of the same record finished' FROM q),
+                 -- Records that waited in the quarantine for this one go again by themselves.
+                 released AS (
+                    UPDATE hmr.outbox o
+                       SET state = 'pending', plan = NULL, step = 0, generation = o.generation + 1, attempts = 0,
+                           next_attempt_at = '-infinity', last_error = NULL, error_field = NULL,
+                           error_reason = NULL, failed_at = NULL
+                      FROM d
+                     WHERE d.outcome = 'delivered' AND o.state = 'quarantined'
+                       AND o.error_reason = 'dependency-quarantined'
+                       AND o.last_error = $8 || d.kind || ':' || d.key)
                  INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, version, attempts, detail)
                  SELECT id, kind, key, op, xid, created_at, outcome, version, attempts, detail FROM d
                  RETURNING kind, outcome",
-                &[&self.worker_id, &ids, &versions, &hashes, &revoked, &outcomes, &details],
+                &[
+                    &self.worker_id,
+                    &ids,
+                    &versions,
+                    &hashes,
+                    &revoked,
+                    &outcomes,
+                    &details,
+                    &crate::drain::DEPENDENCY_PREFIX,
+                ],
             )
             .await?;
         for row in &rows {
@@ -537,6 +564,18 @@ impl Store {
             )
             .await?;
         Ok(())
+    }
+
+    /// Whether the record has a quarantined event (its DBA must fix it first).
+    pub async fn is_quarantined(&self, kind: &str, key: &str) -> Result<bool, WorkerError> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM hmr.outbox WHERE kind = $1 AND key = $2 AND state = 'quarantined')",
+                &[&kind, &key],
+            )
+            .await?
+            .get(0))
     }
 
     /// Forgets what we believed the platform holds of a record (it said it lacks it).
