@@ -30,8 +30,9 @@ pub fn repo_root() -> PathBuf {
 /// The cargo target directory holding the built binaries (…/target/debug).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/debug/deps/<test> → target/debug
-    exe.parent().and_then(Path::parent).expect("target/debug").to_path_buf()
+    // target/debug/deps/<test> or target/debug/<bin> → target/debug
+    let dir = exe.parent().expect("a directory");
+    if dir.ends_with("deps") { dir.parent().expect("target/debug") } else { dir }.to_path_buf()
 }
 
 fn unique_dir(prefix: &str) -> PathBuf {
