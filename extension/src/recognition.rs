@@ -264,13 +264,7 @@ fn record_check(row: &CheckRow) {
 
 /// 4413**********1234: enough to recognise, not enough to identify.
 pub fn mask_id(id_no: &str) -> String {
-    let chars: Vec<char> = id_no.chars().collect();
-    if chars.len() <= 8 {
-        return "*".repeat(chars.len());
-    }
-    let head: String = chars[..4].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
-    format!("{head}{}{tail}", "*".repeat(chars.len() - 8))
+    hmr_protocol::mask::id_no(id_no)
 }
 
 /// Makes sure a check is in `hmr.checks` (re-recording it from this session's memory when

@@ -6,6 +6,7 @@
 
 pub mod checks;
 pub mod envelope;
+pub mod mask;
 pub mod paths;
 pub mod sign;
 pub mod source;

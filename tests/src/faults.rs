@@ -434,6 +434,11 @@ async fn verify(his: &Client, sim: &Sim, planted: &HashSet<String>) -> Result<Ou
     let held = &state["orgs"][ORG_CODE];
     let requests = sim.requests().await?;
 
+    // The last upload applied per report, in journal order.
+    let mut last_upload: HashMap<String, &Value> = HashMap::new();
+    for r in requests.iter().filter(|r| r["path"] == "/api/v1/lab-reports" && r["effect"] == "applied") {
+        last_upload.insert(r["body"]["reportNo"].as_str().unwrap_or_default().to_string(), r);
+    }
     // Reports: audited → the newest version at the platform is valid with today's value;
     // not audited → nothing held, or the newest version revoked.
     for row in his
@@ -451,11 +456,7 @@ async fn verify(his: &Client, sim: &Sim, planted: &HashSet<String>) -> Result<Ou
             (true, None) => o.lost.push(format!("report {no}: audited, not at the platform")),
             (true, Some(v)) if v["revoked"] == true => o.lost.push(format!("report {no}: audited, revoked at the platform")),
             (true, Some(_)) => {
-                let last_upload = requests
-                    .iter()
-                    .filter(|r| r["path"] == "/api/v1/lab-reports" && r["body"]["reportNo"] == no && r["effect"] == "applied")
-                    .last();
-                let sent = last_upload.and_then(|r| r["body"]["items"][0]["resultValue"].as_str()).map(str::to_string);
+                let sent = last_upload.get(&no).and_then(|r| r["body"]["items"][0]["resultValue"].as_str()).map(str::to_string);
                 if sent != value {
                     o.lost.push(format!("report {no}: platform has {sent:?}, LIS has {value:?}"));
                 }

@@ -437,6 +437,10 @@ shutdown_grace_secs = 2
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 fn spawn_worker(config: &Path, log: &Path) -> Result<Child> {

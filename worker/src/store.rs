@@ -513,6 +513,8 @@ impl Store {
         self.metrics
             .retries
             .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let error = hmr_protocol::mask::scrub(error);
+        let error = error.as_str();
         self.client
             .execute(
                 "UPDATE hmr.outbox
@@ -530,6 +532,9 @@ impl Store {
         self.metrics
             .quarantined
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A platform's message may quote the record: no full identity number is kept.
+        let message = hmr_protocol::mask::scrub(message);
+        let message = message.as_str();
         self.client
             .execute(
                 "WITH q AS (

@@ -1,0 +1,304 @@
+//! `hmr-bench`: drain throughput, commit-to-platform latency, SQL call overhead and backlog
+//! recovery against the simulator on loopback (see bench/README in BENCHMARKS.md).
+//!   cargo build --release -p hmr-worker -p hmr-platform-sim -p hmr-e2e --bin hmr-bench
+//!   target/release/hmr-bench [drain|latency|sql|backlog|all]
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use hmr_e2e::*;
+use serde_json::json;
+
+fn rss_peak_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn patients_and_reports(his: &tokio_postgres::Client, patients: i64, reports: i64) -> Result<()> {
+    his.batch_execute(
+        "ALTER TABLE his.patient DISABLE TRIGGER hmr_capture_patient;
+         ALTER TABLE lis.report DISABLE TRIGGER hmr_capture_lab_report_upd;
+         ALTER TABLE lis.report DISABLE TRIGGER hmr_capture_lab_report;
+         CREATE FUNCTION pg_temp.id_no(n bigint) RETURNS text LANGUAGE sql AS $$
+            SELECT d || substr('10X98765432',
+                   (SELECT sum(substr(d, i::int, 1)::int * w)
+                      FROM unnest(ARRAY[7,9,10,5,8,4,2,1,6,3,7,9,10,5,8,4,2]) WITH ORDINALITY AS t(w, i))::int % 11 + 1, 1)
+              FROM (SELECT '441302' || to_char(date '1940-01-01' + (n % 25000)::int, 'YYYYMMDD')
+                           || lpad((n % 1000)::text, 3, '0') AS d) s $$;",
+    )
+    .await?;
+    his.execute(
+        "INSERT INTO his.patient (patient_id, id_no, name, sex, birthday)
+         SELECT 'B' || lpad(n::text, 7, '0'), pg_temp.id_no(n), '患者', (n % 2) + 1, date '1940-01-01' + (n % 25000)::int
+           FROM generate_series(1, $1::bigint) n",
+        &[&patients],
+    )
+    .await?;
+    his.execute(
+        "INSERT INTO lis.report (report_no, patient_id, group_code, group_name, reported_at, auditor_no, status, audited_at)
+         SELECT 'K' || lpad(g::text, 7, '0'), 'P000' || (g % 3 + 1), 'JY0001', '血常规', now() - interval '1 hour', 'T001', 'audited', now()
+           FROM generate_series(1, $1::bigint) g",
+        &[&reports],
+    )
+    .await?;
+    his.execute(
+        "INSERT INTO lis.result (report_no, seq, item_code, item_name, value, unit)
+         SELECT report_no, s, 'I' || s, '项目' || s, (4 + s)::text, 'U' FROM lis.report, generate_series(1, 5) s WHERE report_no LIKE 'K%'",
+        &[],
+    )
+    .await?;
+    his.batch_execute(
+        "ALTER TABLE his.patient ENABLE TRIGGER hmr_capture_patient;
+         ALTER TABLE lis.report ENABLE TRIGGER hmr_capture_lab_report_upd;
+         ALTER TABLE lis.report ENABLE TRIGGER hmr_capture_lab_report;",
+    )
+    .await?;
+    Ok(())
+}
+
+async fn drain() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    // The sample patients first, so reports do not wait for them.
+    let worker = Worker::start(&cluster, &sim, &WorkerOptions { batch_size: 1000, ..Default::default() })?;
+    wait_until(Duration::from_secs(30), "sample", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    drop(worker);
+    patients_and_reports(&his, 100_000, 20_000).await?;
+    his.batch_execute("INSERT INTO hmr.outbox (kind, key, op) SELECT 'patient', patient_id, 'S' FROM his.patient WHERE patient_id LIKE 'B%'").await?;
+    let worker = Worker::start(&cluster, &sim, &WorkerOptions { batch_size: 2000, ..Default::default() })?;
+    let t = Instant::now();
+    wait_until(Duration::from_secs(600), "patients", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    let p = t.elapsed();
+    his.batch_execute("INSERT INTO hmr.outbox (kind, key, op) SELECT 'lab_report', report_no, 'S' FROM lis.report WHERE report_no LIKE 'K%'").await?;
+    let t = Instant::now();
+    wait_until(Duration::from_secs(900), "reports", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    let r = t.elapsed();
+    println!("| drain | events | seconds | events/s |\n|---|---|---|---|");
+    println!("| patients, batches of 500 | 100000 | {:.1} | {:.0} |", p.as_secs_f64(), 100_000.0 / p.as_secs_f64());
+    println!("| lab reports, one request each (+ rendered PDF) | 20000 | {:.1} | {:.0} |", r.as_secs_f64(), 20_000.0 / r.as_secs_f64());
+    println!("worker peak RSS: {} MB", rss_peak_kb(worker_pid(&worker)) / 1024);
+    Ok(())
+}
+
+fn worker_pid(w: &Worker) -> u32 {
+    w.pid()
+}
+
+async fn latency() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions { batch_size: 500, ..Default::default() })?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let secs = 120u64;
+    let rate = 300u64;
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        n += 1;
+        his.batch_execute(&format!(
+            "INSERT INTO lis.report (report_no, patient_id, group_code, group_name, reported_at, auditor_no, status, audited_at)
+             VALUES ('Q{n:07}', 'P000{}', 'JY0001', '血常规', now() - interval '1 hour', 'T001', 'audited', now());
+             INSERT INTO lis.result VALUES ('Q{n:07}', 1, 'WBC', '白细胞', '5.0', 'U', NULL, NULL, false);",
+            n % 3 + 1
+        ))
+        .await?;
+        let due = start + Duration::from_micros(n * 1_000_000 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    wait_until(Duration::from_secs(60), "drained", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    let row = his
+        .query_one(
+            "SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.95) WITHIN GROUP (ORDER BY ms),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+               FROM (SELECT extract(epoch FROM finished_at - created_at) * 1000 AS ms
+                       FROM hmr.outbox_history WHERE key LIKE 'Q%' AND outcome = 'delivered') x",
+            &[],
+        )
+        .await?;
+    let (c, p50, p95, p99): (i64, f64, f64, f64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    println!("| commit → platform (recorded) at {rate} events/s for {secs} s | n | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|");
+    println!("| lab reports (data + PDF) | {c} | {p50:.1} | {p95:.1} | {p99:.1} |");
+    Ok(())
+}
+
+async fn sql_overhead() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    his.execute("SELECT hmr.configure_platform($1, $2, 'hz1', 'hz1-secret')", &[&sim.base, &ORG_CODE]).await?;
+    OtherHospital::new(&sim).lab_report("441302198003151233", "1980-03-15", "W-CBC-1", "JY0001", 1).await?;
+    let worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    wait_until(Duration::from_secs(20), "patients", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient'").await? == 3)
+    })
+    .await?;
+    drop(worker);
+    let visit = json!({"id_type": "01", "id_no": "441302198003151233", "patient_id": "P0001", "visit_type": "1",
+                       "visit_no": "MZ001", "doctor_no": "D001", "dept_code": "0301"});
+    let orders = json!([{"order_id": "B1", "item_code": "JY0001", "type": "lab"}]);
+    let pct = |mut v: Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * p) as usize]
+    };
+    let time_sql = |sql: &'static str| {
+        let his = &his;
+        let (visit, orders) = (visit.clone(), orders.clone());
+        async move {
+            let mut v = Vec::new();
+            for i in 0..320 {
+                let t = Instant::now();
+                if sql.contains("check") {
+                    his.query_one(sql, &[&visit, &orders]).await?;
+                } else {
+                    his.query_one(sql, &[]).await?;
+                }
+                if i >= 20 {
+                    v.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            anyhow::Ok(v)
+        }
+    };
+    let check = time_sql("SELECT hmr_check_prescription($1, $2)").await?;
+    let list = time_sql("SELECT hmr_list_recognitions('01', '441302198003151233', 'MZ001', 'D001', '0301', use_cache => false)").await?;
+    // The simulator's own time: the same requests straight from this process, token cached.
+    let http = reqwest::Client::new();
+    let token_req = hmr_protocol::paths::token(&hmr_protocol::TokenRequest::Password {
+        username: "hz1".into(),
+        password: "hz1-secret".into(),
+        scope: hmr_protocol::Scope::Recognition,
+    });
+    let tok: serde_json::Value = http
+        .post(format!("{}{}", sim.base, token_req.path))
+        .header("X-Org-Code", ORG_CODE)
+        .header("X-Request-Id", uuid::Uuid::new_v4().to_string())
+        .header("Content-Type", "application/json")
+        .body(token_req.body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = tok["data"]["accessToken"].as_str().unwrap_or_default().to_string();
+    let mut direct_check = Vec::new();
+    let mut direct_list = Vec::new();
+    let check_req = hmr_protocol::paths::prescription_check(&hmr_protocol::PrescriptionCheck {
+        id_type: "01".into(),
+        id_no: "441302198003151233".into(),
+        patient_id: "P0001".into(),
+        visit_type: "1".into(),
+        visit_no: "MZ001".into(),
+        doctor_no: "D001".into(),
+        dept_code: "0301".into(),
+        orders: vec![hmr_protocol::CheckOrder {
+            order_id: "B1".into(),
+            local_item_code: "JY0001".into(),
+            data_code: "JY0001".into(),
+            report_type: hmr_protocol::ReportType::Lab,
+        }],
+    });
+    let list_req = hmr_protocol::paths::list_recognitions(&hmr_protocol::ListQuery {
+        id_type: "01".into(),
+        id_no: "441302198003151233".into(),
+        visit_no: "MZ001".into(),
+        doctor_no: "D001".into(),
+        dept_code: "0301".into(),
+        kind: "all".into(),
+    });
+    for i in 0..320 {
+        for (req, out) in [(&check_req, &mut direct_check), (&list_req, &mut direct_list)] {
+            let t = Instant::now();
+            let mut b = http
+                .request(if req.method == hmr_protocol::paths::Method::Get { reqwest::Method::GET } else { reqwest::Method::POST }, format!("{}{}", sim.base, req.path))
+                .header("X-Org-Code", ORG_CODE)
+                .header("X-Request-Id", uuid::Uuid::new_v4().to_string())
+                .bearer_auth(&token);
+            if req.method != hmr_protocol::paths::Method::Get {
+                b = b.header("Content-Type", "application/json").body(req.body.clone());
+            }
+            b.send().await?.bytes().await?;
+            if i >= 20 {
+                out.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    println!("| call | SQL p50 ms | SQL p99 ms | platform alone p50 ms | p99 ms | overhead p50 ms |\n|---|---|---|---|---|---|");
+    for (name, sql, direct) in [("hmr_check_prescription", check, direct_check), ("hmr_list_recognitions", list, direct_list)] {
+        let (s50, s99, d50, d99) = (pct(sql.clone(), 0.5), pct(sql, 0.99), pct(direct.clone(), 0.5), pct(direct, 0.99));
+        println!("| {name} | {s50:.2} | {s99:.2} | {d50:.2} | {d99:.2} | {:.2} |", s50 - d50);
+    }
+    // Hanging platform: time to `unavailable` with a 1 s timeout.
+    sim.faults(json!({"hang": true})).await?;
+    his.batch_execute("SET hmr.platform_timeout_ms = 1000").await?;
+    let mut hang = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        his.query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders]).await?;
+        hang.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    println!("hanging platform, timeout 1000 ms: unavailable after median {:.0} ms", pct(hang, 0.5));
+    sim.clear_faults().await?;
+    Ok(())
+}
+
+async fn backlog() -> Result<()> {
+    // A scaled outage: 300 events/s for 5 minutes = 90,000 approvals committed while the
+    // platform is down, then it returns.
+    let events: i64 = 90_000;
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    let worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    wait_until(Duration::from_secs(30), "sample", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    sim.faults(json!({"status": 503})).await?;
+    his.execute(
+        "INSERT INTO lis.report (report_no, patient_id, group_code, group_name, reported_at, auditor_no, status, audited_at)
+         SELECT 'O' || lpad(g::text, 7, '0'), 'P000' || (g % 3 + 1), 'JY0001', '血常规', now() - interval '1 hour', 'T001', 'audited', now()
+           FROM generate_series(1, $1::bigint) g",
+        &[&events],
+    )
+    .await?;
+    his.batch_execute("INSERT INTO lis.result SELECT report_no, 1, 'WBC', '白细胞', '5.0', 'U', NULL, NULL, false FROM lis.report WHERE report_no LIKE 'O%'").await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    sim.clear_faults().await?;
+    let t = Instant::now();
+    wait_until(Duration::from_secs(1800), "backlog drained", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    let took = t.elapsed();
+    his.batch_execute("SELECT pg_stat_force_next_flush()").await.ok();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let size: String = his.query_one("SELECT pg_size_pretty(pg_total_relation_size('hmr.outbox'))", &[]).await?.get(0);
+    let dead = count(&his, "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass").await?;
+    println!("| backlog | events | drain s | events/s | outbox size after | dead tuples after |\n|---|---|---|---|---|---|");
+    println!("| 5 min outage at 300/s (scaled from 1 h) | {events} | {:.1} | {:.0} | {size} | {dead} |", took.as_secs_f64(), events as f64 / took.as_secs_f64());
+    println!("worker peak RSS: {} MB", rss_peak_kb(worker.pid()) / 1024);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        if what == "drain" || what == "all" {
+            drain().await?;
+        }
+        if what == "sql" || what == "all" {
+            sql_overhead().await?;
+        }
+        if what == "latency" || what == "all" {
+            latency().await?;
+        }
+        if what == "backlog" || what == "all" {
+            backlog().await?;
+        }
+        anyhow::Ok(())
+    })
+}
