@@ -90,31 +90,31 @@ CREATE UNLOGGED TABLE hmr.sleepers (
 );
 
 -- The capture trigger. Arguments: kind, key column. It records which row changed and
--- nothing else. (A faster C-level version is issue #7's; the contract stays the same.)
--- SECURITY DEFINER so HIS roles need no rights on the outbox; the pinned search_path keeps
--- a caller's own objects from being run with the definer's rights.
+-- nothing else. SECURITY DEFINER so HIS roles need no rights on the outbox; every name and
+-- operator in it is schema-qualified, so a caller's search_path cannot slip its own objects
+-- in (and no per-call `SET search_path`, which costs as much as the insert).
 CREATE FUNCTION hmr.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
-    new_key text;
-    old_key text;
+    new_key pg_catalog.text;
+    old_key pg_catalog.text;
 BEGIN
-    IF TG_OP <> 'DELETE' THEN
-        new_key := to_jsonb(NEW) ->> TG_ARGV[1];
+    IF TG_OP OPERATOR(pg_catalog.<>) 'DELETE' THEN
+        new_key := pg_catalog.to_jsonb(NEW) OPERATOR(pg_catalog.->>) TG_ARGV[1];
+        IF new_key IS NOT NULL THEN
+            INSERT INTO hmr.outbox (kind, key, op) VALUES (TG_ARGV[0], new_key, pg_catalog.left(TG_OP, 1)::pg_catalog."char");
+        END IF;
     END IF;
-    IF TG_OP <> 'INSERT' THEN
-        old_key := to_jsonb(OLD) ->> TG_ARGV[1];
+    IF TG_OP OPERATOR(pg_catalog.<>) 'INSERT' THEN
+        old_key := pg_catalog.to_jsonb(OLD) OPERATOR(pg_catalog.->>) TG_ARGV[1];
+        -- A key that changed (or a deleted row) leaves the old record to reconcile too.
+        IF old_key IS NOT NULL AND (new_key IS NULL OR NOT (old_key OPERATOR(pg_catalog.=) new_key)) THEN
+            INSERT INTO hmr.outbox (kind, key, op) VALUES (TG_ARGV[0], old_key, 'D');
+        END IF;
     END IF;
-    IF new_key IS NOT NULL THEN
-        INSERT INTO hmr.outbox (kind, key, op) VALUES (TG_ARGV[0], new_key, left(TG_OP, 1));
-    END IF;
-    -- A key that changed (or a deleted row) leaves the old record to reconcile too.
-    IF old_key IS NOT NULL AND old_key IS DISTINCT FROM new_key THEN
-        INSERT INTO hmr.outbox (kind, key, op) VALUES (TG_ARGV[0], old_key, 'D');
-    END IF;
-    IF EXISTS (SELECT 1 FROM hmr.sleepers WHERE until > now()) THEN
+    IF EXISTS (SELECT 1 FROM hmr.sleepers s WHERE s.until OPERATOR(pg_catalog.>) pg_catalog.now()) THEN
         -- Same channel and payload fold into one NOTIFY per transaction.
-        PERFORM pg_notify('hmr_outbox', '');
+        PERFORM pg_catalog.pg_notify('hmr_outbox', '');
     END IF;
     RETURN NULL;
 END

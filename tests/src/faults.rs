@@ -436,7 +436,10 @@ async fn verify(his: &Client, sim: &Sim, planted: &HashSet<String>) -> Result<Ou
 
     // The last upload applied per report, in journal order.
     let mut last_upload: HashMap<String, &Value> = HashMap::new();
-    for r in requests.iter().filter(|r| r["path"] == "/api/v1/lab-reports" && r["effect"] == "applied") {
+    for r in requests
+        .iter()
+        .filter(|r| r["path"] == "/api/v1/lab-reports" && r["effect"] == "applied")
+    {
         last_upload.insert(r["body"]["reportNo"].as_str().unwrap_or_default().to_string(), r);
     }
     // Reports: audited → the newest version at the platform is valid with today's value;

@@ -32,7 +32,12 @@ pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/debug/deps/<test> or target/debug/<bin> → target/debug
     let dir = exe.parent().expect("a directory");
-    if dir.ends_with("deps") { dir.parent().expect("target/debug") } else { dir }.to_path_buf()
+    if dir.ends_with("deps") {
+        dir.parent().expect("target/debug")
+    } else {
+        dir
+    }
+    .to_path_buf()
 }
 
 fn unique_dir(prefix: &str) -> PathBuf {
@@ -328,6 +333,8 @@ pub struct WorkerOptions {
     pub auth: &'static str,
     /// The database role the worker logs in as.
     pub db_user: &'static str,
+    /// Render report PDFs when the source has none.
+    pub render_pdf: bool,
 }
 
 impl Default for WorkerOptions {
@@ -341,6 +348,7 @@ impl Default for WorkerOptions {
             batch_size: 200,
             auth: "password",
             db_user: "postgres",
+            render_pdf: true,
         }
     }
 }
@@ -377,6 +385,10 @@ backoff_max_ms = {bm}
 lease_secs = {lease}
 batch_size = {batch}
 shutdown_grace_secs = 2
+
+[pdf]
+render = {render}
+hospital_name = "惠州市第一人民医院"
 "#,
             url = cluster
                 .url("his")
@@ -389,6 +401,7 @@ shutdown_grace_secs = 2
             bm = options.backoff_max_ms,
             lease = options.lease_secs,
             batch = options.batch_size,
+            render = options.render_pdf,
         );
         std::fs::write(&config_path, config)?;
         use std::os::unix::fs::PermissionsExt;

@@ -282,6 +282,21 @@ async fn the_gate_refuses_an_undecided_duplicate_then_saves_after_a_decision() -
 #[tokio::test(flavor = "multi_thread")]
 async fn a_decision_made_while_the_platform_is_down_arrives_once() -> Result<()> {
     let s = setup().await?;
+    // The inpatient workstation asks the same question under its visit type.
+    let inpatient = json_of(
+        &s.his,
+        "SELECT his.inpatient_check_item('P0001', 'ZY001', 'D001', '0301', 'I1', 'lab', 'JY0001')",
+    )
+    .await?;
+    assert_eq!(inpatient["duplicate"], true);
+    assert_eq!(
+        count(
+            &s.his,
+            "SELECT count(*) FROM hmr.checks WHERE visit_type = '3' AND visit_no = 'ZY001'"
+        )
+        .await?,
+        1
+    );
     let check = json_of(
         &s.his,
         "SELECT his.outpatient_check_item('P0001', 'MZ001', 'D001', '0301', 'O9', 'lab', 'JY0001')",

@@ -290,3 +290,72 @@ async fn polled_exam_source_equal_times_late_rows_delay_and_unmapped_items() -> 
     wait_until(Duration::from_secs(10), "an empty outbox", || outbox_empty(&his)).await?;
     Ok(())
 }
+
+/// The exam system in another database, read through postgres_fdw: the source view is over a
+/// foreign table, and the polled source picks its reports up like a local one.
+#[tokio::test(flavor = "multi_thread")]
+async fn exam_reports_polled_from_a_foreign_table() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let admin = cluster.connect("postgres").await?;
+    admin.batch_execute("CREATE DATABASE ris_vendor").await?;
+    let vendor = cluster.connect("ris_vendor").await?;
+    vendor
+        .batch_execute(
+            "CREATE TABLE exam (exam_no text PRIMARY KEY, patient_id text, modality text, item_code text, item_name text,
+                                findings text, conclusion text, reported_at timestamptz, audited_at timestamptz,
+                                auditor text, status text);",
+        )
+        .await?;
+    his.batch_execute(&format!(
+        "CREATE EXTENSION postgres_fdw;
+         CREATE SERVER ris FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '{}', port '{}', dbname 'ris_vendor');
+         CREATE USER MAPPING FOR CURRENT_USER SERVER ris OPTIONS (user 'postgres');
+         CREATE SCHEMA ris_remote;
+         IMPORT FOREIGN SCHEMA public LIMIT TO (exam) FROM SERVER ris INTO ris_remote;
+         DROP VIEW hmr_src.exam_report;
+         CREATE VIEW hmr_src.exam_report AS
+         SELECT e.exam_no AS report_no, e.patient_id, p.id_type, p.id_no, p.name AS patient_name,
+                e.modality AS exam_class, e.item_code AS local_item_code, e.item_name AS local_item_name,
+                e.item_name AS exam_item_name, e.findings, e.conclusion AS impression, e.reported_at,
+                e.audited_at, e.auditor AS auditor_no
+           FROM ris_remote.exam e JOIN his.patient p USING (patient_id)
+          WHERE e.status = 'F';",
+        cluster.dir.display(),
+        cluster.port
+    ))
+    .await?;
+    assert_eq!(
+        count(&his, "SELECT count(*) FROM hmr.check_sources('exam_report')").await?,
+        0,
+        "the foreign source checks clean"
+    );
+    let sim = Sim::start()?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    vendor
+        .batch_execute(
+            "INSERT INTO exam VALUES ('R1', 'P0001', 'CT', 'CT-HEAD', '头颅CT平扫', '脑实质未见异常。', '未见异常。',
+                                      now() - interval '10 minutes', now() - interval '5 minutes', 'D001', 'F'),
+                                     ('R2', 'P0002', 'CT', 'CT-HEAD', '头颅CT平扫', '脑实质未见异常。', '未见异常。',
+                                      now(), now(), 'D001', 'P');",
+        )
+        .await?;
+    wait_until(Duration::from_secs(20), "the foreign report", || async {
+        Ok(!history_of(&sim, "/api/v1/exam-reports", "R1").await?.is_empty())
+    })
+    .await?;
+    let body = sim
+        .requests()
+        .await?
+        .into_iter()
+        .find(|r| r["path"] == "/api/v1/exam-reports" && r["body"]["reportNo"] == "R1")
+        .map(|r| r["body"].clone())
+        .unwrap_or(Value::Null);
+    assert_eq!(body["dataCode"], "JC0001", "mapped through hmr.item_map");
+    assert!(
+        history_of(&sim, "/api/v1/exam-reports", "R2").await?.is_empty(),
+        "a preliminary report stays"
+    );
+    Ok(())
+}

@@ -17,9 +17,17 @@ impl Drop for Script {
 async fn alter_extension_update_keeps_everything() -> Result<()> {
     let cluster = Cluster::start().await?;
     let his = cluster.connect("his").await?;
-    let from: String = his.query_one("SELECT extversion FROM pg_extension WHERE extname = 'hmr'", &[]).await?.get(0);
+    let from: String = his
+        .query_one("SELECT extversion FROM pg_extension WHERE extname = 'hmr'", &[])
+        .await?
+        .get(0);
     let to = format!("{from}-upgrade-test-{}", std::process::id());
-    let sharedir = String::from_utf8(std::process::Command::new(format!("{PG_BIN}/pg_config")).arg("--sharedir").output()?.stdout)?;
+    let sharedir = String::from_utf8(
+        std::process::Command::new(format!("{PG_BIN}/pg_config"))
+            .arg("--sharedir")
+            .output()?
+            .stdout,
+    )?;
     let _script = Script(std::path::Path::new(sharedir.trim()).join(format!("extension/hmr--{from}--{to}.sql")));
     std::fs::write(
         &_script.0,
@@ -28,13 +36,21 @@ async fn alter_extension_update_keeps_everything() -> Result<()> {
          COMMENT ON TABLE hmr.outbox IS 'which record changed and how';\n",
     )?;
     let event: i64 = his.query_one("SELECT hmr.enqueue('patient', 'P1')", &[]).await?.get(0);
-    his.batch_execute("INSERT INTO hmr.delivered (kind, key, version, content_hash) VALUES ('patient', 'P0', 1, 'h')").await?;
+    his.batch_execute("INSERT INTO hmr.delivered (kind, key, version, content_hash) VALUES ('patient', 'P0', 1, 'h')")
+        .await?;
 
-    his.batch_execute(&format!("ALTER EXTENSION hmr UPDATE TO '{to}'")).await?;
-    let now: String = his.query_one("SELECT extversion FROM pg_extension WHERE extname = 'hmr'", &[]).await?.get(0);
+    his.batch_execute(&format!("ALTER EXTENSION hmr UPDATE TO '{to}'"))
+        .await?;
+    let now: String = his
+        .query_one("SELECT extversion FROM pg_extension WHERE extname = 'hmr'", &[])
+        .await?
+        .get(0);
     assert_eq!(now, to);
     assert_eq!(count(&his, "SELECT events FROM hmr.upgrade_probe").await?, 1);
-    assert_eq!(count(&his, &format!("SELECT count(*) FROM hmr.outbox WHERE id = {event}")).await?, 1);
+    assert_eq!(
+        count(&his, &format!("SELECT count(*) FROM hmr.outbox WHERE id = {event}")).await?,
+        1
+    );
     assert_eq!(count(&his, "SELECT count(*) FROM hmr.delivered").await?, 1);
     // The new object belongs to the extension (dropped with it, dumped as part of it).
     assert_eq!(
@@ -48,6 +64,9 @@ async fn alter_extension_update_keeps_everything() -> Result<()> {
     );
     // Capture still works after the upgrade.
     his.batch_execute("INSERT INTO his.patient (patient_id, id_no, name, sex, birthday) VALUES ('P9', '441302198003151233', 'x', 1, '1980-03-15')").await?;
-    assert_eq!(count(&his, "SELECT count(*) FROM hmr.outbox WHERE key = 'P9'").await?, 1);
+    assert_eq!(
+        count(&his, "SELECT count(*) FROM hmr.outbox WHERE key = 'P9'").await?,
+        1
+    );
     Ok(())
 }

@@ -12,7 +12,11 @@ use serde_json::json;
 fn rss_peak_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -64,23 +68,91 @@ async fn drain() -> Result<()> {
     load_sample_data(&his).await?;
     let sim = Sim::start()?;
     // The sample patients first, so reports do not wait for them.
-    let worker = Worker::start(&cluster, &sim, &WorkerOptions { batch_size: 1000, ..Default::default() })?;
-    wait_until(Duration::from_secs(30), "sample", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    let worker = Worker::start(
+        &cluster,
+        &sim,
+        &WorkerOptions {
+            batch_size: 1000,
+            ..Default::default()
+        },
+    )?;
+    wait_until(Duration::from_secs(30), "sample", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+    })
+    .await?;
     drop(worker);
     patients_and_reports(&his, 100_000, 20_000).await?;
     his.batch_execute("INSERT INTO hmr.outbox (kind, key, op) SELECT 'patient', patient_id, 'S' FROM his.patient WHERE patient_id LIKE 'B%'").await?;
-    let worker = Worker::start(&cluster, &sim, &WorkerOptions { batch_size: 2000, ..Default::default() })?;
+    let worker = Worker::start(
+        &cluster,
+        &sim,
+        &WorkerOptions {
+            batch_size: 2000,
+            ..Default::default()
+        },
+    )?;
     let t = Instant::now();
-    wait_until(Duration::from_secs(600), "patients", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    wait_until(Duration::from_secs(600), "patients", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+    })
+    .await?;
     let p = t.elapsed();
     his.batch_execute("INSERT INTO hmr.outbox (kind, key, op) SELECT 'lab_report', report_no, 'S' FROM lis.report WHERE report_no LIKE 'K%'").await?;
     let t = Instant::now();
-    wait_until(Duration::from_secs(900), "reports", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    wait_until(Duration::from_secs(900), "reports", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+    })
+    .await?;
     let r = t.elapsed();
+    let rss = rss_peak_kb(worker_pid(&worker)) / 1024;
+    drop(worker);
+    // As many new reports as data only (no PDF): what the upload path itself costs.
+    his.batch_execute(
+        "ALTER TABLE lis.report DISABLE TRIGGER USER;
+         INSERT INTO lis.report (report_no, patient_id, group_code, group_name, reported_at, auditor_no, status, audited_at)
+         SELECT 'D' || substr(report_no, 2), patient_id, group_code, group_name, reported_at, auditor_no, status, audited_at
+           FROM lis.report WHERE report_no LIKE 'K%';
+         INSERT INTO lis.result SELECT 'D' || substr(report_no, 2), seq, item_code, item_name, value, unit, ref_range, flag, critical
+           FROM lis.result WHERE report_no LIKE 'K%';
+         ALTER TABLE lis.report ENABLE TRIGGER USER;",
+    )
+    .await?;
+    let worker = Worker::start(
+        &cluster,
+        &sim,
+        &WorkerOptions {
+            batch_size: 2000,
+            render_pdf: false,
+            ..Default::default()
+        },
+    )?;
+    his.batch_execute("INSERT INTO hmr.outbox (kind, key, op) SELECT 'lab_report', report_no, 'S' FROM lis.report WHERE report_no LIKE 'D%'").await?;
+    let t = Instant::now();
+    wait_until(Duration::from_secs(900), "reports", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+    })
+    .await?;
+    let d = t.elapsed();
     println!("| drain | events | seconds | events/s |\n|---|---|---|---|");
-    println!("| patients, batches of 500 | 100000 | {:.1} | {:.0} |", p.as_secs_f64(), 100_000.0 / p.as_secs_f64());
-    println!("| lab reports, one request each (+ rendered PDF) | 20000 | {:.1} | {:.0} |", r.as_secs_f64(), 20_000.0 / r.as_secs_f64());
-    println!("worker peak RSS: {} MB", rss_peak_kb(worker_pid(&worker)) / 1024);
+    println!(
+        "| patients, batches of 500 | 100000 | {:.1} | {:.0} |",
+        p.as_secs_f64(),
+        100_000.0 / p.as_secs_f64()
+    );
+    println!(
+        "| lab reports, one request each + rendered PDF | 20000 | {:.1} | {:.0} |",
+        r.as_secs_f64(),
+        20_000.0 / r.as_secs_f64()
+    );
+    println!(
+        "| lab reports, one request each (data only) | 20000 | {:.1} | {:.0} |",
+        d.as_secs_f64(),
+        20_000.0 / d.as_secs_f64()
+    );
+    println!(
+        "worker peak RSS: {rss} MB (with PDFs), {} MB (data only)",
+        rss_peak_kb(worker_pid(&worker)) / 1024
+    );
     Ok(())
 }
 
@@ -93,7 +165,16 @@ async fn latency() -> Result<()> {
     let his = cluster.connect("his").await?;
     load_sample_data(&his).await?;
     let sim = Sim::start()?;
-    let _worker = Worker::start(&cluster, &sim, &WorkerOptions { batch_size: 500, ..Default::default() })?;
+    // Report data only: PDF rendering has its own figures (drain table).
+    let _worker = Worker::start(
+        &cluster,
+        &sim,
+        &WorkerOptions {
+            batch_size: 500,
+            render_pdf: false,
+            ..Default::default()
+        },
+    )?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let secs = 120u64;
     let rate = 300u64;
@@ -113,7 +194,10 @@ async fn latency() -> Result<()> {
             tokio::time::sleep(wait).await;
         }
     }
-    wait_until(Duration::from_secs(60), "drained", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    wait_until(Duration::from_secs(60), "drained", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+    })
+    .await?;
     let row = his
         .query_one(
             "SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.95) WITHIN GROUP (ORDER BY ms),
@@ -125,7 +209,7 @@ async fn latency() -> Result<()> {
         .await?;
     let (c, p50, p95, p99): (i64, f64, f64, f64) = (row.get(0), row.get(1), row.get(2), row.get(3));
     println!("| commit → platform (recorded) at {rate} events/s for {secs} s | n | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|");
-    println!("| lab reports (data + PDF) | {c} | {p50:.1} | {p95:.1} | {p99:.1} |");
+    println!("| lab reports (data) | {c} | {p50:.1} | {p95:.1} | {p99:.1} |");
     Ok(())
 }
 
@@ -134,8 +218,14 @@ async fn sql_overhead() -> Result<()> {
     let his = cluster.connect("his").await?;
     load_sample_data(&his).await?;
     let sim = Sim::start()?;
-    his.execute("SELECT hmr.configure_platform($1, $2, 'hz1', 'hz1-secret')", &[&sim.base, &ORG_CODE]).await?;
-    OtherHospital::new(&sim).lab_report("441302198003151233", "1980-03-15", "W-CBC-1", "JY0001", 1).await?;
+    his.execute(
+        "SELECT hmr.configure_platform($1, $2, 'hz1', 'hz1-secret')",
+        &[&sim.base, &ORG_CODE],
+    )
+    .await?;
+    OtherHospital::new(&sim)
+        .lab_report("441302198003151233", "1980-03-15", "W-CBC-1", "JY0001", 1)
+        .await?;
     let worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
     wait_until(Duration::from_secs(20), "patients", || async {
         Ok(count(&his, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient'").await? == 3)
@@ -169,7 +259,10 @@ async fn sql_overhead() -> Result<()> {
         }
     };
     let check = time_sql("SELECT hmr_check_prescription($1, $2)").await?;
-    let list = time_sql("SELECT hmr_list_recognitions('01', '441302198003151233', 'MZ001', 'D001', '0301', use_cache => false)").await?;
+    let list = time_sql(
+        "SELECT hmr_list_recognitions('01', '441302198003151233', 'MZ001', 'D001', '0301', use_cache => false)",
+    )
+    .await?;
     // The simulator's own time: the same requests straight from this process, token cached.
     let http = reqwest::Client::new();
     let token_req = hmr_protocol::paths::token(&hmr_protocol::TokenRequest::Password {
@@ -217,7 +310,14 @@ async fn sql_overhead() -> Result<()> {
         for (req, out) in [(&check_req, &mut direct_check), (&list_req, &mut direct_list)] {
             let t = Instant::now();
             let mut b = http
-                .request(if req.method == hmr_protocol::paths::Method::Get { reqwest::Method::GET } else { reqwest::Method::POST }, format!("{}{}", sim.base, req.path))
+                .request(
+                    if req.method == hmr_protocol::paths::Method::Get {
+                        reqwest::Method::GET
+                    } else {
+                        reqwest::Method::POST
+                    },
+                    format!("{}{}", sim.base, req.path),
+                )
                 .header("X-Org-Code", ORG_CODE)
                 .header("X-Request-Id", uuid::Uuid::new_v4().to_string())
                 .bearer_auth(&token);
@@ -231,9 +331,20 @@ async fn sql_overhead() -> Result<()> {
         }
     }
     println!("| call | SQL p50 ms | SQL p99 ms | platform alone p50 ms | p99 ms | overhead p50 ms |\n|---|---|---|---|---|---|");
-    for (name, sql, direct) in [("hmr_check_prescription", check, direct_check), ("hmr_list_recognitions", list, direct_list)] {
-        let (s50, s99, d50, d99) = (pct(sql.clone(), 0.5), pct(sql, 0.99), pct(direct.clone(), 0.5), pct(direct, 0.99));
-        println!("| {name} | {s50:.2} | {s99:.2} | {d50:.2} | {d99:.2} | {:.2} |", s50 - d50);
+    for (name, sql, direct) in [
+        ("hmr_check_prescription", check, direct_check),
+        ("hmr_list_recognitions", list, direct_list),
+    ] {
+        let (s50, s99, d50, d99) = (
+            pct(sql.clone(), 0.5),
+            pct(sql, 0.99),
+            pct(direct.clone(), 0.5),
+            pct(direct, 0.99),
+        );
+        println!(
+            "| {name} | {s50:.2} | {s99:.2} | {d50:.2} | {d99:.2} | {:.2} |",
+            s50 - d50
+        );
     }
     // Hanging platform: time to `unavailable` with a 1 s timeout.
     sim.faults(json!({"hang": true})).await?;
@@ -241,44 +352,76 @@ async fn sql_overhead() -> Result<()> {
     let mut hang = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        his.query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders]).await?;
+        his.query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
+            .await?;
         hang.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    println!("hanging platform, timeout 1000 ms: unavailable after median {:.0} ms", pct(hang, 0.5));
+    println!(
+        "hanging platform, timeout 1000 ms: unavailable after median {:.0} ms",
+        pct(hang, 0.5)
+    );
     sim.clear_faults().await?;
     Ok(())
 }
 
 async fn backlog() -> Result<()> {
-    // A scaled outage: 300 events/s for 5 minutes = 90,000 approvals committed while the
-    // platform is down, then it returns.
-    let events: i64 = 90_000;
+    // A scaled outage: 300 events/s for 1 minute = 18,000 approvals (report data)
+    // committed while the platform is down, then it returns.
+    let events: i64 = 18_000;
     let cluster = Cluster::start().await?;
     let his = cluster.connect("his").await?;
     load_sample_data(&his).await?;
     let sim = Sim::start()?;
-    let worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
-    wait_until(Duration::from_secs(30), "sample", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
-    sim.faults(json!({"status": 503})).await?;
-    his.execute(
-        "INSERT INTO lis.report (report_no, patient_id, group_code, group_name, reported_at, auditor_no, status, audited_at)
-         SELECT 'O' || lpad(g::text, 7, '0'), 'P000' || (g % 3 + 1), 'JY0001', '血常规', now() - interval '1 hour', 'T001', 'audited', now()
-           FROM generate_series(1, $1::bigint) g",
-        &[&events],
-    )
+    let worker = Worker::start(
+        &cluster,
+        &sim,
+        &WorkerOptions {
+            render_pdf: false,
+            ..Default::default()
+        },
+    )?;
+    wait_until(Duration::from_secs(30), "sample", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+    })
     .await?;
-    his.batch_execute("INSERT INTO lis.result SELECT report_no, 1, 'WBC', '白细胞', '5.0', 'U', NULL, NULL, false FROM lis.report WHERE report_no LIKE 'O%'").await?;
+    sim.faults(json!({"status": 503})).await?;
+    // Reports and their results in one transaction (as a LIS audits a finished report).
+    his.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO lis.report (report_no, patient_id, group_code, group_name, reported_at, auditor_no, status, audited_at)
+         SELECT 'O' || lpad(g::text, 7, '0'), 'P000' || (g % 3 + 1), 'JY0001', '血常规', now() - interval '1 hour', 'T001', 'audited', now()
+           FROM generate_series(1, {events}) g;
+         INSERT INTO lis.result SELECT report_no, 1, 'WBC', '白细胞', '5.0', 'U', NULL, NULL, false FROM lis.report WHERE report_no LIKE 'O%';
+         COMMIT;"
+    ))
+    .await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
     sim.clear_faults().await?;
     let t = Instant::now();
-    wait_until(Duration::from_secs(1800), "backlog drained", || async { Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0) }).await?;
+    wait_until(Duration::from_secs(1800), "backlog drained", || async {
+        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+    })
+    .await?;
     let took = t.elapsed();
     his.batch_execute("SELECT pg_stat_force_next_flush()").await.ok();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let size: String = his.query_one("SELECT pg_size_pretty(pg_total_relation_size('hmr.outbox'))", &[]).await?.get(0);
-    let dead = count(&his, "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass").await?;
-    println!("| backlog | events | drain s | events/s | outbox size after | dead tuples after |\n|---|---|---|---|---|---|");
-    println!("| 5 min outage at 300/s (scaled from 1 h) | {events} | {:.1} | {:.0} | {size} | {dead} |", took.as_secs_f64(), events as f64 / took.as_secs_f64());
+    let size: String = his
+        .query_one("SELECT pg_size_pretty(pg_total_relation_size('hmr.outbox'))", &[])
+        .await?
+        .get(0);
+    let dead = count(
+        &his,
+        "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass",
+    )
+    .await?;
+    println!(
+        "| backlog | events | drain s | events/s | outbox size after | dead tuples after |\n|---|---|---|---|---|---|"
+    );
+    println!(
+        "| 1 min outage at 300/s (scaled from 1 h) | {events} | {:.1} | {:.0} | {size} | {dead} |",
+        took.as_secs_f64(),
+        events as f64 / took.as_secs_f64()
+    );
     println!("worker peak RSS: {} MB", rss_peak_kb(worker.pid()) / 1024);
     Ok(())
 }
