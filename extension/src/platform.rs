@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hmr_protocol::envelope::{parse_data, MAX_ANSWER_BYTES};
 use hmr_protocol::paths::{self, Request, HEADER_ORG_CODE, HEADER_REQUEST_ID};
-use hmr_protocol::{classify, sign, Outcome, Scope, SignAlg, TokenAnswer, TokenRequest};
+use hmr_protocol::{classify, sign, Outcome, Scope, TokenAnswer, TokenRequest};
 use pgrx::prelude::*;
 
 use crate::gucs;
@@ -143,22 +143,14 @@ fn token(settings: &Settings, deadline: Instant, refresh: bool) -> Result<String
     }
     let scope = Scope::Recognition;
     let request = if settings.auth == "signature" {
-        let alg = if settings.sign_alg == "HMAC-SM3" {
-            SignAlg::HmacSm3
-        } else {
-            SignAlg::HmacSha256
-        };
-        let timestamp = chrono::Utc::now().timestamp_millis();
-        let nonce = uuid::Uuid::new_v4().simple().to_string();
-        let sign = sign::sign(alg, &settings.app_secret, &settings.app_id, timestamp, &nonce);
-        TokenRequest::Signature {
-            app_id: settings.app_id.clone(),
-            timestamp,
-            nonce,
+        sign::signature_grant(
+            sign::alg_named(&settings.sign_alg),
+            &settings.app_id,
+            &settings.app_secret,
             scope,
-            sign_alg: alg,
-            sign,
-        }
+            chrono::Utc::now().timestamp_millis(),
+            uuid::Uuid::new_v4().simple().to_string(),
+        )
     } else {
         TokenRequest::Password {
             username: settings.username.clone(),

@@ -2,7 +2,37 @@
 
 use hmac::{Hmac, Mac};
 
-use crate::types::SignAlg;
+use crate::types::{Scope, SignAlg, TokenRequest};
+
+/// The algorithm a configuration names (`HMAC-SM3`; anything else is `HMAC-SHA256`).
+pub fn alg_named(name: &str) -> SignAlg {
+    if name == "HMAC-SM3" {
+        SignAlg::HmacSm3
+    } else {
+        SignAlg::HmacSha256
+    }
+}
+
+/// A signature grant for `scope`, signed now-ish: the caller gives the clock and the nonce
+/// (a nonce is never reused).
+pub fn signature_grant(
+    alg: SignAlg,
+    app_id: &str,
+    app_secret: &str,
+    scope: Scope,
+    timestamp_ms: i64,
+    nonce: String,
+) -> TokenRequest {
+    let sign = sign(alg, app_secret, app_id, timestamp_ms, &nonce);
+    TokenRequest::Signature {
+        app_id: app_id.into(),
+        timestamp: timestamp_ms,
+        nonce,
+        scope,
+        sign_alg: alg,
+        sign,
+    }
+}
 
 pub fn sign(alg: SignAlg, app_secret: &str, app_id: &str, timestamp_ms: i64, nonce: &str) -> String {
     let message = format!("{app_id}{timestamp_ms}{nonce}");

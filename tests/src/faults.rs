@@ -217,9 +217,21 @@ async fn stream(dir: String, port: u16, c: Arc<Counters>, planted: Arc<std::sync
                     let order = format!("FO{n}");
                     let orders = json!([{"order_id": order, "item_code": "JY0001", "type": "lab"}]);
                     let answer: Value = his.query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders]).await?.get(0);
-                    if answer["status"] == "ok" && answer["duplicate"] == true {
+                    // The other hospital's report: our own reports change under this stream
+                    // (revokes, re-audits), and the platform rightly refuses a 互认 of a
+                    // report that changed since the check (409 not-recognisable).
+                    let other = answer["matches"][0]["reports"]
+                        .as_array()
+                        .and_then(|rs| rs.iter().find(|r| r["org_code"] == OTHER_ORG_CODE))
+                        .and_then(|r| r["report_id"].as_str())
+                        .map(str::to_string);
+                    if let (true, Some(report)) = (answer["status"] == "ok", other) {
                         let check = answer["check_id"].as_str().unwrap_or_default().to_string();
-                        his.execute("SELECT hmr_record_decision($1, $2, true)", &[&check, &order]).await?;
+                        his.execute(
+                            "SELECT hmr_record_decision($1, $2, true, report_id => $3)",
+                            &[&check, &order, &report],
+                        )
+                        .await?;
                         c.decisions.fetch_add(1, Ordering::Relaxed);
                     }
                 }

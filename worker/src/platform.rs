@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use hmr_protocol::envelope::{parse_data, MAX_ANSWER_BYTES};
 use hmr_protocol::paths::{self, Request, HEADER_ORG_CODE, HEADER_REQUEST_ID, HEADER_RETRY_AFTER};
-use hmr_protocol::{classify, sign, Outcome, Scope, SignAlg, TokenAnswer, TokenRequest};
+use hmr_protocol::{classify, sign, Outcome, Scope, TokenAnswer, TokenRequest};
 use tokio::sync::Mutex as AsyncMutex;
 use uuid::Uuid;
 
@@ -232,24 +232,14 @@ impl Platform {
                 password: c.password.expose().into(),
                 scope,
             },
-            AuthMode::Signature => {
-                let alg = if c.sign_alg == "HMAC-SM3" {
-                    SignAlg::HmacSm3
-                } else {
-                    SignAlg::HmacSha256
-                };
-                let timestamp = chrono::Utc::now().timestamp_millis();
-                let nonce = Uuid::new_v4().simple().to_string();
-                let sign = sign::sign(alg, c.app_secret.expose(), &c.app_id, timestamp, &nonce);
-                TokenRequest::Signature {
-                    app_id: c.app_id.clone(),
-                    timestamp,
-                    nonce,
-                    scope,
-                    sign_alg: alg,
-                    sign,
-                }
-            }
+            AuthMode::Signature => sign::signature_grant(
+                sign::alg_named(&c.sign_alg),
+                &c.app_id,
+                c.app_secret.expose(),
+                scope,
+                chrono::Utc::now().timestamp_millis(),
+                Uuid::new_v4().simple().to_string(),
+            ),
         }
     }
 }
