@@ -208,16 +208,9 @@ async fn backfill_of_100k_patients_interrupted_and_resumed() -> Result<()> {
     const N: i64 = 100_000;
     let cluster = Cluster::start().await?;
     let his = cluster.connect("his").await?;
-    his.batch_execute(
-        "CREATE FUNCTION pg_temp.id_no(n bigint) RETURNS text LANGUAGE sql AS $$
-            SELECT d || substr('10X98765432',
-                   (SELECT sum(substr(d, i::int, 1)::int * w)
-                      FROM unnest(ARRAY[7,9,10,5,8,4,2,1,6,3,7,9,10,5,8,4,2]) WITH ORDINALITY AS t(w, i))::int % 11 + 1, 1)
-              FROM (SELECT '441302' || to_char(date '1940-01-01' + (n % 25000)::int, 'YYYYMMDD')
-                           || lpad((n % 1000)::text, 3, '0') AS d) s $$;
-         ALTER TABLE his.patient DISABLE TRIGGER hmr_capture_patient;",
-    )
-    .await?;
+    create_id_no_generator(&his).await?;
+    his.batch_execute("ALTER TABLE his.patient DISABLE TRIGGER hmr_capture_patient")
+        .await?;
     his.execute(
         "INSERT INTO his.patient (patient_id, id_no, name, sex, birthday, created_at, updated_at)
          SELECT 'B' || lpad(n::text, 6, '0'), pg_temp.id_no(n), '患者' || n, (n % 2) + 1,

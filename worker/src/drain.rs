@@ -755,43 +755,25 @@ impl Master {
     /// One batch request; all records are of one kind (a round groups events by kind).
     fn batch_request<'a>(records: impl Iterator<Item = &'a Master>) -> Request {
         let records: Vec<&Master> = records.collect();
+        /// The records of one variant, cloned into the platform type.
+        fn of<T: Clone>(records: &[&Master], pick: impl Fn(&Master) -> Option<&T>) -> Vec<T> {
+            records.iter().filter_map(|r| pick(r)).cloned().collect()
+        }
         match records.first() {
-            Some(Master::Patient(_)) => paths::patients(
-                &records
-                    .iter()
-                    .filter_map(|r| {
-                        if let Master::Patient(p) = r {
-                            Some(p.clone())
-                        } else {
-                            None
-                        }
-                    })
-                    .collect::<Vec<_>>(),
-            ),
-            Some(Master::Department(_)) => paths::departments(
-                &records
-                    .iter()
-                    .filter_map(|r| {
-                        if let Master::Department(d) = r {
-                            Some(d.clone())
-                        } else {
-                            None
-                        }
-                    })
-                    .collect::<Vec<_>>(),
-            ),
-            _ => paths::staff(
-                &records
-                    .iter()
-                    .filter_map(|r| {
-                        if let Master::Staff(s) = r {
-                            Some(s.clone())
-                        } else {
-                            None
-                        }
-                    })
-                    .collect::<Vec<_>>(),
-            ),
+            Some(Master::Patient(_)) => {
+                paths::patients(&of(
+                    &records,
+                    |r| if let Master::Patient(p) = r { Some(p) } else { None },
+                ))
+            }
+            Some(Master::Department(_)) => paths::departments(&of(&records, |r| {
+                if let Master::Department(d) = r {
+                    Some(d)
+                } else {
+                    None
+                }
+            })),
+            _ => paths::staff(&of(&records, |r| if let Master::Staff(s) = r { Some(s) } else { None })),
         }
     }
 }

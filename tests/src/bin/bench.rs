@@ -24,15 +24,10 @@ async fn patients_and_reports(his: &tokio_postgres::Client, patients: i64, repor
     his.batch_execute(
         "ALTER TABLE his.patient DISABLE TRIGGER hmr_capture_patient;
          ALTER TABLE lis.report DISABLE TRIGGER hmr_capture_lab_report_upd;
-         ALTER TABLE lis.report DISABLE TRIGGER hmr_capture_lab_report;
-         CREATE FUNCTION pg_temp.id_no(n bigint) RETURNS text LANGUAGE sql AS $$
-            SELECT d || substr('10X98765432',
-                   (SELECT sum(substr(d, i::int, 1)::int * w)
-                      FROM unnest(ARRAY[7,9,10,5,8,4,2,1,6,3,7,9,10,5,8,4,2]) WITH ORDINALITY AS t(w, i))::int % 11 + 1, 1)
-              FROM (SELECT '441302' || to_char(date '1940-01-01' + (n % 25000)::int, 'YYYYMMDD')
-                           || lpad((n % 1000)::text, 3, '0') AS d) s $$;",
+         ALTER TABLE lis.report DISABLE TRIGGER hmr_capture_lab_report;",
     )
     .await?;
+    create_id_no_generator(his).await?;
     his.execute(
         "INSERT INTO his.patient (patient_id, id_no, name, sex, birthday)
          SELECT 'B' || lpad(n::text, 7, '0'), pg_temp.id_no(n), '患者', (n % 2) + 1, date '1940-01-01' + (n % 25000)::int
