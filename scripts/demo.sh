@@ -82,7 +82,7 @@ for r in L20261126001 L20261126002 L20261126003; do
 done
 
 for _ in $(seq 100); do
-  left=$(psql_his -At -c "SELECT count(*) FROM hmr.outbox WHERE state <> 'quarantined'")
+  left=$(psql_his -At -c "SELECT pending + in_flight FROM hmr.status")
   [ "$left" = 0 ] && break; sleep 0.1
 done
 

@@ -77,9 +77,7 @@ BEGIN
     SELECT count(DISTINCT d.order_id) INTO decided FROM hmr.decisions d WHERE d.check_id = p_check;
     IF decided >= matched AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = 'decision' AND o.key = p_check) THEN
         INSERT INTO hmr.outbox (kind, key, op) VALUES ('decision', p_check, 'I');
-        IF EXISTS (SELECT 1 FROM hmr.sleepers WHERE until > now()) THEN
-            PERFORM pg_notify('hmr_outbox', '');
-        END IF;
+        PERFORM hmr.wake_workers();
     END IF;
     RETURN jsonb_build_object('decision_id', new_id, 'check_id', p_check, 'order_id', p_order, 'report_id', rid,
                               'recognise', recognise, 'complete', decided >= matched);
@@ -155,6 +153,8 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
       TO hmr_his, hmr_admin;
 GRANT SELECT ON hmr.guards, hmr.current_decisions, hmr.decisions, hmr.catalog, hmr.item_map TO hmr_his;
 
+GRANT SELECT, DELETE ON hmr.captured TO hmr_worker, hmr_admin;
+GRANT USAGE ON SEQUENCE hmr.event_id_seq TO hmr_worker, hmr_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.outbox, hmr.outbox_history, hmr.delivered, hmr.sleepers,
                                        hmr.polled_sources, hmr.polled_seen, hmr.backfills, hmr.unmapped_items
       TO hmr_worker, hmr_admin;
@@ -166,7 +166,7 @@ GRANT SELECT, INSERT ON hmr.retained_reports TO hmr_worker;
 GRANT SET ON PARAMETER log_parameter_max_length TO hmr_worker;
 GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_history(interval, integer),
                           hmr.backfill_start(text, timestamptz), hmr.backfill_page(bigint, integer),
-                          hmr.capture()
+                          hmr.capture(), hmr.ingest(), hmr.worker_sleeping(), hmr.wake_workers()
       TO hmr_worker, hmr_admin;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.guards TO hmr_admin;

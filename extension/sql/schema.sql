@@ -23,13 +23,31 @@ INSERT INTO hmr.kinds VALUES
     ('decision',    'hmr.decisions',       'check_id',   NULL,               false, NULL,          '互认/不互认结果');
 SELECT pg_catalog.pg_extension_config_dump('hmr.kinds', '');
 
--- The outbox: which record changed and how. The HIS transaction writes one small row;
--- everything else (payload, versions, delivery) happens in the worker.
+-- Event ids: one sequence for every way an event is made (capture trigger, hand enqueue,
+-- backfill, polling), so the per-record order is the order of these ids.
+CREATE SEQUENCE hmr.event_id_seq;
+
+-- What the capture trigger writes inside the HIS transaction: which record changed and how,
+-- nothing else. Append-only with no index and no constraint on purpose (the trigger writes
+-- straight into the heap, and an index would cost the HIS transaction); the worker moves
+-- the rows into hmr.outbox in batches (hmr.ingest()).
+CREATE TABLE hmr.captured (
+    id          bigint NOT NULL,
+    kind        text NOT NULL,
+    key         text NOT NULL,
+    -- I insert, U update, D delete
+    op          "char" NOT NULL,
+    xid         xid8 NOT NULL,
+    created_at  timestamptz NOT NULL
+) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000);
+
+-- The outbox: events being delivered, with their delivery state.
 CREATE TABLE hmr.outbox (
-    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id               bigint PRIMARY KEY DEFAULT nextval('hmr.event_id_seq'),
     kind             text NOT NULL,
     key              text NOT NULL,
-    -- I insert, U update, D delete (captured); S sync (enqueued by hand, backfill, dependency)
+    -- I insert, U update, D delete (captured); S sync (enqueued by hand, backfill, dependency);
+    -- P polled
     op               "char" NOT NULL,
     xid              xid8 NOT NULL DEFAULT pg_current_xact_id(),
     created_at       timestamptz NOT NULL DEFAULT now(),
@@ -82,41 +100,32 @@ CREATE TABLE hmr.delivered (
     PRIMARY KEY (kind, key)
 );
 
--- Workers waiting for work. The capture trigger sends a NOTIFY only while one is here, so
--- a busy system pays no NOTIFY (it serialises commits on a global lock).
+-- Workers waiting for work, for operators (hmr.status). The wake-up itself is a flag in
+-- shared memory (hmr.worker_sleeping()), which the capture trigger reads with one atomic load.
 CREATE UNLOGGED TABLE hmr.sleepers (
     worker  text PRIMARY KEY,
     until   timestamptz NOT NULL
 );
 
--- The capture trigger. Arguments: kind, key column. It records which row changed and
--- nothing else. SECURITY DEFINER so HIS roles need no rights on the outbox; every name and
--- operator in it is schema-qualified, so a caller's search_path cannot slip its own objects
--- in (and no per-call `SET search_path`, which costs as much as the insert).
-CREATE FUNCTION hmr.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER AS $$
+-- The capture trigger (Rust, src/capture.rs). Arguments: kind, key column. It appends which
+-- row changed to hmr.captured and nothing else; HIS roles need no rights on hmr's tables.
+CREATE FUNCTION hmr.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'hmr_capture';
+
+-- Moves captured events into the outbox (the worker calls this before it claims). One mover
+-- at a time, so ids enter the outbox in order; a second caller returns 0 at once.
+CREATE FUNCTION hmr.ingest() RETURNS integer
+LANGUAGE plpgsql AS $$
 DECLARE
-    new_key pg_catalog.text;
-    old_key pg_catalog.text;
+    n integer;
 BEGIN
-    IF TG_OP OPERATOR(pg_catalog.<>) 'DELETE' THEN
-        new_key := pg_catalog.to_jsonb(NEW) OPERATOR(pg_catalog.->>) TG_ARGV[1];
-        IF new_key IS NOT NULL THEN
-            INSERT INTO hmr.outbox (kind, key, op) VALUES (TG_ARGV[0], new_key, pg_catalog.left(TG_OP, 1)::pg_catalog."char");
-        END IF;
+    IF NOT pg_try_advisory_xact_lock(7166846871) THEN
+        RETURN 0;
     END IF;
-    IF TG_OP OPERATOR(pg_catalog.<>) 'INSERT' THEN
-        old_key := pg_catalog.to_jsonb(OLD) OPERATOR(pg_catalog.->>) TG_ARGV[1];
-        -- A key that changed (or a deleted row) leaves the old record to reconcile too.
-        IF old_key IS NOT NULL AND (new_key IS NULL OR NOT (old_key OPERATOR(pg_catalog.=) new_key)) THEN
-            INSERT INTO hmr.outbox (kind, key, op) VALUES (TG_ARGV[0], old_key, 'D');
-        END IF;
-    END IF;
-    IF EXISTS (SELECT 1 FROM hmr.sleepers s WHERE s.until OPERATOR(pg_catalog.>) pg_catalog.now()) THEN
-        -- Same channel and payload fold into one NOTIFY per transaction.
-        PERFORM pg_catalog.pg_notify('hmr_outbox', '');
-    END IF;
-    RETURN NULL;
+    WITH moved AS (DELETE FROM hmr.captured RETURNING *)
+    INSERT INTO hmr.outbox (id, kind, key, op, xid, created_at)
+    SELECT id, kind, key, op, xid, created_at FROM moved ORDER BY id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
 END
 $$;
 
@@ -187,13 +196,16 @@ FROM hmr.outbox
 WHERE state = 'quarantined';
 
 -- Backlog per kind, for operators.
+-- Captured events not yet moved into the outbox count as pending.
 CREATE VIEW hmr.backlog AS
 SELECT kind,
        count(*) FILTER (WHERE state = 'pending')     AS pending,
        count(*) FILTER (WHERE state = 'claimed')     AS in_flight,
        count(*) FILTER (WHERE state = 'quarantined') AS quarantined,
        min(created_at) FILTER (WHERE state <> 'quarantined') AS oldest
-FROM hmr.outbox
+FROM (SELECT kind, state, created_at FROM hmr.outbox
+      UNION ALL
+      SELECT kind, 'pending', created_at FROM hmr.captured) e
 GROUP BY kind;
 
 -- Send a quarantined event again after the source is fixed: rebuilt from the source
@@ -321,8 +333,8 @@ BEGIN
        SET enqueued = enqueued + n, last_key = coalesce(last, last_key), updated_at = now(),
            finished_at = CASE WHEN n < page_size THEN now() END
      WHERE id = backfill_id;
-    IF n > 0 AND EXISTS (SELECT 1 FROM hmr.sleepers WHERE until > now()) THEN
-        PERFORM pg_notify('hmr_outbox', '');
+    IF n > 0 THEN
+        PERFORM hmr.wake_workers();
     END IF;
     RETURN n;
 END
@@ -664,15 +676,18 @@ WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox e WHERE e.kind = o.kind AND e.key = o
 
 -- One row of facts for operators (the same as `hmr-worker status`).
 CREATE VIEW hmr.status AS
-SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')       AS pending,
+SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')
+         + (SELECT count(*) FROM hmr.captured)                         AS pending,
        (SELECT count(*) FROM hmr.outbox WHERE state = 'claimed')       AS in_flight,
        (SELECT count(*) FROM hmr.outbox WHERE state = 'quarantined')   AS quarantined,
-       (SELECT now() - min(created_at) FROM hmr.outbox WHERE state <> 'quarantined') AS oldest_event_age,
+       now() - least((SELECT min(created_at) FROM hmr.outbox WHERE state <> 'quarantined'),
+                     (SELECT min(created_at) FROM hmr.captured))        AS oldest_event_age,
        (SELECT count(*) FROM hmr.stuck_records)                        AS stuck_records,
        (SELECT count(*) FROM hmr.sleepers WHERE until > now())         AS idle_workers,
        (SELECT max(finished_at) FROM hmr.outbox_history WHERE outcome = 'delivered') AS last_delivery,
        (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_live_rows,
-       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_dead_rows;
+       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_dead_rows,
+       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.captured'::regclass) AS captured_dead_rows;
 
 -- Finished events older than `keep` leave the history in batches (the worker calls this;
 -- the history exists for audit, so keep it as long as the hospital's rules say).

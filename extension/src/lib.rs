@@ -4,6 +4,7 @@
 
 use pgrx::prelude::*;
 
+mod capture;
 mod catalog;
 mod gucs;
 mod platform;
@@ -66,7 +67,7 @@ mod tests {
         Spi::run("UPDATE lis_report SET report_no = 'L3' WHERE report_no = 'L2'").unwrap(); // no status change
         Spi::run("DELETE FROM lis_report WHERE report_no = 'L1'").unwrap();
         let events = Spi::get_one::<String>(
-            "SELECT string_agg(kind || ':' || key || ':' || op::text, ' ' ORDER BY id) FROM hmr.outbox",
+            "SELECT string_agg(kind || ':' || key || ':' || op::text, ' ' ORDER BY id) FROM hmr.captured",
         )
         .unwrap()
         .unwrap();
@@ -89,10 +90,59 @@ mod tests {
         Spi::run("SELECT hmr.watch('patient', 'pat', 'pid')").unwrap();
         Spi::run("INSERT INTO pat VALUES (7, 'a')").unwrap();
         Spi::run("UPDATE pat SET pid = 8").unwrap();
-        let events = Spi::get_one::<String>("SELECT string_agg(key || op::text, ' ' ORDER BY id) FROM hmr.outbox")
+        let events = Spi::get_one::<String>("SELECT string_agg(key || op::text, ' ' ORDER BY id) FROM hmr.captured")
             .unwrap()
             .unwrap();
         assert_eq!(events, "7I 8U 7D");
+    }
+
+    #[pg_test]
+    fn ingest_moves_captured_events_into_the_outbox_in_order() {
+        Spi::run("CREATE TABLE pat_ingest (pid int PRIMARY KEY, name text)").unwrap();
+        Spi::run("SELECT hmr.watch('patient', 'pat_ingest', 'pid')").unwrap();
+        Spi::run("INSERT INTO pat_ingest SELECT g, 'x' FROM generate_series(1, 3) g").unwrap();
+        let by_hand = Spi::get_one::<i64>("SELECT hmr.enqueue('patient', '9')")
+            .unwrap()
+            .unwrap();
+        Spi::run("UPDATE pat_ingest SET name = 'y' WHERE pid = 2").unwrap();
+        assert_eq!(Spi::get_one::<i32>("SELECT hmr.ingest()").unwrap(), Some(4));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.captured").unwrap(),
+            Some(0)
+        );
+        let events = Spi::get_one::<String>("SELECT string_agg(key || op::text, ' ' ORDER BY id) FROM hmr.outbox")
+            .unwrap()
+            .unwrap();
+        // One id sequence: the hand-enqueued event sits between the captured ones.
+        assert_eq!(events, "1I 2I 3I 9S 2U");
+        assert_eq!(
+            Spi::get_one::<i64>(&format!(
+                "SELECT count(*) FROM hmr.outbox WHERE id > {by_hand} AND key = '2'"
+            ))
+            .unwrap(),
+            Some(1)
+        );
+        assert_eq!(Spi::get_one::<i64>("SELECT pending FROM hmr.status").unwrap(), Some(5));
+    }
+
+    #[pg_test]
+    fn capture_wakes_a_sleeping_worker_once() {
+        // No worker asleep: nothing to wake.
+        assert_eq!(Spi::get_one::<bool>("SELECT hmr.wake_workers()").unwrap(), Some(false));
+        Spi::run("SELECT hmr.worker_sleeping()").unwrap();
+        Spi::run("CREATE TABLE pat_wake (pid int PRIMARY KEY)").unwrap();
+        Spi::run("SELECT hmr.watch('patient', 'pat_wake', 'pid')").unwrap();
+        Spi::run("INSERT INTO pat_wake VALUES (1)").unwrap();
+        // The capture took the flag (and queued the NOTIFY): the next one pays nothing.
+        assert_eq!(Spi::get_one::<bool>("SELECT hmr.wake_workers()").unwrap(), Some(false));
+    }
+
+    #[pg_test(error = "hmr.captured must have no index (it is written straight into its heap)")]
+    fn capture_refuses_an_indexed_event_table() {
+        Spi::run("CREATE INDEX ON hmr.captured (id)").unwrap();
+        Spi::run("CREATE TABLE pat_idx (pid int PRIMARY KEY)").unwrap();
+        Spi::run("SELECT hmr.watch('patient', 'pat_idx', 'pid')").unwrap();
+        Spi::run("INSERT INTO pat_idx VALUES (1)").unwrap();
     }
 
     #[pg_test(error = "hmr: unknown kind \"labs\"")]

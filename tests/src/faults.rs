@@ -274,7 +274,8 @@ async fn recovery(cluster: &Cluster, fault_end: std::time::SystemTime) -> Result
         if let Ok(his) = cluster.connect("his").await {
             if let Ok(row) = his
                 .query_one(
-                    "SELECT count(*) FROM hmr.outbox WHERE state <> 'quarantined' AND created_at <= $1",
+                    "SELECT (SELECT count(*) FROM hmr.outbox WHERE state <> 'quarantined' AND created_at <= $1)
+                          + (SELECT count(*) FROM hmr.captured WHERE created_at <= $1)",
                     &[&fault_end],
                 )
                 .await
@@ -576,13 +577,17 @@ async fn verify(his: &Client, sim: &Sim, planted: &HashSet<String>) -> Result<Ou
     }
     o.events_committed = count(
         his,
-        "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.outbox_history)",
+        "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured) + (SELECT count(*) FROM hmr.outbox_history)",
     )
     .await?;
     o.events_delivered = count(his, "SELECT count(*) FROM hmr.outbox_history").await?;
     his.batch_execute("SELECT pg_stat_force_next_flush()").await.ok();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    o.outbox_rows = count(his, "SELECT count(*) FROM hmr.outbox").await?;
+    o.outbox_rows = count(
+        his,
+        "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+    )
+    .await?;
     o.outbox_dead_rows = count(
         his,
         "SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass",

@@ -33,7 +33,7 @@ async fn uploads_of(sim: &Sim, report: &str) -> Result<Vec<Value>> {
 }
 
 async fn outbox_empty(his: &tokio_postgres::Client) -> Result<bool> {
-    Ok(count(his, "SELECT count(*) FROM hmr.outbox WHERE state <> 'quarantined'").await? == 0)
+    Ok(count(his, "SELECT pending + in_flight FROM hmr.status").await? == 0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -449,7 +449,8 @@ async fn sigterm_releases_claims_and_exits_cleanly() -> Result<()> {
     // hung one was the draft's INSERT event that found the report already audited).
     let pending = count(
         &his,
-        "SELECT count(*) FROM hmr.outbox WHERE kind = 'lab_report' AND key = 'L20261126001' AND state = 'pending'",
+        "SELECT (SELECT count(*) FROM hmr.outbox WHERE kind = 'lab_report' AND key = 'L20261126001' AND state = 'pending')
+               + (SELECT count(*) FROM hmr.captured WHERE kind = 'lab_report' AND key = 'L20261126001')",
     )
     .await?;
     assert!((1..=2).contains(&pending), "{pending} pending");

@@ -19,7 +19,7 @@ async fn held(sim: &Sim, what: &str, key: &str) -> Result<bool> {
 }
 
 async fn outbox_empty(his: &tokio_postgres::Client) -> Result<bool> {
-    Ok(count(his, "SELECT count(*) FROM hmr.outbox WHERE state <> 'quarantined'").await? == 0)
+    Ok(count(his, "SELECT pending + in_flight FROM hmr.status").await? == 0)
 }
 
 /// Per-record results of accepted batch records, keyed by the record's key field.

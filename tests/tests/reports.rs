@@ -30,7 +30,7 @@ async fn history_of(sim: &Sim, base: &str, report: &str) -> Result<Vec<(String, 
 }
 
 async fn outbox_empty(his: &tokio_postgres::Client) -> Result<bool> {
-    Ok(count(his, "SELECT count(*) FROM hmr.outbox WHERE state <> 'quarantined'").await? == 0)
+    Ok(count(his, "SELECT pending + in_flight FROM hmr.status").await? == 0)
 }
 
 fn steps(list: &[(&str, u64)]) -> Vec<(String, u64)> {

@@ -70,6 +70,7 @@ enum Step {
 impl Drainer {
     /// One round: claim a batch, deliver it, record the outcomes. Returns events claimed.
     pub async fn round(&self) -> Result<usize, WorkerError> {
+        self.store.ingest().await?;
         let events = self.store.claim(self.config.worker.batch_size).await?;
         let claimed = events.len();
         if claimed == 0 {

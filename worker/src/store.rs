@@ -157,6 +157,11 @@ impl Store {
         self.client.is_closed()
     }
 
+    /// Moves events the capture trigger appended into the outbox (one mover at a time).
+    pub async fn ingest(&self) -> Result<i32, WorkerError> {
+        Ok(self.client.query_one("SELECT hmr.ingest()", &[]).await?.get(0))
+    }
+
     /// Claims the oldest eligible events: pending and due (or claimed with an expired lease),
     /// and the earliest unfinished event of their record.
     pub async fn claim(&self, limit: i64) -> Result<Vec<Event>, WorkerError> {
@@ -596,8 +601,10 @@ impl Store {
         if asleep {
             self.client
                 .execute(
-                    "INSERT INTO hmr.sleepers (worker, until) VALUES ($1, now() + make_interval(secs => $2))
-                     ON CONFLICT (worker) DO UPDATE SET until = EXCLUDED.until",
+                    "WITH s AS (
+                        INSERT INTO hmr.sleepers (worker, until) VALUES ($1, now() + make_interval(secs => $2))
+                        ON CONFLICT (worker) DO UPDATE SET until = EXCLUDED.until)
+                     SELECT hmr.worker_sleeping()",
                     &[&self.worker_id, &for_how_long.as_secs_f64()],
                 )
                 .await?;

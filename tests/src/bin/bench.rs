@@ -72,7 +72,12 @@ async fn drain() -> Result<()> {
         },
     )?;
     wait_until(Duration::from_secs(30), "sample", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+        Ok(count(
+            &his,
+            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+        )
+        .await?
+            == 0)
     })
     .await?;
     drop(worker);
@@ -88,14 +93,24 @@ async fn drain() -> Result<()> {
     )?;
     let t = Instant::now();
     wait_until(Duration::from_secs(600), "patients", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+        Ok(count(
+            &his,
+            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+        )
+        .await?
+            == 0)
     })
     .await?;
     let p = t.elapsed();
     his.batch_execute("INSERT INTO hmr.outbox (kind, key, op) SELECT 'lab_report', report_no, 'S' FROM lis.report WHERE report_no LIKE 'K%'").await?;
     let t = Instant::now();
     wait_until(Duration::from_secs(900), "reports", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+        Ok(count(
+            &his,
+            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+        )
+        .await?
+            == 0)
     })
     .await?;
     let r = t.elapsed();
@@ -124,7 +139,12 @@ async fn drain() -> Result<()> {
     his.batch_execute("INSERT INTO hmr.outbox (kind, key, op) SELECT 'lab_report', report_no, 'S' FROM lis.report WHERE report_no LIKE 'D%'").await?;
     let t = Instant::now();
     wait_until(Duration::from_secs(900), "reports", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+        Ok(count(
+            &his,
+            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+        )
+        .await?
+            == 0)
     })
     .await?;
     let d = t.elapsed();
@@ -190,7 +210,12 @@ async fn latency() -> Result<()> {
         }
     }
     wait_until(Duration::from_secs(60), "drained", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+        Ok(count(
+            &his,
+            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+        )
+        .await?
+            == 0)
     })
     .await?;
     let row = his
@@ -376,7 +401,12 @@ async fn backlog() -> Result<()> {
         },
     )?;
     wait_until(Duration::from_secs(30), "sample", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+        Ok(count(
+            &his,
+            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+        )
+        .await?
+            == 0)
     })
     .await?;
     sim.faults(json!({"status": 503})).await?;
@@ -394,7 +424,12 @@ async fn backlog() -> Result<()> {
     sim.clear_faults().await?;
     let t = Instant::now();
     wait_until(Duration::from_secs(1800), "backlog drained", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.outbox").await? == 0)
+        Ok(count(
+            &his,
+            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+        )
+        .await?
+            == 0)
     })
     .await?;
     let took = t.elapsed();

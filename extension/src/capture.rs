@@ -1,0 +1,184 @@
+//! The capture trigger, in Rust because it runs inside every HIS transaction that changes a
+//! watched row: it appends (id, kind, key, op, xid, time) straight into the heap of
+//! `hmr.captured` (no executor, no index, no SPI), and sends a NOTIFY only when a worker
+//! said it is asleep (a flag in shared memory, read with one atomic load).
+//!
+//! `hmr.captured` is append-only and index-free on purpose: the worker moves its rows into
+//! `hmr.outbox` (indexed, with delivery state) in batches, so the HIS transaction never pays
+//! for index maintenance or delivery bookkeeping.
+
+use std::ffi::{c_char, CStr};
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+unsafe extern "C-unwind" {
+    // commands/sequence.h (not in pgrx's bindings). The sequence belongs to the extension;
+    // the HIS role writing the row needs no USAGE on it, as with the table.
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
+/// The NOTIFY channel workers LISTEN on.
+const CHANNEL: &CStr = c"hmr_outbox";
+
+#[repr(C)]
+struct WakeState {
+    /// 1 while a worker may be asleep waiting for a NOTIFY; the first capture that sees it
+    /// swaps it back to 0 and notifies, so a busy system pays one atomic load per event.
+    sleeping: AtomicU32,
+}
+
+/// This backend's pointer into shared memory (found or created on first use).
+static WAKE: AtomicPtr<WakeState> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The shared wake-up flag. Created lazily in the shared memory PostgreSQL keeps spare for
+/// add-ins (as pg_prewarm does), so `shared_preload_libraries` is not needed.
+fn wake_state() -> &'static WakeState {
+    let found_here = WAKE.load(Ordering::Acquire);
+    if !found_here.is_null() {
+        // SAFETY: points into the shared memory segment, which lives as long as the backend.
+        return unsafe { &*found_here };
+    }
+    // SAFETY: the add-in init lock serialises creation; ShmemInitStruct returns the same
+    // address in every backend; the struct is plain atomics, valid when zeroed.
+    unsafe {
+        let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let state =
+            pg_sys::ShmemInitStruct(c"hmr wake-up".as_ptr(), size_of::<WakeState>(), &mut found).cast::<WakeState>();
+        if !found {
+            state.write(WakeState {
+                sleeping: AtomicU32::new(0),
+            });
+        }
+        pg_sys::LWLockRelease(lock);
+        WAKE.store(state, Ordering::Release);
+        &*state
+    }
+}
+
+fn notify_workers() {
+    // SAFETY: pg_notify is a builtin taking (text, text); it queues the NOTIFY for commit.
+    unsafe {
+        pgrx::direct_function_call::<()>(
+            pg_sys::pg_notify,
+            &[CHANNEL.to_str().ok().into_datum(), "".into_datum()],
+        );
+    }
+}
+
+/// Called by a worker just before it waits for a NOTIFY.
+#[pg_extern]
+fn worker_sleeping() {
+    wake_state().sleeping.store(1, Ordering::SeqCst);
+}
+
+/// NOTIFYs the workers if one is asleep (for SQL that enqueues outside the trigger).
+#[pg_extern]
+fn wake_workers() -> bool {
+    let asleep = wake_state().sleeping.swap(0, Ordering::SeqCst) != 0;
+    if asleep {
+        notify_workers();
+    }
+    asleep
+}
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_hmr_capture() -> &'static pg_sys::Pg_finfo_record {
+    const V1_API: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1_API
+}
+
+/// `hmr.capture(kind, key_column)`: AFTER INSERT OR UPDATE OR DELETE, FOR EACH ROW.
+///
+/// # Safety
+/// Called by PostgreSQL's trigger manager with a `TriggerData` context.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn hmr_capture(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
+            error!("hmr.capture() is a trigger function: attach it with hmr.watch()");
+        }
+        let data = &*context.cast::<pg_sys::TriggerData>();
+        let event = data.tg_event;
+        if event & pg_sys::TRIGGER_EVENT_ROW == 0 || event & pg_sys::TRIGGER_EVENT_TIMINGMASK != 0 {
+            error!("hmr.capture() must run AFTER ... FOR EACH ROW: attach it with hmr.watch()");
+        }
+        let trigger = &*data.tg_trigger;
+        if trigger.tgnargs != 2 {
+            error!("hmr.capture() takes two arguments (kind, key column): attach it with hmr.watch()");
+        }
+        let args = std::slice::from_raw_parts(trigger.tgargs, 2);
+        let kind = args[0];
+        let desc = (*data.tg_relation).rd_att;
+        let column = pg_sys::SPI_fnumber(desc, args[1]);
+        if column <= 0 {
+            error!(
+                "hmr.capture(): the table has no column \"{}\"",
+                CStr::from_ptr(args[1]).to_string_lossy()
+            );
+        }
+        let key_of = |tuple: pg_sys::HeapTuple| -> *mut c_char { pg_sys::SPI_getvalue(tuple, desc, column) };
+
+        let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
+        let (new_key, old_key) = match op {
+            pg_sys::TRIGGER_EVENT_INSERT => (key_of(data.tg_trigtuple), std::ptr::null_mut()),
+            pg_sys::TRIGGER_EVENT_UPDATE => (key_of(data.tg_newtuple), key_of(data.tg_trigtuple)),
+            _ => (std::ptr::null_mut(), key_of(data.tg_trigtuple)),
+        };
+        let op_char = match op {
+            pg_sys::TRIGGER_EVENT_INSERT => b'I',
+            pg_sys::TRIGGER_EVENT_UPDATE => b'U',
+            _ => b'D',
+        };
+
+        let namespace = pg_sys::get_namespace_oid(c"hmr".as_ptr(), false);
+        let table = pg_sys::get_relname_relid(c"captured".as_ptr(), namespace);
+        let sequence = pg_sys::get_relname_relid(c"event_id_seq".as_ptr(), namespace);
+        if table == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
+            error!("hmr.captured or hmr.event_id_seq is missing: reinstall the extension");
+        }
+        let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        // relhasindex can stay set after an index is gone (until VACUUM): then ask the relcache.
+        if (*(*rel).rd_rel).relhasindex && !pg_sys::RelationGetIndexList(rel).is_null() {
+            // Rows written here bypass index maintenance: an index would silently miss them.
+            error!("hmr.captured must have no index (it is written straight into its heap)");
+        }
+        let xid = pg_sys::GetTopFullTransactionId().value;
+        let at = pg_sys::GetCurrentTransactionStartTimestamp();
+        let append = |key: *mut c_char, op: u8| {
+            let id = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
+            let mut values = [
+                pg_sys::Datum::from(id),
+                pg_sys::Datum::from(pg_sys::cstring_to_text(kind)),
+                pg_sys::Datum::from(pg_sys::cstring_to_text(key)),
+                pg_sys::Datum::from(op as i8),
+                pg_sys::Datum::from(xid),
+                pg_sys::Datum::from(at),
+            ];
+            let mut nulls = [false; 6];
+            let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::simple_heap_insert(rel, tuple);
+            pg_sys::heap_freetuple(tuple);
+        };
+        if !new_key.is_null() {
+            append(new_key, op_char);
+        }
+        // A key that changed (or a deleted row) leaves the old record to reconcile too.
+        if !old_key.is_null() && (new_key.is_null() || CStr::from_ptr(old_key) != CStr::from_ptr(new_key)) {
+            append(old_key, b'D');
+        }
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+
+        let state = wake_state();
+        if state.sleeping.load(Ordering::Relaxed) != 0 && state.sleeping.swap(0, Ordering::SeqCst) != 0 {
+            notify_workers();
+        }
+        pg_sys::Datum::from(0usize) // AFTER trigger: the result is ignored
+    }
+}
