@@ -38,7 +38,10 @@ trap 'stop_cluster "$dir"; rm -rf "$work"' EXIT
 pgmq_sql=$(pgmq_sql_file) || { pgmq_sql=; echo "(pgmq SQL not fetchable from crates.io: skipped)"; }
 stop_cluster "$dir"; start_cluster "$dir" "$port"
 psql_b() { psql -X -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres -d postgres "$@"; }
-psql_b -c "ALTER SYSTEM SET synchronous_commit = '$sync'" -c "SELECT pg_reload_conf()" >/dev/null
+# Test clusters run with fsync=off; a synchronous commit is only measured with real flushes.
+fsync=off; [ "$sync" = off ] || fsync=on
+psql_b -c "ALTER SYSTEM SET synchronous_commit = '$sync'" -c "ALTER SYSTEM SET fsync = $fsync" \
+  -c "SELECT pg_reload_conf()" >/dev/null
 psql_b <<'SQL' >/dev/null
 CREATE EXTENSION hmr;
 CREATE TABLE t_none  (id bigserial PRIMARY KEY, report_no text, status text);
@@ -111,5 +114,5 @@ for v in $variants; do
   done
   echo "| $v$cells |"
 done
-echo "(synchronous_commit=$sync, pgbench -c 2 -j 2 -T $secs, median of $rounds interleaved rounds;" \
+echo "(synchronous_commit=$sync, fsync=$fsync, pgbench -c 2 -j 2 -T $secs, median of $rounds interleaved rounds;" \
   "one transaction = one single-row INSERT or UPDATE = one event${pgmq_sql:+; pgmq: $pgmq_sql})"

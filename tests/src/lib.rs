@@ -217,6 +217,10 @@ pub struct Sim {
 }
 
 impl Sim {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start() -> Result<Sim> {
         let org = |code: &str, name: &str, user: &str| {
             format!("{code},{name},{user},{user}-secret,{user}-app,{user}-app-secret")

@@ -57,6 +57,16 @@ pub struct Drainer {
     pub pdf_renderer: Option<Arc<hmr_pdf::Renderer>>,
 }
 
+/// What a batch of reports needs from the database, read once for the batch.
+#[derive(Default)]
+struct Prefetched {
+    rows: HashMap<String, Value>,
+    held: HashMap<String, Delivered>,
+    items: HashMap<String, Vec<Value>>,
+    /// Referenced patients the platform already holds.
+    patients: HashMap<String, Delivered>,
+}
+
 /// A rendered PDF, or why it could not be.
 type Rendered = Option<Result<Vec<u8>, hmr_pdf::PdfError>>;
 
@@ -76,31 +86,82 @@ impl Drainer {
         if claimed == 0 {
             return Ok(0);
         }
-        let mut by_kind: HashMap<String, Vec<Event>> = HashMap::new();
+        // Dependencies first: departments before staff, patients before reports.
+        let mut by_kind: Vec<(String, Vec<Event>)> = Vec::new();
         for e in events {
-            by_kind.entry(e.kind.clone()).or_default().push(e);
+            match by_kind.iter_mut().find(|(k, _)| *k == e.kind) {
+                Some((_, list)) => list.push(e),
+                None => by_kind.push((e.kind.clone(), vec![e])),
+            }
         }
+        let rank = |k: &str| ["department", "staff", "patient"].iter().position(|d| *d == k).unwrap_or(3);
+        by_kind.sort_by_key(|(k, _)| rank(k));
         for (kind, events) in by_kind {
             match kind.as_str() {
                 "patient" | "department" | "staff" => self.master_data(&kind, events).await?,
-                _ => {
-                    // Each report is finished as soon as it is done, so a slow one (a hanging
-                    // request) does not keep the others claimed.
-                    let results: Vec<Result<(), WorkerError>> = stream::iter(events)
-                        .map(|e| async move {
-                            if let Step::Finished(f) = self.report(e).await? {
-                                self.store.finish(std::slice::from_ref(&f)).await?;
-                            }
-                            Ok(())
-                        })
-                        .buffer_unordered(self.config.worker.concurrency.max(1))
-                        .collect()
-                        .await;
-                    results.into_iter().collect::<Result<(), WorkerError>>()?;
-                }
+                _ => self.reports(&kind, events).await?,
             }
         }
         Ok(claimed)
+    }
+
+    /// Reports and decisions, one request each, many in flight. What they need from the
+    /// database is read for the whole batch at once; finished events are recorded in groups
+    /// as they complete, so a slow one (a hanging request) does not keep the others claimed.
+    async fn reports(&self, kind: &str, events: Vec<Event>) -> Result<(), WorkerError> {
+        let prefetched = if kind == "decision" {
+            Prefetched::default()
+        } else {
+            self.prefetch(kind, &events).await?
+        };
+        let prefetched = &prefetched;
+        let mut done = stream::iter(events)
+            .map(|e| async move { self.report(e, prefetched).await })
+            .buffer_unordered(self.config.worker.concurrency.max(1))
+            .ready_chunks(256);
+        let mut first_error = None;
+        while let Some(results) = done.next().await {
+            let mut finished = Vec::new();
+            for result in results {
+                match result {
+                    Ok(Step::Finished(f)) => finished.push(f),
+                    Ok(_) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            self.store.finish(&finished).await?;
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Source rows, items, delivery state and the referenced patients of a batch of reports.
+    async fn prefetch(&self, kind: &str, events: &[Event]) -> Result<Prefetched, WorkerError> {
+        let keys: Vec<String> = events
+            .iter()
+            .filter(|e| e.plan.is_none())
+            .map(|e| e.key.clone())
+            .collect();
+        if keys.is_empty() {
+            return Ok(Prefetched::default());
+        }
+        let rows = self.store.source_rows(kind, &keys).await?;
+        let held = self.store.delivered(kind, &keys).await?;
+        let items = self.store.item_rows_of(kind, &keys).await?;
+        let mut patient_ids: Vec<String> = rows
+            .values()
+            .filter_map(|r| r.get("patient_id").and_then(Value::as_str).map(str::to_string))
+            .collect();
+        patient_ids.sort();
+        patient_ids.dedup();
+        let patients = self.store.delivered("patient", &patient_ids).await?;
+        Ok(Prefetched {
+            rows,
+            held,
+            items,
+            patients,
+        })
     }
 
     fn now(&self) -> chrono::DateTime<chrono::FixedOffset> {
@@ -119,7 +180,7 @@ impl Drainer {
 
     // ------------------------------------------------------------------ reports
 
-    async fn report(&self, event: Event) -> Result<Step, WorkerError> {
+    async fn report(&self, event: Event, prefetched: &Prefetched) -> Result<Step, WorkerError> {
         let plan = match &event.plan {
             Some(frozen) => serde_json::from_value::<Plan>(frozen.clone())
                 .map_err(|e| WorkerError::Answer(format!("event {}: unreadable frozen plan: {e}", event.id)))?,
@@ -127,7 +188,7 @@ impl Drainer {
                 let built = if event.kind == "decision" {
                     self.build_decision_plan(&event).await?
                 } else {
-                    self.build_report_plan(&event).await?
+                    self.build_report_plan(&event, prefetched).await?
                 };
                 let plan = match built {
                     Ok(plan) => plan,
@@ -229,10 +290,9 @@ impl Drainer {
 
     /// Reads the report as it is now and decides: upload a new version, revoke the one the
     /// platform holds, or nothing. `Err` carries an event already dealt with.
-    async fn build_report_plan(&self, event: &Event) -> Result<Result<Plan, Step>, WorkerError> {
-        let keys = [event.key.clone()];
-        let row = self.store.source_rows(&event.kind, &keys).await?.remove(&event.key);
-        let held = self.store.delivered(&event.kind, &keys).await?.remove(&event.key);
+    async fn build_report_plan(&self, event: &Event, pre: &Prefetched) -> Result<Result<Plan, Step>, WorkerError> {
+        let row = pre.rows.get(&event.key).cloned();
+        let held = pre.held.get(&event.key).cloned();
         let report_type = if event.kind == "lab_report" {
             ReportType::Lab
         } else {
@@ -280,10 +340,11 @@ impl Drainer {
         let mut extra = Map::new();
         extra.insert("version".into(), json!(version));
         let built: Result<(Request, String, String, Rendered), ProtocolError> = if report_type == ReportType::Lab {
-            let items: Vec<Value> = self
-                .store
-                .item_rows(&event.kind, &event.key)
-                .await?
+            let items: Vec<Value> = pre
+                .items
+                .get(&event.key)
+                .cloned()
+                .unwrap_or_default()
                 .into_iter()
                 .map(|i| match i {
                     Value::Object(m) => Value::Object(source::LAB_ITEM.to_fields(&m)),
@@ -327,11 +388,14 @@ impl Drainer {
             }
         }
         // The platform refuses a report whose patient it has not received: send it first.
-        let patient = self
-            .store
-            .delivered("patient", std::slice::from_ref(&patient_id))
-            .await?;
-        if patient.is_empty() {
+        // (Read again when the batch's read did not find it: it may have arrived since.)
+        if !pre.patients.contains_key(&patient_id)
+            && self
+                .store
+                .delivered("patient", std::slice::from_ref(&patient_id))
+                .await?
+                .is_empty()
+        {
             return Ok(Err(self.wait_for_dependency(event, "patient", &patient_id).await?));
         }
         // The PDF: the source's own when it has one, else rendered from the template.

@@ -9,7 +9,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use std::sync::Mutex;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
 use crate::error::WorkerError;
 
@@ -63,6 +65,9 @@ pub struct KindSource {
 pub struct Store {
     metrics: Arc<crate::metrics::Metrics>,
     client: Client,
+    /// Statements prepared once per connection: a query text sent anew costs a Parse round
+    /// trip and a fresh plan every time.
+    statements: Mutex<HashMap<String, Statement>>,
     worker_id: String,
     lease: Duration,
     sources: HashMap<String, KindSource>,
@@ -146,11 +151,44 @@ impl Store {
         Ok(Store {
             metrics,
             client,
+            statements: Mutex::new(HashMap::new()),
             worker_id: worker_id.into(),
             lease,
             sources,
             revocation_view,
         })
+    }
+
+    async fn statement(&self, sql: &str) -> Result<Statement, WorkerError> {
+        if let Some(found) = self.statements.lock().expect("statement cache").get(sql) {
+            return Ok(found.clone());
+        }
+        let prepared = self.client.prepare(sql).await?;
+        self.statements
+            .lock()
+            .expect("statement cache")
+            .insert(sql.to_string(), prepared.clone());
+        Ok(prepared)
+    }
+
+    async fn query_cached(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, WorkerError> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.query(&statement, params).await?)
+    }
+
+    async fn query_one_cached(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, WorkerError> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.query_one(&statement, params).await?)
+    }
+
+    async fn query_opt_cached(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, WorkerError> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.query_opt(&statement, params).await?)
+    }
+
+    async fn execute_cached(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, WorkerError> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.execute(&statement, params).await?)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -159,7 +197,7 @@ impl Store {
 
     /// Moves events the capture trigger appended into the outbox (one mover at a time).
     pub async fn ingest(&self) -> Result<i32, WorkerError> {
-        Ok(self.client.query_one("SELECT hmr.ingest()", &[]).await?.get(0))
+        Ok(self.query_one_cached("SELECT hmr.ingest()", &[]).await?.get(0))
     }
 
     /// Claims the oldest eligible events: pending and due (or claimed with an expired lease),
@@ -170,9 +208,7 @@ impl Store {
             .copied()
             .filter(|k| self.sources.contains_key(*k))
             .collect();
-        let rows = self
-            .client
-            .query(
+        let rows = self.query_cached(
                 "WITH c AS (
                     SELECT o.id FROM hmr.outbox o
                      WHERE ((o.state = 'pending' AND o.next_attempt_at <= now())
@@ -218,24 +254,27 @@ impl Store {
             "SELECT v.{key}::text, to_jsonb(v) FROM {} v WHERE v.{key}::text = ANY($1)",
             src.relation
         );
-        let rows = self.client.query(&sql, &[&keys]).await?;
+        let rows = self.query_cached(&sql, &[&keys]).await?;
         Ok(rows
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, Value>(1)))
             .collect())
     }
 
-    /// Item rows of one report (ordered by `seq` when the view has one).
-    pub async fn item_rows(&self, kind: &str, report_no: &str) -> Result<Vec<Value>, WorkerError> {
+    /// Item rows of these reports, per report (ordered by `seq` when the view has one).
+    pub async fn item_rows_of(&self, kind: &str, report_nos: &[String]) -> Result<HashMap<String, Vec<Value>>, WorkerError> {
         let Some(relation) = self.sources.get(kind).and_then(|s| s.item_relation.clone()) else {
-            return Ok(vec![]);
+            return Ok(HashMap::new());
         };
         let sql = format!(
-            "SELECT to_jsonb(i) FROM {relation} i WHERE i.report_no::text = $1 \
-             ORDER BY to_jsonb(i) -> 'seq', to_jsonb(i) ->> 'item_code'"
+            "SELECT i.report_no::text, to_jsonb(i) FROM {relation} i WHERE i.report_no::text = ANY($1) \
+             ORDER BY 1, to_jsonb(i) -> 'seq', to_jsonb(i) ->> 'item_code'"
         );
-        let rows = self.client.query(&sql, &[&report_no]).await?;
-        Ok(rows.iter().map(|r| r.get::<_, Value>(0)).collect())
+        let mut items: HashMap<String, Vec<Value>> = HashMap::new();
+        for r in self.query_cached(&sql, &[&report_nos]).await? {
+            items.entry(r.get(0)).or_default().push(r.get(1));
+        }
+        Ok(items)
     }
 
     /// The source's own PDF of a report (its `pdf` bytea column).
@@ -248,9 +287,7 @@ impl Store {
             src.relation,
             quote_ident(&src.key_column)
         );
-        Ok(self
-            .client
-            .query_opt(&sql, &[&key])
+        Ok(self.query_opt_cached(&sql, &[&key])
             .await?
             .and_then(|r| r.get::<_, Option<Vec<u8>>>(0)))
     }
@@ -263,7 +300,7 @@ impl Store {
         let sql = format!(
             "SELECT to_jsonb(r) FROM {view} r WHERE r.kind = $1 AND r.report_no::text = $2 ORDER BY r.revoked_at DESC LIMIT 1"
         );
-        let row = self.client.query_opt(&sql, &[&kind, &key]).await?;
+        let row = self.query_opt_cached(&sql, &[&kind, &key]).await?;
         Ok(row.and_then(|r| serde_json::from_value(r.get::<_, Value>(0)).ok()))
     }
 
@@ -275,9 +312,7 @@ impl Store {
         name: Option<&str>,
         key: &str,
     ) -> Result<Option<String>, WorkerError> {
-        let found = self
-            .client
-            .query_opt(
+        let found = self.query_opt_cached(
                 "SELECT data_code FROM hmr.item_map WHERE type = $1 AND local_code = $2",
                 &[&t, &local],
             )
@@ -285,8 +320,7 @@ impl Store {
         if let Some(row) = found {
             return Ok(Some(row.get(0)));
         }
-        self.client
-            .execute(
+        self.execute_cached(
                 "INSERT INTO hmr.unmapped_items (type, local_code, local_name, example_key) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (type, local_code) DO UPDATE
                     SET reports = hmr.unmapped_items.reports + 1, last_seen = now(),
@@ -300,9 +334,7 @@ impl Store {
 
     /// The current decisions of a check, as the platform wants them (one per matched order).
     pub async fn decisions(&self, check_id: &str) -> Result<Option<hmr_protocol::Decisions>, WorkerError> {
-        let rows = self
-            .client
-            .query(
+        let rows = self.query_cached(
                 "SELECT order_id, report_id, recognise, reason_code, reason_text, doctor_no, dept_code,
                         to_jsonb(decided_at) #>> '{}'
                    FROM hmr.current_decisions WHERE check_id = $1 ORDER BY decided_at, order_id",
@@ -338,8 +370,7 @@ impl Store {
     ) -> Result<(), WorkerError> {
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
         let org = report_id.split(':').next().unwrap_or_default();
-        self.client
-            .execute(
+        self.execute_cached(
                 "INSERT INTO hmr.retained_reports (report_id, format, bytes, sha256, source_org, check_id)
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (report_id, format) DO NOTHING",
                 &[&report_id, &format, &bytes, &sha, &org, &check_id],
@@ -350,18 +381,14 @@ impl Store {
 
     /// Removes finished events older than the retention, in batches.
     pub async fn purge_history(&self, days: i32) -> Result<i64, WorkerError> {
-        Ok(self
-            .client
-            .query_one("SELECT hmr.purge_history(make_interval(days => $1))", &[&days])
+        Ok(self.query_one_cached("SELECT hmr.purge_history(make_interval(days => $1))", &[&days])
             .await?
             .get(0))
     }
 
     /// The operator's facts (`hmr.status`) as metric name → value.
     pub async fn status(&self) -> Result<Vec<(String, f64)>, WorkerError> {
-        let row = self
-            .client
-            .query_one(
+        let row = self.query_one_cached(
                 "SELECT pending::float8, in_flight::float8, quarantined::float8,
                         coalesce(extract(epoch FROM oldest_event_age), 0)::float8, stuck_records::float8,
                         coalesce(outbox_dead_rows, 0)::float8
@@ -386,12 +413,11 @@ impl Store {
 
     /// Reads the polled sources (exam systems without triggers) into the outbox.
     pub async fn poll_sources(&self) -> Result<i32, WorkerError> {
-        Ok(self.client.query_one("SELECT hmr.poll_sources()", &[]).await?.get(0))
+        Ok(self.query_one_cached("SELECT hmr.poll_sources()", &[]).await?.get(0))
     }
 
     pub async fn save_step(&self, id: i64, step: i32) -> Result<(), WorkerError> {
-        self.client
-            .execute(
+        self.execute_cached(
                 "UPDATE hmr.outbox SET step = $3 WHERE id = $1 AND lease_owner = $2",
                 &[&id, &self.worker_id, &step],
             )
@@ -400,9 +426,7 @@ impl Store {
     }
 
     pub async fn delivered(&self, kind: &str, keys: &[String]) -> Result<HashMap<String, Delivered>, WorkerError> {
-        let rows = self
-            .client
-            .query(
+        let rows = self.query_cached(
                 "SELECT key, version, content_hash, revoked FROM hmr.delivered WHERE kind = $1 AND key = ANY($2)",
                 &[&kind, &keys],
             )
@@ -426,9 +450,7 @@ impl Store {
     /// longer holds the event (its lease expired and another worker took it): then it must
     /// not send anything, or two bodies could go out under one request id.
     pub async fn save_plan(&self, id: i64, plan: &Value) -> Result<bool, WorkerError> {
-        let n = self
-            .client
-            .execute(
+        let n = self.execute_cached(
                 "UPDATE hmr.outbox SET plan = $3, step = 0, lease_until = now() + make_interval(secs => $4)
                   WHERE id = $1 AND lease_owner = $2 AND plan IS NULL",
                 &[&id, &self.worker_id, plan, &self.lease.as_secs_f64()],
@@ -455,9 +477,7 @@ impl Store {
             .collect();
         let outcomes: Vec<&str> = done.iter().map(|f| f.outcome).collect();
         let details: Vec<Option<String>> = done.iter().map(|f| f.detail.clone()).collect();
-        let rows = self
-            .client
-            .query(
+        let rows = self.query_cached(
                 "WITH f AS (
                     SELECT * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::bool[], $6::text[], $7::text[])
                       AS f(id, version, hash, revoked, outcome, detail)),
@@ -520,8 +540,7 @@ impl Store {
             .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let error = hmr_protocol::mask::scrub(error);
         let error = error.as_str();
-        self.client
-            .execute(
+        self.execute_cached(
                 "UPDATE hmr.outbox
                     SET state = 'pending', lease_owner = NULL, lease_until = NULL,
                         next_attempt_at = now() + make_interval(secs => $3), last_error = $4
@@ -540,8 +559,7 @@ impl Store {
         // A platform's message may quote the record: no full identity number is kept.
         let message = hmr_protocol::mask::scrub(message);
         let message = message.as_str();
-        self.client
-            .execute(
+        self.execute_cached(
                 "WITH q AS (
                     UPDATE hmr.outbox
                        SET state = 'quarantined', lease_owner = NULL, lease_until = NULL,
@@ -565,8 +583,7 @@ impl Store {
     /// Makes sure a record the platform needs first (a patient, a department) is on its way.
     /// A quarantined one stays as it is: the DBA fixes and retries it, then this one follows.
     pub async fn ensure_enqueued(&self, kind: &str, key: &str) -> Result<(), WorkerError> {
-        self.client
-            .execute(
+        self.execute_cached(
                 "INSERT INTO hmr.outbox (kind, key, op)
                  SELECT $1, $2, 'S'
                   WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox WHERE kind = $1 AND key = $2)",
@@ -578,9 +595,7 @@ impl Store {
 
     /// Whether the record has a quarantined event (its DBA must fix it first).
     pub async fn is_quarantined(&self, kind: &str, key: &str) -> Result<bool, WorkerError> {
-        Ok(self
-            .client
-            .query_one(
+        Ok(self.query_one_cached(
                 "SELECT EXISTS (SELECT 1 FROM hmr.outbox WHERE kind = $1 AND key = $2 AND state = 'quarantined')",
                 &[&kind, &key],
             )
@@ -590,8 +605,7 @@ impl Store {
 
     /// Forgets what we believed the platform holds of a record (it said it lacks it).
     pub async fn forget_delivered(&self, kind: &str, key: &str) -> Result<(), WorkerError> {
-        self.client
-            .execute("DELETE FROM hmr.delivered WHERE kind = $1 AND key = $2", &[&kind, &key])
+        self.execute_cached("DELETE FROM hmr.delivered WHERE kind = $1 AND key = $2", &[&kind, &key])
             .await?;
         Ok(())
     }
@@ -599,8 +613,7 @@ impl Store {
     /// Announces that this worker is about to sleep, so capture triggers wake it.
     pub async fn sleeping(&self, asleep: bool, for_how_long: Duration) -> Result<(), WorkerError> {
         if asleep {
-            self.client
-                .execute(
+            self.execute_cached(
                     "WITH s AS (
                         INSERT INTO hmr.sleepers (worker, until) VALUES ($1, now() + make_interval(secs => $2))
                         ON CONFLICT (worker) DO UPDATE SET until = EXCLUDED.until)
@@ -609,8 +622,7 @@ impl Store {
                 )
                 .await?;
         } else {
-            self.client
-                .execute("DELETE FROM hmr.sleepers WHERE worker = $1", &[&self.worker_id])
+            self.execute_cached("DELETE FROM hmr.sleepers WHERE worker = $1", &[&self.worker_id])
                 .await?;
         }
         Ok(())
@@ -618,9 +630,7 @@ impl Store {
 
     /// Seconds until the next pending event is due (None: nothing pending).
     pub async fn next_due(&self) -> Result<Option<f64>, WorkerError> {
-        let row = self
-            .client
-            .query_one(
+        let row = self.query_one_cached(
                 "SELECT extract(epoch FROM min(least(CASE WHEN state = 'pending' THEN next_attempt_at END,
                                                      CASE WHEN state = 'claimed' THEN lease_until END)) - now())::float8
                    FROM hmr.outbox WHERE state <> 'quarantined'",
@@ -632,9 +642,7 @@ impl Store {
 
     /// Returns this worker's unfinished claims to the queue (graceful shutdown).
     pub async fn release_claims(&self) -> Result<u64, WorkerError> {
-        Ok(self
-            .client
-            .execute(
+        Ok(self.execute_cached(
                 "UPDATE hmr.outbox SET state = 'pending', lease_owner = NULL, lease_until = NULL,
                         attempts = greatest(attempts - 1, 0)
                   WHERE lease_owner = $1 AND state = 'claimed'",

@@ -20,6 +20,65 @@ fn rss_peak_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which is in parentheses and may hold spaces).
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+/// CPU seconds of every PostgreSQL process running now (the cluster's backends and helpers).
+fn postgres_cpu_seconds() -> f64 {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres")
+                })
+                .map(cpu_seconds)
+                .sum()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Where the CPU went during a drain: worker, simulator, PostgreSQL.
+struct CpuSplit {
+    worker: f64,
+    sim: f64,
+    postgres: f64,
+}
+
+impl CpuSplit {
+    fn now(worker: u32, sim: u32) -> CpuSplit {
+        CpuSplit {
+            worker: cpu_seconds(worker),
+            sim: cpu_seconds(sim),
+            postgres: postgres_cpu_seconds(),
+        }
+    }
+
+    fn since(&self, worker: u32, sim: u32) -> String {
+        let n = CpuSplit::now(worker, sim);
+        format!(
+            "worker {:.1} s, simulator {:.1} s, PostgreSQL {:.1} s",
+            n.worker - self.worker,
+            n.sim - self.sim,
+            n.postgres - self.postgres
+        )
+    }
+}
+
+fn env_count(name: &str, default: i64) -> i64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 async fn patients_and_reports(his: &tokio_postgres::Client, patients: i64, reports: i64) -> Result<()> {
     his.batch_execute(
         "ALTER TABLE his.patient DISABLE TRIGGER hmr_capture_patient;
@@ -71,7 +130,7 @@ async fn drain() -> Result<()> {
             ..Default::default()
         },
     )?;
-    wait_until(Duration::from_secs(30), "sample", || async {
+    let sample = wait_until(Duration::from_secs(30), "sample", || async {
         Ok(count(
             &his,
             "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
@@ -79,9 +138,34 @@ async fn drain() -> Result<()> {
         .await?
             == 0)
     })
-    .await?;
+    .await;
+    if sample.is_err() {
+        for r in his.query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[]).await? {
+            let (id, kind, key, state, last): (i64, String, String, String, Option<String>) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            eprintln!("outbox: {id} {kind} {key} {state} {last:?}");
+        }
+        for r in his.query("SELECT id, kind, key, op::text, xid::text FROM hmr.captured", &[]).await? {
+            let (id, kind, key, op, xid): (i64, String, String, String, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            eprintln!("captured: {id} {kind} {key} {op} {xid}");
+        }
+        eprintln!("worker log: {}", worker.log());
+        eprintln!("postgres log: {}", cluster.log());
+        for r in his
+            .query("SELECT coalesce(application_name, ''), coalesce(state, ''), coalesce(wait_event, ''), coalesce(query, '') FROM pg_stat_activity", &[])
+            .await?
+        {
+            let (a, s, w, q): (String, String, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            eprintln!("activity: {a} | {s} | {w} | {q}");
+        }
+    }
+    sample?;
     drop(worker);
-    patients_and_reports(&his, 100_000, 20_000).await?;
+    // HMR_BENCH_PATIENTS / HMR_BENCH_REPORTS shrink the run while iterating.
+    let patients = env_count("HMR_BENCH_PATIENTS", 100_000);
+    let reports = env_count("HMR_BENCH_REPORTS", 20_000);
+    patients_and_reports(&his, patients, reports).await?;
     his.batch_execute("INSERT INTO hmr.outbox (kind, key, op) SELECT 'patient', patient_id, 'S' FROM his.patient WHERE patient_id LIKE 'B%'").await?;
     let worker = Worker::start(
         &cluster,
@@ -91,6 +175,7 @@ async fn drain() -> Result<()> {
             ..Default::default()
         },
     )?;
+    let cpu = CpuSplit::now(worker.pid(), sim.pid());
     let t = Instant::now();
     wait_until(Duration::from_secs(600), "patients", || async {
         Ok(count(
@@ -102,7 +187,9 @@ async fn drain() -> Result<()> {
     })
     .await?;
     let p = t.elapsed();
+    let p_cpu = cpu.since(worker.pid(), sim.pid());
     his.batch_execute("INSERT INTO hmr.outbox (kind, key, op) SELECT 'lab_report', report_no, 'S' FROM lis.report WHERE report_no LIKE 'K%'").await?;
+    let cpu = CpuSplit::now(worker.pid(), sim.pid());
     let t = Instant::now();
     wait_until(Duration::from_secs(900), "reports", || async {
         Ok(count(
@@ -114,6 +201,7 @@ async fn drain() -> Result<()> {
     })
     .await?;
     let r = t.elapsed();
+    let r_cpu = cpu.since(worker.pid(), sim.pid());
     let rss = rss_peak_kb(worker_pid(&worker)) / 1024;
     drop(worker);
     // As many new reports as data only (no PDF): what the upload path itself costs.
@@ -137,6 +225,7 @@ async fn drain() -> Result<()> {
         },
     )?;
     his.batch_execute("INSERT INTO hmr.outbox (kind, key, op) SELECT 'lab_report', report_no, 'S' FROM lis.report WHERE report_no LIKE 'D%'").await?;
+    let cpu = CpuSplit::now(worker.pid(), sim.pid());
     let t = Instant::now();
     wait_until(Duration::from_secs(900), "reports", || async {
         Ok(count(
@@ -148,21 +237,23 @@ async fn drain() -> Result<()> {
     })
     .await?;
     let d = t.elapsed();
-    println!("| drain | events | seconds | events/s |\n|---|---|---|---|");
+    let d_cpu = cpu.since(worker.pid(), sim.pid());
+    println!("| drain | events | seconds | events/s | CPU used |\n|---|---|---|---|---|");
+    let rate = |n: i64, t: Duration| n as f64 / t.as_secs_f64();
     println!(
-        "| patients, batches of 500 | 100000 | {:.1} | {:.0} |",
+        "| patients, batches of 500 | {patients} | {:.1} | {:.0} | {p_cpu} |",
         p.as_secs_f64(),
-        100_000.0 / p.as_secs_f64()
+        rate(patients, p)
     );
     println!(
-        "| lab reports, one request each + rendered PDF | 20000 | {:.1} | {:.0} |",
+        "| lab reports, one request each + rendered PDF | {reports} | {:.1} | {:.0} | {r_cpu} |",
         r.as_secs_f64(),
-        20_000.0 / r.as_secs_f64()
+        rate(reports, r)
     );
     println!(
-        "| lab reports, one request each (data only) | 20000 | {:.1} | {:.0} |",
+        "| lab reports, one request each (data only) | {reports} | {:.1} | {:.0} | {d_cpu} |",
         d.as_secs_f64(),
-        20_000.0 / d.as_secs_f64()
+        rate(reports, d)
     );
     println!(
         "worker peak RSS: {rss} MB (with PDFs), {} MB (data only)",
@@ -400,7 +491,7 @@ async fn backlog() -> Result<()> {
             ..Default::default()
         },
     )?;
-    wait_until(Duration::from_secs(30), "sample", || async {
+    let sample = wait_until(Duration::from_secs(30), "sample", || async {
         Ok(count(
             &his,
             "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
@@ -408,7 +499,29 @@ async fn backlog() -> Result<()> {
         .await?
             == 0)
     })
-    .await?;
+    .await;
+    if sample.is_err() {
+        for r in his.query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[]).await? {
+            let (id, kind, key, state, last): (i64, String, String, String, Option<String>) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            eprintln!("outbox: {id} {kind} {key} {state} {last:?}");
+        }
+        for r in his.query("SELECT id, kind, key, op::text, xid::text FROM hmr.captured", &[]).await? {
+            let (id, kind, key, op, xid): (i64, String, String, String, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            eprintln!("captured: {id} {kind} {key} {op} {xid}");
+        }
+        eprintln!("worker log: {}", worker.log());
+        eprintln!("postgres log: {}", cluster.log());
+        for r in his
+            .query("SELECT coalesce(application_name, ''), coalesce(state, ''), coalesce(wait_event, ''), coalesce(query, '') FROM pg_stat_activity", &[])
+            .await?
+        {
+            let (a, s, w, q): (String, String, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            eprintln!("activity: {a} | {s} | {w} | {q}");
+        }
+    }
+    sample?;
     sim.faults(json!({"status": 503})).await?;
     // Reports and their results in one transaction (as a LIS audits a finished report).
     his.batch_execute(&format!(
