@@ -166,7 +166,8 @@ GRANT SELECT, INSERT ON hmr.retained_reports TO hmr_worker;
 GRANT SET ON PARAMETER log_parameter_max_length TO hmr_worker;
 GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_history(interval, integer),
                           hmr.backfill_start(text, timestamptz), hmr.backfill_page(bigint, integer),
-                          hmr.capture(), hmr.ingest(), hmr.worker_sleeping(), hmr.wake_workers()
+                          hmr.capture(), hmr.ingest(), hmr.worker_sleeping(), hmr.wake_workers(),
+                          hmr.claim(text, text[], integer, float8, boolean, float8)
       TO hmr_worker, hmr_admin;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.guards TO hmr_admin;

@@ -129,6 +129,44 @@ BEGIN
 END
 $$;
 
+-- A worker's claim, in one round trip: say whether it is about to sleep (then a capture
+-- wakes it with a NOTIFY), move captured events into the outbox, and take the oldest
+-- eligible events with a lease: pending and due (or claimed with an expired lease), and the
+-- earliest unfinished event of their record, so each record's events go in order.
+CREATE FUNCTION hmr.claim(worker_id text, kinds text[], max_events integer, lease_seconds float8,
+                          going_to_sleep boolean DEFAULT false, sleep_seconds float8 DEFAULT 1)
+RETURNS TABLE (id bigint, kind text, key text, attempts integer, generation integer, plan jsonb, step integer)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF going_to_sleep THEN
+        INSERT INTO hmr.sleepers AS s (worker, until)
+        VALUES (worker_id, now() + make_interval(secs => sleep_seconds))
+        ON CONFLICT (worker) DO UPDATE SET until = EXCLUDED.until;
+        PERFORM hmr.worker_sleeping();
+    ELSE
+        DELETE FROM hmr.sleepers s WHERE s.worker = worker_id;
+    END IF;
+    PERFORM hmr.ingest();
+    RETURN QUERY
+    WITH c AS (
+        SELECT o.id FROM hmr.outbox o
+         WHERE ((o.state = 'pending' AND o.next_attempt_at <= now())
+                OR (o.state = 'claimed' AND o.lease_until < now()))
+           AND o.kind = ANY (kinds)
+           AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
+                            WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
+                              AND e.state <> 'quarantined')
+         ORDER BY o.id
+         LIMIT max_events
+         FOR UPDATE OF o SKIP LOCKED)
+    UPDATE hmr.outbox o
+       SET state = 'claimed', lease_owner = worker_id, attempts = o.attempts + 1,
+           lease_until = now() + make_interval(secs => lease_seconds)
+      FROM c WHERE o.id = c.id
+    RETURNING o.id, o.kind, o.key, o.attempts, o.generation, o.plan, o.step;
+END
+$$;
+
 -- Attach capture to a HIS table. `update_when` filters updates (an SQL condition on OLD and
 -- NEW, e.g. 'OLD.status IS DISTINCT FROM NEW.status'); inserts and deletes always count.
 CREATE FUNCTION hmr.watch(kind text, tbl regclass, key_column name, update_when text DEFAULT NULL)

@@ -24,7 +24,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::error::WorkerError;
 use crate::platform::Platform;
-use crate::store::{Delivered, Event, Finish, Store};
+use crate::store::{Delivered, Event, Finish, ReportInput, Store};
 
 /// Namespace of request ids: UUIDv5 of the event, its retry generation and the step.
 const REQUEST_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a8f_4c1e_9b2d_4e57_a3c0_5d1f_7e92_b604);
@@ -59,13 +59,7 @@ pub struct Drainer {
 
 /// What a batch of reports needs from the database, read once for the batch.
 #[derive(Default)]
-struct Prefetched {
-    rows: HashMap<String, Value>,
-    held: HashMap<String, Delivered>,
-    items: HashMap<String, Vec<Value>>,
-    /// Referenced patients the platform already holds.
-    patients: HashMap<String, Delivered>,
-}
+struct Prefetched(HashMap<String, ReportInput>);
 
 /// A rendered PDF, or why it could not be.
 type Rendered = Option<Result<Vec<u8>, hmr_pdf::PdfError>>;
@@ -79,9 +73,9 @@ enum Step {
 
 impl Drainer {
     /// One round: claim a batch, deliver it, record the outcomes. Returns events claimed.
-    pub async fn round(&self) -> Result<usize, WorkerError> {
-        self.store.ingest().await?;
-        let events = self.store.claim(self.config.worker.batch_size).await?;
+    /// `going_to_sleep`: see `Store::claim`.
+    pub async fn round(&self, going_to_sleep: Option<Duration>) -> Result<usize, WorkerError> {
+        let events = self.store.claim(self.config.worker.batch_size, going_to_sleep).await?;
         let claimed = events.len();
         if claimed == 0 {
             return Ok(0);
@@ -94,7 +88,12 @@ impl Drainer {
                 None => by_kind.push((e.kind.clone(), vec![e])),
             }
         }
-        let rank = |k: &str| ["department", "staff", "patient"].iter().position(|d| *d == k).unwrap_or(3);
+        let rank = |k: &str| {
+            ["department", "staff", "patient"]
+                .iter()
+                .position(|d| *d == k)
+                .unwrap_or(3)
+        };
         by_kind.sort_by_key(|(k, _)| rank(k));
         for (kind, events) in by_kind {
             match kind.as_str() {
@@ -146,22 +145,7 @@ impl Drainer {
         if keys.is_empty() {
             return Ok(Prefetched::default());
         }
-        let rows = self.store.source_rows(kind, &keys).await?;
-        let held = self.store.delivered(kind, &keys).await?;
-        let items = self.store.item_rows_of(kind, &keys).await?;
-        let mut patient_ids: Vec<String> = rows
-            .values()
-            .filter_map(|r| r.get("patient_id").and_then(Value::as_str).map(str::to_string))
-            .collect();
-        patient_ids.sort();
-        patient_ids.dedup();
-        let patients = self.store.delivered("patient", &patient_ids).await?;
-        Ok(Prefetched {
-            rows,
-            held,
-            items,
-            patients,
-        })
+        Ok(Prefetched(self.store.report_inputs(kind, &keys).await?))
     }
 
     fn now(&self) -> chrono::DateTime<chrono::FixedOffset> {
@@ -291,8 +275,9 @@ impl Drainer {
     /// Reads the report as it is now and decides: upload a new version, revoke the one the
     /// platform holds, or nothing. `Err` carries an event already dealt with.
     async fn build_report_plan(&self, event: &Event, pre: &Prefetched) -> Result<Result<Plan, Step>, WorkerError> {
-        let row = pre.rows.get(&event.key).cloned();
-        let held = pre.held.get(&event.key).cloned();
+        let input = pre.0.get(&event.key).cloned().unwrap_or_default();
+        let row = input.row;
+        let held = input.held;
         let report_type = if event.kind == "lab_report" {
             ReportType::Lab
         } else {
@@ -340,11 +325,8 @@ impl Drainer {
         let mut extra = Map::new();
         extra.insert("version".into(), json!(version));
         let built: Result<(Request, String, String, Rendered), ProtocolError> = if report_type == ReportType::Lab {
-            let items: Vec<Value> = pre
+            let items: Vec<Value> = input
                 .items
-                .get(&event.key)
-                .cloned()
-                .unwrap_or_default()
                 .into_iter()
                 .map(|i| match i {
                     Value::Object(m) => Value::Object(source::LAB_ITEM.to_fields(&m)),
@@ -389,7 +371,7 @@ impl Drainer {
         }
         // The platform refuses a report whose patient it has not received: send it first.
         // (Read again when the batch's read did not find it: it may have arrived since.)
-        if !pre.patients.contains_key(&patient_id)
+        if !input.patient_held
             && self
                 .store
                 .delivered("patient", std::slice::from_ref(&patient_id))

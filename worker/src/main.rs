@@ -216,7 +216,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         match result {
             Ok(()) => {
                 let released = store.release_claims().await.unwrap_or(0);
-                let _ = store.sleeping(false, poll).await;
+                let _ = store.awake().await;
                 tracing::info!(released, "hmr-worker stopped");
                 return Ok(());
             }
@@ -304,7 +304,7 @@ async fn drain_until_stopped(
         if store.is_closed() {
             return Err(error::WorkerError::Transport("database connection closed".into()));
         }
-        let round = drainer.round();
+        let round = drainer.round(None);
         let claimed = tokio::select! {
             r = round => r?,
             _ = async { stop.notified().await; tokio::time::sleep(grace).await } => return Ok(()),
@@ -312,10 +312,9 @@ async fn drain_until_stopped(
         if claimed > 0 {
             continue;
         }
-        store.sleeping(true, poll * 3).await?;
-        // Look once more: an event committed before the flag was visible sent no NOTIFY.
-        if drainer.round().await? > 0 {
-            store.sleeping(false, poll).await?;
+        // Look once more while announcing the sleep: an event committed before the flag was
+        // visible sent no NOTIFY.
+        if drainer.round(Some(poll * 3)).await? > 0 {
             continue;
         }
         let due = store.next_due().await?.map(|s| Duration::from_secs_f64(s.max(0.0)));
@@ -325,6 +324,5 @@ async fn drain_until_stopped(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.notified() => {}
         }
-        store.sleeping(false, poll).await?;
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::sync::Notify;
 use std::sync::Mutex;
+use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
@@ -73,6 +73,16 @@ pub struct Store {
     sources: HashMap<String, KindSource>,
     /// `hmr_src.revocation`, when the DBA provides it (reason and operator of an un-audit).
     revocation_view: Option<String>,
+}
+
+/// One report's inputs, read for a batch at once (`Store::report_inputs`).
+#[derive(Debug, Clone, Default)]
+pub struct ReportInput {
+    pub row: Option<Value>,
+    pub items: Vec<Value>,
+    pub held: Option<Delivered>,
+    /// Whether the platform holds the report's patient.
+    pub patient_held: bool,
 }
 
 /// What the source says of an un-audit.
@@ -195,37 +205,26 @@ impl Store {
         self.client.is_closed()
     }
 
-    /// Moves events the capture trigger appended into the outbox (one mover at a time).
-    pub async fn ingest(&self) -> Result<i32, WorkerError> {
-        Ok(self.query_one_cached("SELECT hmr.ingest()", &[]).await?.get(0))
-    }
-
-    /// Claims the oldest eligible events: pending and due (or claimed with an expired lease),
-    /// and the earliest unfinished event of their record.
-    pub async fn claim(&self, limit: i64) -> Result<Vec<Event>, WorkerError> {
+    /// Claims the oldest eligible events (see `hmr.claim`): captured events are moved into
+    /// the outbox first. `going_to_sleep` announces that this worker will wait for a NOTIFY
+    /// (for that long at most) if nothing is found.
+    pub async fn claim(&self, limit: i64, going_to_sleep: Option<Duration>) -> Result<Vec<Event>, WorkerError> {
         let kinds: Vec<&str> = HANDLED_KINDS
             .iter()
             .copied()
             .filter(|k| self.sources.contains_key(*k))
             .collect();
-        let rows = self.query_cached(
-                "WITH c AS (
-                    SELECT o.id FROM hmr.outbox o
-                     WHERE ((o.state = 'pending' AND o.next_attempt_at <= now())
-                            OR (o.state = 'claimed' AND o.lease_until < now()))
-                       AND o.kind = ANY($3)
-                       AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
-                                        WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
-                                          AND e.state <> 'quarantined')
-                     ORDER BY o.id
-                     LIMIT $1
-                     FOR UPDATE OF o SKIP LOCKED)
-                 UPDATE hmr.outbox o
-                    SET state = 'claimed', lease_owner = $2, attempts = o.attempts + 1,
-                        lease_until = now() + make_interval(secs => $4)
-                   FROM c WHERE o.id = c.id
-                 RETURNING o.id, o.kind, o.key, o.attempts, o.generation, o.plan, o.step",
-                &[&limit, &self.worker_id, &kinds, &(self.lease.as_secs_f64())],
+        let rows = self
+            .query_cached(
+                "SELECT id, kind, key, attempts, generation, plan, step FROM hmr.claim($1, $2, $3, $4, $5, $6)",
+                &[
+                    &self.worker_id,
+                    &kinds,
+                    &(limit as i32),
+                    &self.lease.as_secs_f64(),
+                    &going_to_sleep.is_some(),
+                    &going_to_sleep.unwrap_or_default().as_secs_f64(),
+                ],
             )
             .await?;
         let mut events: Vec<Event> = rows
@@ -261,20 +260,56 @@ impl Store {
             .collect())
     }
 
-    /// Item rows of these reports, per report (ordered by `seq` when the view has one).
-    pub async fn item_rows_of(&self, kind: &str, report_nos: &[String]) -> Result<HashMap<String, Vec<Value>>, WorkerError> {
-        let Some(relation) = self.sources.get(kind).and_then(|s| s.item_relation.clone()) else {
+    /// What a batch of reports needs, in one round trip: each report's source row, its items
+    /// (in `seq` order when the view has one), what the platform holds of it, and whether
+    /// the platform holds its patient.
+    pub async fn report_inputs(
+        &self,
+        kind: &str,
+        keys: &[String],
+    ) -> Result<HashMap<String, ReportInput>, WorkerError> {
+        let Some(src) = self.sources.get(kind) else {
             return Ok(HashMap::new());
         };
+        let items = match &src.item_relation {
+            Some(relation) => format!(
+                "(SELECT jsonb_agg(to_jsonb(i) ORDER BY to_jsonb(i) -> 'seq', to_jsonb(i) ->> 'item_code')
+                    FROM {relation} i WHERE i.report_no::text = k.key)"
+            ),
+            None => "NULL::jsonb".into(),
+        };
         let sql = format!(
-            "SELECT i.report_no::text, to_jsonb(i) FROM {relation} i WHERE i.report_no::text = ANY($1) \
-             ORDER BY 1, to_jsonb(i) -> 'seq', to_jsonb(i) ->> 'item_code'"
+            "SELECT k.key, r.row, {items}, d.version, d.content_hash, d.revoked, p.key IS NOT NULL
+               FROM unnest($1::text[]) AS k(key)
+               LEFT JOIN LATERAL (SELECT to_jsonb(v) AS row FROM {relation} v
+                                   WHERE v.{key}::text = k.key LIMIT 1) r ON true
+               LEFT JOIN hmr.delivered d ON d.kind = $2 AND d.key = k.key
+               LEFT JOIN hmr.delivered p ON p.kind = 'patient' AND p.key = r.row ->> 'patient_id'",
+            relation = src.relation,
+            key = quote_ident(&src.key_column),
         );
-        let mut items: HashMap<String, Vec<Value>> = HashMap::new();
-        for r in self.query_cached(&sql, &[&report_nos]).await? {
-            items.entry(r.get(0)).or_default().push(r.get(1));
+        let mut inputs = HashMap::new();
+        for r in self.query_cached(&sql, &[&keys, &kind]).await? {
+            let items: Option<Value> = r.get(2);
+            let version: Option<i32> = r.get(3);
+            inputs.insert(
+                r.get::<_, String>(0),
+                ReportInput {
+                    row: r.get(1),
+                    items: match items {
+                        Some(Value::Array(items)) => items,
+                        _ => vec![],
+                    },
+                    held: version.map(|version| Delivered {
+                        version,
+                        content_hash: r.get(4),
+                        revoked: r.get(5),
+                    }),
+                    patient_held: r.get(6),
+                },
+            );
         }
-        Ok(items)
+        Ok(inputs)
     }
 
     /// The source's own PDF of a report (its `pdf` bytea column).
@@ -287,7 +322,8 @@ impl Store {
             src.relation,
             quote_ident(&src.key_column)
         );
-        Ok(self.query_opt_cached(&sql, &[&key])
+        Ok(self
+            .query_opt_cached(&sql, &[&key])
             .await?
             .and_then(|r| r.get::<_, Option<Vec<u8>>>(0)))
     }
@@ -312,7 +348,8 @@ impl Store {
         name: Option<&str>,
         key: &str,
     ) -> Result<Option<String>, WorkerError> {
-        let found = self.query_opt_cached(
+        let found = self
+            .query_opt_cached(
                 "SELECT data_code FROM hmr.item_map WHERE type = $1 AND local_code = $2",
                 &[&t, &local],
             )
@@ -321,20 +358,21 @@ impl Store {
             return Ok(Some(row.get(0)));
         }
         self.execute_cached(
-                "INSERT INTO hmr.unmapped_items (type, local_code, local_name, example_key) VALUES ($1, $2, $3, $4)
+            "INSERT INTO hmr.unmapped_items (type, local_code, local_name, example_key) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (type, local_code) DO UPDATE
                     SET reports = hmr.unmapped_items.reports + 1, last_seen = now(),
                         local_name = coalesce(EXCLUDED.local_name, hmr.unmapped_items.local_name),
                         example_key = EXCLUDED.example_key",
-                &[&t, &local, &name, &key],
-            )
-            .await?;
+            &[&t, &local, &name, &key],
+        )
+        .await?;
         Ok(None)
     }
 
     /// The current decisions of a check, as the platform wants them (one per matched order).
     pub async fn decisions(&self, check_id: &str) -> Result<Option<hmr_protocol::Decisions>, WorkerError> {
-        let rows = self.query_cached(
+        let rows = self
+            .query_cached(
                 "SELECT order_id, report_id, recognise, reason_code, reason_text, doctor_no, dept_code,
                         to_jsonb(decided_at) #>> '{}'
                    FROM hmr.current_decisions WHERE check_id = $1 ORDER BY decided_at, order_id",
@@ -371,24 +409,26 @@ impl Store {
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
         let org = report_id.split(':').next().unwrap_or_default();
         self.execute_cached(
-                "INSERT INTO hmr.retained_reports (report_id, format, bytes, sha256, source_org, check_id)
+            "INSERT INTO hmr.retained_reports (report_id, format, bytes, sha256, source_org, check_id)
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (report_id, format) DO NOTHING",
-                &[&report_id, &format, &bytes, &sha, &org, &check_id],
-            )
-            .await?;
+            &[&report_id, &format, &bytes, &sha, &org, &check_id],
+        )
+        .await?;
         Ok(())
     }
 
     /// Removes finished events older than the retention, in batches.
     pub async fn purge_history(&self, days: i32) -> Result<i64, WorkerError> {
-        Ok(self.query_one_cached("SELECT hmr.purge_history(make_interval(days => $1))", &[&days])
+        Ok(self
+            .query_one_cached("SELECT hmr.purge_history(make_interval(days => $1))", &[&days])
             .await?
             .get(0))
     }
 
     /// The operator's facts (`hmr.status`) as metric name → value.
     pub async fn status(&self) -> Result<Vec<(String, f64)>, WorkerError> {
-        let row = self.query_one_cached(
+        let row = self
+            .query_one_cached(
                 "SELECT pending::float8, in_flight::float8, quarantined::float8,
                         coalesce(extract(epoch FROM oldest_event_age), 0)::float8, stuck_records::float8,
                         coalesce(outbox_dead_rows, 0)::float8
@@ -418,15 +458,16 @@ impl Store {
 
     pub async fn save_step(&self, id: i64, step: i32) -> Result<(), WorkerError> {
         self.execute_cached(
-                "UPDATE hmr.outbox SET step = $3 WHERE id = $1 AND lease_owner = $2",
-                &[&id, &self.worker_id, &step],
-            )
-            .await?;
+            "UPDATE hmr.outbox SET step = $3 WHERE id = $1 AND lease_owner = $2",
+            &[&id, &self.worker_id, &step],
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn delivered(&self, kind: &str, keys: &[String]) -> Result<HashMap<String, Delivered>, WorkerError> {
-        let rows = self.query_cached(
+        let rows = self
+            .query_cached(
                 "SELECT key, version, content_hash, revoked FROM hmr.delivered WHERE kind = $1 AND key = ANY($2)",
                 &[&kind, &keys],
             )
@@ -450,7 +491,8 @@ impl Store {
     /// longer holds the event (its lease expired and another worker took it): then it must
     /// not send anything, or two bodies could go out under one request id.
     pub async fn save_plan(&self, id: i64, plan: &Value) -> Result<bool, WorkerError> {
-        let n = self.execute_cached(
+        let n = self
+            .execute_cached(
                 "UPDATE hmr.outbox SET plan = $3, step = 0, lease_until = now() + make_interval(secs => $4)
                   WHERE id = $1 AND lease_owner = $2 AND plan IS NULL",
                 &[&id, &self.worker_id, plan, &self.lease.as_secs_f64()],
@@ -477,7 +519,8 @@ impl Store {
             .collect();
         let outcomes: Vec<&str> = done.iter().map(|f| f.outcome).collect();
         let details: Vec<Option<String>> = done.iter().map(|f| f.detail.clone()).collect();
-        let rows = self.query_cached(
+        let rows = self
+            .query_cached(
                 "WITH f AS (
                     SELECT * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::bool[], $6::text[], $7::text[])
                       AS f(id, version, hash, revoked, outcome, detail)),
@@ -541,13 +584,13 @@ impl Store {
         let error = hmr_protocol::mask::scrub(error);
         let error = error.as_str();
         self.execute_cached(
-                "UPDATE hmr.outbox
+            "UPDATE hmr.outbox
                     SET state = 'pending', lease_owner = NULL, lease_until = NULL,
                         next_attempt_at = now() + make_interval(secs => $3), last_error = $4
                   WHERE id = ANY($2) AND lease_owner = $1",
-                &[&self.worker_id, &ids, &delay.as_secs_f64(), &error],
-            )
-            .await?;
+            &[&self.worker_id, &ids, &delay.as_secs_f64(), &error],
+        )
+        .await?;
         Ok(())
     }
 
@@ -560,7 +603,7 @@ impl Store {
         let message = hmr_protocol::mask::scrub(message);
         let message = message.as_str();
         self.execute_cached(
-                "WITH q AS (
+            "WITH q AS (
                     UPDATE hmr.outbox
                        SET state = 'quarantined', lease_owner = NULL, lease_until = NULL,
                            error_field = $3, error_reason = $4, last_error = $5, failed_at = now()
@@ -574,9 +617,9 @@ impl Store {
                  INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)
                  SELECT id, kind, key, op, xid, created_at, 'superseded', attempts,
                         'a later event of the same record was quarantined' FROM old",
-                &[&id, &self.worker_id, &field, &reason, &message],
-            )
-            .await?;
+            &[&id, &self.worker_id, &field, &reason, &message],
+        )
+        .await?;
         Ok(())
     }
 
@@ -584,18 +627,19 @@ impl Store {
     /// A quarantined one stays as it is: the DBA fixes and retries it, then this one follows.
     pub async fn ensure_enqueued(&self, kind: &str, key: &str) -> Result<(), WorkerError> {
         self.execute_cached(
-                "INSERT INTO hmr.outbox (kind, key, op)
+            "INSERT INTO hmr.outbox (kind, key, op)
                  SELECT $1, $2, 'S'
                   WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox WHERE kind = $1 AND key = $2)",
-                &[&kind, &key],
-            )
-            .await?;
+            &[&kind, &key],
+        )
+        .await?;
         Ok(())
     }
 
     /// Whether the record has a quarantined event (its DBA must fix it first).
     pub async fn is_quarantined(&self, kind: &str, key: &str) -> Result<bool, WorkerError> {
-        Ok(self.query_one_cached(
+        Ok(self
+            .query_one_cached(
                 "SELECT EXISTS (SELECT 1 FROM hmr.outbox WHERE kind = $1 AND key = $2 AND state = 'quarantined')",
                 &[&kind, &key],
             )
@@ -610,27 +654,17 @@ impl Store {
         Ok(())
     }
 
-    /// Announces that this worker is about to sleep, so capture triggers wake it.
-    pub async fn sleeping(&self, asleep: bool, for_how_long: Duration) -> Result<(), WorkerError> {
-        if asleep {
-            self.execute_cached(
-                    "WITH s AS (
-                        INSERT INTO hmr.sleepers (worker, until) VALUES ($1, now() + make_interval(secs => $2))
-                        ON CONFLICT (worker) DO UPDATE SET until = EXCLUDED.until)
-                     SELECT hmr.worker_sleeping()",
-                    &[&self.worker_id, &for_how_long.as_secs_f64()],
-                )
-                .await?;
-        } else {
-            self.execute_cached("DELETE FROM hmr.sleepers WHERE worker = $1", &[&self.worker_id])
-                .await?;
-        }
+    /// Takes this worker off `hmr.sleepers` (shutdown; a claim does it otherwise).
+    pub async fn awake(&self) -> Result<(), WorkerError> {
+        self.execute_cached("DELETE FROM hmr.sleepers WHERE worker = $1", &[&self.worker_id])
+            .await?;
         Ok(())
     }
 
     /// Seconds until the next pending event is due (None: nothing pending).
     pub async fn next_due(&self) -> Result<Option<f64>, WorkerError> {
-        let row = self.query_one_cached(
+        let row = self
+            .query_one_cached(
                 "SELECT extract(epoch FROM min(least(CASE WHEN state = 'pending' THEN next_attempt_at END,
                                                      CASE WHEN state = 'claimed' THEN lease_until END)) - now())::float8
                    FROM hmr.outbox WHERE state <> 'quarantined'",
@@ -642,7 +676,8 @@ impl Store {
 
     /// Returns this worker's unfinished claims to the queue (graceful shutdown).
     pub async fn release_claims(&self) -> Result<u64, WorkerError> {
-        Ok(self.execute_cached(
+        Ok(self
+            .execute_cached(
                 "UPDATE hmr.outbox SET state = 'pending', lease_owner = NULL, lease_until = NULL,
                         attempts = greatest(attempts - 1, 0)
                   WHERE lease_owner = $1 AND state = 'claimed'",

@@ -140,12 +140,18 @@ async fn drain() -> Result<()> {
     })
     .await;
     if sample.is_err() {
-        for r in his.query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[]).await? {
+        for r in his
+            .query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[])
+            .await?
+        {
             let (id, kind, key, state, last): (i64, String, String, String, Option<String>) =
                 (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
             eprintln!("outbox: {id} {kind} {key} {state} {last:?}");
         }
-        for r in his.query("SELECT id, kind, key, op::text, xid::text FROM hmr.captured", &[]).await? {
+        for r in his
+            .query("SELECT id, kind, key, op::text, xid::text FROM hmr.captured", &[])
+            .await?
+        {
             let (id, kind, key, op, xid): (i64, String, String, String, String) =
                 (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
             eprintln!("captured: {id} {kind} {key} {op} {xid}");
@@ -282,7 +288,7 @@ async fn latency() -> Result<()> {
         },
     )?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let secs = 120u64;
+    let secs = env_count("HMR_BENCH_SECS", 120) as u64;
     let rate = 300u64;
     let start = Instant::now();
     let mut n = 0u64;
@@ -321,6 +327,19 @@ async fn latency() -> Result<()> {
     let (c, p50, p95, p99): (i64, f64, f64, f64) = (row.get(0), row.get(1), row.get(2), row.get(3));
     println!("| commit → platform (recorded) at {rate} events/s for {secs} s | n | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|");
     println!("| lab reports (data) | {c} | {p50:.1} | {p95:.1} | {p99:.1} |");
+    let histogram: String = his
+        .query_one(
+            "SELECT string_agg(format('%s: %s', b, n), ', ' ORDER BY lo) FROM (
+                SELECT CASE WHEN ms < 5 THEN '<5 ms' WHEN ms < 10 THEN '5-10 ms' WHEN ms < 50 THEN '10-50 ms'
+                            WHEN ms < 150 THEN '50-150 ms' ELSE '>=150 ms' END AS b, min(ms) AS lo, count(*) AS n
+                  FROM (SELECT extract(epoch FROM finished_at - created_at) * 1000 AS ms
+                          FROM hmr.outbox_history WHERE key LIKE 'Q%' AND outcome = 'delivered') x
+                 GROUP BY 1) h",
+            &[],
+        )
+        .await?
+        .get(0);
+    println!("distribution: {histogram}");
     Ok(())
 }
 
@@ -501,12 +520,18 @@ async fn backlog() -> Result<()> {
     })
     .await;
     if sample.is_err() {
-        for r in his.query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[]).await? {
+        for r in his
+            .query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[])
+            .await?
+        {
             let (id, kind, key, state, last): (i64, String, String, String, Option<String>) =
                 (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
             eprintln!("outbox: {id} {kind} {key} {state} {last:?}");
         }
-        for r in his.query("SELECT id, kind, key, op::text, xid::text FROM hmr.captured", &[]).await? {
+        for r in his
+            .query("SELECT id, kind, key, op::text, xid::text FROM hmr.captured", &[])
+            .await?
+        {
             let (id, kind, key, op, xid): (i64, String, String, String, String) =
                 (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
             eprintln!("captured: {id} {kind} {key} {op} {xid}");
