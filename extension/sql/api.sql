@@ -153,7 +153,7 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
       TO hmr_his, hmr_admin;
 GRANT SELECT ON hmr.guards, hmr.current_decisions, hmr.decisions, hmr.catalog, hmr.item_map TO hmr_his;
 
-GRANT SELECT, DELETE ON hmr.captured TO hmr_worker, hmr_admin;
+GRANT SELECT, DELETE, TRUNCATE ON hmr.captured TO hmr_worker, hmr_admin;
 GRANT USAGE ON SEQUENCE hmr.event_id_seq TO hmr_worker, hmr_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.outbox, hmr.outbox_history, hmr.delivered, hmr.sleepers,
                                        hmr.polled_sources, hmr.polled_seen, hmr.backfills, hmr.unmapped_items

@@ -112,11 +112,16 @@ CREATE UNLOGGED TABLE hmr.sleepers (
 CREATE FUNCTION hmr.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'hmr_capture';
 
 -- Moves captured events into the outbox (the worker calls this before it claims). One mover
--- at a time, so ids enter the outbox in order; a second caller returns 0 at once.
+-- at a time, so ids enter the outbox in order; a second caller returns 0 at once. Deleted rows
+-- stay in the heap until VACUUM, and every move scans them: once the table has grown past
+-- 1 MB it is emptied with TRUNCATE instead (PgQ's rotation, in one table), but only when no
+-- HIS transaction is writing it at that instant (NOWAIT): capture never waits on a worker for
+-- longer than this transaction.
 CREATE FUNCTION hmr.ingest() RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     n integer;
+    more integer;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(7166846871) THEN
         RETURN 0;
@@ -125,6 +130,20 @@ BEGIN
     INSERT INTO hmr.outbox (id, kind, key, op, xid, created_at)
     SELECT id, kind, key, op, xid, created_at FROM moved ORDER BY id;
     GET DIAGNOSTICS n = ROW_COUNT;
+    IF pg_relation_size('hmr.captured') > 1048576 THEN
+        BEGIN
+            LOCK TABLE hmr.captured IN ACCESS EXCLUSIVE MODE NOWAIT;
+            -- Rows committed since the move above: no writer is left, so these are all.
+            WITH moved AS (DELETE FROM hmr.captured RETURNING *)
+            INSERT INTO hmr.outbox (id, kind, key, op, xid, created_at)
+            SELECT id, kind, key, op, xid, created_at FROM moved ORDER BY id;
+            GET DIAGNOSTICS more = ROW_COUNT;
+            n := n + more;
+            TRUNCATE hmr.captured;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL; -- a HIS transaction is capturing: next time
+        END;
+    END IF;
     RETURN n;
 END
 $$;

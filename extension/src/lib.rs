@@ -126,6 +126,42 @@ mod tests {
     }
 
     #[pg_test]
+    fn ingest_empties_a_grown_event_table_with_truncate() {
+        Spi::run("CREATE TABLE pat_many (pid int PRIMARY KEY)").unwrap();
+        Spi::run("SELECT hmr.watch('patient', 'pat_many', 'pid')").unwrap();
+        Spi::run("INSERT INTO pat_many SELECT generate_series(1, 20000)").unwrap();
+        assert!(
+            Spi::get_one::<i64>("SELECT pg_relation_size('hmr.captured')")
+                .unwrap()
+                .unwrap()
+                > 1_048_576
+        );
+        assert_eq!(Spi::get_one::<i32>("SELECT hmr.ingest()").unwrap(), Some(20000));
+        // (Other tests may be capturing at this instant: then the TRUNCATE waits for a later call.)
+        for _ in 0..100 {
+            if Spi::get_one::<i64>("SELECT pg_relation_size('hmr.captured')").unwrap() == Some(0) {
+                break;
+            }
+            Spi::run("SELECT pg_sleep(0.1)").unwrap();
+            assert_eq!(Spi::get_one::<i32>("SELECT hmr.ingest()").unwrap(), Some(0));
+        }
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT pg_relation_size('hmr.captured')").unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.outbox").unwrap(),
+            Some(20000)
+        );
+        // Capture goes on into the emptied table.
+        Spi::run("UPDATE pat_many SET pid = pid WHERE pid = 1").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.captured").unwrap(),
+            Some(1)
+        );
+    }
+
+    #[pg_test]
     fn capture_wakes_a_sleeping_worker_once() {
         // No worker asleep: nothing to wake.
         assert_eq!(Spi::get_one::<bool>("SELECT hmr.wake_workers()").unwrap(), Some(false));
