@@ -130,7 +130,7 @@ impl Drainer {
                     }
                 }
             }
-            self.store.finish(&finished).await?;
+            self.store.finish(kind, &finished).await?;
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -624,7 +624,7 @@ impl Drainer {
             let version = previous.map_or(1, |h| h.version + 1);
             to_send.push((event, record, hash, version));
         }
-        self.store.finish(&finished).await?;
+        self.store.finish(kind, &finished).await?;
 
         let mut chunks: Vec<Vec<(Event, Master, String, i32)>> = Vec::new();
         for item in to_send {
@@ -698,7 +698,7 @@ impl Drainer {
                         }
                     }
                 }
-                self.store.finish(&finished).await?;
+                self.store.finish(kind, &finished).await?;
             }
             Outcome::Permanent {
                 status,

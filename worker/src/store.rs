@@ -503,10 +503,24 @@ impl Store {
 
     /// Ends events: out of the outbox into the history, the delivery state updated, and
     /// earlier quarantined events of the same records marked superseded, in one statement.
-    pub async fn finish(&self, done: &[Finish]) -> Result<(), WorkerError> {
+    pub async fn finish(&self, kind: &str, done: &[Finish]) -> Result<(), WorkerError> {
         if done.is_empty() {
             return Ok(());
         }
+        // Only patients and departments have dependents waiting in the quarantine; finding
+        // those scans the outbox, which a report's finish need not pay for.
+        let releases = if matches!(kind, "patient" | "department") {
+            "UPDATE hmr.outbox o
+                SET state = 'pending', plan = NULL, step = 0, generation = o.generation + 1, attempts = 0,
+                    next_attempt_at = '-infinity', last_error = NULL, error_field = NULL,
+                    error_reason = NULL, failed_at = NULL
+               FROM d
+              WHERE d.outcome = 'delivered' AND o.state = 'quarantined'
+                AND o.error_reason = 'dependency-quarantined'
+                AND o.last_error = $8 || d.kind || ':' || d.key"
+        } else {
+            "SELECT $8::text"
+        };
         let ids: Vec<i64> = done.iter().map(|f| f.id).collect();
         let versions: Vec<Option<i32>> = done.iter().map(|f| f.delivered.as_ref().map(|d| d.version)).collect();
         let hashes: Vec<Option<String>> = done
@@ -521,7 +535,8 @@ impl Store {
         let details: Vec<Option<String>> = done.iter().map(|f| f.detail.clone()).collect();
         let rows = self
             .query_cached(
-                "WITH f AS (
+                &format!(
+                    "WITH f AS (
                     SELECT * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::bool[], $6::text[], $7::text[])
                       AS f(id, version, hash, revoked, outcome, detail)),
                  d AS (
@@ -544,18 +559,11 @@ impl Store {
                     SELECT id, kind, key, op, xid, created_at, 'superseded', attempts,
                            'a later event of the same record finished' FROM q),
                  -- Records that waited in the quarantine for this one go again by themselves.
-                 released AS (
-                    UPDATE hmr.outbox o
-                       SET state = 'pending', plan = NULL, step = 0, generation = o.generation + 1, attempts = 0,
-                           next_attempt_at = '-infinity', last_error = NULL, error_field = NULL,
-                           error_reason = NULL, failed_at = NULL
-                      FROM d
-                     WHERE d.outcome = 'delivered' AND o.state = 'quarantined'
-                       AND o.error_reason = 'dependency-quarantined'
-                       AND o.last_error = $8 || d.kind || ':' || d.key)
+                 released AS ({releases})
                  INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, version, attempts, detail)
                  SELECT id, kind, key, op, xid, created_at, outcome, version, attempts, detail FROM d
-                 RETURNING kind, outcome",
+                 RETURNING kind, outcome"
+                ),
                 &[
                     &self.worker_id,
                     &ids,
