@@ -278,6 +278,10 @@ async fn drain_until_stopped(
     let grace = Duration::from_secs(drainer.config.worker.shutdown_grace_secs);
     let poll_sources_every = Duration::from_millis(drainer.config.worker.poll_sources_ms);
     let mut sources_polled: Option<std::time::Instant> = None;
+    // The backlog figures count the outbox (seconds with a million events waiting): only when
+    // someone can read them, and not on every poll.
+    let serve_metrics = drainer.config.worker.metrics_listen.is_some();
+    let mut measured: Option<std::time::Instant> = None;
     let mut housekept: Option<std::time::Instant> = None;
     loop {
         if stopping.load(Ordering::SeqCst) {
@@ -286,7 +290,10 @@ async fn drain_until_stopped(
         metrics.alive();
         if sources_polled.is_none_or(|t| t.elapsed() >= poll_sources_every) {
             sources_polled = Some(std::time::Instant::now());
-            metrics.set_backlog(store.status().await?);
+            if serve_metrics && measured.is_none_or(|t| t.elapsed() >= Duration::from_secs(15)) {
+                measured = Some(std::time::Instant::now());
+                metrics.set_backlog(store.status().await?);
+            }
             if housekept.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(3600)) {
                 housekept = Some(std::time::Instant::now());
                 let removed = store

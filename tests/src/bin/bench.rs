@@ -79,6 +79,47 @@ fn env_count(name: &str, default: i64) -> i64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Waits until the sample data is delivered; on a timeout, shows what is stuck and why.
+async fn wait_for_sample(cluster: &Cluster, his: &tokio_postgres::Client, worker: &Worker) -> Result<()> {
+    let sample = wait_until(Duration::from_secs(30), "sample", || async {
+        Ok(count(
+            his,
+            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+        )
+        .await?
+            == 0)
+    })
+    .await;
+    if sample.is_err() {
+        for r in his
+            .query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[])
+            .await?
+        {
+            let (id, kind, key, state, last): (i64, String, String, String, Option<String>) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            eprintln!("outbox: {id} {kind} {key} {state} {last:?}");
+        }
+        for r in his
+            .query("SELECT id, kind, key, op::text, xid::text FROM hmr.captured", &[])
+            .await?
+        {
+            let (id, kind, key, op, xid): (i64, String, String, String, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            eprintln!("captured: {id} {kind} {key} {op} {xid}");
+        }
+        eprintln!("worker log: {}", worker.log());
+        eprintln!("postgres log: {}", cluster.log());
+        for r in his
+            .query("SELECT coalesce(application_name, ''), coalesce(state, ''), coalesce(wait_event, ''), coalesce(query, '') FROM pg_stat_activity", &[])
+            .await?
+        {
+            let (a, s, w, q): (String, String, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            eprintln!("activity: {a} | {s} | {w} | {q}");
+        }
+    }
+    sample
+}
+
 async fn patients_and_reports(his: &tokio_postgres::Client, patients: i64, reports: i64) -> Result<()> {
     his.batch_execute(
         "ALTER TABLE his.patient DISABLE TRIGGER hmr_capture_patient;
@@ -130,43 +171,7 @@ async fn drain() -> Result<()> {
             ..Default::default()
         },
     )?;
-    let sample = wait_until(Duration::from_secs(30), "sample", || async {
-        Ok(count(
-            &his,
-            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
-        )
-        .await?
-            == 0)
-    })
-    .await;
-    if sample.is_err() {
-        for r in his
-            .query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[])
-            .await?
-        {
-            let (id, kind, key, state, last): (i64, String, String, String, Option<String>) =
-                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            eprintln!("outbox: {id} {kind} {key} {state} {last:?}");
-        }
-        for r in his
-            .query("SELECT id, kind, key, op::text, xid::text FROM hmr.captured", &[])
-            .await?
-        {
-            let (id, kind, key, op, xid): (i64, String, String, String, String) =
-                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            eprintln!("captured: {id} {kind} {key} {op} {xid}");
-        }
-        eprintln!("worker log: {}", worker.log());
-        eprintln!("postgres log: {}", cluster.log());
-        for r in his
-            .query("SELECT coalesce(application_name, ''), coalesce(state, ''), coalesce(wait_event, ''), coalesce(query, '') FROM pg_stat_activity", &[])
-            .await?
-        {
-            let (a, s, w, q): (String, String, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
-            eprintln!("activity: {a} | {s} | {w} | {q}");
-        }
-    }
-    sample?;
+    wait_for_sample(&cluster, &his, &worker).await?;
     drop(worker);
     // HMR_BENCH_PATIENTS / HMR_BENCH_REPORTS shrink the run while iterating.
     let patients = env_count("HMR_BENCH_PATIENTS", 100_000);
@@ -511,43 +516,7 @@ async fn backlog() -> Result<()> {
             ..Default::default()
         },
     )?;
-    let sample = wait_until(Duration::from_secs(30), "sample", || async {
-        Ok(count(
-            &his,
-            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
-        )
-        .await?
-            == 0)
-    })
-    .await;
-    if sample.is_err() {
-        for r in his
-            .query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[])
-            .await?
-        {
-            let (id, kind, key, state, last): (i64, String, String, String, Option<String>) =
-                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            eprintln!("outbox: {id} {kind} {key} {state} {last:?}");
-        }
-        for r in his
-            .query("SELECT id, kind, key, op::text, xid::text FROM hmr.captured", &[])
-            .await?
-        {
-            let (id, kind, key, op, xid): (i64, String, String, String, String) =
-                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            eprintln!("captured: {id} {kind} {key} {op} {xid}");
-        }
-        eprintln!("worker log: {}", worker.log());
-        eprintln!("postgres log: {}", cluster.log());
-        for r in his
-            .query("SELECT coalesce(application_name, ''), coalesce(state, ''), coalesce(wait_event, ''), coalesce(query, '') FROM pg_stat_activity", &[])
-            .await?
-        {
-            let (a, s, w, q): (String, String, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
-            eprintln!("activity: {a} | {s} | {w} | {q}");
-        }
-    }
-    sample?;
+    wait_for_sample(&cluster, &his, &worker).await?;
     sim.faults(json!({"status": 503})).await?;
     // Reports and their results in one transaction each (as a LIS audits a finished report),
     // committed in chunks of 50,000.
