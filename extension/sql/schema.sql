@@ -59,8 +59,10 @@ CREATE TABLE hmr.outbox (
     next_attempt_at  timestamptz NOT NULL DEFAULT '-infinity',
     lease_owner      text,
     lease_until      timestamptz,
-    -- the requests frozen at first build, resent byte for byte on every retry
+    -- the requests frozen at first build, resent byte for byte on every retry; a PDF body
+    -- is kept in plan_pdf as it is (not hex inside the jsonb)
     plan             jsonb,
+    plan_pdf         bytea,
     step             integer NOT NULL DEFAULT 0,
     last_error       text,
     error_field      text,
@@ -69,6 +71,8 @@ CREATE TABLE hmr.outbox (
 );
 -- Per-record order: an event waits while an earlier one of the same record is unfinished.
 CREATE INDEX outbox_record_idx ON hmr.outbox (kind, key, id);
+-- PDFs are compressed already: store them without trying again.
+ALTER TABLE hmr.outbox ALTER COLUMN plan_pdf SET STORAGE EXTERNAL;
 ALTER TABLE hmr.outbox SET (fillfactor = 70);
 
 -- Finished events, kept for audit; the worker moves them here in the statement that
@@ -154,7 +158,8 @@ $$;
 -- earliest unfinished event of their record, so each record's events go in order.
 CREATE FUNCTION hmr.claim(worker_id text, kinds text[], max_events integer, lease_seconds float8,
                           going_to_sleep boolean DEFAULT false, sleep_seconds float8 DEFAULT 1)
-RETURNS TABLE (id bigint, kind text, key text, attempts integer, generation integer, plan jsonb, step integer)
+RETURNS TABLE (id bigint, kind text, key text, attempts integer, generation integer, plan jsonb, step integer,
+               plan_pdf bytea)
 LANGUAGE plpgsql AS $$
 BEGIN
     IF going_to_sleep THEN
@@ -182,7 +187,7 @@ BEGIN
        SET state = 'claimed', lease_owner = worker_id, attempts = o.attempts + 1,
            lease_until = now() + make_interval(secs => lease_seconds)
       FROM c WHERE o.id = c.id
-    RETURNING o.id, o.kind, o.key, o.attempts, o.generation, o.plan, o.step;
+    RETURNING o.id, o.kind, o.key, o.attempts, o.generation, o.plan, o.step, o.plan_pdf;
 END
 $$;
 
@@ -271,7 +276,7 @@ CREATE FUNCTION hmr.retry(event_id bigint) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE hmr.outbox
-       SET state = 'pending', plan = NULL, step = 0, generation = generation + 1, attempts = 0,
+       SET state = 'pending', plan = NULL, plan_pdf = NULL, step = 0, generation = generation + 1, attempts = 0,
            next_attempt_at = '-infinity', last_error = NULL, error_field = NULL,
            error_reason = NULL, failed_at = NULL
      WHERE id = event_id AND state = 'quarantined';
@@ -285,7 +290,7 @@ CREATE FUNCTION hmr.retry_kind(kind text) RETURNS bigint
 LANGUAGE sql AS $$
     WITH r AS (
         UPDATE hmr.outbox o
-           SET state = 'pending', plan = NULL, step = 0, generation = generation + 1, attempts = 0,
+           SET state = 'pending', plan = NULL, plan_pdf = NULL, step = 0, generation = generation + 1, attempts = 0,
                next_attempt_at = '-infinity', last_error = NULL, error_field = NULL,
                error_reason = NULL, failed_at = NULL
          WHERE o.kind = retry_kind.kind AND o.state = 'quarantined'

@@ -509,6 +509,16 @@ pub async fn count(his: &Client, sql: &str) -> Result<i64> {
     Ok(his.query_one(sql, &[]).await?.get(0))
 }
 
+/// Events still to deliver (captured, pending or in flight; quarantined ones do not count).
+pub async fn undelivered(his: &Client) -> Result<i64> {
+    count(his, "SELECT pending + in_flight FROM hmr.status").await
+}
+
+/// Whether every event is finished or quarantined.
+pub async fn outbox_empty(his: &Client) -> Result<bool> {
+    Ok(undelivered(his).await? == 0)
+}
+
 /// The second hospital, talking to the simulator directly (built with the protocol crate's
 /// own request builders): it uploads the reports our doctors may recognise.
 pub struct OtherHospital<'a> {

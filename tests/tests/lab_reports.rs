@@ -32,10 +32,6 @@ async fn uploads_of(sim: &Sim, report: &str) -> Result<Vec<Value>> {
         .collect())
 }
 
-async fn outbox_empty(his: &tokio_postgres::Client) -> Result<bool> {
-    Ok(count(his, "SELECT pending + in_flight FROM hmr.status").await? == 0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn approval_uploads_once_after_its_patient() -> Result<()> {
     let cluster = Cluster::start().await?;
@@ -265,6 +261,13 @@ async fn platform_503_for_a_while_then_delivered() -> Result<()> {
     .await?;
     wait_until(Duration::from_secs(10), "an empty outbox", || outbox_empty(&his)).await?;
     assert_eq!(uploads_of(&sim, "L20261126001").await?.len(), 1);
+    // The PDF went up from the plan frozen before the outage (kept beside it as bytes):
+    // the platform checked it against its SHA-256 header and holds a whole PDF.
+    let pdf = reqwest::get(format!("{}/_sim/pdf/{ORG_CODE}/lab/L20261126001/1", sim.base))
+        .await?
+        .bytes()
+        .await?;
+    assert!(pdf.starts_with(b"%PDF-") && pdf.len() > 1000, "{} bytes", pdf.len());
     Ok(())
 }
 

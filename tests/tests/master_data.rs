@@ -18,10 +18,6 @@ async fn held(sim: &Sim, what: &str, key: &str) -> Result<bool> {
     Ok(!state["orgs"][ORG_CODE][what][key].is_null())
 }
 
-async fn outbox_empty(his: &tokio_postgres::Client) -> Result<bool> {
-    Ok(count(his, "SELECT pending + in_flight FROM hmr.status").await? == 0)
-}
-
 /// Per-record results of accepted batch records, keyed by the record's key field.
 async fn accepted(sim: &Sim, path: &str, key_field: &str) -> Result<HashMap<String, usize>> {
     let mut seen = HashMap::new();

@@ -29,10 +29,6 @@ async fn history_of(sim: &Sim, base: &str, report: &str) -> Result<Vec<(String, 
     Ok(out)
 }
 
-async fn outbox_empty(his: &tokio_postgres::Client) -> Result<bool> {
-    Ok(count(his, "SELECT pending + in_flight FROM hmr.status").await? == 0)
-}
-
 fn steps(list: &[(&str, u64)]) -> Vec<(String, u64)> {
     list.iter().map(|(s, v)| (s.to_string(), *v)).collect()
 }

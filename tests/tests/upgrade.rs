@@ -65,7 +65,7 @@ async fn alter_extension_update_keeps_everything() -> Result<()> {
     // Capture still works after the upgrade.
     his.batch_execute("INSERT INTO his.patient (patient_id, id_no, name, sex, birthday) VALUES ('P9', '441302198003151233', 'x', 1, '1980-03-15')").await?;
     assert_eq!(
-        count(&his, "SELECT count(*) FROM hmr.outbox WHERE key = 'P9'").await?,
+        count(&his, "SELECT count(*) FROM hmr.captured WHERE key = 'P9'").await?,
         1
     );
     Ok(())

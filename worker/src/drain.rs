@@ -49,6 +49,33 @@ struct Plan {
     keep: Vec<Option<(String, String)>>,
 }
 
+impl Plan {
+    /// The request that uploads a PDF: its body is frozen as bytes beside the plan (in
+    /// `plan_pdf`), not hex-encoded inside it.
+    fn pdf_step(&self) -> Option<usize> {
+        self.requests
+            .iter()
+            .position(|r| r.content_type.as_deref() == Some(paths::CONTENT_PDF))
+    }
+
+    /// The plan as frozen: JSON without the PDF body, and the PDF body.
+    fn freeze(&self) -> (Value, Option<Vec<u8>>) {
+        let mut stored = self.clone();
+        let pdf = stored.pdf_step().map(|i| std::mem::take(&mut stored.requests[i].body));
+        (serde_json::to_value(&stored).expect("plans serialize"), pdf)
+    }
+
+    fn thaw(frozen: &Value, pdf: Option<&Vec<u8>>) -> Result<Plan, String> {
+        let mut plan: Plan = serde_json::from_value(frozen.clone()).map_err(|e| e.to_string())?;
+        if let Some(i) = plan.pdf_step() {
+            if plan.requests[i].body.is_empty() {
+                plan.requests[i].body = pdf.cloned().ok_or("the frozen PDF is missing")?;
+            }
+        }
+        Ok(plan)
+    }
+}
+
 pub struct Drainer {
     pub store: Arc<Store>,
     pub platform: Arc<Platform>,
@@ -166,7 +193,7 @@ impl Drainer {
 
     async fn report(&self, event: Event, prefetched: &Prefetched) -> Result<Step, WorkerError> {
         let plan = match &event.plan {
-            Some(frozen) => serde_json::from_value::<Plan>(frozen.clone())
+            Some(frozen) => Plan::thaw(frozen, event.plan_pdf.as_ref())
                 .map_err(|e| WorkerError::Answer(format!("event {}: unreadable frozen plan: {e}", event.id)))?,
             None => {
                 let built = if event.kind == "decision" {
@@ -178,11 +205,8 @@ impl Drainer {
                     Ok(plan) => plan,
                     Err(step) => return Ok(step),
                 };
-                if !self
-                    .store
-                    .save_plan(event.id, &serde_json::to_value(&plan).expect("plans serialize"))
-                    .await?
-                {
+                let (frozen, pdf) = plan.freeze();
+                if !self.store.save_plan(event.id, &frozen, pdf.as_deref()).await? {
                     // Another worker took the event (our lease expired): it sends, not us.
                     tracing::info!(event = event.id, "lease lost before sending");
                     return Ok(Step::Rescheduled);
@@ -828,6 +852,37 @@ impl Master {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frozen_plan_keeps_its_pdf_as_bytes_beside_the_json() {
+        let pdf = b"%PDF-1.7 \xff\xfe binary".to_vec();
+        let plan = Plan {
+            requests: vec![
+                Request {
+                    method: paths::Method::Post,
+                    path: "/data".into(),
+                    scope: None,
+                    content_type: Some("application/json".into()),
+                    headers: vec![],
+                    body: b"{}".to_vec(),
+                },
+                paths::pdf(ReportType::Lab, "L1", 1, pdf.clone()),
+            ],
+            version: 1,
+            content_hash: "h".into(),
+            revoked: false,
+            keep: vec![],
+        };
+        let (json, stored) = plan.freeze();
+        assert_eq!(stored.as_deref(), Some(pdf.as_slice()));
+        assert!(json.to_string().len() < 1000, "no PDF inside the JSON: {json}");
+        let thawed = Plan::thaw(&json, stored.as_ref()).unwrap();
+        assert_eq!(thawed.requests, plan.requests);
+        assert!(
+            Plan::thaw(&json, None).is_err(),
+            "a missing PDF is an error, not an empty upload"
+        );
+    }
 
     #[test]
     fn request_ids_are_stable_and_distinct() {

@@ -33,6 +33,8 @@ pub struct Event {
     pub attempts: i32,
     pub generation: i32,
     pub plan: Option<Value>,
+    /// The frozen PDF body, when the plan has one (`Plan::pdf_step`).
+    pub plan_pdf: Option<Vec<u8>>,
     pub step: i32,
 }
 
@@ -216,7 +218,7 @@ impl Store {
             .collect();
         let rows = self
             .query_cached(
-                "SELECT id, kind, key, attempts, generation, plan, step FROM hmr.claim($1, $2, $3, $4, $5, $6)",
+                "SELECT id, kind, key, attempts, generation, plan, step, plan_pdf FROM hmr.claim($1, $2, $3, $4, $5, $6)",
                 &[
                     &self.worker_id,
                     &kinds,
@@ -237,6 +239,7 @@ impl Store {
                 generation: r.get(4),
                 plan: r.get(5),
                 step: r.get(6),
+                plan_pdf: r.get(7),
             })
             .collect();
         events.sort_by_key(|e| e.id);
@@ -490,12 +493,12 @@ impl Store {
     /// Freezes the requests of an event before the first is sent. False when this worker no
     /// longer holds the event (its lease expired and another worker took it): then it must
     /// not send anything, or two bodies could go out under one request id.
-    pub async fn save_plan(&self, id: i64, plan: &Value) -> Result<bool, WorkerError> {
+    pub async fn save_plan(&self, id: i64, plan: &Value, pdf: Option<&[u8]>) -> Result<bool, WorkerError> {
         let n = self
             .execute_cached(
-                "UPDATE hmr.outbox SET plan = $3, step = 0, lease_until = now() + make_interval(secs => $4)
+                "UPDATE hmr.outbox SET plan = $3, plan_pdf = $5, step = 0, lease_until = now() + make_interval(secs => $4)
                   WHERE id = $1 AND lease_owner = $2 AND plan IS NULL",
-                &[&id, &self.worker_id, plan, &self.lease.as_secs_f64()],
+                &[&id, &self.worker_id, plan, &self.lease.as_secs_f64(), &pdf],
             )
             .await?;
         Ok(n == 1)
@@ -511,7 +514,7 @@ impl Store {
         // those scans the outbox, which a report's finish need not pay for.
         let releases = if matches!(kind, "patient" | "department") {
             "UPDATE hmr.outbox o
-                SET state = 'pending', plan = NULL, step = 0, generation = o.generation + 1, attempts = 0,
+                SET state = 'pending', plan = NULL, plan_pdf = NULL, step = 0, generation = o.generation + 1, attempts = 0,
                     next_attempt_at = '-infinity', last_error = NULL, error_field = NULL,
                     error_reason = NULL, failed_at = NULL
                FROM d

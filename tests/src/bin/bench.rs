@@ -79,17 +79,19 @@ fn env_count(name: &str, default: i64) -> i64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Whether the outbox and `hmr.captured` are both empty (quarantined events included).
+async fn all_finished(his: &tokio_postgres::Client) -> Result<bool> {
+    Ok(count(
+        his,
+        "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+    )
+    .await?
+        == 0)
+}
+
 /// Waits until the sample data is delivered; on a timeout, shows what is stuck and why.
 async fn wait_for_sample(cluster: &Cluster, his: &tokio_postgres::Client, worker: &Worker) -> Result<()> {
-    let sample = wait_until(Duration::from_secs(30), "sample", || async {
-        Ok(count(
-            his,
-            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
-        )
-        .await?
-            == 0)
-    })
-    .await;
+    let sample = wait_until(Duration::from_secs(30), "sample", || async { all_finished(&his).await }).await;
     if sample.is_err() {
         for r in his
             .query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[])
@@ -189,12 +191,7 @@ async fn drain() -> Result<()> {
     let cpu = CpuSplit::now(worker.pid(), sim.pid());
     let t = Instant::now();
     wait_until(Duration::from_secs(600), "patients", || async {
-        Ok(count(
-            &his,
-            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
-        )
-        .await?
-            == 0)
+        all_finished(&his).await
     })
     .await?;
     let p = t.elapsed();
@@ -203,12 +200,7 @@ async fn drain() -> Result<()> {
     let cpu = CpuSplit::now(worker.pid(), sim.pid());
     let t = Instant::now();
     wait_until(Duration::from_secs(900), "reports", || async {
-        Ok(count(
-            &his,
-            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
-        )
-        .await?
-            == 0)
+        all_finished(&his).await
     })
     .await?;
     let r = t.elapsed();
@@ -239,12 +231,7 @@ async fn drain() -> Result<()> {
     let cpu = CpuSplit::now(worker.pid(), sim.pid());
     let t = Instant::now();
     wait_until(Duration::from_secs(900), "reports", || async {
-        Ok(count(
-            &his,
-            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
-        )
-        .await?
-            == 0)
+        all_finished(&his).await
     })
     .await?;
     let d = t.elapsed();
@@ -312,12 +299,7 @@ async fn latency() -> Result<()> {
         }
     }
     wait_until(Duration::from_secs(60), "drained", || async {
-        Ok(count(
-            &his,
-            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
-        )
-        .await?
-            == 0)
+        all_finished(&his).await
     })
     .await?;
     let row = his
@@ -543,12 +525,7 @@ async fn backlog() -> Result<()> {
     let cpu = CpuSplit::now(worker.pid(), sim.pid());
     let t = Instant::now();
     wait_until(Duration::from_secs(3600), "backlog drained", || async {
-        Ok(count(
-            &his,
-            "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
-        )
-        .await?
-            == 0)
+        all_finished(&his).await
     })
     .await?;
     let took = t.elapsed();
@@ -577,7 +554,10 @@ async fn backlog() -> Result<()> {
         took.as_secs_f64(),
         events as f64 / took.as_secs_f64()
     );
-    println!("CPU used while draining: {cpu}; worker peak RSS: {} MB", rss_peak_kb(worker.pid()) / 1024);
+    println!(
+        "CPU used while draining: {cpu}; worker peak RSS: {} MB",
+        rss_peak_kb(worker.pid()) / 1024
+    );
     Ok(())
 }
 
