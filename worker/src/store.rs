@@ -123,10 +123,14 @@ impl Store {
         });
         client
             .batch_execute(&format!(
-                "SET application_name = 'hmr-worker'; SET TimeZone = {}; LISTEN hmr_outbox",
+                "SET application_name = 'hmr-worker'; SET TimeZone = {}; LISTEN hmr_outbox;
+                 SET synchronous_commit = on",
                 quote_literal(timezone)
             ))
             .await?;
+        // (synchronous_commit: a plan must be on disk before its first request leaves. Where
+        // the server commits asynchronously, a crash could otherwise forget a plan already
+        // sent, and the rebuilt one would go under the same request id with another body.)
         // Our statements carry patients' data as parameters (frozen reports, source rows): keep
         // them out of the server log even where slow statements are logged.
         if let Err(e) = client.batch_execute("SET log_parameter_max_length = 0").await {
