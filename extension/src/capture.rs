@@ -59,28 +59,27 @@ fn wake_state() -> &'static WakeState {
     }
 }
 
-fn notify_workers() {
-    // SAFETY: pg_notify is a builtin taking (text, text); it queues the NOTIFY for commit.
-    unsafe {
-        pgrx::direct_function_call::<()>(
-            pg_sys::pg_notify,
-            &[CHANNEL.to_str().ok().into_datum(), "".into_datum()],
-        );
-    }
-}
-
 /// Called by a worker just before it waits for a NOTIFY.
 #[pg_extern]
 fn worker_sleeping() {
     wake_state().sleeping.store(1, Ordering::SeqCst);
 }
 
-/// NOTIFYs the workers if one is asleep (for SQL that enqueues outside the trigger).
+/// NOTIFYs the workers if one is asleep (the capture trigger, and SQL that enqueues outside
+/// it). The first caller to see the flag takes it down, so a sleep costs one NOTIFY; while
+/// the flag is down this is one atomic load.
 #[pg_extern]
 fn wake_workers() -> bool {
-    let asleep = wake_state().sleeping.swap(0, Ordering::SeqCst) != 0;
+    let state = wake_state();
+    let asleep = state.sleeping.load(Ordering::Relaxed) != 0 && state.sleeping.swap(0, Ordering::SeqCst) != 0;
     if asleep {
-        notify_workers();
+        // SAFETY: pg_notify is a builtin taking (text, text); it queues the NOTIFY for commit.
+        unsafe {
+            pgrx::direct_function_call::<()>(
+                pg_sys::pg_notify,
+                &[CHANNEL.to_str().ok().into_datum(), "".into_datum()],
+            );
+        }
     }
     asleep
 }
@@ -175,10 +174,7 @@ pub unsafe extern "C-unwind" fn hmr_capture(fcinfo: pg_sys::FunctionCallInfo) ->
         }
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
 
-        let state = wake_state();
-        if state.sleeping.load(Ordering::Relaxed) != 0 && state.sleeping.swap(0, Ordering::SeqCst) != 0 {
-            notify_workers();
-        }
+        wake_workers();
         pg_sys::Datum::from(0usize) // AFTER trigger: the result is ignored
     }
 }

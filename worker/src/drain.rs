@@ -84,10 +84,6 @@ pub struct Drainer {
     pub pdf_renderer: Option<Arc<hmr_pdf::Renderer>>,
 }
 
-/// What a batch of reports needs from the database, read once for the batch.
-#[derive(Default)]
-struct Prefetched(HashMap<String, ReportInput>);
-
 /// A rendered PDF, or why it could not be.
 type Rendered = Option<Result<Vec<u8>, hmr_pdf::PdfError>>;
 
@@ -135,14 +131,16 @@ impl Drainer {
     /// database is read for the whole batch at once; finished events are recorded in groups
     /// as they complete, so a slow one (a hanging request) does not keep the others claimed.
     async fn reports(&self, kind: &str, events: Vec<Event>) -> Result<(), WorkerError> {
-        let prefetched = if kind == "decision" {
-            Prefetched::default()
+        let mut inputs = if kind == "decision" {
+            HashMap::new()
         } else {
             self.prefetch(kind, &events).await?
         };
-        let prefetched = &prefetched;
         let mut done = stream::iter(events)
-            .map(|e| async move { self.report(e, prefetched).await })
+            .map(|e| {
+                let input = inputs.remove(&e.key).unwrap_or_default();
+                async move { self.report(e, input).await }
+            })
             .buffer_unordered(self.config.worker.concurrency.max(1))
             .ready_chunks(256);
         let mut first_error = None;
@@ -163,16 +161,16 @@ impl Drainer {
     }
 
     /// Source rows, items, delivery state and the referenced patients of a batch of reports.
-    async fn prefetch(&self, kind: &str, events: &[Event]) -> Result<Prefetched, WorkerError> {
+    async fn prefetch(&self, kind: &str, events: &[Event]) -> Result<HashMap<String, ReportInput>, WorkerError> {
         let keys: Vec<String> = events
             .iter()
             .filter(|e| e.plan.is_none())
             .map(|e| e.key.clone())
             .collect();
         if keys.is_empty() {
-            return Ok(Prefetched::default());
+            return Ok(HashMap::new());
         }
-        Ok(Prefetched(self.store.report_inputs(kind, &keys).await?))
+        self.store.report_inputs(kind, &keys).await
     }
 
     fn now(&self) -> chrono::DateTime<chrono::FixedOffset> {
@@ -191,7 +189,8 @@ impl Drainer {
 
     // ------------------------------------------------------------------ reports
 
-    async fn report(&self, event: Event, prefetched: &Prefetched) -> Result<Step, WorkerError> {
+    /// `input`: the report's rows as read for its batch (unused once the plan is frozen).
+    async fn report(&self, event: Event, input: ReportInput) -> Result<Step, WorkerError> {
         let plan = match &event.plan {
             Some(frozen) => Plan::thaw(frozen, event.plan_pdf.as_ref())
                 .map_err(|e| WorkerError::Answer(format!("event {}: unreadable frozen plan: {e}", event.id)))?,
@@ -199,7 +198,7 @@ impl Drainer {
                 let built = if event.kind == "decision" {
                     self.build_decision_plan(&event).await?
                 } else {
-                    self.build_report_plan(&event, prefetched).await?
+                    self.build_report_plan(&event, input).await?
                 };
                 let plan = match built {
                     Ok(plan) => plan,
@@ -298,8 +297,7 @@ impl Drainer {
 
     /// Reads the report as it is now and decides: upload a new version, revoke the one the
     /// platform holds, or nothing. `Err` carries an event already dealt with.
-    async fn build_report_plan(&self, event: &Event, pre: &Prefetched) -> Result<Result<Plan, Step>, WorkerError> {
-        let input = pre.0.get(&event.key).cloned().unwrap_or_default();
+    async fn build_report_plan(&self, event: &Event, input: ReportInput) -> Result<Result<Plan, Step>, WorkerError> {
         let row = input.row;
         let held = input.held;
         let report_type = if event.kind == "lab_report" {
