@@ -509,6 +509,16 @@ pub async fn count(his: &Client, sql: &str) -> Result<i64> {
     Ok(his.query_one(sql, &[]).await?.get(0))
 }
 
+/// Points the extension's SQL calls at the simulator, as our hospital (password grant).
+pub async fn configure_platform(his: &Client, sim: &Sim) -> Result<()> {
+    his.execute(
+        "SELECT hmr.configure_platform($1, $2, 'hz1', 'hz1-secret')",
+        &[&sim.base, &ORG_CODE],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Events still to deliver (captured, pending or in flight; quarantined ones do not count).
 pub async fn undelivered(his: &Client) -> Result<i64> {
     count(his, "SELECT pending + in_flight FROM hmr.status").await

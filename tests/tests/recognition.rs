@@ -28,11 +28,7 @@ async fn setup() -> Result<Setup> {
             .await?;
     }
     let sim = Sim::start()?;
-    his.execute(
-        "SELECT hmr.configure_platform($1, $2, 'hz1', 'hz1-secret')",
-        &[&sim.base, &ORG_CODE],
-    )
-    .await?;
+    configure_platform(&his, &sim).await?;
     let other = OtherHospital::new(&sim);
     other.lab_report(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1).await?;
     other.lab_report(P0001_ID, "1980-03-15", "W-CK-1", "JY0014", 5).await?;

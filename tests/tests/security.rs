@@ -137,11 +137,7 @@ async fn no_secret_token_or_id_number_in_any_log() -> Result<()> {
         &[],
     )
     .await?;
-    his.execute(
-        "SELECT hmr.configure_platform($1, $2, 'hz1', 'hz1-secret')",
-        &[&sim.base, &ORG_CODE],
-    )
-    .await?;
+    configure_platform(&his, &sim).await?;
     his.batch_execute("SET log_min_duration_statement = -1; RESET log_statement")
         .await?;
     OtherHospital::new(&sim)

@@ -335,11 +335,7 @@ async fn sql_overhead() -> Result<()> {
     let his = cluster.connect("his").await?;
     load_sample_data(&his).await?;
     let sim = Sim::start()?;
-    his.execute(
-        "SELECT hmr.configure_platform($1, $2, 'hz1', 'hz1-secret')",
-        &[&sim.base, &ORG_CODE],
-    )
-    .await?;
+    configure_platform(&his, &sim).await?;
     OtherHospital::new(&sim)
         .lab_report("441302198003151233", "1980-03-15", "W-CBC-1", "JY0001", 1)
         .await?;
