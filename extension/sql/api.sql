@@ -141,17 +141,23 @@ REVOKE ALL ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text
                        public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
                        public.hmr_download_report(text, text) FROM PUBLIC;
 
--- The gate runs with the saving role's rights: it may call what it needs.
+-- The gate runs with the saving role's rights and calls the pinned public wrapper only; the
+-- SECURITY DEFINER functions behind the wrappers are not granted to HIS roles. (A trigger
+-- function needs no EXECUTE grant to fire.)
 GRANT USAGE ON SCHEMA hmr TO hmr_his, hmr_worker, hmr_admin;
 GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean),
                           public.hmr_query_recognitions(jsonb),
                           public.hmr_check_prescription(jsonb, jsonb),
                           public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
                           public.hmr_download_report(text, text),
-                          hmr.gate(), hmr.check_prescription_json(jsonb, jsonb), hmr.id_card_problem(text, date),
-                          hmr.org_code_valid(text), hmr.decision_problem(boolean, text, text)
+                          hmr.id_card_problem(text, date), hmr.org_code_valid(text),
+                          hmr.decision_problem(boolean, text, text)
       TO hmr_his, hmr_admin;
-GRANT SELECT ON hmr.guards, hmr.current_decisions, hmr.decisions, hmr.catalog, hmr.item_map TO hmr_his;
+GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, hmr.catalog, hmr.item_map
+      TO hmr_his;
+-- Policy: everyone reads it; only hmr_admin changes it (hmr.set_policy).
+GRANT SELECT ON hmr.policy, hmr.effective_policy, hmr.settings TO hmr_his, hmr_worker, hmr_admin;
+GRANT INSERT, UPDATE ON hmr.policy TO hmr_admin;
 
 GRANT SELECT, DELETE, TRUNCATE ON hmr.captured TO hmr_worker, hmr_admin;
 GRANT USAGE ON SEQUENCE hmr.event_id_seq TO hmr_worker, hmr_admin;
@@ -170,8 +176,8 @@ GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_h
                           hmr.claim(text, text[], integer, float8, boolean, float8)
       TO hmr_worker, hmr_admin;
 
-GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.guards TO hmr_admin;
-GRANT SELECT ON hmr.watches, hmr.backfill_progress, hmr.retained_reports, hmr.download_log, hmr.checks,
+GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.guarded TO hmr_admin;
+GRANT SELECT ON hmr.guards, hmr.watches, hmr.backfill_progress, hmr.retained_reports, hmr.download_log, hmr.checks,
                 hmr.list_cache TO hmr_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA hmr TO hmr_admin;
 GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean),

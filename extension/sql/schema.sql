@@ -191,11 +191,13 @@ BEGIN
 END
 $$;
 
--- Attach capture to a HIS table. `update_when` filters updates (an SQL condition on OLD and
--- NEW, e.g. 'OLD.status IS DISTINCT FROM NEW.status'); inserts and deletes always count.
+-- Attach capture to a HIS table. `update_when` filters updates (one boolean expression over
+-- OLD and NEW, e.g. 'OLD.status IS DISTINCT FROM NEW.status'); inserts and deletes always
+-- count. The expression is parsed and checked to be exactly one expression before it is
+-- written into the trigger's WHEN clause (hmr.check_update_when), never spliced unchecked.
 CREATE FUNCTION hmr.watch(kind text, tbl regclass, key_column name, update_when text DEFAULT NULL)
 RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
 DECLARE
     trigger_name text := 'hmr_capture_' || kind;
 BEGIN
@@ -208,39 +210,51 @@ BEGIN
         RAISE EXCEPTION 'hmr: table % has no column "%"', tbl, key_column
             USING ERRCODE = 'HM011';
     END IF;
+    IF update_when IS NOT NULL THEN
+        BEGIN
+            PERFORM hmr.check_update_when(update_when);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'hmr: update_when refused: %', SQLERRM USING ERRCODE = 'HM014',
+                HINT = 'One boolean expression over OLD and NEW, e.g. ''OLD.status IS DISTINCT FROM NEW.status''.';
+        END;
+    END IF;
     PERFORM hmr.unwatch(kind, tbl);
     IF update_when IS NULL THEN
         EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s '
                        'FOR EACH ROW EXECUTE FUNCTION hmr.capture(%L, %L)',
                        trigger_name, tbl, kind, key_column);
     ELSE
+        -- The same "(\n…\n)" wrapping hmr.check_update_when parsed; first, so that an
+        -- expression PostgreSQL refuses in WHEN (a subquery, another table) leaves nothing.
+        EXECUTE format(E'CREATE TRIGGER %I AFTER UPDATE ON %s FOR EACH ROW WHEN (\n%s\n) '
+                       'EXECUTE FUNCTION hmr.capture(%L, %L)',
+                       trigger_name || '_upd', tbl, update_when, kind, key_column);
         EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR DELETE ON %s '
                        'FOR EACH ROW EXECUTE FUNCTION hmr.capture(%L, %L)',
                        trigger_name, tbl, kind, key_column);
-        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s FOR EACH ROW WHEN (%s) '
-                       'EXECUTE FUNCTION hmr.capture(%L, %L)',
-                       trigger_name || '_upd', tbl, update_when, kind, key_column);
     END IF;
     RETURN format('%s changes of %s are captured as %s', tbl, key_column, kind);
 END
 $$;
 
 CREATE FUNCTION hmr.unwatch(kind text, tbl regclass) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
 BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'hmr_capture_' || kind, tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'hmr_capture_' || kind || '_upd', tbl);
 END
 $$;
 
--- What is watched: one row per capture trigger.
+-- What is watched: one row per capture trigger, with the events it really fires on.
 CREATE VIEW hmr.watches AS
 SELECT t.tgrelid::regclass AS tbl,
        (string_to_array(encode(t.tgargs, 'escape'), '\000'))[1] AS kind,
        (string_to_array(encode(t.tgargs, 'escape'), '\000'))[2] AS key_column,
-       CASE WHEN t.tgname LIKE '%\_upd' THEN 'update' ELSE 'insert, update, delete' END AS events,
+       concat_ws(', ', CASE WHEN t.tgtype & 4 <> 0 THEN 'insert' END,
+                       CASE WHEN t.tgtype & 16 <> 0 THEN 'update' END,
+                       CASE WHEN t.tgtype & 8 <> 0 THEN 'delete' END) AS events,
        substring(pg_get_triggerdef(t.oid) FROM 'WHEN \((.*)\) EXECUTE') AS update_when,
-       t.tgenabled <> 'D' AS enabled
+       t.tgenabled IN ('O', 'A') AS enabled
 FROM pg_trigger t
 WHERE t.tgfoid = 'hmr.capture()'::regprocedure AND NOT t.tgisinternal;
 
@@ -638,34 +652,124 @@ CREATE UNLOGGED TABLE hmr.list_cache (
     expires_at  timestamptz NOT NULL
 );
 
--- The gate: a statement-level trigger on the HIS order table runs the DBA's guard query
--- over the saved rows (transition table `new_rows`), which yields one row per
--- prescription with columns `visit` jsonb and `orders` jsonb (see README), and refuses the
--- save (HM001) while a duplicate of a recognisable report has no decision.
-CREATE TABLE hmr.guards (
-    tbl    regclass PRIMARY KEY,
-    query  text NOT NULL
+-- The hospital's policy for the gate: what it does when the platform cannot be asked, and
+-- the hard timeout of a call from SQL. A table, not settings: a saving session cannot SET it
+-- over the DBA's choice; values are validated on write (an enum, a range); it is readable
+-- before any hmr function ran, and dumped with the database. At most one row (none: the
+-- defaults); set with hmr.set_policy() by hmr_admin. hmr.effective_policy is what applies.
+CREATE TYPE hmr.unavailable_action AS ENUM ('allow', 'block');
+CREATE TABLE hmr.policy (
+    id                   boolean PRIMARY KEY DEFAULT true CHECK (id),
+    -- allow: save, the skipped check recorded with status unavailable and a WARNING;
+    -- block: refuse the save with HM002
+    gate_on_unavailable  hmr.unavailable_action NOT NULL DEFAULT 'allow',
+    platform_timeout_ms  integer NOT NULL DEFAULT 3000 CHECK (platform_timeout_ms BETWEEN 100 AND 600000),
+    changed_at           timestamptz NOT NULL DEFAULT now(),
+    changed_by           text NOT NULL DEFAULT session_user
+);
+SELECT pg_catalog.pg_extension_config_dump('hmr.policy', '');
+
+CREATE VIEW hmr.effective_policy AS
+SELECT coalesce(p.gate_on_unavailable, 'allow') AS gate_on_unavailable,
+       coalesce(p.platform_timeout_ms, 3000)    AS platform_timeout_ms,
+       CASE WHEN p.id IS NULL THEN 'default' ELSE 'hmr.policy' END AS source,
+       p.changed_at, p.changed_by
+FROM (SELECT true AS one) x LEFT JOIN hmr.policy p ON p.id;
+
+CREATE FUNCTION hmr.set_policy(gate_on_unavailable text DEFAULT NULL, platform_timeout_ms integer DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    action hmr.unavailable_action;
+BEGIN
+    IF gate_on_unavailable IS NOT NULL THEN
+        IF gate_on_unavailable NOT IN ('allow', 'block') THEN
+            RAISE EXCEPTION 'hmr: gate_on_unavailable must be allow or block, not "%"', gate_on_unavailable
+                USING ERRCODE = '22023';
+        END IF;
+        action := gate_on_unavailable::hmr.unavailable_action;
+    END IF;
+    INSERT INTO hmr.policy AS p (id, gate_on_unavailable, platform_timeout_ms)
+    VALUES (true, coalesce(action, 'allow'), coalesce(set_policy.platform_timeout_ms, 3000))
+    ON CONFLICT (id) DO UPDATE
+       SET gate_on_unavailable = coalesce(action, p.gate_on_unavailable),
+           platform_timeout_ms = coalesce(set_policy.platform_timeout_ms, p.platform_timeout_ms),
+           changed_at = now(), changed_by = session_user;
+    RETURN (SELECT format('gate_on_unavailable = %s, platform_timeout_ms = %s', e.gate_on_unavailable,
+                          e.platform_timeout_ms) FROM hmr.effective_policy e);
+END
+$$;
+
+-- Every hmr setting in one place, readable in any session (also before the library is
+-- loaded, when SHOW does not know the hmr.* settings yet): policy first, then the GUCs.
+CREATE VIEW hmr.settings AS
+SELECT 'gate_on_unavailable'::text AS name, e.gate_on_unavailable::text AS value, e.source,
+       'hmr_admin: SELECT hmr.set_policy(gate_on_unavailable => ...)'::text AS changed_with,
+       'allow or block: what the order gate does when the platform cannot be asked'::text AS description
+  FROM hmr.effective_policy e
+UNION ALL
+SELECT 'platform_timeout_ms', e.platform_timeout_ms::text, e.source,
+       'hmr_admin: SELECT hmr.set_policy(platform_timeout_ms => ...)',
+       'hard timeout of one platform call from SQL, in milliseconds (100-600000)'
+  FROM hmr.effective_policy e
+UNION ALL
+SELECT d.name, coalesce(s.setting, d.default_value),
+       coalesce(s.source, 'default (hmr not loaded in this session yet)'),
+       'SET / ALTER DATABASE ... SET', d.description
+  FROM (VALUES ('hmr.check_sample_rows', '1000', 'rows per source view hmr.check_sources() validates'),
+               ('hmr.stuck_after_seconds', '600', 'a record failing this long shows in hmr.stuck_records (seconds)'),
+               ('hmr.list_cache_seconds', '10', 'seconds a recognition list answer is reused (0: never)'))
+       AS d(name, default_value, description)
+  LEFT JOIN pg_settings s ON s.name = d.name;
+
+-- The gate: statement-level triggers on the HIS order table run the DBA's guard query over
+-- the saved rows (transition table `new_rows`), which yields one row per prescription with
+-- columns `visit` jsonb and `orders` jsonb (see README), and refuse the save (HM001) while a
+-- duplicate of a recognisable report has no decision. INSERT and UPDATE are both guarded
+-- (a HIS that saves a draft, then submits it by UPDATE); an UPDATE is checked only for the
+-- prescriptions whose guard output it changed.
+CREATE TABLE hmr.guarded (
+    tbl         regclass PRIMARY KEY,
+    query       text NOT NULL,
+    guarded_at  timestamptz NOT NULL DEFAULT now(),
+    guarded_by  text NOT NULL DEFAULT session_user
 );
 
+-- Runs as the saving role, with a pinned search_path (a saving session's own operators or
+-- functions never take part); the guard query must name HIS tables with their schema.
 CREATE FUNCTION hmr.gate() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     guard_query text;
+    q text;
     r record;
     answer jsonb;
     undecided jsonb;
+    on_unavailable hmr.unavailable_action;
 BEGIN
-    SELECT g.query INTO guard_query FROM hmr.guards g WHERE g.tbl = TG_RELID;
+    SELECT g.query INTO guard_query FROM hmr.guarded g WHERE g.tbl::oid = TG_RELID;
     IF guard_query IS NULL THEN
         RETURN NULL;
     END IF;
-    FOR r IN EXECUTE guard_query LOOP
-        answer := hmr.check_prescription_json(r.visit, r.orders);
+    IF TG_OP = 'UPDATE' THEN
+        -- The guard's rows after the update, less those it gave before (the CTE named
+        -- new_rows stands for the old rows), so a status change alone asks nothing.
+        q := format('SELECT n.visit, n.orders FROM (%s) n
+                      WHERE NOT EXISTS (
+                            SELECT 1 FROM (WITH new_rows AS (SELECT * FROM old_rows) SELECT * FROM (%s) g) o
+                             WHERE o.visit IS NOT DISTINCT FROM n.visit AND o.orders IS NOT DISTINCT FROM n.orders)',
+                    guard_query, guard_query);
+    ELSE
+        q := guard_query;
+    END IF;
+    SELECT e.gate_on_unavailable INTO on_unavailable FROM hmr.effective_policy e;
+    FOR r IN EXECUTE q LOOP
+        answer := public.hmr_check_prescription(r.visit, r.orders);
         IF answer->>'status' = 'unavailable' THEN
-            IF coalesce(current_setting('hmr.gate_on_unavailable', true), 'allow') = 'block' THEN
+            IF on_unavailable = 'block' THEN
                 RAISE EXCEPTION '互认平台暂不可用，无法完成互认校验，请稍后再保存'
                     USING ERRCODE = 'HM002', DETAIL = answer::text,
-                          HINT = 'hmr.gate_on_unavailable = block; set it to allow to save without the check.';
+                          HINT = '本院设置为平台不可用时不保存（hmr.policy）；请稍后再试，或联系信息科。';
             END IF;
             RAISE WARNING 'hmr: the platform is unavailable; saved without the mutual-recognition check (check %)',
                 answer->>'check_id';
@@ -691,35 +795,71 @@ BEGIN
 END
 $$;
 
+-- The guards with the state of their triggers: a gate switched off (ALTER TABLE … DISABLE
+-- TRIGGER, DROP TRIGGER by the table's owner) shows here and in hmr.status.
+CREATE VIEW hmr.guards AS
+SELECT g.tbl, g.query,
+       pg_get_userbyid(c.relowner) AS table_owner,
+       coalesce(r.rolcanlogin, false) AS owner_can_login,
+       ins.state AS on_insert,
+       upd.state AS on_update,
+       c.oid IS NOT NULL AND ins.state = 'enabled' AND upd.state = 'enabled' AS active,
+       g.guarded_at, g.guarded_by
+FROM hmr.guarded g
+LEFT JOIN pg_class c ON c.oid = g.tbl
+LEFT JOIN pg_roles r ON r.oid = c.relowner
+CROSS JOIN LATERAL (
+    SELECT coalesce((SELECT CASE t.tgenabled WHEN 'D' THEN 'disabled' WHEN 'R' THEN 'replica only' ELSE 'enabled' END
+                       FROM pg_trigger t
+                      WHERE t.tgrelid = g.tbl AND t.tgname = 'hmr_gate' AND t.tgfoid = 'hmr.gate()'::regprocedure),
+                    'missing') AS state) ins
+CROSS JOIN LATERAL (
+    SELECT coalesce((SELECT CASE t.tgenabled WHEN 'D' THEN 'disabled' WHEN 'R' THEN 'replica only' ELSE 'enabled' END
+                       FROM pg_trigger t
+                      WHERE t.tgrelid = g.tbl AND t.tgname = 'hmr_gate_update' AND t.tgfoid = 'hmr.gate()'::regprocedure),
+                    'missing') AS state) upd;
+
 -- Attach the gate to a HIS order table. `query` reads the transition table `new_rows` and
--- returns (visit jsonb, orders jsonb) per prescription.
+-- returns (visit jsonb, orders jsonb) per prescription; it runs with search_path
+-- pg_catalog, pg_temp, so it names HIS tables with their schema (his.patient).
 CREATE FUNCTION hmr.guard(tbl regclass, query text) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 BEGIN
-    -- Checked now, not at the first save: a mistake in the query is the DBA's to see.
+    -- Checked now, not at the first save: a mistake in the query is the DBA's to see. Both
+    -- forms the gate runs: the query itself, and over the old rows of an update.
     EXECUTE format('CREATE TEMP TABLE new_rows AS SELECT * FROM %s LIMIT 0', tbl);
+    EXECUTE format('CREATE TEMP TABLE old_rows AS SELECT * FROM %s LIMIT 0', tbl);
     BEGIN
-        EXECUTE format('SELECT visit, orders FROM (%s) q LIMIT 0', query);
+        EXECUTE format('SELECT visit::jsonb, orders::jsonb FROM (%s) q LIMIT 0', query);
+        EXECUTE format('SELECT visit, orders FROM (WITH new_rows AS (SELECT * FROM old_rows) SELECT * FROM (%s) g) q LIMIT 0',
+                       query);
     EXCEPTION WHEN OTHERS THEN
-        DROP TABLE pg_temp.new_rows;
+        DROP TABLE pg_temp.new_rows, pg_temp.old_rows;
         RAISE EXCEPTION 'hmr: the guard query does not run: %', SQLERRM USING ERRCODE = 'HM013',
-            HINT = 'It reads new_rows (the saved rows) and returns the columns visit jsonb and orders jsonb.';
+            HINT = 'It reads new_rows (the saved rows), names HIS tables with their schema, and returns the columns '
+                   'visit jsonb and orders jsonb.';
     END;
-    DROP TABLE pg_temp.new_rows;
-    INSERT INTO hmr.guards AS g VALUES (guard.tbl, guard.query)
-    ON CONFLICT ON CONSTRAINT guards_pkey DO UPDATE SET query = EXCLUDED.query;
+    DROP TABLE pg_temp.new_rows, pg_temp.old_rows;
+    INSERT INTO hmr.guarded AS g (tbl, query) VALUES (guard.tbl, guard.query)
+    ON CONFLICT ON CONSTRAINT guarded_pkey DO UPDATE
+       SET query = EXCLUDED.query, guarded_at = now(), guarded_by = session_user;
     EXECUTE format('DROP TRIGGER IF EXISTS hmr_gate ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS hmr_gate_update ON %s', tbl);
     EXECUTE format('CREATE TRIGGER hmr_gate AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
                    'FOR EACH STATEMENT EXECUTE FUNCTION hmr.gate()', tbl);
-    RETURN format('saving into %s now requires a decision for every duplicate of a recognisable report', tbl);
+    EXECUTE format('CREATE TRIGGER hmr_gate_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows '
+                   'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION hmr.gate()', tbl);
+    RETURN format('saving into %s (INSERT or UPDATE) now requires a decision for every duplicate of a '
+                  'recognisable report', tbl);
 END
 $$;
 
 CREATE FUNCTION hmr.unguard(tbl regclass) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS hmr_gate ON %s', tbl);
-    DELETE FROM hmr.guards g WHERE g.tbl = unguard.tbl;
+    EXECUTE format('DROP TRIGGER IF EXISTS hmr_gate_update ON %s', tbl);
+    DELETE FROM hmr.guarded g WHERE g.tbl = unguard.tbl;
 END
 $$;
 
@@ -734,7 +874,10 @@ FROM hmr.outbox o
 WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox e WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id)
   AND (o.state = 'quarantined'
        OR (o.attempts > 0 AND o.last_error IS NOT NULL
-           AND o.created_at < now() - make_interval(secs => coalesce(current_setting('hmr.stuck_after_seconds', true), '600')::int)));
+           -- pg_settings gives the value in seconds whatever unit it was set in ("10min");
+           -- no row while hmr is not loaded in this session: the default.
+           AND o.created_at < now() - make_interval(secs => coalesce(
+                   (SELECT s.setting::int FROM pg_settings s WHERE s.name = 'hmr.stuck_after_seconds'), 600))));
 
 -- One row of facts for operators (the same as `hmr-worker status`).
 CREATE VIEW hmr.status AS
@@ -746,6 +889,7 @@ SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')
                      (SELECT min(created_at) FROM hmr.captured))        AS oldest_event_age,
        (SELECT count(*) FROM hmr.stuck_records)                        AS stuck_records,
        (SELECT count(*) FROM hmr.sleepers WHERE until > now())         AS idle_workers,
+       (SELECT count(*) FROM hmr.guards WHERE NOT active)              AS guards_off,
        (SELECT max(finished_at) FROM hmr.outbox_history WHERE outcome = 'delivered') AS last_delivery,
        (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_live_rows,
        (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_dead_rows,

@@ -32,18 +32,41 @@ struct WakeState {
 /// This backend's pointer into shared memory (found or created on first use).
 static WAKE: AtomicPtr<WakeState> = AtomicPtr::new(std::ptr::null_mut());
 
+/// Index of `AddinShmemInitLock` in `MainLWLockArray` (storage/lwlocknames.h). PostgreSQL
+/// exports it as a C macro only; the index is checked by name before first use, so another
+/// major version fails loudly instead of taking the wrong lock.
+const ADDIN_SHMEM_INIT_LOCK: usize = 21;
+
 /// The shared wake-up flag. Created lazily in the shared memory PostgreSQL keeps spare for
 /// add-ins (as pg_prewarm does), so `shared_preload_libraries` is not needed.
 fn wake_state() -> &'static WakeState {
     let found_here = WAKE.load(Ordering::Acquire);
     if !found_here.is_null() {
-        // SAFETY: points into the shared memory segment, which lives as long as the backend.
+        // SAFETY: set below to the address ShmemInitStruct returned, which stays mapped for
+        // the life of the backend; the struct holds atomics only.
         return unsafe { &*found_here };
     }
-    // SAFETY: the add-in init lock serialises creation; ShmemInitStruct returns the same
-    // address in every backend; the struct is plain atomics, valid when zeroed.
+    // SAFETY: GetLWLockIdentifier returns a static C string for a valid id (or "???").
+    let name = unsafe {
+        CStr::from_ptr(pg_sys::GetLWLockIdentifier(
+            pg_sys::PG_WAIT_LWLOCK,
+            ADDIN_SHMEM_INIT_LOCK as u16,
+        ))
+    };
+    if name != c"AddinShmemInit" {
+        error!(
+            "hmr: this PostgreSQL ({}) numbers its built-in locks differently (lock {} is {:?}, not AddinShmemInit); \
+             this build of hmr is for PostgreSQL 15",
+            pg_sys::PG_VERSION_NUM,
+            ADDIN_SHMEM_INIT_LOCK,
+            name
+        );
+    }
+    // SAFETY: the index was checked by name above; the add-in init lock serialises creation;
+    // ShmemInitStruct returns the same address in every backend; the struct is plain atomics,
+    // valid when zeroed.
     unsafe {
-        let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        let lock = &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock;
         pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
         let state =
@@ -56,6 +79,132 @@ fn wake_state() -> &'static WakeState {
         pg_sys::LWLockRelease(lock);
         WAKE.store(state, Ordering::Release);
         &*state
+    }
+}
+
+/// The columns the trigger writes, in order: a tuple is formed for exactly this shape.
+const CAPTURED_SHAPE: [(&str, pg_sys::Oid); 6] = [
+    ("id", pg_sys::INT8OID),
+    ("kind", pg_sys::TEXTOID),
+    ("key", pg_sys::TEXTOID),
+    ("op", pg_sys::CHAROID),
+    ("xid", pg_sys::XID8OID),
+    ("created_at", pg_sys::TIMESTAMPTZOID),
+];
+
+/// Where each of `CAPTURED_SHAPE`'s columns sits in the table (dropped columns, left by an
+/// `ADD COLUMN` undone with `DROP COLUMN`, are skipped and written as NULL).
+#[derive(Clone, Copy)]
+struct Layout {
+    relid: pg_sys::Oid,
+    natts: usize,
+    positions: [usize; 6],
+}
+
+thread_local! {
+    /// The layout of the `hmr.captured` last found right; forgotten by the relcache callback
+    /// whenever that relation changes, so an ALTER TABLE is seen at the next capture.
+    static LAYOUT: std::cell::Cell<Option<Layout>> = const { std::cell::Cell::new(None) };
+}
+static CALLBACK_REGISTERED: AtomicU32 = AtomicU32::new(0);
+
+unsafe extern "C-unwind" fn forget_layout(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    // Called during invalidation processing: only a store, nothing that can fail.
+    LAYOUT.with(|l| {
+        if relid == pg_sys::InvalidOid || l.get().is_some_and(|layout| layout.relid == relid) {
+            l.set(None);
+        }
+    });
+}
+
+/// The layout of `rel` if it is a table this trigger may write straight into, or why not.
+///
+/// # Safety
+/// `rel` is an open relation.
+unsafe fn captured_layout(rel: pg_sys::Relation) -> Result<Layout, String> {
+    // SAFETY: an open relation has a valid rd_rel and rd_att with natts attributes
+    // (caller's contract).
+    unsafe {
+        let form = &*(*rel).rd_rel;
+        if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char {
+            return Err("it is not a plain table".into());
+        }
+        if form.relam != pg_sys::HEAP_TABLE_AM_OID {
+            return Err("it does not use the heap access method".into());
+        }
+        // relhasindex can stay set after an index is gone (until VACUUM): then ask the relcache.
+        if form.relhasindex && !pg_sys::RelationGetIndexList(rel).is_null() {
+            // Rows written here bypass index maintenance: an index would silently miss them.
+            return Err("it has an index (rows are written straight into its heap)".into());
+        }
+        if form.relchecks > 0 {
+            return Err("it has a CHECK constraint (rows are written straight into its heap)".into());
+        }
+        let desc = &*(*rel).rd_att;
+        let attrs = desc.attrs.as_slice(desc.natts as usize);
+        let live: Vec<(usize, &pg_sys::FormData_pg_attribute)> =
+            attrs.iter().enumerate().filter(|(_, a)| !a.attisdropped).collect();
+        if live.len() != CAPTURED_SHAPE.len() {
+            return Err(format!("it has {} columns, expected {}", live.len(), CAPTURED_SHAPE.len()));
+        }
+        let mut positions = [0usize; 6];
+        for (n, ((at, attr), (name, type_oid))) in live.iter().zip(CAPTURED_SHAPE).enumerate() {
+            let actual = CStr::from_ptr(attr.attname.data.as_ptr()).to_string_lossy();
+            if actual != name || attr.atttypid != type_oid {
+                return Err(format!(
+                    "column {} is {actual} (type oid {}), expected {name} (type oid {})",
+                    n + 1,
+                    attr.atttypid.to_u32(),
+                    type_oid.to_u32()
+                ));
+            }
+            positions[n] = *at;
+        }
+        Ok(Layout {
+            relid: (*rel).rd_id,
+            natts: attrs.len(),
+            positions,
+        })
+    }
+}
+
+/// The layout to form tuples for, or an ERROR (nothing written) when `rel` has another shape.
+///
+/// # Safety
+/// `rel` is an open relation.
+unsafe fn checked_layout(rel: pg_sys::Relation) -> Layout {
+    // SAFETY: rel is open (caller's contract); registering a relcache callback is allowed at
+    // any time in a backend and is done once (a backend has 10 slots).
+    unsafe {
+        let relid = (*rel).rd_id;
+        if let Some(layout) = LAYOUT.with(|l| l.get()).filter(|l| l.relid == relid) {
+            return layout;
+        }
+        if CALLBACK_REGISTERED.swap(1, Ordering::Relaxed) == 0 {
+            pg_sys::CacheRegisterRelcacheCallback(Some(forget_layout), pg_sys::Datum::from(0usize));
+        }
+        match captured_layout(rel) {
+            Ok(layout) => {
+                LAYOUT.with(|l| l.set(Some(layout)));
+                layout
+            }
+            Err(problem) => {
+                pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+                pgrx::pg_sys::panic::ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("hmr.captured has the wrong shape: {problem}"),
+                    "hmr.capture",
+                )
+                .set_detail(
+                    "The capture trigger writes (id bigint, kind text, key text, op \"char\", xid xid8, \
+                     created_at timestamptz) straight into the table's heap, with no index or constraint; \
+                     nothing was written.",
+                )
+                .set_hint("Undo the change to hmr.captured (or reinstall the extension); the HIS change is rolled back.")
+                .report(PgLogLevel::ERROR);
+                unreachable!("ERROR does not return")
+            }
+        }
     }
 }
 
@@ -73,7 +222,8 @@ fn wake_workers() -> bool {
     let state = wake_state();
     let asleep = state.sleeping.load(Ordering::Relaxed) != 0 && state.sleeping.swap(0, Ordering::SeqCst) != 0;
     if asleep {
-        // SAFETY: pg_notify is a builtin taking (text, text); it queues the NOTIFY for commit.
+        // SAFETY: pg_notify is a builtin taking (text, text), called with two text datums;
+        // it queues the NOTIFY for commit.
         unsafe {
             pgrx::direct_function_call::<()>(
                 pg_sys::pg_notify,
@@ -98,6 +248,10 @@ pub extern "C" fn pg_finfo_hmr_capture() -> &'static pg_sys::Pg_finfo_record {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn hmr_capture(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: the trigger manager passes a valid fcinfo whose context is checked to be
+    // TriggerData before use; tuples and descriptors come from that TriggerData and live for
+    // the call; the tuple written into hmr.captured is formed only after the relation's shape
+    // was checked against CAPTURED_SHAPE (checked_layout).
     unsafe {
         let context = (*fcinfo).context;
         if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
@@ -143,16 +297,12 @@ pub unsafe extern "C-unwind" fn hmr_capture(fcinfo: pg_sys::FunctionCallInfo) ->
             error!("hmr.captured or hmr.event_id_seq is missing: reinstall the extension");
         }
         let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-        // relhasindex can stay set after an index is gone (until VACUUM): then ask the relcache.
-        if (*(*rel).rd_rel).relhasindex && !pg_sys::RelationGetIndexList(rel).is_null() {
-            // Rows written here bypass index maintenance: an index would silently miss them.
-            error!("hmr.captured must have no index (it is written straight into its heap)");
-        }
+        let layout = checked_layout(rel);
         let xid = pg_sys::GetTopFullTransactionId().value;
         let at = pg_sys::GetCurrentTransactionStartTimestamp();
         let append = |key: *mut c_char, op: u8| {
             let id = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
-            let mut values = [
+            let row = [
                 pg_sys::Datum::from(id),
                 pg_sys::Datum::from(pg_sys::cstring_to_text(kind)),
                 pg_sys::Datum::from(pg_sys::cstring_to_text(key)),
@@ -160,7 +310,13 @@ pub unsafe extern "C-unwind" fn hmr_capture(fcinfo: pg_sys::FunctionCallInfo) ->
                 pg_sys::Datum::from(xid),
                 pg_sys::Datum::from(at),
             ];
-            let mut nulls = [false; 6];
+            // One slot per attribute of the table as it is (dropped ones NULL).
+            let mut values = vec![pg_sys::Datum::from(0usize); layout.natts];
+            let mut nulls = vec![true; layout.natts];
+            for (value, &at) in row.iter().zip(&layout.positions) {
+                values[at] = *value;
+                nulls[at] = false;
+            }
             let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
             pg_sys::simple_heap_insert(rel, tuple);
             pg_sys::heap_freetuple(tuple);

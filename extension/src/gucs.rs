@@ -1,5 +1,8 @@
-//! Settings (GUCs) of the extension. Platform credentials are never GUCs: every role could
-//! read them.
+//! Settings (GUCs) of the extension: conveniences a session may tune. Policy is not here:
+//! what the gate does when the platform cannot be asked, and the hard timeout of its calls,
+//! are the hospital's and live in `hmr.policy` (set by `hmr_admin`, validated, dumped with
+//! the database, readable before any hmr function ran). Platform credentials are never
+//! GUCs either: every role could read them.
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
@@ -9,16 +12,8 @@ pub static CHECK_SAMPLE_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// A record whose head event has been failing this long shows in `hmr.stuck_records`.
 pub static STUCK_AFTER_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(600);
 
-/// Hard limit of one platform call from SQL (token included).
-pub static PLATFORM_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(3000);
-
 /// Seconds a list answer is reused for the same patient and doctor (0: never).
 pub static LIST_CACHE_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(10);
-
-/// What the gate does when the platform cannot be asked: `allow` (save, log the skipped
-/// check) or `block` (refuse the save with HM002).
-pub static GATE_ON_UNAVAILABLE: GucSetting<Option<std::ffi::CString>> =
-    GucSetting::<Option<std::ffi::CString>>::new(Some(c"allow"));
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -42,16 +37,6 @@ pub fn init() {
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
-        c"hmr.platform_timeout_ms",
-        c"Hard timeout of one platform call from SQL, in milliseconds.",
-        c"On timeout the answer says status unavailable.",
-        &PLATFORM_TIMEOUT_MS,
-        100,
-        600_000,
-        GucContext::Userset,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_int_guc(
         c"hmr.list_cache_seconds",
         c"Seconds a recognition list answer is reused for the same patient (0: never).",
         c"",
@@ -61,12 +46,8 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"hmr.gate_on_unavailable",
-        c"allow or block: what the order gate does when the platform is unavailable.",
-        c"allow (default) saves and logs the skipped check; block refuses the save with HM002.",
-        &GATE_ON_UNAVAILABLE,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
+    // Any other hmr.* name is a mistake (or a policy setting of an older version, such as
+    // hmr.gate_on_unavailable): refuse it rather than keep a placeholder nobody reads.
+    // SAFETY: called from _PG_init with a static C string, as PostgreSQL documents.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"hmr".as_ptr()) };
 }

@@ -35,6 +35,75 @@ fn org_code_valid(code: &str) -> bool {
     hmr_protocol::checks::org_code_valid(code)
 }
 
+/// Refuses anything but one boolean-valued expression (as `hmr.watch(update_when)` takes):
+/// the text is parsed, never run, as the target of `SELECT (\n…\n)`, and must come out as
+/// exactly that one target and nothing else (no second statement, no FROM, no WHERE …).
+/// `hmr.watch` then writes the same `(\n…\n)` into the trigger's WHEN clause, where
+/// PostgreSQL allows only OLD and NEW and no subquery. A syntax error is raised as it is.
+#[pg_extern(immutable, parallel_safe)]
+fn check_update_when(expr: &str) {
+    let sql = std::ffi::CString::new(format!("SELECT (\n{expr}\n)"))
+        .unwrap_or_else(|_| error!("hmr: update_when contains a NUL byte"));
+    // SAFETY: raw_parser reads a NUL-terminated string and returns a List of RawStmt
+    // allocated in the current memory context (or raises ERROR); the nodes are read only
+    // after their tags are checked.
+    let problem = unsafe {
+        let stmts = pg_sys::raw_parser(sql.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        if stmts.is_null() || (*stmts).length != 1 {
+            Some("it must be one expression, not several statements")
+        } else {
+            let raw = (*(*stmts).elements).ptr_value.cast::<pg_sys::RawStmt>();
+            let stmt = (*raw).stmt;
+            if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_SelectStmt {
+                Some("it must be one expression")
+            } else {
+                let s = &*stmt.cast::<pg_sys::SelectStmt>();
+                let target_count = if s.targetList.is_null() { 0 } else { (*s.targetList).length };
+                let only_target = s.op == pg_sys::SetOperation::SETOP_NONE
+                    && target_count == 1
+                    && s.distinctClause.is_null()
+                    && s.intoClause.is_null()
+                    && s.fromClause.is_null()
+                    && s.whereClause.is_null()
+                    && s.groupClause.is_null()
+                    && s.havingClause.is_null()
+                    && s.windowClause.is_null()
+                    && s.valuesLists.is_null()
+                    && s.sortClause.is_null()
+                    && s.limitOffset.is_null()
+                    && s.limitCount.is_null()
+                    && s.lockingClause.is_null()
+                    && s.withClause.is_null();
+                if !only_target {
+                    Some("it must be one expression (its parentheses must balance; no FROM, WHERE, commas or further clauses)")
+                } else {
+                    let target = (*(*s.targetList).elements).ptr_value.cast::<pg_sys::ResTarget>();
+                    (!(*target).name.is_null()).then_some("it must be an expression without an alias")
+                }
+            }
+        }
+    };
+    // The trigger statement hmr.watch() writes, parsed too: it must be that one statement
+    // (a syntax error is raised here, before any trigger is created).
+    let trigger = std::ffi::CString::new(format!(
+        "CREATE TRIGGER t AFTER UPDATE ON t FOR EACH ROW WHEN (\n{expr}\n) EXECUTE FUNCTION f()"
+    ))
+    .unwrap_or_else(|_| error!("hmr: update_when contains a NUL byte"));
+    // SAFETY: as above; only the list's length is read.
+    let problem = problem.or_else(|| unsafe {
+        let stmts = pg_sys::raw_parser(trigger.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        (stmts.is_null() || (*stmts).length != 1).then_some("it must be one expression, not several statements")
+    });
+    if let Some(problem) = problem {
+        ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("hmr: update_when is not one boolean expression over OLD and NEW: {problem}"),
+            "e.g. 'OLD.status IS DISTINCT FROM NEW.status'"
+        );
+    }
+}
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {
@@ -173,12 +242,103 @@ mod tests {
         assert_eq!(Spi::get_one::<bool>("SELECT hmr.wake_workers()").unwrap(), Some(false));
     }
 
-    #[pg_test(error = "hmr.captured must have no index (it is written straight into its heap)")]
+    #[pg_test(error = "hmr.captured has the wrong shape: it has an index (rows are written straight into its heap)")]
     fn capture_refuses_an_indexed_event_table() {
         Spi::run("CREATE INDEX ON hmr.captured (id)").unwrap();
         Spi::run("CREATE TABLE pat_idx (pid int PRIMARY KEY)").unwrap();
         Spi::run("SELECT hmr.watch('patient', 'pat_idx', 'pid')").unwrap();
         Spi::run("INSERT INTO pat_idx VALUES (1)").unwrap();
+    }
+
+    #[pg_test]
+    fn a_reshaped_event_table_is_refused_and_an_undone_change_recovers() {
+        Spi::run("CREATE TABLE pat_shape (pid int PRIMARY KEY)").unwrap();
+        Spi::run("SELECT hmr.watch('patient', 'pat_shape', 'pid')").unwrap();
+        Spi::run("INSERT INTO pat_shape VALUES (1)").unwrap();
+        Spi::run("ALTER TABLE hmr.captured ADD COLUMN note text").unwrap();
+        let refused = PgTryBuilder::new(|| Spi::run("INSERT INTO pat_shape VALUES (2)").map(|_| String::new()))
+            .catch_others(|e| match e {
+                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                    Ok(r.message().to_string())
+                }
+                other => other.rethrow(),
+            })
+            .execute()
+            .unwrap();
+        assert_eq!(refused, "hmr.captured has the wrong shape: it has 7 columns, expected 6");
+        // Undone: the dropped column stays in the catalog; capture writes NULL into it.
+        Spi::run("ALTER TABLE hmr.captured DROP COLUMN note").unwrap();
+        Spi::run("INSERT INTO pat_shape VALUES (3)").unwrap();
+        assert_eq!(
+            Spi::get_one::<String>("SELECT string_agg(key, ',' ORDER BY id) FROM hmr.captured").unwrap().as_deref(),
+            Some("1,3")
+        );
+    }
+
+    #[pg_test]
+    fn update_when_is_one_expression_never_spliced() {
+        Spi::run("CREATE TABLE lis_uw (report_no text PRIMARY KEY, status text)").unwrap();
+        for hostile in [
+            "true) EXECUTE FUNCTION hmr.capture('lab_report', 'report_no'); CREATE TABLE pwned(); --",
+            "true; CREATE TABLE pwned()",
+            "true) OR (true",
+            "NEW.status = 'a' --\n) EXECUTE FUNCTION hmr.capture('x', 'y'); CREATE TABLE pwned(); --",
+            "NEW.status = 'a' /*",
+            "true FROM pg_class",
+            "1, 2",
+            "(SELECT true)",
+        ] {
+            let refused = PgTryBuilder::new(|| {
+                Spi::run_with_args("SELECT hmr.watch('lab_report', 'lis_uw', 'report_no', $1)", &[hostile.into()])
+                    .map(|_| None)
+            })
+            .catch_others(|e| match e {
+                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                    Ok(Some(r.message().to_string()))
+                }
+                other => other.rethrow(),
+            })
+            .execute()
+            .unwrap();
+            assert!(refused.is_some(), "accepted: {hostile}");
+        }
+        assert_eq!(Spi::get_one::<bool>("SELECT to_regclass('pwned') IS NULL").unwrap(), Some(true));
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM hmr.watches WHERE tbl = 'lis_uw'::regclass").unwrap(), Some(0));
+        Spi::run("SELECT hmr.watch('lab_report', 'lis_uw', 'report_no', 'OLD.status IS DISTINCT FROM NEW.status')")
+            .unwrap();
+        assert_eq!(
+            Spi::get_one::<String>("SELECT string_agg(events, ' | ' ORDER BY events) FROM hmr.watches WHERE tbl = 'lis_uw'::regclass")
+                .unwrap()
+                .as_deref(),
+            Some("insert, delete | update")
+        );
+    }
+
+    #[pg_test]
+    fn policy_is_validated_and_visible() {
+        assert_eq!(
+            Spi::get_one::<String>("SELECT value FROM hmr.settings WHERE name = 'gate_on_unavailable'").unwrap().as_deref(),
+            Some("allow")
+        );
+        Spi::run("SELECT hmr.set_policy(gate_on_unavailable => 'block', platform_timeout_ms => 1500)").unwrap();
+        assert_eq!(
+            Spi::get_one::<String>("SELECT value || ' ' || source FROM hmr.settings WHERE name = 'gate_on_unavailable'")
+                .unwrap()
+                .as_deref(),
+            Some("block hmr.policy")
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT value FROM hmr.settings WHERE name = 'hmr.stuck_after_seconds'").unwrap().as_deref(),
+            Some("600")
+        );
+        Spi::run("SET hmr.stuck_after_seconds = '10min'").unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM hmr.stuck_records").unwrap(), Some(0));
+        assert_eq!(Spi::get_one::<i64>("SELECT stuck_records FROM hmr.status").unwrap(), Some(0));
+    }
+
+    #[pg_test(error = "hmr: gate_on_unavailable must be allow or block, not \"blok\"")]
+    fn policy_refuses_a_misspelt_action() {
+        Spi::run("SELECT hmr.set_policy(gate_on_unavailable => 'blok')").unwrap();
     }
 
     #[pg_test(error = "hmr: unknown kind \"labs\"")]

@@ -13,7 +13,6 @@ use hmr_protocol::paths::{self, Request, HEADER_ORG_CODE, HEADER_REQUEST_ID};
 use hmr_protocol::{classify, sign, Outcome, Scope, TokenAnswer, TokenRequest};
 use pgrx::prelude::*;
 
-use crate::gucs;
 
 /// The platform settings (`hmr.platform`), read by SECURITY DEFINER code only.
 #[derive(Clone)]
@@ -26,14 +25,18 @@ pub struct Settings {
     app_id: String,
     app_secret: String,
     sign_alg: String,
+    /// `hmr.policy`'s hard limit of one call: the hospital's, not the calling session's.
+    pub timeout_ms: u64,
 }
 
 impl Settings {
     pub fn load() -> Option<Settings> {
         Spi::connect(|client| {
             let rows = client.select(
-                "SELECT base_url, org_code, auth, coalesce(username, ''), coalesce(password, ''), \
-                        coalesce(app_id, ''), coalesce(app_secret, ''), sign_alg FROM hmr.platform",
+                "SELECT p.base_url, p.org_code, p.auth, coalesce(p.username, ''), coalesce(p.password, ''), \
+                        coalesce(p.app_id, ''), coalesce(p.app_secret, ''), p.sign_alg, \
+                        (SELECT e.platform_timeout_ms FROM hmr.effective_policy e)::int8 \
+                   FROM hmr.platform p",
                 None,
                 &[],
             )?;
@@ -49,6 +52,7 @@ impl Settings {
                     app_id: get(6),
                     app_secret: get(7),
                     sign_alg: get(8),
+                    timeout_ms: row.get::<i64>(9).ok().flatten().unwrap_or(3000).max(1) as u64,
                 });
             }
             Ok::<_, pgrx::spi::Error>(found)
@@ -72,9 +76,9 @@ pub enum CallError {
 static TOKEN: Mutex<Option<(String, Instant)>> = Mutex::new(None);
 
 /// Sends a request with the recognition token and returns the answer body of a 2xx.
-/// Blocks the backend at most `hmr.platform_timeout_ms`, interruptibly.
+/// Blocks the backend at most `hmr.policy.platform_timeout_ms`, interruptibly.
 pub fn call(settings: &Settings, request: Request) -> Result<Vec<u8>, CallError> {
-    let timeout = Duration::from_millis(gucs::PLATFORM_TIMEOUT_MS.get().max(1) as u64);
+    let timeout = Duration::from_millis(settings.timeout_ms);
     let deadline = Instant::now() + timeout;
     let settings = settings.clone();
     let (tx, rx) = mpsc::channel();
@@ -180,7 +184,9 @@ fn send(
     if left.is_zero() {
         return Err(CallError::Unavailable("timeout".into()));
     }
-    let agent = ureq::AgentBuilder::new().timeout(left).build();
+    // Never follow a redirect: a 3xx is not the platform's answer, and following it would
+    // send the request (identity numbers, the token) to another host.
+    let agent = ureq::AgentBuilder::new().timeout(left).redirects(0).build();
     let url = format!("{}{}", settings.base_url.trim_end_matches('/'), request.path);
     let mut req = agent
         .request(request.method.as_str(), &url)
@@ -206,6 +212,15 @@ fn send(
         Err(ureq::Error::Transport(t)) => return Err(CallError::Unavailable(format!("{:?}", t.kind()))),
     };
     let status = response.status();
+    if (300..400).contains(&status) {
+        let host = response
+            .header("Location")
+            .and_then(|l| url_host(l))
+            .unwrap_or_else(|| "?".into());
+        return Err(CallError::Unavailable(format!(
+            "HTTP {status}: the platform redirected to {host}; redirects are not followed"
+        )));
+    }
     let mut body = Vec::new();
     response
         .into_reader()
@@ -216,4 +231,12 @@ fn send(
         return Err(CallError::Unavailable("answer too large".into()));
     }
     Ok((status, body))
+}
+
+/// The host of a URL (for messages about where a redirect pointed), or None.
+fn url_host(location: &str) -> Option<String> {
+    let rest = location.split_once("://").map_or(location, |(_, r)| r);
+    let host = rest.split(['/', '?', '#']).next()?;
+    let host = host.rsplit('@').next()?;
+    (!host.is_empty()).then(|| host.to_string())
 }

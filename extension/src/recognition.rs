@@ -73,14 +73,18 @@ fn opt_text(v: &Value, name: &str) -> Option<String> {
 }
 
 /// Local item code → platform data code, through `hmr.item_map` (and codes already in the
-/// catalog pass as they are).
+/// catalog pass as they are). A database error is an error, never "not in the catalog":
+/// that would let an order go unchecked.
 fn map_item(kind: &str, local: &str) -> Option<String> {
     Spi::get_one_with_args::<String>(
-        "SELECT coalesce((SELECT data_code FROM hmr.item_map WHERE type = $1 AND local_code = $2),
-                         (SELECT data_code FROM hmr.catalog WHERE type = $1 AND data_code = $2))",
+        "SELECT coalesce(
+                  (SELECT m.data_code FROM hmr.item_map m
+                    WHERE m.type OPERATOR(pg_catalog.=) $1 AND m.local_code OPERATOR(pg_catalog.=) $2),
+                  (SELECT c.data_code FROM hmr.catalog c
+                    WHERE c.type OPERATOR(pg_catalog.=) $1 AND c.data_code OPERATOR(pg_catalog.=) $2))",
         &[kind.into(), local.into()],
     )
-    .unwrap_or(None)
+    .unwrap_or_else(|e| error!("hmr: cannot map item {local:?} through hmr.item_map: {e}"))
 }
 
 fn settings_or(reason: &str) -> Result<Settings, Value> {
@@ -89,6 +93,7 @@ fn settings_or(reason: &str) -> Result<Settings, Value> {
 
 /// 互认信息列表: count, page URL and items for the reception badge.
 #[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 #[allow(clippy::too_many_arguments)]
 fn list_recognitions_json(
     id_type: &str,
@@ -114,7 +119,7 @@ fn list_recognitions_json(
     let ttl = gucs::LIST_CACHE_SECONDS.get();
     if use_cache && ttl > 0 {
         if let Ok(Some(JsonB(hit))) = Spi::get_one_with_args::<JsonB>(
-            "SELECT answer FROM hmr.list_cache WHERE cache_key = $1 AND expires_at > clock_timestamp()",
+            "SELECT answer FROM hmr.list_cache WHERE cache_key = $1 AND expires_at > pg_catalog.clock_timestamp()",
             &[cache_key.as_str().into()],
         ) {
             return JsonB(hit);
@@ -139,7 +144,7 @@ fn list_recognitions_json(
     };
     if answer["status"] == "ok" && ttl > 0 {
         let _ = Spi::run_with_args(
-            "INSERT INTO hmr.list_cache VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+            "INSERT INTO hmr.list_cache VALUES ($1, $2, pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => $3))
              ON CONFLICT (cache_key) DO UPDATE SET answer = EXCLUDED.answer, expires_at = EXCLUDED.expires_at",
             &[
                 cache_key.as_str().into(),
@@ -160,6 +165,7 @@ fn with_empty_list(mut v: Value) -> Value {
 
 /// 精准互认信息: by organisation, item (local codes are mapped), date range.
 #[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn query_recognitions_json(filter: JsonB) -> JsonB {
     let f = filter.0;
     if !f.is_object() {
@@ -270,6 +276,7 @@ pub fn mask_id(id_no: &str) -> String {
 /// Makes sure a check is in `hmr.checks` (re-recording it from this session's memory when
 /// the gate's transaction rolled it back). False when it is unknown.
 #[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn ensure_check(check_id: &str) -> bool {
     let known = Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT 1 FROM hmr.checks WHERE check_id = $1)",
@@ -291,6 +298,7 @@ fn ensure_check(check_id: &str) -> bool {
 
 /// 处方保存互认逻辑校验: maps local item codes, asks the platform, records the check.
 #[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
     let visit = visit.0;
     let Value::Array(order_list) = orders.0 else {
@@ -421,6 +429,7 @@ fn decision_problem(recognise: bool, reason_code: Option<&str>, reason_text: Opt
 /// Downloads a recognised report from the platform and keeps it; NULL when the platform is
 /// unavailable. Called by hmr_download_report() when the kept copy is missing.
 #[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn fetch_report(report_id: &str, format: &str) -> Option<Vec<u8>> {
     let settings = Settings::load()?;
     match call(&settings, paths::download(report_id, format)) {

@@ -30,6 +30,55 @@ impl FieldError {
     }
 }
 
+/// Whether a free-text field may hold line breaks and tabs (findings, impression).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lines {
+    Allowed,
+    Refused,
+}
+
+/// The free-text fields the platform receives, with their limits in characters: one table
+/// for the rules below, `docs/protocol.md` and the tests.
+pub const FREE_TEXT_LIMITS: &[(&str, usize, Lines)] = &[
+    ("name", 50, Lines::Refused),
+    ("phone", 30, Lines::Refused),
+    ("deptName", 100, Lines::Refused),
+    ("specimenName", 50, Lines::Refused),
+    ("categoryName", 100, Lines::Refused),
+    ("items[].itemName", 100, Lines::Refused),
+    ("items[].resultValue", 200, Lines::Refused),
+    ("items[].resultUnit", 50, Lines::Refused),
+    ("items[].referenceRange", 100, Lines::Refused),
+    ("items[].method", 100, Lines::Refused),
+    ("examItemName", 100, Lines::Refused),
+    ("bodyPartName", 100, Lines::Refused),
+    ("findings", 4000, Lines::Allowed),
+    ("impression", 2000, Lines::Allowed),
+    ("imageUrl", 1000, Lines::Refused),
+    ("reason", 200, Lines::Refused),
+    ("decisions[].reasonText", 200, Lines::Refused),
+];
+
+fn limit(field: &str) -> (usize, Lines) {
+    FREE_TEXT_LIMITS
+        .iter()
+        .find(|(f, _, _)| *f == field)
+        .map(|(_, max, lines)| (*max, *lines))
+        .unwrap_or((200, Lines::Refused))
+}
+
+/// Control characters (C0, DEL, C1) and invisible format characters (zero-width, bidi
+/// overrides, BOM): they hide text from the reader or break the receiver's display.
+pub fn refused_char(c: char, lines: Lines) -> bool {
+    match c {
+        '\n' | '\r' | '\t' => lines == Lines::Refused,
+        c if c.is_control() => true,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' => true,
+        '\u{FEFF}' => true,
+        _ => false,
+    }
+}
+
 /// Collects errors with field paths such as `items[2].itemCode`.
 struct Rules<'a> {
     now: &'a DateTime<FixedOffset>,
@@ -56,9 +105,23 @@ impl<'a> Rules<'a> {
         }
         true
     }
-    fn length(&mut self, field: &str, value: &str, max: usize) {
-        if self.required(field, value) && value.chars().count() > max {
+    /// Free text: required, at most `max` characters, and no control or invisible format
+    /// characters (line breaks and tabs only where `lines` is `Lines::Allowed`).
+    fn text(&mut self, field: &str, value: &str, max: usize, lines: Lines) {
+        if self.required(field, value) {
+            self.text_rules(field, value, max, lines);
+        }
+    }
+    fn opt_text(&mut self, field: &str, value: &Option<String>, max: usize, lines: Lines) {
+        if let Some(v) = value {
+            self.text(field, v, max, lines);
+        }
+    }
+    fn text_rules(&mut self, field: &str, value: &str, max: usize, lines: Lines) {
+        if value.chars().count() > max {
             self.fail(field, "length");
+        } else if value.chars().any(|c| refused_char(c, lines)) {
+            self.fail(field, "control-character");
         }
     }
     fn code(&mut self, field: &str, value: &str, allowed: &[&str]) {
@@ -118,7 +181,7 @@ pub fn patient(p: &Patient, now: &DateTime<FixedOffset>) -> Result<(), Vec<Field
     let mut r = Rules::new(now);
     r.required("patientId", &p.patient_id);
     r.person(&p.id_type, &p.id_no, Some(&p.birth_date));
-    r.length("name", &p.name, 50);
+    r.text("name", &p.name, limit("name").0, Lines::Refused);
     r.code("genderCode", &p.gender_code, &GENDER_CODES);
     match parse_date(&p.birth_date) {
         None => r.fail("birthDate", if p.birth_date.is_empty() { "required" } else { "format" }),
@@ -126,6 +189,7 @@ pub fn patient(p: &Patient, now: &DateTime<FixedOffset>) -> Result<(), Vec<Field
         Some(_) => {}
     }
     r.opt_nonempty("phone", &p.phone);
+    r.opt_text("phone", &p.phone, limit("phone").0, Lines::Refused);
     r.time("registeredAt", &p.registered_at);
     r.time("updatedAt", &p.updated_at);
     r.done()
@@ -134,7 +198,7 @@ pub fn patient(p: &Patient, now: &DateTime<FixedOffset>) -> Result<(), Vec<Field
 pub fn department(d: &Department, now: &DateTime<FixedOffset>) -> Result<(), Vec<FieldError>> {
     let mut r = Rules::new(now);
     r.required("deptCode", &d.dept_code);
-    r.length("deptName", &d.dept_name, 100);
+    r.text("deptName", &d.dept_name, limit("deptName").0, Lines::Refused);
     r.required("stdDeptCode", &d.std_dept_code);
     r.required("campusCode", &d.campus_code);
     r.opt_nonempty("parentCode", &d.parent_code);
@@ -146,7 +210,7 @@ pub fn department(d: &Department, now: &DateTime<FixedOffset>) -> Result<(), Vec
 pub fn staff(s: &Staff, now: &DateTime<FixedOffset>) -> Result<(), Vec<FieldError>> {
     let mut r = Rules::new(now);
     r.required("staffNo", &s.staff_no);
-    r.length("name", &s.name, 50);
+    r.text("name", &s.name, limit("name").0, Lines::Refused);
     r.opt_code("genderCode", &s.gender_code, &GENDER_CODES);
     r.required("deptCode", &s.dept_code);
     r.opt_code("role", &s.role, &STAFF_ROLES);
@@ -168,7 +232,7 @@ fn report_common(
         r.fail("version", "range");
     }
     r.required("patientId", patient_id);
-    r.length("name", name, 50);
+    r.text("name", name, limit("name").0, Lines::Refused);
     r.opt_code("visitType", visit_type, &VISIT_TYPES);
 }
 
@@ -181,15 +245,27 @@ pub fn lab_report(l: &LabReport, now: &DateTime<FixedOffset>) -> Result<(), Vec<
     r.opt_time("auditedAt", &l.audited_at);
     r.required("auditorNo", &l.auditor_no);
     r.opt_nonempty("dataCode", &l.data_code);
+    for (field, value) in [("specimenName", &l.specimen_name), ("categoryName", &l.category_name)] {
+        let (max, lines) = limit(field);
+        r.opt_text(field, value, max, lines);
+    }
     if l.items.is_empty() {
         r.fail("items", "required");
     }
     for (i, item) in l.items.iter().enumerate() {
         r.prefix = format!("items[{i}].");
         r.required("itemCode", &item.item_code);
-        r.required("itemName", &item.item_name);
+        r.text("itemName", &item.item_name, limit("items[].itemName").0, Lines::Refused);
         // A result may legitimately be an empty string only when it is absent; require text.
-        r.required("resultValue", &item.result_value);
+        r.text("resultValue", &item.result_value, limit("items[].resultValue").0, Lines::Refused);
+        for (field, value) in [
+            ("resultUnit", &item.result_unit),
+            ("referenceRange", &item.reference_range),
+            ("method", &item.method),
+        ] {
+            let (max, lines) = limit(&format!("items[].{field}"));
+            r.opt_text(field, value, max, lines);
+        }
         r.opt_code("abnormalFlag", &item.abnormal_flag, &ABNORMAL_FLAGS);
     }
     r.done()
@@ -200,8 +276,16 @@ pub fn exam_report(e: &ExamReport, now: &DateTime<FixedOffset>) -> Result<(), Ve
     report_common(&mut r, &e.report_no, e.version, &e.patient_id, &e.name, &e.visit_type);
     r.person(&e.id_type, &e.id_no, None);
     r.code("examClass", &e.exam_class, &EXAM_CLASSES);
-    r.required("findings", &e.findings);
-    r.required("impression", &e.impression);
+    r.text("findings", &e.findings, limit("findings").0, Lines::Allowed);
+    r.text("impression", &e.impression, limit("impression").0, Lines::Allowed);
+    for (field, value) in [
+        ("examItemName", &e.exam_item_name),
+        ("bodyPartName", &e.body_part_name),
+        ("imageUrl", &e.image_url),
+    ] {
+        let (max, lines) = limit(field);
+        r.opt_text(field, value, max, lines);
+    }
     r.opt_time("examinedAt", &e.examined_at);
     r.time("reportedAt", &e.reported_at);
     r.opt_time("auditedAt", &e.audited_at);
@@ -215,7 +299,7 @@ pub fn revoke(v: &Revoke, now: &DateTime<FixedOffset>) -> Result<(), Vec<FieldEr
     if v.version < 1 {
         r.fail("version", "range");
     }
-    r.required("reason", &v.reason);
+    r.text("reason", &v.reason, limit("reason").0, Lines::Refused);
     r.time("revokedAt", &v.revoked_at);
     r.required("operatorNo", &v.operator_no);
     r.done()
@@ -250,6 +334,7 @@ pub fn decisions(d: &Decisions, now: &DateTime<FixedOffset>) -> Result<(), Vec<F
         r.prefix = format!("decisions[{i}].");
         r.required("orderId", &one.order_id);
         r.required("reportId", &one.report_id);
+        r.opt_text("reasonText", &one.reason_text, limit("decisions[].reasonText").0, Lines::Refused);
         if let Err(e) = decision(one) {
             r.fail(&e.field, &e.reason);
         }
@@ -340,6 +425,27 @@ mod tests {
                 FieldError::new("items[0].abnormalFlag", "required"),
             ])
         );
+    }
+
+    #[test]
+    fn free_text_refuses_control_characters_and_overlong_values() {
+        for bad in ["张\u{1}三", "张\u{7}三", "张\t三", "张\u{200B}三", "\u{202E}三张", "张\u{85}三"] {
+            let mut p = sample_patient();
+            p.name = bad.into();
+            assert_eq!(
+                patient(&p, &now()),
+                Err(vec![FieldError::new("name", "control-character")]),
+                "{bad:?}"
+            );
+        }
+        let mut p = sample_patient();
+        p.name = "张".repeat(51);
+        assert_eq!(patient(&p, &now()), Err(vec![FieldError::new("name", "length")]));
+        p.name = "张".repeat(50);
+        assert_eq!(patient(&p, &now()), Ok(()));
+        assert!(!refused_char('\n', Lines::Allowed));
+        assert!(refused_char('\n', Lines::Refused));
+        assert!(!refused_char('·', Lines::Refused));
     }
 
     #[test]

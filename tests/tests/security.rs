@@ -102,7 +102,7 @@ async fn each_role_can_do_its_job_and_nothing_more() -> Result<()> {
     assert!(denied(worker.query("SELECT * FROM hmr.platform", &[]).await));
     assert!(denied(
         worker
-            .execute("INSERT INTO hmr.guards VALUES ('his.patient', 'x')", &[])
+            .execute("INSERT INTO hmr.guarded (tbl, query) VALUES ('his.patient', 'x')", &[])
             .await
     ));
     Ok(())
