@@ -145,7 +145,11 @@ unsafe fn captured_layout(rel: pg_sys::Relation) -> Result<Layout, String> {
         let live: Vec<(usize, &pg_sys::FormData_pg_attribute)> =
             attrs.iter().enumerate().filter(|(_, a)| !a.attisdropped).collect();
         if live.len() != CAPTURED_SHAPE.len() {
-            return Err(format!("it has {} columns, expected {}", live.len(), CAPTURED_SHAPE.len()));
+            return Err(format!(
+                "it has {} columns, expected {}",
+                live.len(),
+                CAPTURED_SHAPE.len()
+            ));
         }
         let mut positions = [0usize; 6];
         for (n, ((at, attr), (name, type_oid))) in live.iter().zip(CAPTURED_SHAPE).enumerate() {
@@ -200,7 +204,9 @@ unsafe fn checked_layout(rel: pg_sys::Relation) -> Layout {
                      created_at timestamptz) straight into the table's heap, with no index or constraint; \
                      nothing was written.",
                 )
-                .set_hint("Undo the change to hmr.captured (or reinstall the extension); the HIS change is rolled back.")
+                .set_hint(
+                    "Undo the change to hmr.captured (or reinstall the extension); the HIS change is rolled back.",
+                )
                 .report(PgLogLevel::ERROR);
                 unreachable!("ERROR does not return")
             }

@@ -58,7 +58,11 @@ fn check_update_when(expr: &str) {
                 Some("it must be one expression")
             } else {
                 let s = &*stmt.cast::<pg_sys::SelectStmt>();
-                let target_count = if s.targetList.is_null() { 0 } else { (*s.targetList).length };
+                let target_count = if s.targetList.is_null() {
+                    0
+                } else {
+                    (*s.targetList).length
+                };
                 let only_target = s.op == pg_sys::SetOperation::SETOP_NONE
                     && target_count == 1
                     && s.distinctClause.is_null()
@@ -265,12 +269,17 @@ mod tests {
             })
             .execute()
             .unwrap();
-        assert_eq!(refused, "hmr.captured has the wrong shape: it has 7 columns, expected 6");
+        assert_eq!(
+            refused,
+            "hmr.captured has the wrong shape: it has 7 columns, expected 6"
+        );
         // Undone: the dropped column stays in the catalog; capture writes NULL into it.
         Spi::run("ALTER TABLE hmr.captured DROP COLUMN note").unwrap();
         Spi::run("INSERT INTO pat_shape VALUES (3)").unwrap();
         assert_eq!(
-            Spi::get_one::<String>("SELECT string_agg(key, ',' ORDER BY id) FROM hmr.captured").unwrap().as_deref(),
+            Spi::get_one::<String>("SELECT string_agg(key, ',' ORDER BY id) FROM hmr.captured")
+                .unwrap()
+                .as_deref(),
             Some("1,3")
         );
     }
@@ -289,8 +298,11 @@ mod tests {
             "(SELECT true)",
         ] {
             let refused = PgTryBuilder::new(|| {
-                Spi::run_with_args("SELECT hmr.watch('lab_report', 'lis_uw', 'report_no', $1)", &[hostile.into()])
-                    .map(|_| None)
+                Spi::run_with_args(
+                    "SELECT hmr.watch('lab_report', 'lis_uw', 'report_no', $1)",
+                    &[hostile.into()],
+                )
+                .map(|_| None)
             })
             .catch_others(|e| match e {
                 pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
@@ -302,14 +314,22 @@ mod tests {
             .unwrap();
             assert!(refused.is_some(), "accepted: {hostile}");
         }
-        assert_eq!(Spi::get_one::<bool>("SELECT to_regclass('pwned') IS NULL").unwrap(), Some(true));
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM hmr.watches WHERE tbl = 'lis_uw'::regclass").unwrap(), Some(0));
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT to_regclass('pwned') IS NULL").unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.watches WHERE tbl = 'lis_uw'::regclass").unwrap(),
+            Some(0)
+        );
         Spi::run("SELECT hmr.watch('lab_report', 'lis_uw', 'report_no', 'OLD.status IS DISTINCT FROM NEW.status')")
             .unwrap();
         assert_eq!(
-            Spi::get_one::<String>("SELECT string_agg(events, ' | ' ORDER BY events) FROM hmr.watches WHERE tbl = 'lis_uw'::regclass")
-                .unwrap()
-                .as_deref(),
+            Spi::get_one::<String>(
+                "SELECT string_agg(events, ' | ' ORDER BY events) FROM hmr.watches WHERE tbl = 'lis_uw'::regclass"
+            )
+            .unwrap()
+            .as_deref(),
             Some("insert, delete | update")
         );
     }
@@ -317,23 +337,35 @@ mod tests {
     #[pg_test]
     fn policy_is_validated_and_visible() {
         assert_eq!(
-            Spi::get_one::<String>("SELECT value FROM hmr.settings WHERE name = 'gate_on_unavailable'").unwrap().as_deref(),
+            Spi::get_one::<String>("SELECT value FROM hmr.settings WHERE name = 'gate_on_unavailable'")
+                .unwrap()
+                .as_deref(),
             Some("allow")
         );
         Spi::run("SELECT hmr.set_policy(gate_on_unavailable => 'block', platform_timeout_ms => 1500)").unwrap();
         assert_eq!(
-            Spi::get_one::<String>("SELECT value || ' ' || source FROM hmr.settings WHERE name = 'gate_on_unavailable'")
-                .unwrap()
-                .as_deref(),
+            Spi::get_one::<String>(
+                "SELECT value || ' ' || source FROM hmr.settings WHERE name = 'gate_on_unavailable'"
+            )
+            .unwrap()
+            .as_deref(),
             Some("block hmr.policy")
         );
         assert_eq!(
-            Spi::get_one::<String>("SELECT value FROM hmr.settings WHERE name = 'hmr.stuck_after_seconds'").unwrap().as_deref(),
+            Spi::get_one::<String>("SELECT value FROM hmr.settings WHERE name = 'hmr.stuck_after_seconds'")
+                .unwrap()
+                .as_deref(),
             Some("600")
         );
         Spi::run("SET hmr.stuck_after_seconds = '10min'").unwrap();
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM hmr.stuck_records").unwrap(), Some(0));
-        assert_eq!(Spi::get_one::<i64>("SELECT stuck_records FROM hmr.status").unwrap(), Some(0));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.stuck_records").unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT stuck_records FROM hmr.status").unwrap(),
+            Some(0)
+        );
     }
 
     #[pg_test(error = "hmr: gate_on_unavailable must be allow or block, not \"blok\"")]

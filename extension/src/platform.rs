@@ -13,7 +13,6 @@ use hmr_protocol::paths::{self, Request, HEADER_ORG_CODE, HEADER_REQUEST_ID};
 use hmr_protocol::{classify, sign, Outcome, Scope, TokenAnswer, TokenRequest};
 use pgrx::prelude::*;
 
-
 /// The platform settings (`hmr.platform`), read by SECURITY DEFINER code only.
 #[derive(Clone)]
 pub struct Settings {

@@ -420,6 +420,8 @@ fn decision_problem(recognise: bool, reason_code: Option<&str>, reason_text: Opt
             ("reasonCode", "code") => "不互认原因代码无效，应为 01–06",
             ("reasonText", "required") => "原因为“其他情形确需复查”（06）时必须填写具体说明",
             ("reasonCode" | "reasonText", "not-allowed") => "选择“互认”时不填写不互认原因",
+            ("reasonText", "length") => "不互认原因说明过长（最多 200 字）",
+            ("reasonText", "control-character") => "不互认原因说明含有不可见的控制字符，请重新输入",
             _ => "互认/不互认选择无效",
         }
         .to_string(),

@@ -257,7 +257,12 @@ pub fn lab_report(l: &LabReport, now: &DateTime<FixedOffset>) -> Result<(), Vec<
         r.required("itemCode", &item.item_code);
         r.text("itemName", &item.item_name, limit("items[].itemName").0, Lines::Refused);
         // A result may legitimately be an empty string only when it is absent; require text.
-        r.text("resultValue", &item.result_value, limit("items[].resultValue").0, Lines::Refused);
+        r.text(
+            "resultValue",
+            &item.result_value,
+            limit("items[].resultValue").0,
+            Lines::Refused,
+        );
         for (field, value) in [
             ("resultUnit", &item.result_unit),
             ("referenceRange", &item.reference_range),
@@ -317,7 +322,22 @@ pub fn decision(d: &Decision) -> Result<(), FieldError> {
         (false, Some("06")) if d.reason_text.as_deref().is_none_or(|t| t.trim().is_empty()) => {
             Err(FieldError::new("reasonText", "required"))
         }
-        (false, Some(_)) => Ok(()),
+        (false, Some(_)) => free_reason(d),
+    }
+}
+
+/// A decline's free text: the same limit and characters as every free text (§7).
+fn free_reason(d: &Decision) -> Result<(), FieldError> {
+    let Some(text) = d.reason_text.as_deref() else {
+        return Ok(());
+    };
+    let (max, lines) = limit("decisions[].reasonText");
+    if text.chars().count() > max {
+        Err(FieldError::new("reasonText", "length"))
+    } else if text.chars().any(|c| refused_char(c, lines)) {
+        Err(FieldError::new("reasonText", "control-character"))
+    } else {
+        Ok(())
     }
 }
 
@@ -334,7 +354,6 @@ pub fn decisions(d: &Decisions, now: &DateTime<FixedOffset>) -> Result<(), Vec<F
         r.prefix = format!("decisions[{i}].");
         r.required("orderId", &one.order_id);
         r.required("reportId", &one.report_id);
-        r.opt_text("reasonText", &one.reason_text, limit("decisions[].reasonText").0, Lines::Refused);
         if let Err(e) = decision(one) {
             r.fail(&e.field, &e.reason);
         }
@@ -429,7 +448,14 @@ mod tests {
 
     #[test]
     fn free_text_refuses_control_characters_and_overlong_values() {
-        for bad in ["张\u{1}三", "张\u{7}三", "张\t三", "张\u{200B}三", "\u{202E}三张", "张\u{85}三"] {
+        for bad in [
+            "张\u{1}三",
+            "张\u{7}三",
+            "张\t三",
+            "张\u{200B}三",
+            "\u{202E}三张",
+            "张\u{85}三",
+        ] {
             let mut p = sample_patient();
             p.name = bad.into();
             assert_eq!(

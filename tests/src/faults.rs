@@ -159,7 +159,11 @@ async fn connect_retrying(cluster_dir: &str, port: u16) -> Client {
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            if client.batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 800)").await.is_ok() {
+            if client
+                .batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 800)")
+                .await
+                .is_ok()
+            {
                 return client;
             }
         }

@@ -378,7 +378,9 @@ async fn a_hanging_platform_answers_unavailable_in_time_and_calls_are_cancellabl
     );
 
     s.sim.faults(json!({"hang": true})).await?;
-    s.his.batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 1000)").await?;
+    s.his
+        .batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 1000)")
+        .await?;
     let t = Instant::now();
     let answer: Value = s
         .his
@@ -401,17 +403,23 @@ async fn a_hanging_platform_answers_unavailable_in_time_and_calls_are_cancellabl
     // The gate lets the order through by default (allow), and blocks with HM002 when told.
     let saved = json_of(&s.his, &format!("SELECT his.save_orders('{}')", orders("U1", "JY0001"))).await?;
     assert_eq!(saved["saved"], true);
-    s.his.batch_execute("SELECT hmr.set_policy(gate_on_unavailable => 'block')").await?;
+    s.his
+        .batch_execute("SELECT hmr.set_policy(gate_on_unavailable => 'block')")
+        .await?;
     let blocked = s
         .his
         .query_one(&format!("SELECT his.save_orders('{}')", orders("U2", "JY0001")), &[])
         .await
         .unwrap_err();
     assert_eq!(blocked.as_db_error().map(|d| d.code().code()), Some("HM002"));
-    s.his.batch_execute("SELECT hmr.set_policy(gate_on_unavailable => 'allow')").await?;
+    s.his
+        .batch_execute("SELECT hmr.set_policy(gate_on_unavailable => 'allow')")
+        .await?;
 
     // pg_cancel_backend ends a waiting call at once.
-    s.his.batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 30000)").await?;
+    s.his
+        .batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 30000)")
+        .await?;
     let pid: i32 = s.his.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
     let admin = s.cluster.connect("his").await?;
     let call = tokio::spawn({

@@ -461,7 +461,8 @@ async fn sql_overhead() -> Result<()> {
     }
     // Hanging platform: time to `unavailable` with a 1 s timeout.
     sim.faults(json!({"hang": true})).await?;
-    his.batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 1000)").await?;
+    his.batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 1000)")
+        .await?;
     let mut hang = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
