@@ -160,7 +160,7 @@ GRANT SELECT ON hmr.policy, hmr.effective_policy, hmr.settings TO hmr_his, hmr_w
 GRANT INSERT, UPDATE ON hmr.policy TO hmr_admin;
 
 GRANT SELECT, DELETE, TRUNCATE ON hmr.captured TO hmr_worker, hmr_admin;
-GRANT USAGE ON SEQUENCE hmr.event_id_seq TO hmr_worker, hmr_admin;
+GRANT USAGE ON SEQUENCE hmr.event_id_seq, hmr.backfill_id_seq TO hmr_worker, hmr_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.outbox, hmr.outbox_history, hmr.delivered, hmr.sleepers,
                                        hmr.polled_sources, hmr.polled_seen, hmr.backfills, hmr.unmapped_items
       TO hmr_worker, hmr_admin;
@@ -173,6 +173,7 @@ GRANT SET ON PARAMETER log_parameter_max_length TO hmr_worker;
 GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_history(interval, integer),
                           hmr.backfill_start(text, timestamptz), hmr.backfill_page(bigint, integer),
                           hmr.capture(), hmr.ingest(), hmr.worker_sleeping(), hmr.wake_workers(),
+                          hmr.note_rate_limit(float8),
                           hmr.claim(text, text[], integer, float8, boolean, float8)
       TO hmr_worker, hmr_admin;
 

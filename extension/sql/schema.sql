@@ -21,7 +21,21 @@ INSERT INTO hmr.kinds VALUES
     ('lab_report',  'hmr_src.lab_report',  'report_no',  'hmr_src.lab_item', false, 'reported_at', '检验报告'),
     ('exam_report', 'hmr_src.exam_report', 'report_no',  NULL,               false, 'reported_at', '检查报告'),
     ('decision',    'hmr.decisions',       'check_id',   NULL,               false, NULL,          '互认/不互认结果');
-SELECT pg_catalog.pg_extension_config_dump('hmr.kinds', '');
+-- Kinds are dumped with the database (a DBA may point a kind at another view). A restore
+-- loads them into the rows CREATE EXTENSION made: an insert of a kind that exists updates it.
+CREATE FUNCTION hmr.kinds_restore() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE hmr.kinds k
+       SET source_view = NEW.source_view, key_column = NEW.key_column, item_view = NEW.item_view,
+           batched = NEW.batched, changed_column = NEW.changed_column, description = NEW.description
+     WHERE k.kind = NEW.kind;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER kinds_restore BEFORE INSERT ON hmr.kinds FOR EACH ROW EXECUTE FUNCTION hmr.kinds_restore();
 
 -- Event ids: one sequence for every way an event is made (capture trigger, hand enqueue,
 -- backfill, polling), so the per-record order is the order of these ids.
@@ -333,8 +347,9 @@ $$;
 -- Backfills: the day a hospital connects, every existing record goes through the same outbox
 -- (so ordering, dedupe and quarantine apply). Pages commit with their checkpoint, so an
 -- interrupted backfill resumes where it stopped and enqueues nothing twice.
+CREATE SEQUENCE hmr.backfill_id_seq;
 CREATE TABLE hmr.backfills (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id           bigint PRIMARY KEY DEFAULT nextval('hmr.backfill_id_seq'),
     kind         text NOT NULL REFERENCES hmr.kinds,
     since        timestamptz,
     total        bigint NOT NULL,
@@ -590,8 +605,9 @@ CREATE TABLE hmr.checks (
 
 -- 互认 / 不互认 decisions: an audit trail nobody edits (UPDATE and DELETE refused for all).
 -- The newest decision of an order counts until the check's decisions are sent.
+CREATE SEQUENCE hmr.decision_id_seq;
 CREATE TABLE hmr.decisions (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id           bigint PRIMARY KEY DEFAULT nextval('hmr.decision_id_seq'),
     check_id     text NOT NULL REFERENCES hmr.checks,
     order_id     text NOT NULL,
     report_id    text NOT NULL,
@@ -634,8 +650,9 @@ CREATE TABLE hmr.retained_reports (
 );
 
 -- Who read which kept report, when (for the hospital's auditors).
+CREATE SEQUENCE hmr.download_log_id_seq;
 CREATE TABLE hmr.download_log (
-    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id         bigint PRIMARY KEY DEFAULT nextval('hmr.download_log_id_seq'),
     report_id  text NOT NULL,
     format     text NOT NULL,
     source     text NOT NULL,          -- kept | platform
@@ -911,5 +928,26 @@ BEGIN
         EXIT WHEN n < batch;
     END LOOP;
     RETURN removed;
+END
+$$;
+
+-- ===================================================================== dump and restore
+-- Everything that is state or configuration goes into pg_dump with the HIS database, so a
+-- restored database (a move, an upgrade) resends nothing and keeps its audit trail: the
+-- outbox and what was delivered, decisions, checks, downloads, the catalog and mappings,
+-- polled-source watermarks, backfill checkpoints, the platform settings and the policy, and
+-- the sequences that number them. Caches and worker presence (unlogged) are not state.
+DO $$
+DECLARE
+    t text;
+BEGIN
+    -- One call per statement: each updates the extension's row (pg_extension).
+    FOREACH t IN ARRAY ARRAY['hmr.event_id_seq', 'hmr.captured', 'hmr.outbox', 'hmr.outbox_history', 'hmr.delivered',
+                             'hmr.backfill_id_seq', 'hmr.backfills', 'hmr.catalog', 'hmr.item_map', 'hmr.unmapped_items',
+                             'hmr.polled_sources', 'hmr.polled_seen', 'hmr.platform', 'hmr.checks',
+                             'hmr.decision_id_seq', 'hmr.decisions', 'hmr.retained_reports',
+                             'hmr.download_log_id_seq', 'hmr.download_log', 'hmr.guarded'] LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(t::regclass, '');
+    END LOOP;
 END
 $$;

@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+// SAFETY: the declaration matches commands/sequence.h of PostgreSQL 15
+// (`int64 nextval_internal(Oid relid, bool check_permissions)`); calls go through
+// pg_guard_ffi_boundary so an ERROR inside becomes a Rust panic handled by pgrx.
 unsafe extern "C-unwind" {
     // commands/sequence.h (not in pgrx's bindings). The sequence belongs to the extension;
     // the HIS role writing the row needs no USAGE on it, as with the table.
@@ -32,54 +35,20 @@ struct WakeState {
 /// This backend's pointer into shared memory (found or created on first use).
 static WAKE: AtomicPtr<WakeState> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Index of `AddinShmemInitLock` in `MainLWLockArray` (storage/lwlocknames.h). PostgreSQL
-/// exports it as a C macro only; the index is checked by name before first use, so another
-/// major version fails loudly instead of taking the wrong lock.
-const ADDIN_SHMEM_INIT_LOCK: usize = 21;
-
 /// The shared wake-up flag. Created lazily in the shared memory PostgreSQL keeps spare for
 /// add-ins (as pg_prewarm does), so `shared_preload_libraries` is not needed.
 fn wake_state() -> &'static WakeState {
     let found_here = WAKE.load(Ordering::Acquire);
     if !found_here.is_null() {
-        // SAFETY: set below to the address ShmemInitStruct returned, which stays mapped for
-        // the life of the backend; the struct holds atomics only.
+        // SAFETY: set below from shmem_struct's 'static reference into shared memory, which
+        // stays mapped for the life of the backend; the struct holds atomics only.
         return unsafe { &*found_here };
     }
-    // SAFETY: GetLWLockIdentifier returns a static C string for a valid id (or "???").
-    let name = unsafe {
-        CStr::from_ptr(pg_sys::GetLWLockIdentifier(
-            pg_sys::PG_WAIT_LWLOCK,
-            ADDIN_SHMEM_INIT_LOCK as u16,
-        ))
-    };
-    if name != c"AddinShmemInit" {
-        error!(
-            "hmr: this PostgreSQL ({}) numbers its built-in locks differently (lock {} is {:?}, not AddinShmemInit); \
-             this build of hmr is for PostgreSQL 15",
-            pg_sys::PG_VERSION_NUM,
-            ADDIN_SHMEM_INIT_LOCK,
-            name
-        );
-    }
-    // SAFETY: the index was checked by name above; the add-in init lock serialises creation;
-    // ShmemInitStruct returns the same address in every backend; the struct is plain atomics,
-    // valid when zeroed.
-    unsafe {
-        let lock = &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock;
-        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let state =
-            pg_sys::ShmemInitStruct(c"hmr wake-up".as_ptr(), size_of::<WakeState>(), &mut found).cast::<WakeState>();
-        if !found {
-            state.write(WakeState {
-                sleeping: AtomicU32::new(0),
-            });
-        }
-        pg_sys::LWLockRelease(lock);
-        WAKE.store(state, Ordering::Release);
-        &*state
-    }
+    let state = crate::shared::shmem_struct(c"hmr wake-up", || WakeState {
+        sleeping: AtomicU32::new(0),
+    });
+    WAKE.store(std::ptr::from_ref(state).cast_mut(), Ordering::Release);
+    state
 }
 
 /// The columns the trigger writes, in order: a tuple is formed for exactly this shape.
@@ -108,6 +77,8 @@ thread_local! {
 }
 static CALLBACK_REGISTERED: AtomicU32 = AtomicU32::new(0);
 
+/// # Safety
+/// A relcache invalidation callback: PostgreSQL calls it with its registered argument.
 unsafe extern "C-unwind" fn forget_layout(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     // Called during invalidation processing: only a store, nothing that can fail.
     LAYOUT.with(|l| {

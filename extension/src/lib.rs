@@ -9,6 +9,7 @@ mod catalog;
 mod gucs;
 mod platform;
 mod recognition;
+mod shared;
 mod sources;
 
 ::pgrx::pg_module_magic!(name, version);

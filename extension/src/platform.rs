@@ -1,17 +1,20 @@
 //! Calls to the platform from SQL, for what a doctor is waiting for. The HTTP request runs
 //! on its own thread with a hard timeout; the backend waits in short slices, checking for
 //! interrupts, so `pg_cancel_backend` and `statement_timeout` end the call at once. The
-//! thread touches no Postgres memory: it owns copies of everything it needs.
+//! thread touches no Postgres memory: it owns copies of everything it needs, and the shared
+//! platform state (`shared.rs`: one token for all backends, the org-wide 429 pause).
 
 use std::io::Read;
 use std::sync::mpsc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hmr_protocol::envelope::{parse_data, MAX_ANSWER_BYTES};
 use hmr_protocol::paths::{self, Request, HEADER_ORG_CODE, HEADER_REQUEST_ID};
-use hmr_protocol::{classify, sign, Outcome, Scope, TokenAnswer, TokenRequest};
+use hmr_protocol::{classify_answer, sign, Outcome, Scope, TokenAnswer, TokenRequest};
 use pgrx::prelude::*;
+use sha2::Digest;
+
+use crate::shared::{self, SharedPlatform, TokenWait};
 
 /// The platform settings (`hmr.platform`), read by SECURITY DEFINER code only.
 #[derive(Clone)]
@@ -71,8 +74,26 @@ pub enum CallError {
     NotFound(String),
 }
 
-/// The recognition token, cached per backend until 80 % of its lifetime.
-static TOKEN: Mutex<Option<(String, Instant)>> = Mutex::new(None);
+impl Settings {
+    /// Which credentials these are (a token obtained with others is not used).
+    fn fingerprint(&self) -> u64 {
+        let mut h = sha2::Sha256::new();
+        for part in [
+            &self.base_url,
+            &self.org_code,
+            &self.auth,
+            &self.username,
+            &self.password,
+            &self.app_id,
+            &self.app_secret,
+            &self.sign_alg,
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+    }
+}
 
 /// Sends a request with the recognition token and returns the answer body of a 2xx.
 /// Blocks the backend at most `hmr.policy.platform_timeout_ms`, interruptibly.
@@ -80,11 +101,19 @@ pub fn call(settings: &Settings, request: Request) -> Result<Vec<u8>, CallError>
     let timeout = Duration::from_millis(settings.timeout_ms);
     let deadline = Instant::now() + timeout;
     let settings = settings.clone();
+    // On this (the backend's) thread: it may create the shared segment.
+    let shared = shared::platform();
+    if let Some(wait) = shared.paused_for() {
+        return Err(CallError::Unavailable(format!(
+            "rate-limited: the platform asked to wait {} s more",
+            wait.as_secs_f64().ceil()
+        )));
+    }
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("hmr-platform-call".into())
         .spawn(move || {
-            let _ = tx.send(exchange(&settings, &request, deadline));
+            let _ = tx.send(exchange(shared, &settings, &request, deadline));
         })
         .map_err(|e| CallError::Unavailable(format!("cannot start the call: {e}")))?;
     loop {
@@ -109,14 +138,32 @@ pub fn call(settings: &Settings, request: Request) -> Result<Vec<u8>, CallError>
 }
 
 /// The HTTP exchange, on the call's own thread: token (cached), request, one refresh on 401.
-fn exchange(settings: &Settings, request: &Request, deadline: Instant) -> Result<Vec<u8>, CallError> {
+fn exchange(
+    shared: &SharedPlatform,
+    settings: &Settings,
+    request: &Request,
+    deadline: Instant,
+) -> Result<Vec<u8>, CallError> {
+    // One id for the call: the retry after a 401 is the same request (contract §7).
+    let request_id = uuid::Uuid::new_v4().to_string();
     for attempt in 0..2 {
-        let token = token(settings, deadline, attempt > 0)?;
-        let (status, body) = send(settings, request, Some(&token), deadline)?;
-        match classify(status, None, &body) {
+        let token = token(shared, settings, deadline)?;
+        let (status, retry_after, body) = send(settings, request, Some(&token), deadline, &request_id)?;
+        match classify_answer(request, status, retry_after.as_deref(), &body) {
             Outcome::Done => return Ok(body),
-            Outcome::RefreshToken if attempt == 0 => continue,
+            Outcome::RefreshToken if attempt == 0 => {
+                shared.forget_token(&token);
+                continue;
+            }
             Outcome::RefreshToken => return Err(CallError::Unavailable("token refused".into())),
+            Outcome::Retry {
+                after: Some(after),
+                reason,
+            } if status == 429 => {
+                // For the whole org: every backend (and the worker) waits.
+                shared.pause(after);
+                return Err(CallError::Unavailable(format!("rate-limited: {reason}")));
+            }
             Outcome::Retry { reason, .. } => return Err(CallError::Unavailable(reason)),
             Outcome::MissingDependency { reason } => return Err(CallError::NotFound(reason)),
             Outcome::Permanent {
@@ -136,14 +183,31 @@ fn exchange(settings: &Settings, request: &Request, deadline: Instant) -> Result
     unreachable!("the loop returns on its second pass")
 }
 
-fn token(settings: &Settings, deadline: Instant, refresh: bool) -> Result<String, CallError> {
-    if !refresh {
-        if let Some((t, until)) = TOKEN.lock().ok().and_then(|g| g.clone()) {
-            if Instant::now() < until {
-                return Ok(t);
-            }
+/// The recognition token shared by every backend: fetched by one of them when missing or
+/// due for refresh (the others use the current one meanwhile, or wait for the first).
+fn token(shared: &SharedPlatform, settings: &Settings, deadline: Instant) -> Result<String, CallError> {
+    let fingerprint = settings.fingerprint();
+    loop {
+        match shared.token(fingerprint) {
+            Ok(t) => return Ok(t),
+            Err(TokenWait::Fetch) => break,
+            Err(TokenWait::Wait) if shared::wait_a_moment(deadline) => {}
+            Err(TokenWait::Wait) => return Err(CallError::Unavailable("waiting for the token".into())),
         }
     }
+    match fetch_token(settings, deadline) {
+        Ok((t, lifetime)) => {
+            shared.store_token(fingerprint, &t, lifetime);
+            Ok(t)
+        }
+        Err(e) => {
+            shared.fetch_failed();
+            Err(e)
+        }
+    }
+}
+
+fn fetch_token(settings: &Settings, deadline: Instant) -> Result<(String, Duration), CallError> {
     let scope = Scope::Recognition;
     let request = if settings.auth == "signature" {
         sign::signature_grant(
@@ -161,16 +225,18 @@ fn token(settings: &Settings, deadline: Instant, refresh: bool) -> Result<String
             scope,
         }
     };
-    let (status, body) = send(settings, &paths::token(&request), None, deadline)?;
+    let (status, _, body) = send(
+        settings,
+        &paths::token(&request),
+        None,
+        deadline,
+        &uuid::Uuid::new_v4().to_string(),
+    )?;
     if status != 200 {
         return Err(CallError::Unavailable(format!("token: HTTP {status}")));
     }
     let answer: TokenAnswer = parse_data(&body).map_err(|e| CallError::Unavailable(format!("token answer: {e}")))?;
-    let until = Instant::now() + Duration::from_secs(answer.expires_in).mul_f64(0.8);
-    if let Ok(mut g) = TOKEN.lock() {
-        *g = Some((answer.access_token.clone(), until));
-    }
-    Ok(answer.access_token)
+    Ok((answer.access_token, Duration::from_secs(answer.expires_in)))
 }
 
 fn send(
@@ -178,7 +244,8 @@ fn send(
     request: &Request,
     token: Option<&str>,
     deadline: Instant,
-) -> Result<(u16, Vec<u8>), CallError> {
+    request_id: &str,
+) -> Result<(u16, Option<String>, Vec<u8>), CallError> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(CallError::Unavailable("timeout".into()));
@@ -190,7 +257,7 @@ fn send(
     let mut req = agent
         .request(request.method.as_str(), &url)
         .set(HEADER_ORG_CODE, &settings.org_code)
-        .set(HEADER_REQUEST_ID, &uuid::Uuid::new_v4().to_string());
+        .set(HEADER_REQUEST_ID, request_id);
     if let Some(t) = token {
         req = req.set("Authorization", &format!("Bearer {t}"));
     }
@@ -211,11 +278,11 @@ fn send(
         Err(ureq::Error::Transport(t)) => return Err(CallError::Unavailable(format!("{:?}", t.kind()))),
     };
     let status = response.status();
+    let retry_after = response.header("Retry-After").map(str::to_string);
     if (300..400).contains(&status) {
         let host = response
             .header("Location")
-            .and_then(|l| url_host(l))
-            .unwrap_or_else(|| "?".into());
+            .map_or_else(|| "?".to_string(), paths::location_host);
         return Err(CallError::Unavailable(format!(
             "HTTP {status}: the platform redirected to {host}; redirects are not followed"
         )));
@@ -229,13 +296,5 @@ fn send(
     if body.len() > MAX_ANSWER_BYTES {
         return Err(CallError::Unavailable("answer too large".into()));
     }
-    Ok((status, body))
-}
-
-/// The host of a URL (for messages about where a redirect pointed), or None.
-fn url_host(location: &str) -> Option<String> {
-    let rest = location.split_once("://").map_or(location, |(_, r)| r);
-    let host = rest.split(['/', '?', '#']).next()?;
-    let host = host.rsplit('@').next()?;
-    (!host.is_empty()).then(|| host.to_string())
+    Ok((status, retry_after, body))
 }

@@ -90,14 +90,26 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Outcome 
     let envelope = loose_envelope(body);
     let message = envelope.as_ref().map(|e| e.message.clone()).unwrap_or_default();
     match status {
+        // Success is only what the platform said: its envelope with the success code. A
+        // gateway's HTML page or any other JSON is not an answer: retry (the request id
+        // makes the retry safe).
         200..=299 => match &envelope {
-            Some(e) if e.code != CODE_OK => Outcome::Permanent {
+            Some(e) if e.code == CODE_OK => Outcome::Done,
+            Some(e) => Outcome::Permanent {
                 status,
                 code: e.code.clone(),
                 message,
                 errors: vec![],
             },
-            _ => Outcome::Done,
+            None => Outcome::Retry {
+                after: None,
+                reason: format!("{}: {}", NOT_AN_ENVELOPE, preview(body)),
+            },
+        },
+        // Never followed (the request would go to another host): the platform must answer.
+        300..=399 => Outcome::Retry {
+            after: None,
+            reason: format!("HTTP {status}: a redirect, not followed"),
         },
         401 => Outcome::RefreshToken,
         404 => Outcome::MissingDependency { reason: message },
@@ -130,6 +142,41 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Outcome 
             reason: format!("HTTP {status}"),
         },
     }
+}
+
+/// The start of `last_error` for a 2xx that is not the platform's envelope (metrics count it).
+pub const NOT_AN_ENVELOPE: &str = "2xx without the platform's envelope";
+
+/// What an answer to `request` means: a PDF download is a PDF (`%PDF-`), everything else the
+/// platform's envelope (`classify`).
+pub fn classify_answer(
+    request: &crate::paths::Request,
+    status: u16,
+    retry_after: Option<&str>,
+    body: &[u8],
+) -> Outcome {
+    if crate::paths::expects_pdf(request) && (200..300).contains(&status) {
+        return if body.starts_with(b"%PDF-") {
+            Outcome::Done
+        } else {
+            Outcome::Retry {
+                after: None,
+                reason: format!("{}: {}", NOT_AN_ENVELOPE, preview(body)),
+            }
+        };
+    }
+    classify(status, retry_after, body)
+}
+
+/// The first bytes of a body for an error message: printable, identity numbers masked.
+pub fn preview(body: &[u8]) -> String {
+    let head = &body[..body.len().min(80)];
+    let text: String = String::from_utf8_lossy(head)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let more = if body.len() > head.len() { "…" } else { "" };
+    format!("{:?}{more} ({} bytes)", crate::mask::scrub(&text), body.len())
 }
 
 /// The envelope of an answer, read leniently: an answer that leaves out `message` or sends
@@ -203,5 +250,34 @@ mod tests {
             classify(409, None, b"not json"),
             Outcome::Permanent { status: 409, .. }
         ));
+    }
+
+    #[test]
+    fn only_the_platforms_envelope_is_success() {
+        for body in [
+            &b"<html>gateway says hi</html>"[..],
+            br#"{"result":"ok"}"#,
+            b"",
+            br#"{"code":null,"data":{}}"#,
+        ] {
+            match classify(200, None, body) {
+                Outcome::Retry { after: None, reason } => assert!(reason.starts_with(NOT_AN_ENVELOPE), "{reason}"),
+                other => panic!("{body:?}: {other:?}"),
+            }
+        }
+        match classify(200, None, b"<p>patient 441302198003151233</p>") {
+            Outcome::Retry { reason, .. } => assert!(!reason.contains("441302198003151233"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        for status in [301, 302, 307, 308] {
+            assert!(matches!(classify(status, None, b""), Outcome::Retry { .. }));
+        }
+        let pdf = crate::paths::download("R1", "pdf");
+        assert_eq!(classify_answer(&pdf, 200, None, b"%PDF-1.7 ..."), Outcome::Done);
+        assert!(matches!(classify_answer(&pdf, 200, None, b"<html>"), Outcome::Retry { .. }));
+        let json = crate::paths::download("R1", "json");
+        assert!(matches!(classify_answer(&json, 200, None, b"%PDF-1.7"), Outcome::Retry { .. }));
+        assert_eq!(crate::paths::location_host("http://127.0.0.2:9/x?idNo=1"), "127.0.0.2:9");
+        assert_eq!(crate::paths::location_host("/elsewhere"), "the same host");
     }
 }

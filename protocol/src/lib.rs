@@ -13,7 +13,7 @@ pub mod source;
 pub mod types;
 pub mod validate;
 
-pub use envelope::{classify, Envelope, Outcome};
+pub use envelope::{classify, classify_answer, Envelope, Outcome};
 pub use types::*;
 pub use validate::FieldError;
 

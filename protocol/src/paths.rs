@@ -223,6 +223,23 @@ pub fn decisions(d: &Decisions) -> Request {
 }
 
 /// `format` is `pdf` or `json`.
+/// Whether the answer to `request` is a PDF rather than the JSON envelope.
+pub fn expects_pdf(request: &Request) -> bool {
+    request.method == Method::Get && request.path.starts_with("/api/v1/reports/") && request.path.ends_with("format=pdf")
+}
+
+/// The host (and port) a `Location` header points to, for a message; `?` when unreadable.
+pub fn location_host(location: &str) -> String {
+    let rest = location.split_once("://").map_or(location, |(_, r)| r);
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = host.rsplit('@').next().unwrap_or_default();
+    if host.is_empty() {
+        "the same host".into()
+    } else {
+        host.to_string()
+    }
+}
+
 pub fn download(report_id: &str, format: &str) -> Request {
     let path = format!(
         "/api/v1/reports/{}/download?format={}",

@@ -84,6 +84,9 @@ pub struct Drainer {
     pub pdf_renderer: Option<Arc<hmr_pdf::Renderer>>,
 }
 
+/// Keys whose source read failed, with the error.
+type Failed = HashMap<String, String>;
+
 /// A rendered PDF, or why it could not be.
 type Rendered = Option<Result<Vec<u8>, hmr_pdf::PdfError>>;
 
@@ -131,15 +134,35 @@ impl Drainer {
     /// database is read for the whole batch at once; finished events are recorded in groups
     /// as they complete, so a slow one (a hanging request) does not keep the others claimed.
     async fn reports(&self, kind: &str, events: Vec<Event>) -> Result<(), WorkerError> {
-        let mut inputs = if kind == "decision" {
-            HashMap::new()
+        let (mut inputs, failed) = if kind == "decision" {
+            (HashMap::new(), HashMap::new())
         } else {
             self.prefetch(kind, &events).await?
         };
-        let mut done = stream::iter(events)
+        let mut waiting = Vec::new();
+        let mut ready = Vec::new();
+        for e in events {
+            match failed.get(&e.key) {
+                Some(error) => waiting.push((e, error.clone())),
+                None => ready.push(e),
+            }
+        }
+        for (event, error) in waiting {
+            self.source_failed(&event, &error).await?;
+        }
+        let mut done = stream::iter(ready)
             .map(|e| {
                 let input = inputs.remove(&e.key).unwrap_or_default();
-                async move { self.report(e, input).await }
+                async move {
+                    let (id, attempts, kind) = (e.id, e.attempts, e.kind.clone());
+                    match self.report(e, input).await {
+                        // One report's source failing holds back that report only.
+                        Err(error) if error.is_source_error() && !self.store.is_closed() => {
+                            self.source_failed_id(id, attempts, &kind, &error.to_string()).await
+                        }
+                        other => other,
+                    }
+                }
             })
             .buffer_unordered(self.config.worker.concurrency.max(1))
             .ready_chunks(256);
@@ -160,17 +183,53 @@ impl Drainer {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Source rows, items, delivery state and the referenced patients of a batch of reports.
-    async fn prefetch(&self, kind: &str, events: &[Event]) -> Result<HashMap<String, ReportInput>, WorkerError> {
+    /// Source rows, items, delivery state and the referenced patients of a batch of reports;
+    /// and the reports whose source failed to read, with the error. A failing batch read is
+    /// read again one report at a time, so one bad row holds back only its own report.
+    async fn prefetch(&self, kind: &str, events: &[Event]) -> Result<(HashMap<String, ReportInput>, Failed), WorkerError> {
         let keys: Vec<String> = events
             .iter()
             .filter(|e| e.plan.is_none())
             .map(|e| e.key.clone())
             .collect();
         if keys.is_empty() {
-            return Ok(HashMap::new());
+            return Ok((HashMap::new(), HashMap::new()));
         }
-        self.store.report_inputs(kind, &keys).await
+        match self.store.report_inputs(kind, &keys).await {
+            Ok(inputs) => Ok((inputs, HashMap::new())),
+            Err(e) if e.is_source_error() && !self.store.is_closed() => {
+                let mut inputs = HashMap::new();
+                let mut failed = HashMap::new();
+                for key in keys {
+                    match self.store.report_inputs(kind, std::slice::from_ref(&key)).await {
+                        Ok(one) => inputs.extend(one),
+                        Err(e) if e.is_source_error() && !self.store.is_closed() => {
+                            failed.insert(key, e.to_string());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok((inputs, failed))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A record whose source could not be read: it backs off with the view's error in
+    /// `last_error` (and so shows in hmr.stuck_records); the others go on.
+    async fn source_failed(&self, event: &Event, error: &str) -> Result<Step, WorkerError> {
+        self.source_failed_id(event.id, event.attempts, &event.kind, error).await
+    }
+
+    async fn source_failed_id(&self, id: i64, attempts: i32, kind: &str, error: &str) -> Result<Step, WorkerError> {
+        self.store
+            .metrics()
+            .source_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let message = format!("reading the source of {kind} ({}): {error}", self.store.source_names(kind));
+        tracing::warn!(kind, event = id, attempts, error = %message, "source read failed; the event waits");
+        self.store.reschedule(&[id], self.backoff(attempts), &message).await?;
+        Ok(Step::Rescheduled)
     }
 
     fn now(&self) -> chrono::DateTime<chrono::FixedOffset> {
@@ -459,7 +518,7 @@ impl Drainer {
         match row.get("pdf_path").and_then(Value::as_str) {
             Some(path) => std::fs::read(path)
                 .map(Some)
-                .map_err(|e| WorkerError::Answer(format!("cannot read the report's pdf_path {path}: {e}"))),
+                .map_err(|e| WorkerError::Source(format!("cannot read the report's pdf_path {path}: {e}"))),
             None => Ok(None),
         }
     }
@@ -607,7 +666,36 @@ impl Drainer {
     /// batches and settle each record by the platform's per-record answer.
     async fn master_data(&self, kind: &str, events: Vec<Event>) -> Result<(), WorkerError> {
         let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
-        let rows = self.store.source_rows(kind, &keys).await?;
+        let (rows, failed) = match self.store.source_rows(kind, &keys).await {
+            Ok(rows) => (rows, HashMap::new()),
+            Err(e) if e.is_source_error() && !self.store.is_closed() => {
+                // One record at a time: only the rows that fail wait.
+                let mut rows = HashMap::new();
+                let mut failed: Failed = HashMap::new();
+                for key in &keys {
+                    match self.store.source_rows(kind, std::slice::from_ref(key)).await {
+                        Ok(one) => rows.extend(one),
+                        Err(e) if e.is_source_error() && !self.store.is_closed() => {
+                            failed.insert(key.clone(), e.to_string());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                (rows, failed)
+            }
+            Err(e) => return Err(e),
+        };
+        let mut events = events;
+        let mut ok = Vec::with_capacity(events.len());
+        for event in events.drain(..) {
+            match failed.get(&event.key) {
+                Some(error) => {
+                    self.source_failed(&event, error).await?;
+                }
+                None => ok.push(event),
+            }
+        }
+        let events = ok;
         let held = self.store.delivered(kind, &keys).await?;
         let now = self.now();
         let mut finished = Vec::new();
@@ -680,8 +768,23 @@ impl Drainer {
         match outcome {
             Outcome::Done => {
                 let answer: BatchAnswer =
-                    hmr_protocol::envelope::parse_data(&answer.map(|a| a.body).unwrap_or_default())
-                        .map_err(|e| WorkerError::Answer(format!("{kind} batch answer: {e}")))?;
+                    match hmr_protocol::envelope::parse_data(&answer.map(|a| a.body).unwrap_or_default()) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Not an answer we can settle records by: the batch goes again
+                            // (same events, same body: the same request id, replayed).
+                            self.store
+                                .metrics()
+                                .unexpected_answers
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let reason = format!("unreadable {kind} batch answer: {e}");
+                            tracing::warn!(kind, events = event_ids.len(), %reason, "batch retry later");
+                            self.store
+                                .reschedule(&event_ids, self.backoff(max_attempts), &reason)
+                                .await?;
+                            return Ok(());
+                        }
+                    };
                 let mut finished = Vec::new();
                 for (index, (event, record, hash, version)) in chunk.iter().enumerate() {
                     match answer.results.iter().find(|r| r.index == index) {

@@ -14,6 +14,24 @@ pub enum WorkerError {
     Answer(String),
     #[error("token refused: {0}")]
     Token(String),
+    #[error("source: {0}")]
+    Source(String),
+}
+
+impl WorkerError {
+    /// An error of one record's source read (a view that fails for its row, a dropped view,
+    /// an unreadable `pdf_path`): that record's to wait for, not the connection's. Errors of
+    /// the connection or the server (classes 08, 53, 57P, 58) are not.
+    pub fn is_source_error(&self) -> bool {
+        match self {
+            WorkerError::Db(e) => e.as_db_error().is_some_and(|d| {
+                let code = d.code().code();
+                !(code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") || code.starts_with("58"))
+            }),
+            WorkerError::Source(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// tokio-postgres prints only "db error"; the server's code and message say what happened.

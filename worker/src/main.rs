@@ -136,7 +136,7 @@ async fn status(config: Config) -> anyhow::Result<()> {
             (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
         println!("  {kind:<12} {p:>8} {f:>8} {q:>8}  {oldest}");
     }
-    let platform = Platform::new(config.platform.clone())?;
+    let platform = Platform::new(config.platform.clone(), Arc::new(metrics::Metrics::default()))?;
     let mut reachable = true;
     for scope in hmr_protocol::Scope::ALL {
         match platform.token(scope).await {
@@ -154,9 +154,9 @@ async fn status(config: Config) -> anyhow::Result<()> {
 async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let worker_id = config.worker_id();
-    let platform = Platform::new(config.platform.clone())?;
-    let pdf_renderer = pdf_renderer(&config)?;
     let metrics = Arc::new(metrics::Metrics::default());
+    let platform = Platform::new(config.platform.clone(), metrics.clone())?;
+    let pdf_renderer = pdf_renderer(&config)?;
     if let Some(listen) = config.worker.metrics_listen.clone() {
         let healthy_within = Duration::from_millis(config.worker.poll_interval_ms * 3 + config.platform.timeout_ms * 2);
         tokio::spawn(metrics::serve(listen, metrics.clone(), healthy_within));
@@ -302,6 +302,11 @@ async fn drain_until_stopped(
                 if removed > 0 {
                     tracing::info!(removed, "old history removed");
                 }
+            }
+            // One 429 pause for the org: the worker's and the SQL calls' (shared memory).
+            let shared = store.share_pause(drainer.platform.paused_secs()).await?;
+            if shared > 0.0 {
+                drainer.platform.pause(Duration::from_secs_f64(shared));
             }
             let found = store.poll_sources().await?;
             if found > 0 {

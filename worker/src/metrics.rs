@@ -16,6 +16,10 @@ pub struct Metrics {
     pub quarantined: AtomicU64,
     pub retries: AtomicU64,
     pub rounds: AtomicU64,
+    /// 2xx answers that were not the platform's envelope, and redirects (never followed).
+    pub unexpected_answers: AtomicU64,
+    /// Events whose source view failed to read (the event waits; the others go on).
+    pub source_errors: AtomicU64,
     /// `hmr.status` columns, as last sampled.
     backlog: Mutex<Vec<(String, f64)>>,
     last_loop: Mutex<Option<Instant>>,
@@ -70,6 +74,16 @@ impl Metrics {
                 &self.retries,
             ),
             ("hmr_drain_rounds_total", "Turns of the drain loop.", &self.rounds),
+            (
+                "hmr_unexpected_answers_total",
+                "Answers that were not the platform's (2xx without its envelope, redirects): retried.",
+                &self.unexpected_answers,
+            ),
+            (
+                "hmr_source_errors_total",
+                "Source-view reads that failed for one event (it backs off; the others go on).",
+                &self.source_errors,
+            ),
         ] {
             let _ = writeln!(
                 out,

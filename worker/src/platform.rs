@@ -8,18 +8,21 @@ use std::time::{Duration, Instant};
 
 use hmr_protocol::envelope::{parse_data, MAX_ANSWER_BYTES};
 use hmr_protocol::paths::{self, Request, HEADER_ORG_CODE, HEADER_REQUEST_ID, HEADER_RETRY_AFTER};
-use hmr_protocol::{classify, sign, Outcome, Scope, TokenAnswer, TokenRequest};
+use hmr_protocol::{classify_answer, sign, Outcome, Scope, TokenAnswer, TokenRequest};
 use tokio::sync::Mutex as AsyncMutex;
 use uuid::Uuid;
 
 use crate::config::{AuthMode, PlatformConfig};
 use crate::error::WorkerError;
+use crate::metrics::Metrics;
 
 /// A raw answer.
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
     pub retry_after: Option<String>,
+    /// Where a 3xx pointed (never followed).
+    pub location: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -34,11 +37,15 @@ pub struct Platform {
     config: PlatformConfig,
     tokens: HashMap<Scope, AsyncMutex<Option<Token>>>,
     paused_until: std::sync::Mutex<Option<Instant>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Platform {
-    pub fn new(config: PlatformConfig) -> Result<Arc<Platform>, WorkerError> {
+    pub fn new(config: PlatformConfig, metrics: Arc<Metrics>) -> Result<Arc<Platform>, WorkerError> {
         let mut builder = reqwest::Client::builder()
+            // Never follow a redirect: the request (a report, identity numbers, the token)
+            // would go to another host, and its answer is not the platform's.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_millis(config.timeout_ms.min(5_000)))
             .pool_max_idle_per_host(64)
@@ -58,6 +65,7 @@ impl Platform {
             config,
             tokens,
             paused_until: std::sync::Mutex::new(None),
+            metrics,
         }))
     }
 
@@ -93,6 +101,11 @@ impl Platform {
             .get(HEADER_RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let mut body = Vec::new();
         while let Some(chunk) = response
             .chunk()
@@ -109,6 +122,7 @@ impl Platform {
         Ok(Answer {
             status,
             retry_after,
+            location,
             body,
         })
     }
@@ -150,7 +164,29 @@ impl Platform {
                     )
                 }
             };
-            let outcome = classify(answer.status, answer.retry_after.as_deref(), &answer.body);
+            let outcome = match classify_answer(req, answer.status, answer.retry_after.as_deref(), &answer.body) {
+                Outcome::Retry { after, .. } if (300..400).contains(&answer.status) => {
+                    self.metrics.unexpected_answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let host = answer
+                        .location
+                        .as_deref()
+                        .map_or_else(|| "?".to_string(), paths::location_host);
+                    tracing::warn!(status = answer.status, %host, "the platform redirected; not followed");
+                    Outcome::Retry {
+                        after,
+                        reason: format!("HTTP {}: redirect to {host}, not followed", answer.status),
+                    }
+                }
+                Outcome::Retry { after, reason } if reason.starts_with(hmr_protocol::envelope::NOT_AN_ENVELOPE) => {
+                    self.metrics.unexpected_answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(status = answer.status, %reason, "an answer that is not the platform's");
+                    Outcome::Retry {
+                        after,
+                        reason: format!("HTTP {} {reason}", answer.status),
+                    }
+                }
+                other => other,
+            };
             match outcome {
                 Outcome::RefreshToken if attempt == 0 => {
                     self.forget_token(scope, &token).await;
@@ -180,8 +216,13 @@ impl Platform {
         guard.and_then(|until| until.checked_duration_since(Instant::now()))
     }
 
+    /// Seconds the org still waits (0: none).
+    pub fn paused_secs(&self) -> f64 {
+        self.paused().map_or(0.0, |d| d.as_secs_f64())
+    }
+
     /// A 429's Retry-After holds for the whole org.
-    fn pause(&self, after: Duration) {
+    pub fn pause(&self, after: Duration) {
         let mut guard = self.paused_until.lock().expect("pause lock");
         let until = Instant::now() + after;
         if guard.is_none_or(|u| u < until) {

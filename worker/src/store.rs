@@ -142,7 +142,10 @@ impl Store {
         let mut sources = HashMap::new();
         for row in client
             .query(
-                "SELECT kind, to_regclass(source_view)::text, key_column, to_regclass(item_view)::text FROM hmr.kinds",
+                // A view missing now is still the view to read: its events wait with the
+                // error (42P01) instead of being taken as "not in the source view".
+                "SELECT kind, coalesce(to_regclass(source_view)::text, source_view), key_column,
+                        coalesce(to_regclass(item_view)::text, item_view) FROM hmr.kinds",
                 &[],
             )
             .await?
@@ -676,17 +679,35 @@ impl Store {
         Ok(())
     }
 
+    /// Shares this worker's 429 pause with the SQL calls and returns the org's (shared memory,
+    /// `hmr.note_rate_limit`), so both honour a Retry-After whoever received it.
+    pub async fn share_pause(&self, seconds: f64) -> Result<f64, WorkerError> {
+        Ok(self
+            .query_one_cached("SELECT hmr.note_rate_limit($1)", &[&seconds])
+            .await?
+            .get(0))
+    }
+
     /// Seconds until the next pending event is due (None: nothing pending).
     pub async fn next_due(&self) -> Result<Option<f64>, WorkerError> {
         let row = self
-            .query_one_cached(
-                "SELECT extract(epoch FROM min(least(CASE WHEN state = 'pending' THEN next_attempt_at END,
-                                                     CASE WHEN state = 'claimed' THEN lease_until END)) - now())::float8
-                   FROM hmr.outbox WHERE state <> 'quarantined'",
+            .query_opt_cached(
+                // Only events that can be claimed: a new event ('-infinity') behind a backing-off
+                // one of its record is due when that one is. Clamped to now, so an infinite time
+                // never reaches the subtraction (22008).
+                "SELECT extract(epoch FROM greatest(m, now()) - now())::float8
+                   FROM (SELECT min(least(CASE WHEN o.state = 'pending' THEN o.next_attempt_at END,
+                                          CASE WHEN o.state = 'claimed' THEN o.lease_until END)) AS m
+                           FROM hmr.outbox o
+                          WHERE o.state <> 'quarantined'
+                            AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
+                                             WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
+                                               AND e.state <> 'quarantined')) d
+                  WHERE m IS NOT NULL",
                 &[],
             )
             .await?;
-        Ok(row.get(0))
+        Ok(row.and_then(|r| r.get(0)))
     }
 
     /// Returns this worker's unfinished claims to the queue (graceful shutdown).
@@ -699,6 +720,23 @@ impl Store {
                 &[&self.worker_id],
             )
             .await?)
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The views a kind is read from, for messages.
+    pub fn source_names(&self, kind: &str) -> String {
+        match self.sources.get(kind) {
+            Some(KindSource {
+                relation,
+                item_relation: Some(items),
+                ..
+            }) => format!("{relation}, {items}"),
+            Some(src) => src.relation.clone(),
+            None => format!("no source view configured for {kind}"),
+        }
     }
 
     pub fn client(&self) -> &Client {
