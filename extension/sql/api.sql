@@ -90,6 +90,8 @@ CREATE FUNCTION public.hmr_download_report(report_id text, format text DEFAULT '
 RETURNS bytea LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kept bytea;
+    revoked timestamptz;
+    note text;
     chk text;
     p_report alias FOR $1;
     p_format alias FOR $2;
@@ -97,7 +99,15 @@ BEGIN
     IF p_format NOT IN ('pdf', 'json') THEN
         RAISE EXCEPTION 'hmr: format must be pdf or json' USING ERRCODE = '22023';
     END IF;
-    SELECT r.bytes INTO kept FROM hmr.retained_reports r WHERE r.report_id = p_report AND r.format = p_format;
+    SELECT r.bytes, r.revoked_at, r.revoked_note INTO kept, revoked, note
+      FROM hmr.retained_reports r WHERE r.report_id = p_report AND r.format = p_format;
+    IF revoked IS NOT NULL THEN
+        INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'refused: revoked');
+        RAISE EXCEPTION '报告 % 已被出具医院撤销（%），不能再作为互认依据', p_report,
+                        to_char(revoked AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI')
+            USING ERRCODE = 'HM009', DETAIL = format('revoked_at %s; %s', revoked, note),
+                  HINT = 'Re-order the test, or choose another recognisable report.';
+    END IF;
     IF FOUND THEN
         INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'kept');
         RETURN kept;
@@ -118,6 +128,60 @@ BEGIN
     RETURN kept;
 END
 $$;
+
+-- ===================================================================== views over settings
+-- Here, after the Rust functions exist: they read settings through hmr.setting_of().
+
+-- Every hmr setting in one place, readable in any session (also before the library is
+-- loaded, when SHOW does not know the hmr.* settings yet): policy first, then the GUCs.
+CREATE VIEW hmr.settings AS
+SELECT 'gate_on_unavailable'::text AS name, e.gate_on_unavailable::text AS value, e.source,
+       'hmr_admin: SELECT hmr.set_policy(gate_on_unavailable => ...)'::text AS changed_with,
+       'allow or block: what the order gate does when the platform cannot be asked'::text AS description
+  FROM hmr.effective_policy e
+UNION ALL
+SELECT 'platform_timeout_ms', e.platform_timeout_ms::text, e.source,
+       'hmr_admin: SELECT hmr.set_policy(platform_timeout_ms => ...)',
+       'hard timeout of one platform call from SQL, in milliseconds (100-600000)'
+  FROM hmr.effective_policy e
+UNION ALL
+SELECT d.name, coalesce(s.v[1], d.default_value), coalesce(s.v[2], 'default'),
+       'SET / ALTER DATABASE ... SET', d.description
+  FROM (VALUES ('hmr.check_sample_rows', '1000', 'rows per source view hmr.check_sources() validates'),
+               ('hmr.stuck_after_seconds', '600', 'a record failing this long shows in hmr.stuck_records (seconds)'),
+               ('hmr.list_cache_seconds', '10', 'seconds a recognition list answer is reused (0: never)'))
+       AS d(name, default_value, description)
+  CROSS JOIN LATERAL (SELECT hmr.setting_of(d.name) AS v) s;
+
+-- Records whose oldest unfinished event has been failing for a while: one stuck or
+-- poisoned record never holds back others, but someone should look at it.
+CREATE VIEW hmr.stuck_records AS
+SELECT o.kind, o.key, o.id AS event_id, o.state, o.attempts, o.created_at,
+       now() - o.created_at AS waiting, o.last_error, o.error_field, o.error_reason
+FROM hmr.outbox o
+WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox e WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id)
+  AND (o.state = 'quarantined'
+       OR (o.attempts > 0 AND o.last_error IS NOT NULL
+           -- pg_settings gives the value in seconds whatever unit it was set in ("10min");
+           -- no row while hmr is not loaded in this session: the default.
+           AND o.created_at < now() - make_interval(secs => coalesce(
+                   (hmr.setting_of('hmr.stuck_after_seconds'))[1]::int, 600))));
+
+-- One row of facts for operators (the same as `hmr-worker status`).
+CREATE VIEW hmr.status AS
+SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')
+         + (SELECT count(*) FROM hmr.captured)                         AS pending,
+       (SELECT count(*) FROM hmr.outbox WHERE state = 'claimed')       AS in_flight,
+       (SELECT count(*) FROM hmr.outbox WHERE state = 'quarantined')   AS quarantined,
+       now() - least((SELECT min(created_at) FROM hmr.outbox WHERE state <> 'quarantined'),
+                     (SELECT min(created_at) FROM hmr.captured))        AS oldest_event_age,
+       (SELECT count(*) FROM hmr.stuck_records)                        AS stuck_records,
+       (SELECT count(*) FROM hmr.sleepers WHERE until > now())         AS idle_workers,
+       (SELECT count(*) FROM hmr.guards WHERE NOT active)              AS guards_off,
+       (SELECT max(finished_at) FROM hmr.outbox_history WHERE outcome = 'delivered') AS last_delivery,
+       (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_live_rows,
+       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_dead_rows,
+       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.captured'::regclass) AS captured_dead_rows;
 
 -- ===================================================================== roles (least privilege)
 -- hmr_his     HIS stored procedures: the hmr_* API only; nothing of hmr's tables.
@@ -157,6 +221,8 @@ GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, h
       TO hmr_his;
 -- Policy: everyone reads it; only hmr_admin changes it (hmr.set_policy).
 GRANT SELECT ON hmr.policy, hmr.effective_policy, hmr.settings TO hmr_his, hmr_worker, hmr_admin;
+-- Views read settings through it (functions in a view are called as the view's reader).
+GRANT EXECUTE ON FUNCTION hmr.setting_of(text) TO hmr_his, hmr_worker, hmr_admin;
 GRANT INSERT, UPDATE ON hmr.policy TO hmr_admin;
 
 GRANT SELECT, DELETE, TRUNCATE ON hmr.captured TO hmr_worker, hmr_admin;
@@ -168,6 +234,7 @@ GRANT SELECT ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.checks, hmr.decisions,
                 hmr.status, hmr.backlog, hmr.stuck_records, hmr.quarantine
       TO hmr_worker, hmr_admin;
 GRANT SELECT, INSERT ON hmr.retained_reports TO hmr_worker;
+GRANT UPDATE (rechecked_at, revoked_at, revoked_note) ON hmr.retained_reports TO hmr_worker;
 -- The worker turns off the logging of its statements' parameters (patients' data).
 GRANT SET ON PARAMETER log_parameter_max_length TO hmr_worker;
 GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_history(interval, integer),

@@ -646,6 +646,11 @@ CREATE TABLE hmr.retained_reports (
     check_id    text,
     fetched_at  timestamptz NOT NULL DEFAULT now(),
     fetched_by  text NOT NULL DEFAULT session_user,
+    -- the worker asks again on a schedule (worker.recheck_kept_secs): a report revoked at its
+    -- source since is never handed out as valid (hmr_download_report: HM009)
+    rechecked_at  timestamptz,
+    revoked_at    timestamptz,
+    revoked_note  text,
     PRIMARY KEY (report_id, format)
 );
 
@@ -716,28 +721,6 @@ BEGIN
                           e.platform_timeout_ms) FROM hmr.effective_policy e);
 END
 $$;
-
--- Every hmr setting in one place, readable in any session (also before the library is
--- loaded, when SHOW does not know the hmr.* settings yet): policy first, then the GUCs.
-CREATE VIEW hmr.settings AS
-SELECT 'gate_on_unavailable'::text AS name, e.gate_on_unavailable::text AS value, e.source,
-       'hmr_admin: SELECT hmr.set_policy(gate_on_unavailable => ...)'::text AS changed_with,
-       'allow or block: what the order gate does when the platform cannot be asked'::text AS description
-  FROM hmr.effective_policy e
-UNION ALL
-SELECT 'platform_timeout_ms', e.platform_timeout_ms::text, e.source,
-       'hmr_admin: SELECT hmr.set_policy(platform_timeout_ms => ...)',
-       'hard timeout of one platform call from SQL, in milliseconds (100-600000)'
-  FROM hmr.effective_policy e
-UNION ALL
-SELECT d.name, coalesce(s.setting, d.default_value),
-       coalesce(s.source, 'default (hmr not loaded in this session yet)'),
-       'SET / ALTER DATABASE ... SET', d.description
-  FROM (VALUES ('hmr.check_sample_rows', '1000', 'rows per source view hmr.check_sources() validates'),
-               ('hmr.stuck_after_seconds', '600', 'a record failing this long shows in hmr.stuck_records (seconds)'),
-               ('hmr.list_cache_seconds', '10', 'seconds a recognition list answer is reused (0: never)'))
-       AS d(name, default_value, description)
-  LEFT JOIN pg_settings s ON s.name = d.name;
 
 -- The gate: statement-level triggers on the HIS order table run the DBA's guard query over
 -- the saved rows (transition table `new_rows`), which yields one row per prescription with
@@ -881,36 +864,6 @@ END
 $$;
 
 -- ===================================================================== operations
-
--- Records whose oldest unfinished event has been failing for a while: one stuck or
--- poisoned record never holds back others, but someone should look at it.
-CREATE VIEW hmr.stuck_records AS
-SELECT o.kind, o.key, o.id AS event_id, o.state, o.attempts, o.created_at,
-       now() - o.created_at AS waiting, o.last_error, o.error_field, o.error_reason
-FROM hmr.outbox o
-WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox e WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id)
-  AND (o.state = 'quarantined'
-       OR (o.attempts > 0 AND o.last_error IS NOT NULL
-           -- pg_settings gives the value in seconds whatever unit it was set in ("10min");
-           -- no row while hmr is not loaded in this session: the default.
-           AND o.created_at < now() - make_interval(secs => coalesce(
-                   (SELECT s.setting::int FROM pg_settings s WHERE s.name = 'hmr.stuck_after_seconds'), 600))));
-
--- One row of facts for operators (the same as `hmr-worker status`).
-CREATE VIEW hmr.status AS
-SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')
-         + (SELECT count(*) FROM hmr.captured)                         AS pending,
-       (SELECT count(*) FROM hmr.outbox WHERE state = 'claimed')       AS in_flight,
-       (SELECT count(*) FROM hmr.outbox WHERE state = 'quarantined')   AS quarantined,
-       now() - least((SELECT min(created_at) FROM hmr.outbox WHERE state <> 'quarantined'),
-                     (SELECT min(created_at) FROM hmr.captured))        AS oldest_event_age,
-       (SELECT count(*) FROM hmr.stuck_records)                        AS stuck_records,
-       (SELECT count(*) FROM hmr.sleepers WHERE until > now())         AS idle_workers,
-       (SELECT count(*) FROM hmr.guards WHERE NOT active)              AS guards_off,
-       (SELECT max(finished_at) FROM hmr.outbox_history WHERE outcome = 'delivered') AS last_delivery,
-       (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_live_rows,
-       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_dead_rows,
-       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.captured'::regclass) AS captured_dead_rows;
 
 -- Finished events older than `keep` leave the history in batches (the worker calls this;
 -- the history exists for audit, so keep it as long as the hospital's rules say).

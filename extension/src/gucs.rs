@@ -15,6 +15,29 @@ pub static STUCK_AFTER_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(600);
 /// Seconds a list answer is reused for the same patient and doctor (0: never).
 pub static LIST_CACHE_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(10);
 
+/// `{setting, source}` of an hmr setting as PostgreSQL holds it (the setting in its base
+/// unit: seconds, not "10min"). Being in the library, calling it loads the library first,
+/// which turns a placeholder set before (`SET hmr.stuck_after_seconds = '10min'`) into the
+/// real setting: views read settings through it, whether or not hmr was loaded yet.
+#[pgrx::pg_extern(stable, parallel_safe)]
+fn setting_of(name: &str) -> Option<Vec<Option<String>>> {
+    use pgrx::prelude::*;
+    Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT s.setting, s.source FROM pg_catalog.pg_settings s WHERE s.name OPERATOR(pg_catalog.=) $1",
+                None,
+                &[name.into()],
+            )?
+            .first();
+        if row.is_empty() {
+            return Ok::<_, pgrx::spi::Error>(None);
+        }
+        Ok(Some(vec![row.get::<String>(1)?, row.get::<String>(2)?]))
+    })
+    .unwrap_or_else(|e| pgrx::error!("hmr: cannot read setting {name}: {e}"))
+}
+
 pub fn init() {
     GucRegistry::define_int_guc(
         c"hmr.check_sample_rows",

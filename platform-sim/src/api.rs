@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::SimError;
-use crate::faults::Injected;
+use crate::faults::{Hostile, Injected};
 use crate::journal::{body_summary, Effect, Entry};
 use crate::state::{Remembered, State};
 use crate::{auth, recognition, records, reports, wire, Sim, SimConfig};
@@ -207,18 +207,35 @@ impl Sim {
                 return self.finish(&parts, &Bytes::new(), trace, Answer::error(&e));
             }
         };
-        if let Some(answer) = self.faults_for(parts.uri.path(), &org_header).await {
-            return self.finish(&parts, &body, trace, answer);
+        let hostile = match self.faults_for(parts.uri.path(), &org_header).await {
+            Ok(hostile) => hostile,
+            Err(answer) => return self.finish(&parts, &body, trace, answer),
+        };
+        if let Some(h) = hostile.as_ref().filter(|h| !h.processed()) {
+            // A gateway or another server answered: the platform never saw the request.
+            let mut noted = Answer::injected(200);
+            noted.message = format!("hostile answer ({h:?}); not processed");
+            let response = hostile_unprocessed(h, &parts);
+            noted.status = response.status().as_u16();
+            self.record(&parts, &body, trace, &noted);
+            return response;
         }
         let answer = {
             let mut st = self.lock();
             handle(&mut st, &self.inner.config, &ep, &parts, &body, &mut trace)
         };
-        self.finish(&parts, &body, trace, answer)
+        match hostile {
+            Some(h) => {
+                self.record(&parts, &body, trace, &answer);
+                hostile_processed(&h, answer)
+            }
+            None => self.finish(&parts, &body, trace, answer),
+        }
     }
 
-    /// Waits out hangs and latency; returns the injected answer, if any.
-    async fn faults_for(&self, path: &str, org: &str) -> Option<Answer> {
+    /// Waits out hangs and latency; `Err` is the injected answer, `Ok` a hostile mode to
+    /// apply (or none).
+    async fn faults_for(&self, path: &str, org: &str) -> Result<Option<Hostile>, Answer> {
         let mut changes = self.inner.fault_changes.subscribe();
         loop {
             let plan = {
@@ -229,21 +246,28 @@ impl Sim {
             if plan.hang {
                 // Held until the faults are replaced, cleared or reset.
                 if changes.changed().await.is_err() {
-                    return Some(Answer::injected(503));
+                    return Err(Answer::injected(503));
                 }
                 continue;
             }
             if plan.latency_ms > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(plan.latency_ms)).await;
             }
-            return plan.answer.map(|a| match a {
-                Injected::Status(s) => Answer::injected(s),
-                Injected::RateLimited { retry_after_secs } => Answer::rate_limited(retry_after_secs),
-            });
+            return match plan.answer {
+                Some(Injected::Status(s)) => Err(Answer::injected(s)),
+                Some(Injected::RateLimited { retry_after_secs }) => Err(Answer::rate_limited(retry_after_secs)),
+                None => Ok(plan.hostile),
+            };
         }
     }
 
     fn finish(&self, parts: &Parts, body: &[u8], trace: Trace, answer: Answer) -> Response {
+        self.record(parts, body, trace, &answer);
+        answer.into_response()
+    }
+
+    /// Writes the call into the journal.
+    fn record(&self, parts: &Parts, body: &[u8], trace: Trace, answer: &Answer) {
         let content_type = wire::header(&parts.headers, header::CONTENT_TYPE.as_str());
         let mut st = self.lock();
         let entry = Entry {
@@ -268,9 +292,101 @@ impl Sim {
             effect = ?entry.effect, org = entry.org.as_deref().unwrap_or("-"), "{}", entry.message
         );
         st.journal.push(entry);
-        drop(st);
-        answer.into_response()
     }
+}
+
+/// What a gateway or another server answers in the platform's place.
+fn hostile_unprocessed(h: &Hostile, parts: &Parts) -> Response {
+    match h {
+        Hostile::HtmlOk => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            "<html><body>gateway says hi</body></html>",
+        )
+            .into_response(),
+        Hostile::JsonOk => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, CONTENT_JSON)],
+            r#"{"result":"ok"}"#,
+        )
+            .into_response(),
+        Hostile::Redirect { location, status } => {
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let target = format!("{}{path}", location.trim_end_matches('/'));
+            let mut response = (StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND), "").into_response();
+            if let Ok(v) = HeaderValue::from_str(&target) {
+                response.headers_mut().insert(header::LOCATION, v);
+            }
+            response
+        }
+        // (processed modes are applied to the real answer)
+        _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// The platform's real answer, spoilt on its way back.
+fn hostile_processed(h: &Hostile, answer: Answer) -> Response {
+    let body = answer.body.clone();
+    match h {
+        Hostile::SlowBody => {
+            // One byte a second: no client waits that long.
+            let length = body.len();
+            let stream = futures_util::stream::unfold(0usize, move |i| {
+                let body = body.clone();
+                async move {
+                    if i >= body.len() {
+                        return None;
+                    }
+                    if i > 0 {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                    Some((Ok::<_, std::io::Error>(body.slice(i..i + 1)), i + 1))
+                }
+            });
+            response_with(
+                answer.status,
+                answer.content_type,
+                Body::from_stream(stream),
+                Some(length),
+            )
+        }
+        Hostile::ResetMidBody => {
+            let half = body.slice(..body.len() / 2);
+            let stream = futures_util::stream::iter(vec![
+                Ok(half),
+                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut")),
+            ]);
+            response_with(
+                answer.status,
+                answer.content_type,
+                Body::from_stream(stream),
+                Some(body.len()),
+            )
+        }
+        Hostile::Oversized => {
+            // A valid envelope followed by 17 MiB of whitespace: too large to read at all.
+            let mut big = body.to_vec();
+            big.resize(big.len() + 17 * 1024 * 1024, b' ');
+            response_with(answer.status, answer.content_type, Body::from(big), None)
+        }
+        Hostile::MalformedAnswer => response_with(
+            200,
+            CONTENT_JSON,
+            Body::from(r#"{"code":"00000","message":"成功","data":{"results":"garbled by a proxy"}}"#),
+            None,
+        ),
+        _ => answer.into_response(),
+    }
+}
+
+fn response_with(status: u16, content_type: &'static str, body: Body, length: Option<usize>) -> Response {
+    let mut response = (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(n) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    response
 }
 
 fn handle(st: &mut State, cfg: &SimConfig, ep: &Endpoint, parts: &Parts, body: &[u8], trace: &mut Trace) -> Answer {

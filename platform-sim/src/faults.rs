@@ -35,9 +35,44 @@ pub struct FaultSpec {
     pub expire_tokens_now: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
-    /// Apply latency, status, hang and rate limit only to paths starting with this.
+    /// Apply latency, status, hang, rate limit and hostile answers only to paths starting
+    /// with this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
+    /// Answer as a broken gateway or a hostile server would (with `count`/`fraction` like
+    /// `status`), so clients can prove they believe only the platform's real answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostile: Option<Hostile>,
+}
+
+/// Answers that are not the platform's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Hostile {
+    /// `200 text/html` from a gateway; the request never reached the platform.
+    HtmlOk,
+    /// `200 {"result":"ok"}`: JSON, but not the envelope; not processed either.
+    JsonOk,
+    /// A redirect to `location` (plus the request's path); not processed.
+    Redirect { location: String, status: u16 },
+    /// Processed, then the answer trickles out at one byte a second.
+    SlowBody,
+    /// Processed, then the connection is cut in the middle of the answer.
+    ResetMidBody,
+    /// Processed, then an answer larger than any client reads (17 MiB).
+    Oversized,
+    /// Processed, then an envelope with the success code whose `data` is malformed.
+    MalformedAnswer,
+}
+
+impl Hostile {
+    /// Whether the platform processes the request before the answer goes wrong.
+    pub fn processed(&self) -> bool {
+        matches!(
+            self,
+            Hostile::SlowBody | Hostile::ResetMidBody | Hostile::Oversized | Hostile::MalformedAnswer
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,8 +91,19 @@ impl FaultSpec {
                 return Err(SimError::invalid("status", "range"));
             }
         }
-        if (self.count.is_some() || self.fraction.is_some()) && self.status.is_none() {
+        if (self.count.is_some() || self.fraction.is_some()) && self.status.is_none() && self.hostile.is_none() {
             return Err(SimError::invalid("status", "required"));
+        }
+        if self.status.is_some() && self.hostile.is_some() {
+            return Err(SimError::invalid("hostile", "not-allowed"));
+        }
+        if let Some(Hostile::Redirect { status, location }) = &self.hostile {
+            if !(300..=399).contains(status) {
+                return Err(SimError::invalid("hostile.status", "range"));
+            }
+            if location.is_empty() {
+                return Err(SimError::invalid("hostile.location", "required"));
+            }
         }
         if let Some(f) = self.fraction {
             if !(0.0..=1.0).contains(&f) {
@@ -87,6 +133,7 @@ pub struct Plan {
     pub hang: bool,
     pub latency_ms: u64,
     pub answer: Option<Injected>,
+    pub hostile: Option<Hostile>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -144,6 +191,13 @@ impl Faults {
                 plan.answer = Some(Injected::RateLimited { retry_after_secs: secs });
                 return plan;
             }
+        }
+        if let Some(hostile) = self.spec.hostile.clone() {
+            let chosen = self.spec.fraction.is_none_or(|f| rand::random::<f64>() < f);
+            if chosen && take(&mut self.status_left) {
+                plan.hostile = Some(hostile);
+            }
+            return plan;
         }
         if let Some(status) = self.spec.status {
             let chosen = self.spec.fraction.is_none_or(|f| rand::random::<f64>() < f);

@@ -448,6 +448,14 @@ pub fn download(st: &mut State, call: &Call, report_id: &str) -> Result<Answer, 
     let Some(version) = ReportId::parse(report_id).and_then(|id| st.version(&id)) else {
         return Err(SimError::NotFound(format!("{report_id} not held")));
     };
+    // Revoked at its source since it was recognised: not to be used any more (docs/protocol.md
+    // D32: the contract is silent; this is our reading).
+    if let Some(revoked) = &version.revoked {
+        return Err(SimError::Conflict {
+            message: format!("{report_id} was revoked by its hospital at {}", revoked.revoked_at),
+            errors: vec![hmr_protocol::FieldError::new("reportId", "revoked")],
+        });
+    }
     let answer = if q.format == "pdf" {
         let Some(pdf) = &version.pdf else {
             return Err(SimError::NotFound(format!("{report_id}: no PDF uploaded")));

@@ -274,10 +274,19 @@ mod tests {
         }
         let pdf = crate::paths::download("R1", "pdf");
         assert_eq!(classify_answer(&pdf, 200, None, b"%PDF-1.7 ..."), Outcome::Done);
-        assert!(matches!(classify_answer(&pdf, 200, None, b"<html>"), Outcome::Retry { .. }));
+        assert!(matches!(
+            classify_answer(&pdf, 200, None, b"<html>"),
+            Outcome::Retry { .. }
+        ));
         let json = crate::paths::download("R1", "json");
-        assert!(matches!(classify_answer(&json, 200, None, b"%PDF-1.7"), Outcome::Retry { .. }));
-        assert_eq!(crate::paths::location_host("http://127.0.0.2:9/x?idNo=1"), "127.0.0.2:9");
+        assert!(matches!(
+            classify_answer(&json, 200, None, b"%PDF-1.7"),
+            Outcome::Retry { .. }
+        ));
+        assert_eq!(
+            crate::paths::location_host("http://127.0.0.2:9/x?idNo=1"),
+            "127.0.0.2:9"
+        );
         assert_eq!(crate::paths::location_host("/elsewhere"), "the same host");
     }
 }

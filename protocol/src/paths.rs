@@ -225,7 +225,9 @@ pub fn decisions(d: &Decisions) -> Request {
 /// `format` is `pdf` or `json`.
 /// Whether the answer to `request` is a PDF rather than the JSON envelope.
 pub fn expects_pdf(request: &Request) -> bool {
-    request.method == Method::Get && request.path.starts_with("/api/v1/reports/") && request.path.ends_with("format=pdf")
+    request.method == Method::Get
+        && request.path.starts_with("/api/v1/reports/")
+        && request.path.ends_with("format=pdf")
 }
 
 /// The host (and port) a `Location` header points to, for a message; `?` when unreadable.

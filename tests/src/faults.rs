@@ -22,6 +22,8 @@ pub struct Plan {
     pub hang: Duration,
     pub backend_kills: usize,
     pub held_transaction: Duration,
+    /// How long each hostile answer mode (not the platform's answer) lasts.
+    pub hostile_each: Duration,
 }
 
 impl Plan {
@@ -33,6 +35,7 @@ impl Plan {
             hang: Duration::from_secs(3),
             backend_kills: 2,
             held_transaction: Duration::from_secs(8),
+            hostile_each: Duration::from_secs(1),
         }
     }
     pub fn long() -> Plan {
@@ -43,6 +46,7 @@ impl Plan {
             hang: Duration::from_secs(10),
             backend_kills: 6,
             held_transaction: Duration::from_secs(60),
+            hostile_each: Duration::from_secs(6),
         }
     }
 }
@@ -66,6 +70,8 @@ pub struct Outcome {
     pub outbox_dead_rows: i64,
     pub history_rows: i64,
     pub elapsed: Duration,
+    /// Bytes that reached another host (a redirect target): must be 0.
+    pub bytes_to_other_host: usize,
 }
 
 impl Outcome {
@@ -116,6 +122,11 @@ impl Outcome {
             format!("{}/{}", self.outbox_rows, self.outbox_dead_rows),
         );
         row(&mut t, "history rows", self.history_rows.to_string());
+        row(
+            &mut t,
+            "bytes to another host (must be 0)",
+            self.bytes_to_other_host.to_string(),
+        );
         row(&mut t, "run time", format!("{:.0} s", self.elapsed.as_secs_f64()));
         t.push_str("\n| fault | recovery (all events committed before its end delivered) |\n|---|---|\n");
         for (fault, d) in &self.recovery {
@@ -125,7 +136,8 @@ impl Outcome {
     }
 
     pub fn passed(&self) -> bool {
-        self.lost.is_empty()
+        self.bytes_to_other_host == 0
+            && self.lost.is_empty()
             && self.second_effects.is_empty()
             && self.out_of_order.is_empty()
             && self.unexpected_quarantine.is_empty()
@@ -407,6 +419,30 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
         recovery(&cluster, std::time::SystemTime::now()).await?,
     );
 
+    // Answers that are not the platform's, half of all calls each in turn: a gateway's page,
+    // other JSON, redirects to another host, a body at 1 byte/s, a reset mid-body, an
+    // oversized body, a malformed answer.
+    let decoy = Decoy::start().await?;
+    for mode in [
+        json!({"mode": "html_ok"}),
+        json!({"mode": "json_ok"}),
+        json!({"mode": "redirect", "location": decoy.base, "status": 307}),
+        json!({"mode": "redirect", "location": decoy.base, "status": 301}),
+        json!({"mode": "slow_body"}),
+        json!({"mode": "reset_mid_body"}),
+        json!({"mode": "oversized"}),
+        json!({"mode": "malformed_answer"}),
+    ] {
+        sim.faults(json!({"hostile": mode, "fraction": 0.5, "path_prefix": "/api/v1/"}))
+            .await?;
+        tokio::time::sleep(plan.hostile_each).await;
+    }
+    sim.clear_faults().await?;
+    note(
+        "hostile answers (8 modes, half of the calls)".into(),
+        recovery(&cluster, std::time::SystemTime::now()).await?,
+    );
+
     if Instant::now() < held_until {
         tokio::time::sleep(held_until - Instant::now()).await;
     }
@@ -437,6 +473,7 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
     outcome.decisions = counters.decisions.load(Ordering::Relaxed);
     outcome.recovery = recoveries;
     outcome.elapsed = started.elapsed();
+    outcome.bytes_to_other_host = decoy.received();
     Ok(outcome)
 }
 

@@ -48,6 +48,11 @@ fn unique_dir(prefix: &str) -> PathBuf {
     dir
 }
 
+/// Runs a PostgreSQL program (pg_dump, psql, …) as user `postgres`.
+pub fn run_as_postgres_pub(args: &[&str]) -> Result<()> {
+    run_as_postgres(args)
+}
+
 fn run_as_postgres(args: &[&str]) -> Result<()> {
     let is_root = unsafe_geteuid() == 0;
     let mut cmd = if is_root {
@@ -339,6 +344,10 @@ pub struct WorkerOptions {
     pub db_user: &'static str,
     /// Render report PDFs when the source has none.
     pub render_pdf: bool,
+    /// The database the worker serves (default `his`).
+    pub database: Option<&'static str>,
+    /// `worker.recheck_kept_secs`.
+    pub recheck_kept_secs: u64,
 }
 
 impl Default for WorkerOptions {
@@ -353,6 +362,8 @@ impl Default for WorkerOptions {
             auth: "password",
             db_user: "postgres",
             render_pdf: true,
+            database: None,
+            recheck_kept_secs: 21600,
         }
     }
 }
@@ -389,13 +400,14 @@ backoff_max_ms = {bm}
 lease_secs = {lease}
 batch_size = {batch}
 shutdown_grace_secs = 2
+recheck_kept_secs = {recheck}
 
 [pdf]
 render = {render}
 hospital_name = "惠州市第一人民医院"
 "#,
             url = cluster
-                .url("his")
+                .url(options.database.unwrap_or("his"))
                 .replace("user=postgres", &format!("user={}", options.db_user)),
             base = sim.base,
             auth = options.auth,
@@ -406,6 +418,7 @@ hospital_name = "惠州市第一人民医院"
             lease = options.lease_secs,
             batch = options.batch_size,
             render = options.render_pdf,
+            recheck = options.recheck_kept_secs,
         );
         std::fs::write(&config_path, config)?;
         use std::os::unix::fs::PermissionsExt;
@@ -669,6 +682,40 @@ impl<'a> OtherHospital<'a> {
     }
 }
 pub mod faults;
+
+/// Another host on loopback (127.0.0.2) that counts every byte sent to it: nothing may be.
+pub struct Decoy {
+    pub base: String,
+    bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Decoy {
+    pub async fn start() -> Result<Decoy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = bytes.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        counted.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        Ok(Decoy { base, bytes })
+    }
+
+    pub fn received(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
 
 /// `pg_temp.id_no(n)`: the n-th valid 居民身份证 number (GB 11643 check digit), born on
 /// `date '1940-01-01' + n % 25000` — for loading many patients in one statement.

@@ -140,6 +140,9 @@ pub struct WorkerConfig {
     pub metrics_listen: Option<String>,
     /// Finished events stay in `hmr.outbox_history` this many days (audit), then are removed.
     pub history_retention_days: i32,
+    /// How often each kept report of another hospital is asked about again (revoked at its
+    /// source since it was kept?).
+    pub recheck_kept_secs: u64,
 }
 
 impl Default for WorkerConfig {
@@ -158,6 +161,7 @@ impl Default for WorkerConfig {
             poll_sources_ms: 5000,
             metrics_listen: None,
             history_retention_days: 90,
+            recheck_kept_secs: 6 * 3600,
         }
     }
 }

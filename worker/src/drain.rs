@@ -186,7 +186,11 @@ impl Drainer {
     /// Source rows, items, delivery state and the referenced patients of a batch of reports;
     /// and the reports whose source failed to read, with the error. A failing batch read is
     /// read again one report at a time, so one bad row holds back only its own report.
-    async fn prefetch(&self, kind: &str, events: &[Event]) -> Result<(HashMap<String, ReportInput>, Failed), WorkerError> {
+    async fn prefetch(
+        &self,
+        kind: &str,
+        events: &[Event],
+    ) -> Result<(HashMap<String, ReportInput>, Failed), WorkerError> {
         let keys: Vec<String> = events
             .iter()
             .filter(|e| e.plan.is_none())
@@ -218,7 +222,8 @@ impl Drainer {
     /// A record whose source could not be read: it backs off with the view's error in
     /// `last_error` (and so shows in hmr.stuck_records); the others go on.
     async fn source_failed(&self, event: &Event, error: &str) -> Result<Step, WorkerError> {
-        self.source_failed_id(event.id, event.attempts, &event.kind, error).await
+        self.source_failed_id(event.id, event.attempts, &event.kind, error)
+            .await
     }
 
     async fn source_failed_id(&self, id: i64, attempts: i32, kind: &str, error: &str) -> Result<Step, WorkerError> {
@@ -226,7 +231,10 @@ impl Drainer {
             .metrics()
             .source_errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let message = format!("reading the source of {kind} ({}): {error}", self.store.source_names(kind));
+        let message = format!(
+            "reading the source of {kind} ({}): {error}",
+            self.store.source_names(kind)
+        );
         tracing::warn!(kind, event = id, attempts, error = %message, "source read failed; the event waits");
         self.store.reschedule(&[id], self.backoff(attempts), &message).await?;
         Ok(Step::Rescheduled)
@@ -658,6 +666,33 @@ impl Drainer {
             delivered: None,
             detail: Some(detail.into()),
         }
+    }
+
+    /// Asks again about kept reports of other hospitals: one revoked at its source since is
+    /// marked, so `hmr_download_report` refuses it (HM009).
+    pub async fn recheck_kept(&self, every: Duration) -> Result<(), WorkerError> {
+        for report_id in self.store.kept_to_recheck(every, 50).await? {
+            // A GET is a new request each time (a reused id would replay the first answer).
+            let (outcome, _) = self
+                .platform
+                .execute(&paths::download(&report_id, "json"), Uuid::new_v4())
+                .await;
+            match outcome {
+                Outcome::Done => self.store.kept_rechecked(&report_id, None).await?,
+                Outcome::Permanent {
+                    status: 409,
+                    message,
+                    errors,
+                    ..
+                } if errors.iter().any(|e| e.reason == "revoked") => {
+                    tracing::warn!(report = %report_id, "a kept report was revoked at its source");
+                    self.store.kept_rechecked(&report_id, Some(&message)).await?;
+                }
+                // Unavailable now, or refused otherwise: asked again next time.
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------------ master data

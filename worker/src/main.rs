@@ -137,17 +137,18 @@ async fn status(config: Config) -> anyhow::Result<()> {
         println!("  {kind:<12} {p:>8} {f:>8} {q:>8}  {oldest}");
     }
     let platform = Platform::new(config.platform.clone(), Arc::new(metrics::Metrics::default()))?;
-    let mut reachable = true;
+    let mut worst = platform::Reachability::Ok;
     for scope in hmr_protocol::Scope::ALL {
-        match platform.token(scope).await {
-            Ok(_) => println!("token {:<12} ok", scope.as_str()),
-            Err(e) => {
-                reachable = false;
-                println!("token {:<12} FAILED: {e}", scope.as_str());
-            }
+        let found = platform.probe(scope).await;
+        println!("token {:<12} {found}", scope.as_str());
+        if worst == platform::Reachability::Ok {
+            worst = found;
         }
     }
-    println!("platform: {}", if reachable { "reachable" } else { "NOT reachable" });
+    println!("platform: {worst}");
+    if worst != platform::Reachability::Ok {
+        anyhow::bail!("the platform cannot be used: {worst}");
+    }
     Ok(())
 }
 
@@ -283,6 +284,8 @@ async fn drain_until_stopped(
     let serve_metrics = drainer.config.worker.metrics_listen.is_some();
     let mut measured: Option<std::time::Instant> = None;
     let mut housekept: Option<std::time::Instant> = None;
+    let recheck_every = Duration::from_secs(drainer.config.worker.recheck_kept_secs.max(1));
+    let mut rechecked: Option<std::time::Instant> = None;
     loop {
         if stopping.load(Ordering::SeqCst) {
             return Ok(());
@@ -307,6 +310,10 @@ async fn drain_until_stopped(
             let shared = store.share_pause(drainer.platform.paused_secs()).await?;
             if shared > 0.0 {
                 drainer.platform.pause(Duration::from_secs_f64(shared));
+            }
+            if rechecked.is_none_or(|t: std::time::Instant| t.elapsed() >= recheck_every.min(Duration::from_secs(60))) {
+                rechecked = Some(std::time::Instant::now());
+                drainer.recheck_kept(recheck_every).await?;
             }
             let found = store.poll_sources().await?;
             if found > 0 {

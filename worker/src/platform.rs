@@ -166,7 +166,9 @@ impl Platform {
             };
             let outcome = match classify_answer(req, answer.status, answer.retry_after.as_deref(), &answer.body) {
                 Outcome::Retry { after, .. } if (300..400).contains(&answer.status) => {
-                    self.metrics.unexpected_answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.metrics
+                        .unexpected_answers
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let host = answer
                         .location
                         .as_deref()
@@ -178,7 +180,9 @@ impl Platform {
                     }
                 }
                 Outcome::Retry { after, reason } if reason.starts_with(hmr_protocol::envelope::NOT_AN_ENVELOPE) => {
-                    self.metrics.unexpected_answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.metrics
+                        .unexpected_answers
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(status = answer.status, %reason, "an answer that is not the platform's");
                     Outcome::Retry {
                         after,
@@ -285,6 +289,81 @@ impl Platform {
     }
 }
 
+/// What `hmr-worker check` found when it asked for a token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reachability {
+    Ok,
+    /// No connection (refused, timed out, name not found).
+    Unreachable(String),
+    /// A connection, but no TLS session (certificate, CA, protocol).
+    Tls(String),
+    /// The platform answered 401: username/password or app id/secret refused.
+    CredentialsRefused,
+    /// The platform answered 403: this org may not use the scope.
+    ScopeMissing,
+    /// Something answered, but not as the platform does.
+    Unexpected(String),
+}
+
+impl std::fmt::Display for Reachability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reachability::Ok => write!(f, "ok"),
+            Reachability::Unreachable(e) => write!(f, "unreachable ({e})"),
+            Reachability::Tls(e) => write!(f, "TLS failure ({e}); check platform.ca_bundle and base_url"),
+            Reachability::CredentialsRefused => write!(
+                f,
+                "credentials refused (401): check username/password or app_id/app_secret"
+            ),
+            Reachability::ScopeMissing => write!(
+                f,
+                "scope missing (403): ask the platform to grant this scope to the org"
+            ),
+            Reachability::Unexpected(e) => write!(f, "answered, but not as the platform: {e}"),
+        }
+    }
+}
+
+impl Platform {
+    /// Asks for a token of `scope` and says plainly what stands in the way, if anything.
+    pub async fn probe(&self, scope: Scope) -> Reachability {
+        let request = paths::token(&self.token_request(scope));
+        match self.send(&request, Uuid::new_v4(), None).await {
+            Err(WorkerError::Transport(e)) => {
+                let lower = e.to_lowercase();
+                if [
+                    "certificate",
+                    "tls",
+                    "handshake",
+                    "ssl",
+                    "peer",
+                    "corrupt message",
+                    "alert",
+                ]
+                .iter()
+                .any(|w| lower.contains(w))
+                {
+                    Reachability::Tls(e)
+                } else {
+                    Reachability::Unreachable(e)
+                }
+            }
+            Err(e) => Reachability::Unexpected(e.to_string()),
+            Ok(a) => match a.status {
+                200 => match parse_data::<TokenAnswer>(&a.body) {
+                    Ok(_) => Reachability::Ok,
+                    Err(_) => {
+                        Reachability::Unexpected(format!("HTTP 200 {}", hmr_protocol::envelope::preview(&a.body)))
+                    }
+                },
+                401 => Reachability::CredentialsRefused,
+                403 => Reachability::ScopeMissing,
+                s => Reachability::Unexpected(format!("HTTP {s} {}", hmr_protocol::envelope::preview(&a.body))),
+            },
+        }
+    }
+}
+
 /// A transport error without the URL's query (which could carry an identity number).
 fn describe(e: reqwest::Error) -> String {
     let kind = if e.is_timeout() {
@@ -296,5 +375,14 @@ fn describe(e: reqwest::Error) -> String {
     } else {
         "request"
     };
-    format!("{kind}: {}", e.without_url())
+    let e = e.without_url();
+    // reqwest's own text is generic ("error sending request"): the causes say what failed.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    format!("{kind}: {text}")
 }

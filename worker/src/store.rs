@@ -427,6 +427,36 @@ impl Store {
         Ok(())
     }
 
+    /// Kept reports not asked about for `every`, oldest first.
+    pub async fn kept_to_recheck(&self, every: Duration, limit: i64) -> Result<Vec<String>, WorkerError> {
+        Ok(self
+            .query_cached(
+                "SELECT report_id FROM hmr.retained_reports
+                  WHERE format = 'json' AND revoked_at IS NULL
+                    AND coalesce(rechecked_at, fetched_at) < now() - make_interval(secs => $1)
+                  ORDER BY coalesce(rechecked_at, fetched_at) LIMIT $2",
+                &[&every.as_secs_f64(), &limit],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// What the platform said of a kept report now: still valid, or revoked at its source.
+    pub async fn kept_rechecked(&self, report_id: &str, revoked: Option<&str>) -> Result<(), WorkerError> {
+        self.execute_cached(
+            "UPDATE hmr.retained_reports
+                SET rechecked_at = now(),
+                    revoked_at = CASE WHEN $2::text IS NULL THEN revoked_at ELSE coalesce(revoked_at, now()) END,
+                    revoked_note = coalesce($2, revoked_note)
+              WHERE report_id = $1",
+            &[&report_id, &revoked],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Removes finished events older than the retention, in batches.
     pub async fn purge_history(&self, days: i32) -> Result<i64, WorkerError> {
         Ok(self
