@@ -135,8 +135,10 @@ impl Cluster {
     }
 
     fn pg_ctl_start(&self) -> Result<()> {
+        // HMR_E2E_MAX_CONNECTIONS: for benchmarks with hundreds of sessions.
+        let max_connections = std::env::var("HMR_E2E_MAX_CONNECTIONS").unwrap_or_else(|_| "50".into());
         let opts = format!(
-            "-p {} -k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections=50",
+            "-p {} -k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections={max_connections}",
             self.port,
             self.dir.display()
         );

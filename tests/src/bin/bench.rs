@@ -558,6 +558,62 @@ async fn backlog() -> Result<()> {
     Ok(())
 }
 
+/// 200 backends × 5 recognition calls each, started together: how many tokens the
+/// platform issues (one per scope is the target), and the calls' latency.
+async fn tokens() -> Result<()> {
+    std::env::set_var("HMR_E2E_MAX_CONNECTIONS", "260");
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    let sim = Sim::start()?;
+    configure_platform(&his, &sim).await?;
+    // 1,000 calls at once on 2 cores: give each time, so what is counted is tokens, not timeouts.
+    his.batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 60000)").await?;
+    let mut sessions = Vec::new();
+    for _ in 0..200 {
+        sessions.push(cluster.connect("his").await?);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in sessions {
+        tasks.push(tokio::spawn(async move {
+            let mut took = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let a: serde_json::Value = c
+                    .query_one(
+                        "SELECT hmr_list_recognitions('01', '441302198003151233', 'MZ001', 'D001', '0301', use_cache => false)",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                anyhow::ensure!(a["status"] == "ok", "{a}");
+                took.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            anyhow::Ok(took)
+        }));
+    }
+    let mut took = Vec::new();
+    for t in tasks {
+        took.extend(t.await??);
+    }
+    took.sort_by(f64::total_cmp);
+    let issued = sim
+        .get("/_sim/tokens")
+        .await?
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|t| t["scope"] == "recognition").count());
+    println!("| backends × calls | tokens issued (recognition scope) | wall time | call p50 | call p99 |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| 200 × 5 = {} | {issued} | {:.2} s | {:.1} ms | {:.1} ms |",
+        took.len(),
+        started.elapsed().as_secs_f64(),
+        took[took.len() / 2],
+        took[took.len() * 99 / 100]
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -570,6 +626,9 @@ fn main() -> Result<()> {
         }
         if what == "latency" || what == "all" {
             latency().await?;
+        }
+        if what == "tokens" || what == "all" {
+            tokens().await?;
         }
         if what == "backlog" || what == "all" {
             backlog().await?;
