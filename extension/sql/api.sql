@@ -14,6 +14,13 @@ RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_tem
     SELECT hmr.query_recognitions_json(filter)
 $$;
 
+-- The ordering step: is what the doctor is ordering a duplicate? {status, duplicate, url,
+-- matches}; when duplicate, the workstation opens `url` and the doctor answers before going on.
+CREATE FUNCTION public.hmr_check_order(visit jsonb, orders jsonb)
+RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.order_check_json(visit, orders)
+$$;
+
 CREATE FUNCTION public.hmr_check_prescription(visit jsonb, orders jsonb)
 RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT hmr.check_prescription_json(visit, orders)
@@ -42,7 +49,13 @@ BEGIN
         RAISE EXCEPTION '找不到互认校验记录 %，请重新保存处方以重新校验', p_check
             USING ERRCODE = 'HM003', HINT = 'check_id comes from hmr_check_prescription() or the DETAIL of HM001.';
     END IF;
-    SELECT * INTO c FROM hmr.checks k WHERE k.check_id = p_check;
+    -- One decision of a check at a time (several doctors' sessions, a pool): the last one
+    -- to complete the check sees every other and queues the upload exactly once.
+    SELECT * INTO c FROM hmr.checks k WHERE k.check_id = p_check FOR UPDATE;
+    IF c.refused_at IS NOT NULL THEN
+        RAISE EXCEPTION '互认平台拒绝了该处方的互认结果（%），请重新保存处方以重新校验', c.refused_reason
+            USING ERRCODE = 'HM015', HINT = 'Save the prescription again: a fresh check lists what is recognisable now.';
+    END IF;
     SELECT x INTO m FROM jsonb_array_elements(c.matches) x WHERE x->>'order_id' = p_order;
     IF m IS NULL THEN
         RAISE EXCEPTION '医嘱 % 没有可互认的报告，无需选择', p_order USING ERRCODE = 'HM003';
@@ -84,6 +97,21 @@ BEGIN
 END
 $$;
 
+-- What became of one order: recognised (互认, with the report: do not perform it), declined
+-- (不互认), or no decision; and whether the platform has the decision.
+CREATE FUNCTION public.hmr_order_recognition(order_id text)
+RETURNS jsonb LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(
+        (SELECT jsonb_build_object('order_id', r.order_id,
+                                   'decision', CASE WHEN r.recognised THEN 'recognised' ELSE 'declined' END,
+                                   'report_id', r.report_id, 'check_id', r.check_id,
+                                   'reason_code', r.reason_code, 'decided_at', r.decided_at,
+                                   'delivered', r.delivered)
+           FROM hmr.order_recognitions r WHERE r.order_id = $1
+          ORDER BY r.decided_at DESC LIMIT 1),
+        jsonb_build_object('order_id', $1, 'decision', 'none'))
+$$;
+
 -- A report recognised here: the kept copy, or fetched now when the decision has reached
 -- the platform but the worker has not kept it yet. Every read is logged.
 CREATE FUNCTION public.hmr_download_report(report_id text, format text DEFAULT 'pdf')
@@ -112,7 +140,7 @@ BEGIN
         INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'kept');
         RETURN kept;
     END IF;
-    SELECT d.check_id INTO chk FROM hmr.current_decisions d WHERE d.report_id = p_report AND d.recognise LIMIT 1;
+    SELECT d.check_id INTO chk FROM hmr.order_recognitions d WHERE d.report_id = p_report AND d.recognised LIMIT 1;
     IF chk IS NULL THEN
         RAISE EXCEPTION '报告 % 未被本院互认，不能下载', p_report USING ERRCODE = 'HM006';
     END IF;
@@ -203,7 +231,8 @@ REVOKE ALL ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text
                        public.hmr_query_recognitions(jsonb),
                        public.hmr_check_prescription(jsonb, jsonb),
                        public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
-                       public.hmr_download_report(text, text) FROM PUBLIC;
+                       public.hmr_download_report(text, text), public.hmr_order_recognition(text),
+                       public.hmr_check_order(jsonb, jsonb) FROM PUBLIC;
 
 -- The gate runs with the saving role's rights and calls the pinned public wrapper only; the
 -- SECURITY DEFINER functions behind the wrappers are not granted to HIS roles. (A trigger
@@ -213,11 +242,12 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
                           public.hmr_query_recognitions(jsonb),
                           public.hmr_check_prescription(jsonb, jsonb),
                           public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
-                          public.hmr_download_report(text, text),
-                          hmr.id_card_problem(text, date), hmr.org_code_valid(text),
+                          public.hmr_download_report(text, text), public.hmr_order_recognition(text),
+                          public.hmr_check_order(jsonb, jsonb), hmr.id_card_problem(text, date), hmr.org_code_valid(text), hmr.keep_prompt(text, jsonb),
                           hmr.decision_problem(boolean, text, text)
       TO hmr_his, hmr_admin;
-GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, hmr.catalog, hmr.item_map
+GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, hmr.order_recognitions,
+                hmr.catalog, hmr.item_map
       TO hmr_his;
 -- Policy: everyone reads it; only hmr_admin changes it (hmr.set_policy).
 GRANT SELECT ON hmr.policy, hmr.effective_policy, hmr.settings TO hmr_his, hmr_worker, hmr_admin;
@@ -230,26 +260,28 @@ GRANT USAGE ON SEQUENCE hmr.event_id_seq, hmr.backfill_id_seq TO hmr_worker, hmr
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.outbox, hmr.outbox_history, hmr.delivered, hmr.sleepers,
                                        hmr.polled_sources, hmr.polled_seen, hmr.backfills, hmr.unmapped_items
       TO hmr_worker, hmr_admin;
-GRANT SELECT ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.checks, hmr.decisions, hmr.current_decisions,
+GRANT SELECT ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.checks, hmr.prompts, hmr.prompt_log, hmr.decisions, hmr.current_decisions,
                 hmr.status, hmr.backlog, hmr.stuck_records, hmr.quarantine
       TO hmr_worker, hmr_admin;
 GRANT SELECT, INSERT ON hmr.retained_reports TO hmr_worker;
 GRANT UPDATE (rechecked_at, revoked_at, revoked_note) ON hmr.retained_reports TO hmr_worker;
+GRANT UPDATE (refused_at, refused_reason) ON hmr.checks TO hmr_worker;
 -- The worker turns off the logging of its statements' parameters (patients' data).
 GRANT SET ON PARAMETER log_parameter_max_length TO hmr_worker;
 GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_history(interval, integer),
                           hmr.backfill_start(text, timestamptz), hmr.backfill_page(bigint, integer),
                           hmr.capture(), hmr.ingest(), hmr.worker_sleeping(), hmr.wake_workers(),
-                          hmr.note_rate_limit(float8),
+                          hmr.note_rate_limit(float8), hmr.ingest_kept(),
                           hmr.claim(text, text[], integer, float8, boolean, float8)
       TO hmr_worker, hmr_admin;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.guarded TO hmr_admin;
-GRANT SELECT ON hmr.guards, hmr.watches, hmr.backfill_progress, hmr.retained_reports, hmr.download_log, hmr.checks,
+GRANT SELECT ON hmr.prompts, hmr.prompt_log, hmr.guards, hmr.watches, hmr.backfill_progress, hmr.retained_reports, hmr.download_log, hmr.checks,
                 hmr.list_cache TO hmr_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA hmr TO hmr_admin;
 GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean),
                           public.hmr_query_recognitions(jsonb), public.hmr_check_prescription(jsonb, jsonb),
                           public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
-                          public.hmr_download_report(text, text)
+                          public.hmr_download_report(text, text), public.hmr_order_recognition(text),
+                          public.hmr_check_order(jsonb, jsonb)
       TO hmr_admin;

@@ -81,8 +81,11 @@ CREATE TABLE hmr.outbox (
     last_error       text,
     error_field      text,
     error_reason     text,
-    failed_at        timestamptz
+    failed_at        timestamptz,
+    -- claimed ahead of the others (hmr.hurry: a doctor is waiting for it)
+    urgent           boolean NOT NULL DEFAULT false
 );
+CREATE INDEX outbox_urgent_idx ON hmr.outbox (id) WHERE urgent;
 -- Per-record order: an event waits while an earlier one of the same record is unfinished.
 CREATE INDEX outbox_record_idx ON hmr.outbox (kind, key, id);
 -- PDFs are compressed already: store them without trying again.
@@ -186,7 +189,18 @@ BEGIN
     END IF;
     PERFORM hmr.ingest();
     RETURN QUERY
-    WITH c AS (
+    WITH u AS (
+        -- what a doctor is waiting for first (hmr.hurry; usually none)
+        SELECT o.id FROM hmr.outbox o
+         WHERE o.urgent AND o.state = 'pending' AND o.next_attempt_at <= now()
+           AND o.kind = ANY (kinds)
+           AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
+                            WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
+                              AND e.state <> 'quarantined')
+         ORDER BY o.id
+         LIMIT max_events
+         FOR UPDATE OF o SKIP LOCKED),
+    r AS (
         SELECT o.id FROM hmr.outbox o
          WHERE ((o.state = 'pending' AND o.next_attempt_at <= now())
                 OR (o.state = 'claimed' AND o.lease_until < now()))
@@ -196,7 +210,10 @@ BEGIN
                               AND e.state <> 'quarantined')
          ORDER BY o.id
          LIMIT max_events
-         FOR UPDATE OF o SKIP LOCKED)
+         FOR UPDATE OF o SKIP LOCKED),
+    c AS (
+        SELECT x.id FROM (SELECT id, 0 AS rank FROM u UNION ALL SELECT id, 1 FROM r) x
+         GROUP BY x.id ORDER BY min(x.rank), x.id LIMIT max_events)
     UPDATE hmr.outbox o
        SET state = 'claimed', lease_owner = worker_id, attempts = o.attempts + 1,
            lease_until = now() + make_interval(secs => lease_seconds)
@@ -271,6 +288,25 @@ SELECT t.tgrelid::regclass AS tbl,
        t.tgenabled IN ('O', 'A') AS enabled
 FROM pg_trigger t
 WHERE t.tgfoid = 'hmr.capture()'::regprocedure AND NOT t.tgisinternal;
+
+-- A record the platform needs now (a doctor's check found the patient missing): its
+-- waiting event is due at once and claimed ahead of the queue, or one is enqueued so.
+CREATE FUNCTION hmr.hurry(kind text, key text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    found_id bigint;
+BEGIN
+    UPDATE hmr.outbox o SET urgent = true, next_attempt_at = '-infinity'
+     WHERE o.id = (SELECT min(e.id) FROM hmr.outbox e
+                    WHERE e.kind = hurry.kind AND e.key = hurry.key AND e.state = 'pending')
+    RETURNING o.id INTO found_id;
+    IF found_id IS NULL AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = hurry.kind AND o.key = hurry.key) THEN
+        INSERT INTO hmr.outbox (kind, key, op, urgent) VALUES (hurry.kind, hurry.key, 'S', true) RETURNING id INTO found_id;
+    END IF;
+    PERFORM hmr.wake_workers();
+    RETURN found_id;
+END
+$$;
 
 -- Enqueue a record by hand (resend after a fix, backfill): the same path as a trigger.
 CREATE FUNCTION hmr.enqueue(kind text, key text) RETURNS bigint
@@ -600,7 +636,26 @@ CREATE TABLE hmr.checks (
     matches      jsonb NOT NULL DEFAULT '[]',
     url          text,
     checked_at   timestamptz NOT NULL DEFAULT now(),
-    checked_by   text NOT NULL DEFAULT session_user
+    checked_by   text NOT NULL DEFAULT session_user,
+    -- why the platform was not asked (unavailable) or did not check (unchecked: a data
+    -- problem such as a patient not uploaded yet; the save is not stopped for it)
+    reason       text,
+    -- the platform refused the check's decisions (409: the report was revoked, superseded or
+    -- expired since the check): they no longer count; the next save asks again
+    refused_at     timestamptz,
+    refused_reason text
+);
+
+-- Every prompt (提醒): a save the gate refused because a duplicate had no decision. Kept
+-- whatever becomes of the refused transaction (written outside it first, see
+-- hmr.keep_prompt), so the hospital can count how often doctors were warned.
+CREATE TABLE hmr.prompts (
+    check_id     text NOT NULL REFERENCES hmr.checks,
+    prompted_at  timestamptz NOT NULL,
+    -- the matches still without a decision when the save was refused
+    undecided    jsonb NOT NULL,
+    prompted_by  text NOT NULL,
+    PRIMARY KEY (check_id, prompted_at)
 );
 
 -- 互认 / 不互认 decisions: an audit trail nobody edits (UPDATE and DELETE refused for all).
@@ -635,6 +690,38 @@ CREATE VIEW hmr.current_decisions AS
 SELECT DISTINCT ON (check_id, order_id) *
 FROM hmr.decisions
 ORDER BY check_id, order_id, id DESC;
+
+-- Per order: what the doctor decided and whether the platform has it, so the HIS marks a
+-- recognised (互认) order not to be performed. Decisions of a check the platform refused
+-- do not count.
+CREATE VIEW hmr.order_recognitions AS
+SELECT d.order_id, d.check_id, d.report_id, d.recognise AS recognised, d.reason_code, d.reason_text,
+       d.doctor_no, d.dept_code, d.decided_at,
+       EXISTS (SELECT 1 FROM hmr.delivered v WHERE v.kind = 'decision' AND v.key = d.check_id) AS delivered
+FROM hmr.current_decisions d
+JOIN hmr.checks c ON c.check_id = d.check_id AND c.refused_at IS NULL;
+
+-- Prompts with who, where, whom, and what followed: decided (a decision for every order
+-- prompted, on this or a later check), saved without (a later save went through without the
+-- check: platform unavailable or not checking), abandoned (nothing within a day), open.
+CREATE VIEW hmr.prompt_log AS
+SELECT p.check_id, p.prompted_at,
+       CASE c.visit_type WHEN '3' THEN 'inpatient' WHEN '4' THEN 'physical-exam' ELSE 'outpatient-emergency' END
+           AS workstation,
+       c.doctor_no, c.dept_code, c.patient_id, c.id_no_masked, c.orders, p.undecided,
+       CASE
+         WHEN NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p.undecided) m
+                           WHERE NOT EXISTS (SELECT 1 FROM hmr.decisions d
+                                              WHERE d.order_id = m->>'order_id' AND d.decided_at >= p.prompted_at))
+           THEN 'decided'
+         WHEN EXISTS (SELECT 1 FROM hmr.checks l, jsonb_array_elements(p.undecided) m
+                       WHERE l.checked_at > p.prompted_at AND l.status IN ('unavailable', 'unchecked')
+                         AND l.orders @> jsonb_build_array(jsonb_build_object('order_id', m->>'order_id')))
+           THEN 'saved without'
+         WHEN p.prompted_at < now() - interval '1 day' THEN 'abandoned'
+         ELSE 'open'
+       END AS followed
+FROM hmr.prompts p JOIN hmr.checks c USING (check_id);
 
 -- Reports of other hospitals recognised here, downloaded and kept.
 CREATE TABLE hmr.retained_reports (
@@ -765,6 +852,12 @@ BEGIN
     SELECT e.gate_on_unavailable INTO on_unavailable FROM hmr.effective_policy e;
     FOR r IN EXECUTE q LOOP
         answer := public.hmr_check_prescription(r.visit, r.orders);
+        IF answer->>'status' = 'unchecked' THEN
+            -- A data problem (the patient not at the platform yet, …) never stops care.
+            RAISE WARNING 'hmr: the platform did not check this prescription (%); saved (check %)',
+                answer->>'reason', answer->>'check_id';
+            CONTINUE;
+        END IF;
         IF answer->>'status' = 'unavailable' THEN
             IF on_unavailable = 'block' THEN
                 RAISE EXCEPTION '互认平台暂不可用，无法完成互认校验，请稍后再保存'
@@ -778,10 +871,12 @@ BEGIN
         SELECT jsonb_agg(m) INTO undecided
           FROM jsonb_array_elements(answer->'matches') m
          WHERE NOT EXISTS (
-                SELECT 1 FROM hmr.current_decisions d
+                SELECT 1 FROM hmr.order_recognitions d
                  WHERE d.order_id = m->>'order_id'
                    AND d.report_id IN (SELECT x->>'report_id' FROM jsonb_array_elements(m->'reports') x));
         IF undecided IS NOT NULL THEN
+            -- Kept whatever becomes of this transaction (the refusal rolls it back).
+            PERFORM hmr.keep_prompt(answer->>'check_id', undecided);
             RAISE EXCEPTION '存在可互认的检查检验结果，请选择"互认"或"不互认"后再保存'
                 USING ERRCODE = 'HM001',
                       DETAIL = jsonb_build_object('check_id', answer->>'check_id', 'url', answer->>'url',
@@ -897,7 +992,7 @@ BEGIN
     -- One call per statement: each updates the extension's row (pg_extension).
     FOREACH t IN ARRAY ARRAY['hmr.event_id_seq', 'hmr.captured', 'hmr.outbox', 'hmr.outbox_history', 'hmr.delivered',
                              'hmr.backfill_id_seq', 'hmr.backfills', 'hmr.catalog', 'hmr.item_map', 'hmr.unmapped_items',
-                             'hmr.polled_sources', 'hmr.polled_seen', 'hmr.platform', 'hmr.checks',
+                             'hmr.polled_sources', 'hmr.polled_seen', 'hmr.platform', 'hmr.checks', 'hmr.prompts',
                              'hmr.decision_id_seq', 'hmr.decisions', 'hmr.retained_reports',
                              'hmr.download_log_id_seq', 'hmr.download_log', 'hmr.guarded'] LOOP
         PERFORM pg_catalog.pg_extension_config_dump(t::regclass, '');

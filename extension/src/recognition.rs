@@ -2,7 +2,6 @@
 //! `sql/api.sql`). Answers are JSON in the hospital side's own snake_case words; the
 //! platform's field names stay in the protocol crate.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 
 use hmr_protocol::envelope::parse_data;
@@ -156,11 +155,109 @@ fn list_recognitions_json(
     JsonB(answer)
 }
 
+/// A date alone (`2026-12-01`) means the whole day in UTC+8: from its first second, to its
+/// last. Anything else is passed on as given (a full time).
+fn whole_day(value: &str, end: bool) -> String {
+    match chrono::NaiveDate::parse_from_str(value.trim(), "%Y-%m-%d") {
+        Ok(d) if end => format!("{d}T23:59:59+08:00"),
+        Ok(d) => format!("{d}T00:00:00+08:00"),
+        Err(_) => value.to_string(),
+    }
+}
+
 fn with_empty_list(mut v: Value) -> Value {
     v["count"] = json!(0);
     v["url"] = Value::Null;
     v["items"] = json!([]);
     v
+}
+
+/// The ordering step (seed 18.2/19.2): while the doctor orders, the precise query
+/// (精准互认信息接口) for the ordered items; when one is a duplicate, the platform's page URL
+/// (the list's one-time ticket), which the workstation must open and the doctor answer
+/// (互认 / 不互认) before going on. The save gate runs the prescription check later.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
+    let visit = visit.0;
+    let Value::Array(order_list) = orders.0 else {
+        bad_argument("hmr: orders must be a JSON array".into())
+    };
+    let mut wanted: Vec<(String, String, String)> = Vec::new(); // (order, local, data code)
+    for o in &order_list {
+        let order_id = text_arg(o, "order_id", "orders[]");
+        let local = text_arg(o, "item_code", "orders[]");
+        let kind = text_arg(o, "type", "orders[]");
+        if ReportType::parse(&kind).is_none() {
+            bad_argument(format!("hmr: orders[].type must be lab or exam, not {kind:?}"))
+        }
+        if let Some(code) = map_item(&kind, &local) {
+            wanted.push((order_id, local, code));
+        }
+    }
+    let empty = json!({"status": "ok", "duplicate": false, "url": null, "matches": []});
+    if wanted.is_empty() {
+        return JsonB(empty);
+    }
+    let id_type = text_arg(&visit, "id_type", "visit");
+    let id_no = hmr_protocol::checks::normalise_id_no(&text_arg(&visit, "id_no", "visit"));
+    let query = PreciseQuery {
+        id_type: id_type.clone(),
+        id_no: id_no.clone(),
+        org_code: None,
+        org_name: None,
+        data_codes: Some(wanted.iter().map(|(_, _, c)| c.clone()).collect()),
+        item_name: None,
+        from: None,
+        to: None,
+        kind: None,
+    };
+    let Some(settings) = Settings::load() else {
+        return JsonB(json!({"status": "unavailable", "reason": "hmr.platform is not configured",
+                            "duplicate": false, "url": null, "matches": []}));
+    };
+    let items = match call(&settings, paths::precise_query(&query)).and_then(|body| {
+        parse_data::<ItemsAnswer>(&body).map_err(|e| CallError::Unavailable(format!("unreadable answer: {e}")))
+    }) {
+        Ok(a) => a.items,
+        Err(CallError::Unavailable(reason)) => {
+            return JsonB(json!({"status": "unavailable", "reason": reason, "duplicate": false, "url": null,
+                                "matches": []}))
+        }
+        Err(CallError::Refused { status, message }) => {
+            return JsonB(json!({"status": "unchecked", "reason": format!("HTTP {status}: {message}"),
+                                "duplicate": false, "url": null, "matches": []}))
+        }
+        Err(CallError::NotFound(reason)) => {
+            return JsonB(json!({"status": "unchecked", "reason": format!("HTTP 404: {reason}"),
+                                "duplicate": false, "url": null, "matches": []}))
+        }
+    };
+    let matches: Vec<Value> = wanted
+        .iter()
+        .filter_map(|(order_id, local, code)| {
+            let reports: Vec<Value> = items.iter().filter(|i| &i.data_code == code).map(item_json).collect();
+            (!reports.is_empty()).then(|| json!({"order_id": order_id, "item_code": local, "data_code": code,
+                                                "reports": reports}))
+        })
+        .collect();
+    if matches.is_empty() {
+        return JsonB(empty);
+    }
+    // The page to force open: the list's URL for this patient (a one-time ticket).
+    let list = ListQuery {
+        id_type,
+        id_no,
+        visit_no: opt_text(&visit, "visit_no").unwrap_or_default(),
+        doctor_no: opt_text(&visit, "doctor_no").unwrap_or_default(),
+        dept_code: opt_text(&visit, "dept_code").unwrap_or_default(),
+        kind: "all".into(),
+    };
+    let url = call(&settings, paths::list_recognitions(&list))
+        .ok()
+        .and_then(|body| parse_data::<ListAnswer>(&body).ok())
+        .map(|a| a.url);
+    JsonB(json!({"status": "ok", "duplicate": true, "url": url, "matches": matches}))
 }
 
 /// 精准互认信息: by organisation, item (local codes are mapped), date range.
@@ -201,8 +298,8 @@ fn query_recognitions_json(filter: JsonB) -> JsonB {
         org_name: opt_text(&f, "org_name"),
         data_codes: (!data_codes.is_empty()).then_some(data_codes),
         item_name: opt_text(&f, "item_name"),
-        from: opt_text(&f, "from"),
-        to: opt_text(&f, "to"),
+        from: opt_text(&f, "from").map(|d| whole_day(&d, false)),
+        to: opt_text(&f, "to").map(|d| whole_day(&d, true)),
         kind,
     };
     let settings = match settings_or("hmr.platform is not configured") {
@@ -224,48 +321,115 @@ fn query_recognitions_json(filter: JsonB) -> JsonB {
     })
 }
 
-/// A check as recorded in `hmr.checks`: kept in backend memory too, because the gate's own
-/// check is rolled back with the save it refuses.
-#[derive(Clone)]
+/// A check as recorded in `hmr.checks`.
 struct CheckRow {
     check_id: String,
-    status: String,
+    /// ok | unavailable (the platform could not be asked) | unchecked (it refused to check:
+    /// a data problem; the save is not stopped for it)
+    status: &'static str,
     visit: Value,
     orders: Value,
     matches: Value,
     url: Option<String>,
+    reason: Option<String>,
 }
 
-thread_local! {
-    static RECENT_CHECKS: RefCell<HashMap<String, CheckRow>> = RefCell::new(HashMap::new());
+/// Where checks and prompts are kept outside any transaction, until the worker has moved
+/// them into hmr.checks / hmr.prompts: `$PGDATA/hmr/{checks,prompts}/<check_id>.json`.
+/// A refused save rolls back everything it wrote in the database; these files stay (a check
+/// is needed by the decision, usually taken on another pooled connection).
+fn kept_dir(what: &str) -> std::path::PathBuf {
+    // SAFETY: DataDir is set by the postmaster before any backend runs and never changes.
+    let data = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
+    std::path::Path::new(&*data.to_string_lossy()).join("hmr").join(what)
 }
 
-fn record_check(row: &CheckRow) {
-    let masked = opt_text(&row.visit, "id_no").map(|n| mask_id(&n));
+/// Check ids come from the platform: only a safe file name is kept as one.
+fn safe_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) && !id.starts_with('.')
+}
+
+/// Writes `value` as `<dir>/<id>.json` atomically (temp file, rename); `durable`: fsync too.
+fn keep_file(what: &str, id: &str, value: &Value, durable: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = kept_dir(what);
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!(".{id}.{}.tmp", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(value).unwrap_or_default())?;
+    if durable {
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(format!("{id}.json")))?;
+    if durable {
+        std::fs::File::open(&dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn read_file(what: &str, id: &str) -> Option<Value> {
+    if !safe_id(id) {
+        return None;
+    }
+    let bytes = std::fs::read(kept_dir(what).join(format!("{id}.json"))).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The check as the row of hmr.checks, in JSON (`jsonb_populate_record`).
+fn check_record(row: &CheckRow) -> Value {
+    let v = &row.visit;
+    json!({
+        "check_id": row.check_id,
+        "status": row.status,
+        "patient_id": opt_text(v, "patient_id"),
+        "id_type": opt_text(v, "id_type"),
+        "id_no_masked": opt_text(v, "id_no").map(|n| mask_id(&n)),
+        "visit_type": opt_text(v, "visit_type"),
+        "visit_no": opt_text(v, "visit_no"),
+        "doctor_no": opt_text(v, "doctor_no"),
+        "dept_code": opt_text(v, "dept_code"),
+        "orders": row.orders,
+        "matches": row.matches,
+        "url": row.url,
+        "reason": row.reason,
+        "checked_at": now_text(),
+        "checked_by": session_user(),
+    })
+}
+
+fn now_text() -> String {
+    Spi::get_one::<String>("SELECT pg_catalog.clock_timestamp()::text")
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+fn session_user() -> String {
+    Spi::get_one::<String>("SELECT pg_catalog.session_user()::text")
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+fn insert_check(record: &Value) {
     Spi::run_with_args(
-        "INSERT INTO hmr.checks (check_id, status, patient_id, id_type, id_no_masked, visit_type, visit_no,
-                                 doctor_no, dept_code, orders, matches, url)
-         VALUES ($1, $2, $3->>'patient_id', $3->>'id_type', $4, $3->>'visit_type', $3->>'visit_no',
-                 $3->>'doctor_no', $3->>'dept_code', $5, $6, $7)
+        "INSERT INTO hmr.checks SELECT * FROM pg_catalog.jsonb_populate_record(NULL::hmr.checks, $1)
          ON CONFLICT (check_id) DO NOTHING",
-        &[
-            row.check_id.as_str().into(),
-            row.status.as_str().into(),
-            JsonB(row.visit.clone()).into(),
-            masked.into(),
-            JsonB(row.orders.clone()).into(),
-            JsonB(row.matches.clone()).into(),
-            row.url.clone().into(),
-        ],
+        &[JsonB(record.clone()).into()],
     )
     .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"));
-    RECENT_CHECKS.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.len() > 1000 {
-            c.clear();
+}
+
+/// Records a check in hmr.checks (this transaction) and in its file (whatever becomes of
+/// this transaction), so a decision can be taken from any connection.
+fn record_check(row: &CheckRow) {
+    let record = check_record(row);
+    insert_check(&record);
+    if safe_id(&row.check_id) {
+        if let Err(e) = keep_file("checks", &row.check_id, &record, false) {
+            warning!("hmr: cannot keep check {} outside the transaction: {e}", row.check_id);
         }
-        c.insert(row.check_id.clone(), row.clone());
-    });
+    }
 }
 
 /// 4413**********1234: enough to recognise, not enough to identify.
@@ -273,27 +437,111 @@ pub fn mask_id(id_no: &str) -> String {
     hmr_protocol::mask::id_no(id_no)
 }
 
-/// Makes sure a check is in `hmr.checks` (re-recording it from this session's memory when
-/// the gate's transaction rolled it back). False when it is unknown.
+/// Makes sure a check is in `hmr.checks` (from its kept file when the transaction that
+/// asked rolled it back, on whatever connection that was). False when it is unknown.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn ensure_check(check_id: &str) -> bool {
     let known = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM hmr.checks WHERE check_id = $1)",
+        "SELECT EXISTS (SELECT 1 FROM hmr.checks WHERE check_id OPERATOR(pg_catalog.=) $1)",
         &[check_id.into()],
     )
-    .unwrap_or(Some(false))
+    .unwrap_or_else(|e| error!("hmr: cannot read hmr.checks: {e}"))
     .unwrap_or(false);
     if known {
         return true;
     }
-    match RECENT_CHECKS.with(|c| c.borrow().get(check_id).cloned()) {
-        Some(row) => {
-            record_check(&row);
+    match read_file("checks", check_id) {
+        Some(record) => {
+            insert_check(&record);
             true
         }
         None => false,
     }
+}
+
+/// The gate is refusing a save (HM001): the prompt (提醒) is kept durably, with the orders
+/// still undecided, whatever becomes of the refused transaction.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn keep_prompt(check_id: &str, undecided: JsonB) -> bool {
+    if !safe_id(check_id) || !ensure_check(check_id) {
+        return false;
+    }
+    let record = json!({
+        "check_id": check_id,
+        "prompted_at": now_text(),
+        "undecided": undecided.0,
+        "prompted_by": session_user(),
+    });
+    Spi::run_with_args(
+        "INSERT INTO hmr.prompts (check_id, prompted_at, undecided, prompted_by)
+         SELECT r.check_id, r.prompted_at, r.undecided, r.prompted_by
+           FROM pg_catalog.jsonb_populate_record(NULL::hmr.prompts, $1) r
+         ON CONFLICT (check_id, prompted_at) DO NOTHING",
+        &[JsonB(record.clone()).into()],
+    )
+    .unwrap_or_else(|e| error!("hmr: cannot record the prompt: {e}"));
+    let id = format!("{check_id}.{}", uuid::Uuid::new_v4().simple());
+    keep_file("prompts", &id, &record, true)
+        .map(|_| true)
+        .unwrap_or_else(|e| {
+            warning!("hmr: cannot keep the prompt of check {check_id}: {e}");
+            false
+        })
+}
+
+/// Moves kept checks and prompts into their tables (the worker calls this every few
+/// seconds). A file goes only once its row is committed: a second call removes what the
+/// first one inserted. Returns the rows inserted.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn ingest_kept() -> i32 {
+    let mut inserted = 0;
+    for what in ["checks", "prompts"] {
+        let Ok(entries) = std::fs::read_dir(kept_dir(what)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !name.ends_with(".json") {
+                continue;
+            }
+            let Some(record) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
+                continue;
+            };
+            let (exists, insert) = if what == "checks" {
+                (
+                    "SELECT EXISTS (SELECT 1 FROM hmr.checks c WHERE c.check_id OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'check_id'))",
+                    "INSERT INTO hmr.checks SELECT * FROM pg_catalog.jsonb_populate_record(NULL::hmr.checks, $1)
+                     ON CONFLICT (check_id) DO NOTHING",
+                )
+            } else {
+                (
+                    "SELECT EXISTS (SELECT 1 FROM hmr.prompts p, pg_catalog.jsonb_populate_record(NULL::hmr.prompts, $1) r
+                                     WHERE p.check_id OPERATOR(pg_catalog.=) r.check_id
+                                       AND p.prompted_at OPERATOR(pg_catalog.=) r.prompted_at)",
+                    "INSERT INTO hmr.prompts (check_id, prompted_at, undecided, prompted_by)
+                     SELECT r.check_id, r.prompted_at, r.undecided, r.prompted_by
+                       FROM pg_catalog.jsonb_populate_record(NULL::hmr.prompts, $1) r
+                      WHERE EXISTS (SELECT 1 FROM hmr.checks c WHERE c.check_id OPERATOR(pg_catalog.=) r.check_id)
+                     ON CONFLICT (check_id, prompted_at) DO NOTHING",
+                )
+            };
+            let committed = Spi::get_one_with_args::<bool>(exists, &[JsonB(record.clone()).into()])
+                .unwrap_or_else(|e| error!("hmr: cannot read kept {what}: {e}"))
+                .unwrap_or(false);
+            if committed {
+                let _ = std::fs::remove_file(&path);
+            } else {
+                Spi::run_with_args(insert, &[JsonB(record).into()])
+                    .unwrap_or_else(|e| error!("hmr: cannot ingest kept {what}: {e}"));
+                inserted += 1;
+            }
+        }
+    }
+    inserted
 }
 
 /// 处方保存互认逻辑校验: maps local item codes, asks the platform, records the check.
@@ -366,29 +614,39 @@ fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
             (
                 CheckRow {
                     check_id: a.check_id,
-                    status: "ok".into(),
+                    status: "ok",
                     visit,
                     orders: orders_json,
                     matches,
                     url: Some(a.url),
+                    reason: None,
                 },
+                None::<String>,
+            )
+        }
+        // A data problem (the patient not at the platform yet, an identity number it refuses,
+        // a refusal code) never stops care: the save goes on, the check is recorded with why.
+        Err(CallError::Refused { status, message }) => (
+            not_checked(
+                "unchecked",
+                format!("HTTP {status}: {message}"),
+                visit,
+                orders_json,
+            ),
+            None,
+        ),
+        Err(CallError::NotFound(reason)) => {
+            // The patient has not reached the platform: send it ahead of the queue.
+            let pid = request.patient_id.clone();
+            let _ = Spi::run_with_args("SELECT hmr.hurry('patient', $1)", &[pid.as_str().into()]);
+            (
+                not_checked("unchecked", format!("HTTP 404: {reason}"), visit, orders_json),
                 None,
             )
         }
-        Err(CallError::Refused { status, message }) => refused(status, &message),
-        Err(CallError::NotFound(reason)) => refused(404, &format!("患者未上传到互认平台: {reason}")),
-        Err(CallError::Unavailable(reason)) => (
-            CheckRow {
-                check_id: format!("unavailable-{}", uuid::Uuid::new_v4()),
-                status: "unavailable".into(),
-                visit,
-                orders: orders_json,
-                matches: json!([]),
-                url: None,
-            },
-            Some(reason),
-        ),
+        Err(CallError::Unavailable(reason)) => (not_checked("unavailable", reason, visit, orders_json), None),
     };
+    let _ = reason;
     record_check(&row);
     let mut answer = json!({
         "status": row.status,
@@ -397,10 +655,22 @@ fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
         "url": row.url,
         "matches": row.matches,
     });
-    if let Some(reason) = reason {
+    if let Some(reason) = &row.reason {
         answer["reason"] = json!(reason);
     }
     JsonB(answer)
+}
+
+fn not_checked(status: &'static str, reason: String, visit: Value, orders: Value) -> CheckRow {
+    CheckRow {
+        check_id: format!("{status}-{}", uuid::Uuid::new_v4()),
+        status,
+        visit,
+        orders,
+        matches: json!([]),
+        url: None,
+        reason: Some(hmr_protocol::mask::scrub(&reason)),
+    }
 }
 
 /// The contract's reason rules, in words for the doctor; NULL when the decision is valid.

@@ -23,12 +23,13 @@ BEGIN
 END
 $$;
 
--- 2. While ordering one item: is there a recognisable report for it? (The workstation opens
---    the page at `url` when `duplicate` is true.)
+-- 2. While ordering one item (the precise query, 精准互认): is it a duplicate? When
+--    `duplicate` is true the workstation must open the platform's page at `url` and the doctor
+--    choose 互认 or 不互认 before going on; saving (3.) runs the prescription check.
 CREATE FUNCTION his.check_item(p_patient_id text, p_visit_type text, p_visit_no text, p_doctor_no text,
                                p_dept_code text, p_order_id text, p_item_type text, p_item_code text)
 RETURNS jsonb LANGUAGE sql AS $$
-    SELECT hmr_check_prescription(
+    SELECT hmr_check_order(
         jsonb_build_object('id_type', p.id_type, 'id_no', p.id_no, 'patient_id', p.patient_id,
                            'visit_type', p_visit_type, 'visit_no', p_visit_no,
                            'doctor_no', p_doctor_no, 'dept_code', p_dept_code),

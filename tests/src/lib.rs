@@ -685,6 +685,99 @@ impl<'a> OtherHospital<'a> {
 }
 pub mod faults;
 
+/// PgBouncer in transaction pooling mode in front of a cluster (unix socket only), as HIS
+/// application servers use it: consecutive transactions of one client may run on different
+/// server connections.
+pub struct Bouncer {
+    child: Child,
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Bouncer {
+    pub async fn start(cluster: &Cluster, pool_size: u32, users: &[&str]) -> Result<Bouncer> {
+        let dir = unique_dir("hmr-e2e-pgbouncer");
+        let port = 6432;
+        let auth: String = users.iter().map(|u| format!("\"{u}\" \"\"\n")).collect();
+        std::fs::write(dir.join("users.txt"), auth)?;
+        std::fs::write(
+            dir.join("pgbouncer.ini"),
+            format!(
+                "[databases]\n* = host={cluster_dir} port={cluster_port}\n\n[pgbouncer]\nlisten_addr =\n\
+                 unix_socket_dir = {dir}\nlisten_port = {port}\nauth_type = trust\nauth_file = {dir}/users.txt\n\
+                 pool_mode = transaction\ndefault_pool_size = {pool_size}\nmax_client_conn = 200\n\
+                 server_reset_query =\nignore_startup_parameters = extra_float_digits,application_name\n\
+                 logfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\n",
+                cluster_dir = cluster.dir.display(),
+                cluster_port = cluster.port,
+                dir = dir.display(),
+            ),
+        )?;
+        Command::new("chown").args(["-R", "postgres", dir.to_str().unwrap_or_default()]).status()?;
+        let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("pgbouncer is not installed (scripts/bootstrap.sh installs it)")?;
+        let ini = dir.join("pgbouncer.ini");
+        let child = if unsafe_geteuid() == 0 {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--", program])
+                .arg(&ini)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?
+        } else {
+            Command::new(program).arg(&ini).stdin(Stdio::null()).spawn()?
+        };
+        let bouncer = Bouncer { child, dir, port };
+        let socket = bouncer.dir.join(format!(".s.PGSQL.{port}"));
+        let started = Instant::now();
+        while !socket.exists() {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "pgbouncer did not start: {}",
+                    std::fs::read_to_string(bouncer.dir.join("pgbouncer.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(bouncer)
+    }
+
+    /// A client connection through PgBouncer. Use the simple query protocol with it
+    /// (`simple_query`, `batch_execute`): PgBouncer 1.18 keeps no prepared statements.
+    pub async fn connect(&self, db: &str, user: &str) -> Result<Client> {
+        let url = format!("host={} port={} user={user} dbname={db}", self.dir.display(), self.port);
+        let (client, connection) = tokio_postgres::connect(&url, NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The first column of each row of a simple query (text).
+pub async fn simple_values(client: &Client, sql: &str) -> Result<Vec<Option<String>>> {
+    Ok(client
+        .simple_query(sql)
+        .await?
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Another host on loopback (127.0.0.2) that counts every byte sent to it: nothing may be.
 pub struct Decoy {
     pub base: String,

@@ -285,17 +285,16 @@ async fn a_decision_made_while_the_platform_is_down_arrives_once() -> Result<()>
     )
     .await?;
     assert_eq!(inpatient["duplicate"], true);
-    assert_eq!(
-        count(
-            &s.his,
-            "SELECT count(*) FROM hmr.checks WHERE visit_type = '3' AND visit_no = 'ZY001'"
-        )
-        .await?,
-        1
-    );
+    // The ordering step hands the page to open (the save gate checks the prescription).
+    assert!(inpatient["url"].as_str().is_some_and(|u| u.starts_with("http")), "{inpatient}");
+    assert_eq!(inpatient["matches"][0]["order_id"], "I1");
     let check = json_of(
         &s.his,
-        "SELECT his.outpatient_check_item('P0001', 'MZ001', 'D001', '0301', 'O9', 'lab', 'JY0001')",
+        &format!(
+            "SELECT hmr_check_prescription('{{\"id_type\": \"01\", \"id_no\": \"{P0001_ID}\", \"patient_id\": \"P0001\",
+               \"visit_type\": \"1\", \"visit_no\": \"MZ001\", \"doctor_no\": \"D001\", \"dept_code\": \"0301\"}}',
+               '[{{\"order_id\": \"O9\", \"item_code\": \"JY0001\", \"type\": \"lab\"}}]')"
+        ),
     )
     .await?;
     assert_eq!(check["duplicate"], true);

@@ -621,6 +621,23 @@ impl Drainer {
                     .await?;
                 Ok(Step::Rescheduled)
             }
+            // The platform refused the doctor's decisions (the report was revoked, superseded
+            // or expired since the check; or another decision was taken on its page): nothing
+            // for the DBA to fix. The check is marked refused, its decisions stop counting, and
+            // the doctor's next save asks again.
+            Outcome::Permanent {
+                status: 409,
+                code,
+                message,
+                errors,
+            } if event.kind == "decision" => {
+                let why = errors
+                    .first()
+                    .map_or_else(|| format!("{code} {message}"), |e| format!("{}: {}", e.field, e.reason));
+                tracing::warn!(check = %event.key, reason = %why, "the platform refused the decisions");
+                self.store.refuse_check(&event.key, &why).await?;
+                Ok(Step::Finished(self.finished(event, "refused", &why)))
+            }
             Outcome::Permanent {
                 status,
                 code,

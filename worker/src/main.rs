@@ -315,6 +315,8 @@ async fn drain_until_stopped(
                 rechecked = Some(std::time::Instant::now());
                 drainer.recheck_kept(recheck_every).await?;
             }
+            // Checks and prompts a refused save kept outside its transaction.
+            store.ingest_kept().await?;
             let found = store.poll_sources().await?;
             if found > 0 {
                 tracing::info!(events = found, "polled sources");

@@ -709,6 +709,21 @@ impl Store {
         Ok(())
     }
 
+    /// The platform refused a check's decisions: they stop counting (hmr.order_recognitions).
+    pub async fn refuse_check(&self, check_id: &str, reason: &str) -> Result<(), WorkerError> {
+        self.execute_cached(
+            "UPDATE hmr.checks SET refused_at = now(), refused_reason = $2 WHERE check_id = $1",
+            &[&check_id, &reason],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Moves checks and prompts kept outside their transactions into their tables.
+    pub async fn ingest_kept(&self) -> Result<i32, WorkerError> {
+        Ok(self.query_one_cached("SELECT hmr.ingest_kept()", &[]).await?.get(0))
+    }
+
     /// Shares this worker's 429 pause with the SQL calls and returns the org's (shared memory,
     /// `hmr.note_rate_limit`), so both honour a Retry-After whoever received it.
     pub async fn share_pause(&self, seconds: f64) -> Result<f64, WorkerError> {

@@ -1,0 +1,265 @@
+//! Issue #14: the 互认 gate as a real HIS runs it — through PgBouncer in transaction pooling
+//! mode, each step on another server connection, several doctors at once, and care never
+//! stopped by a data problem.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hmr_e2e::*;
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+const P0001_ID: &str = "441302198003151233"; // 陈志明, born 1980-03-15 (outpatient MZ001)
+const P0003_ID: &str = "441322197505213458"; // 黄国强, born 1975-05-21 (inpatient ZY003)
+
+struct World {
+    cluster: Cluster,
+    su: Client,
+    sim: Sim,
+    _worker: Worker,
+}
+
+async fn world() -> Result<World> {
+    let cluster = Cluster::start().await?;
+    let su = cluster.connect("his").await?;
+    load_sample_data(&su).await?;
+    for file in ["01_orders.sql", "02_workstation.sql"] {
+        su.batch_execute(&std::fs::read_to_string(repo_root().join("sql/examples").join(file))?)
+            .await?;
+    }
+    let sim = Sim::start()?;
+    configure_platform(&su, &sim).await?;
+    let other = OtherHospital::new(&sim);
+    other.lab_report(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1).await?;
+    other.lab_report(P0001_ID, "1980-03-15", "W-LFT-2", "JY0004", 1).await?;
+    other.lab_report(P0003_ID, "1975-05-21", "W-CBC-3", "JY0001", 1).await?;
+    let worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    wait_until(Duration::from_secs(20), "our patients delivered", || async {
+        Ok(count(&su, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient'").await? == 3)
+    })
+    .await?;
+    Ok(World {
+        cluster,
+        su,
+        sim,
+        _worker: worker,
+    })
+}
+
+/// Runs `sql` in one transaction through the pool and returns (server pid, first value).
+async fn step(client: &Client, sql: &str) -> Result<(String, Option<String>)> {
+    let values = simple_values(client, &format!("BEGIN; SELECT pg_backend_pid()::text; {sql}; COMMIT"))
+        .await
+        .with_context(|| sql.to_string())?;
+    Ok((
+        values.first().cloned().flatten().unwrap_or_default(),
+        values.get(1).cloned().flatten(),
+    ))
+}
+
+/// Ends the server connection a step ran on, so the next step needs another one.
+async fn retire(su: &Client, pid: &str) -> Result<()> {
+    su.batch_execute(&format!("SELECT pg_terminate_backend({pid})")).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
+}
+
+fn orders(order_id: &str, patient: &str, visit_type: &str, visit_no: &str, item: &str) -> String {
+    json!([{"order_id": order_id, "patient_id": patient, "visit_type": visit_type, "visit_no": visit_no,
+            "doctor_no": "D001", "dept_code": "0301", "item_type": "lab", "item_code": item}])
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_refusal_decision_and_save_each_on_another_pooled_connection() -> Result<()> {
+    let w = world().await?;
+    w.su.batch_execute("CREATE ROLE his_app LOGIN IN ROLE hmr_his; GRANT USAGE ON SCHEMA his TO his_app;
+                        GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA his TO his_app;")
+        .await?;
+    let bouncer = Bouncer::start(&w.cluster, 3, &["postgres", "his_app"]).await?;
+    for (workstation, patient, visit_type, visit_no, order) in [
+        ("outpatient-emergency", "P0001", "1", "MZ001", "OP-1"),
+        ("inpatient", "P0003", "3", "ZY003", "IP-1"),
+    ] {
+        let lines = orders(order, patient, visit_type, visit_no, "JY0001");
+        // Different client connections too, as an application server's pool hands them out.
+        let (a, b, c, d) = (
+            bouncer.connect("his", "his_app").await?,
+            bouncer.connect("his", "his_app").await?,
+            bouncer.connect("his", "his_app").await?,
+            bouncer.connect("his", "his_app").await?,
+        );
+        // 1. Ordering: the item is a duplicate.
+        let (pid1, ordered) = step(
+            &a,
+            &format!("SELECT his.check_item('{patient}', '{visit_type}', '{visit_no}', 'D001', '0301', '{order}', 'lab', 'JY0001')"),
+        )
+        .await?;
+        let ordered: Value = serde_json::from_str(&ordered.unwrap_or_default())?;
+        assert_eq!(ordered["duplicate"], true, "{workstation}: {ordered}");
+        retire(&w.su, &pid1).await?;
+        // 2. Saving: refused (HM001, caught by the procedure), the page handed to the UI.
+        let (pid2, saved) = step(&b, &format!("SELECT his.save_orders('{lines}')")).await?;
+        let saved: Value = serde_json::from_str(&saved.unwrap_or_default())?;
+        assert_eq!(saved["saved"], false, "{workstation}: {saved}");
+        let check = saved["decide"]["check_id"].as_str().unwrap_or_default().to_string();
+        retire(&w.su, &pid2).await?;
+        // 3. The doctor decides, minutes later, on whatever connection the pool gives.
+        let (pid3, decided) = step(&c, &format!("SELECT hmr_record_decision('{check}', '{order}', true)")).await?;
+        let decided: Value = serde_json::from_str(&decided.unwrap_or_default())?;
+        assert_eq!(decided["complete"], true, "{workstation}: {decided}");
+        retire(&w.su, &pid3).await?;
+        // 4. Saving again passes.
+        let (pid4, saved) = step(&d, &format!("SELECT his.save_orders('{lines}')")).await?;
+        let saved: Value = serde_json::from_str(&saved.unwrap_or_default())?;
+        assert_eq!(saved["saved"], true, "{workstation}: {saved}");
+        let pids = [&pid1, &pid2, &pid3, &pid4];
+        for (i, p) in pids.iter().enumerate() {
+            for q in &pids[i + 1..] {
+                assert_ne!(p, q, "{workstation}: two steps on one server connection {pids:?}");
+            }
+        }
+        // The prompt is on record with its workstation, and what followed.
+        wait_until(Duration::from_secs(20), "the prompt on record", || async {
+            Ok(count(
+                &w.su,
+                &format!(
+                    "SELECT count(*) FROM hmr.prompt_log WHERE check_id = '{check}' AND workstation = '{workstation}'
+                        AND followed = 'decided' AND doctor_no = 'D001' AND id_no_masked LIKE '4413%****%'"
+                ),
+            )
+            .await?
+                == 1)
+        })
+        .await?;
+        // The HIS learns per order that it was recognised, with which report.
+        let order_state = simple_values(&a, &format!("SELECT hmr_order_recognition('{order}')")).await?;
+        let order_state: Value = serde_json::from_str(order_state[0].as_deref().unwrap_or("null"))?;
+        assert_eq!(order_state["decision"], "recognised", "{order_state}");
+        assert!(order_state["report_id"].as_str().is_some_and(|r| r.contains("W-CBC")));
+    }
+    // The decisions reach the platform.
+    wait_until(Duration::from_secs(20), "decisions delivered", || async {
+        Ok(count(&w.su, "SELECT count(*) FROM hmr.delivered WHERE kind = 'decision'").await? == 2)
+    })
+    .await?;
+    drop(w.sim);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_doctors_deciding_one_check_at_once_send_it_once() -> Result<()> {
+    let w = world().await?;
+    let visit = json!({"id_type": "01", "id_no": P0001_ID, "patient_id": "P0001", "visit_type": "1",
+                       "visit_no": "MZ001", "doctor_no": "D001", "dept_code": "0301"});
+    let lines = json!([{"order_id": "C1", "item_code": "JY0001", "type": "lab"},
+                       {"order_id": "C2", "item_code": "JY0004", "type": "lab"}]);
+    let check: Value = w
+        .su
+        .query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &lines])
+        .await?
+        .get(0);
+    assert_eq!(check["matches"].as_array().map(Vec::len), Some(2), "{check}");
+    let id = check["check_id"].as_str().unwrap_or_default().to_string();
+    let s1 = w.cluster.connect("his").await?;
+    let s2 = w.cluster.connect("his").await?;
+    // s1 decides and holds its transaction a moment; s2 decides the other order meanwhile.
+    let first = {
+        let id = id.clone();
+        tokio::spawn(async move {
+            s1.batch_execute(&format!(
+                "BEGIN; SELECT hmr_record_decision('{id}', 'C1', true); SELECT pg_sleep(0.7); COMMIT;"
+            ))
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second: Value = s2
+        .query_one("SELECT hmr_record_decision($1, 'C2', false, '02')", &[&id])
+        .await?
+        .get(0);
+    first.await??;
+    assert_eq!(second["complete"], true, "the later decision sees the earlier: {second}");
+    wait_until(Duration::from_secs(20), "the decisions delivered once", || async {
+        Ok(count(&w.su, &format!("SELECT count(*) FROM hmr.delivered WHERE kind = 'decision' AND key = '{id}'")).await?
+            == 1)
+    })
+    .await?;
+    let events = count(
+        &w.su,
+        &format!(
+            "SELECT (SELECT count(*) FROM hmr.outbox WHERE kind = 'decision' AND key = '{id}')
+                  + (SELECT count(*) FROM hmr.outbox_history WHERE kind = 'decision' AND key = '{id}')"
+        ),
+    )
+    .await?;
+    assert_eq!(events, 1, "one upload event for the check");
+    let uploads = w.sim.requests_with("/api/v1/recognitions/decisions", "applied").await?;
+    assert_eq!(uploads.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_problem_never_stops_care() -> Result<()> {
+    let w = world().await?;
+    w.su.batch_execute("SELECT hmr.set_policy(gate_on_unavailable => 'block')").await?;
+    // A patient the platform does not know yet (registered, not uploaded: the worker is
+    // told to wait), then a platform answering the check with a refusal code.
+    w.su.batch_execute(
+        "INSERT INTO his.patient (patient_id, id_no, name, sex, birthday) VALUES ('P0009', '11010519491231002X', '新病人', 1, '1949-12-31')",
+    )
+    .await?;
+    w.sim
+        .faults(json!({"status": 404, "count": 1, "path_prefix": "/api/v1/prescriptions"}))
+        .await?;
+    let saved: Value = w
+        .su
+        .query_one(
+            &format!("SELECT his.save_orders('{}')", orders("N1", "P0009", "1", "MZ009", "JY0001")),
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(saved["saved"], true, "a 404 about the patient does not stop the save: {saved}");
+    assert_eq!(
+        count(&w.su, "SELECT count(*) FROM hmr.checks WHERE status = 'unchecked' AND reason LIKE 'HTTP 404%'").await?,
+        1
+    );
+    w.sim
+        .faults(json!({"status": 400, "count": 1, "path_prefix": "/api/v1/prescriptions"}))
+        .await?;
+    let saved: Value = w
+        .su
+        .query_one(
+            &format!("SELECT his.save_orders('{}')", orders("N2", "P0001", "1", "MZ001", "JY0002")),
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(saved["saved"], true, "{saved}");
+    w.sim.clear_faults().await?;
+    // The unknown patient went to the front of the queue.
+    wait_until(Duration::from_secs(20), "the new patient delivered", || async {
+        Ok(count(&w.su, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient' AND key = 'P0009'").await? == 1)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_date_only_range_means_whole_days() -> Result<()> {
+    let w = world().await?;
+    let today = chrono::Utc::now()
+        .with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("offset"))
+        .date_naive();
+    let from = (today - chrono::Duration::days(3)).to_string();
+    let filter = json!({"id_type": "01", "id_no": P0001_ID, "from": from, "to": today.to_string()});
+    let q: Value = w
+        .su
+        .query_one("SELECT hmr_query_recognitions($1)", &[&filter])
+        .await?
+        .get(0);
+    assert_eq!(q["status"], "ok", "{q}");
+    assert_eq!(q["items"].as_array().map(Vec::len), Some(2), "{q}");
+    Ok(())
+}
