@@ -212,7 +212,7 @@ BEGIN
          LIMIT max_events
          FOR UPDATE OF o SKIP LOCKED),
     c AS (
-        SELECT x.id FROM (SELECT id, 0 AS rank FROM u UNION ALL SELECT id, 1 FROM r) x
+        SELECT x.id FROM (SELECT u.id, 0 AS rank FROM u UNION ALL SELECT r.id, 1 FROM r) x
          GROUP BY x.id ORDER BY min(x.rank), x.id LIMIT max_events)
     UPDATE hmr.outbox o
        SET state = 'claimed', lease_owner = worker_id, attempts = o.attempts + 1,

@@ -336,6 +336,31 @@ mod tests {
     }
 
     #[pg_test]
+    fn claim_takes_a_hurried_record_first_and_keeps_record_order() {
+        for k in ["A", "B", "C"] {
+            Spi::run(&format!("SELECT hmr.enqueue('patient', '{k}')")).unwrap();
+        }
+        Spi::run("SELECT hmr.enqueue('patient', 'A')").unwrap(); // a second event of A
+        Spi::run("SELECT hmr.hurry('patient', 'C')").unwrap();
+        let claimed = Spi::get_one::<String>(
+            "SELECT string_agg(key, ',' ORDER BY key) FROM hmr.claim('w', ARRAY['patient'], 2, 5)",
+        )
+        .unwrap()
+        .unwrap();
+        // Two of four: the hurried C (the newest) and the oldest, A; not B.
+        assert_eq!(claimed, "A,C");
+        let more = Spi::get_one::<String>(
+            "SELECT string_agg(key, ',' ORDER BY key) FROM hmr.claim('w2', ARRAY['patient'], 10, 5)",
+        )
+        .unwrap()
+        .unwrap_or_default();
+        assert!(
+            !more.contains('A') || !claimed.contains('A'),
+            "A's events claimed together: {claimed} / {more}"
+        );
+    }
+
+    #[pg_test]
     fn policy_is_validated_and_visible() {
         assert_eq!(
             Spi::get_one::<String>("SELECT value FROM hmr.settings WHERE name = 'gate_on_unavailable'")

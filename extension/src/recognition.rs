@@ -213,20 +213,26 @@ fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
         kind: None,
     };
     let Some(settings) = Settings::load() else {
-        return JsonB(json!({"status": "unavailable", "reason": "hmr.platform is not configured",
-                            "duplicate": false, "url": null, "matches": []}));
+        return JsonB(
+            json!({"status": "unavailable", "reason": "hmr.platform is not configured",
+                            "duplicate": false, "url": null, "matches": []}),
+        );
     };
     let items = match call(&settings, paths::precise_query(&query)).and_then(|body| {
         parse_data::<ItemsAnswer>(&body).map_err(|e| CallError::Unavailable(format!("unreadable answer: {e}")))
     }) {
         Ok(a) => a.items,
         Err(CallError::Unavailable(reason)) => {
-            return JsonB(json!({"status": "unavailable", "reason": reason, "duplicate": false, "url": null,
-                                "matches": []}))
+            return JsonB(
+                json!({"status": "unavailable", "reason": reason, "duplicate": false, "url": null,
+                                "matches": []}),
+            )
         }
         Err(CallError::Refused { status, message }) => {
-            return JsonB(json!({"status": "unchecked", "reason": format!("HTTP {status}: {message}"),
-                                "duplicate": false, "url": null, "matches": []}))
+            return JsonB(
+                json!({"status": "unchecked", "reason": format!("HTTP {status}: {message}"),
+                                "duplicate": false, "url": null, "matches": []}),
+            )
         }
         Err(CallError::NotFound(reason)) => {
             return JsonB(json!({"status": "unchecked", "reason": format!("HTTP 404: {reason}"),
@@ -237,8 +243,10 @@ fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
         .iter()
         .filter_map(|(order_id, local, code)| {
             let reports: Vec<Value> = items.iter().filter(|i| &i.data_code == code).map(item_json).collect();
-            (!reports.is_empty()).then(|| json!({"order_id": order_id, "item_code": local, "data_code": code,
-                                                "reports": reports}))
+            (!reports.is_empty()).then(|| {
+                json!({"order_id": order_id, "item_code": local, "data_code": code,
+                                                "reports": reports})
+            })
         })
         .collect();
     if matches.is_empty() {
@@ -346,7 +354,12 @@ fn kept_dir(what: &str) -> std::path::PathBuf {
 
 /// Check ids come from the platform: only a safe file name is kept as one.
 fn safe_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) && !id.starts_with('.')
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !id.starts_with('.')
 }
 
 /// Writes `value` as `<dir>/<id>.json` atomically (temp file, rename); `durable`: fsync too.
@@ -508,7 +521,10 @@ fn ingest_kept() -> i32 {
             if name.starts_with('.') || !name.ends_with(".json") {
                 continue;
             }
-            let Some(record) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
+            let Some(record) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            else {
                 continue;
             };
             let (exists, insert) = if what == "checks" {
@@ -627,12 +643,7 @@ fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
         // A data problem (the patient not at the platform yet, an identity number it refuses,
         // a refusal code) never stops care: the save goes on, the check is recorded with why.
         Err(CallError::Refused { status, message }) => (
-            not_checked(
-                "unchecked",
-                format!("HTTP {status}: {message}"),
-                visit,
-                orders_json,
-            ),
+            not_checked("unchecked", format!("HTTP {status}: {message}"), visit, orders_json),
             None,
         ),
         Err(CallError::NotFound(reason)) => {

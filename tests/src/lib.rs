@@ -713,7 +713,9 @@ impl Bouncer {
                 dir = dir.display(),
             ),
         )?;
-        Command::new("chown").args(["-R", "postgres", dir.to_str().unwrap_or_default()]).status()?;
+        Command::new("chown")
+            .args(["-R", "postgres", dir.to_str().unwrap_or_default()])
+            .status()?;
         let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .into_iter()
             .find(|p| Path::new(p).exists())

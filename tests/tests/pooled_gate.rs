@@ -73,9 +73,11 @@ fn orders(order_id: &str, patient: &str, visit_type: &str, visit_no: &str, item:
 #[tokio::test(flavor = "multi_thread")]
 async fn check_refusal_decision_and_save_each_on_another_pooled_connection() -> Result<()> {
     let w = world().await?;
-    w.su.batch_execute("CREATE ROLE his_app LOGIN IN ROLE hmr_his; GRANT USAGE ON SCHEMA his TO his_app;
-                        GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA his TO his_app;")
-        .await?;
+    w.su.batch_execute(
+        "CREATE ROLE his_app LOGIN IN ROLE hmr_his; GRANT USAGE ON SCHEMA his TO his_app;
+                        GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA his TO his_app;",
+    )
+    .await?;
     let bouncer = Bouncer::start(&w.cluster, 3, &["postgres", "his_app"]).await?;
     for (workstation, patient, visit_type, visit_no, order) in [
         ("outpatient-emergency", "P0001", "1", "MZ001", "OP-1"),
@@ -154,11 +156,10 @@ async fn two_doctors_deciding_one_check_at_once_send_it_once() -> Result<()> {
                        "visit_no": "MZ001", "doctor_no": "D001", "dept_code": "0301"});
     let lines = json!([{"order_id": "C1", "item_code": "JY0001", "type": "lab"},
                        {"order_id": "C2", "item_code": "JY0004", "type": "lab"}]);
-    let check: Value = w
-        .su
-        .query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &lines])
-        .await?
-        .get(0);
+    let check: Value =
+        w.su.query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &lines])
+            .await?
+            .get(0);
     assert_eq!(check["matches"].as_array().map(Vec::len), Some(2), "{check}");
     let id = check["check_id"].as_str().unwrap_or_default().to_string();
     let s1 = w.cluster.connect("his").await?;
@@ -179,9 +180,16 @@ async fn two_doctors_deciding_one_check_at_once_send_it_once() -> Result<()> {
         .await?
         .get(0);
     first.await??;
-    assert_eq!(second["complete"], true, "the later decision sees the earlier: {second}");
+    assert_eq!(
+        second["complete"], true,
+        "the later decision sees the earlier: {second}"
+    );
     wait_until(Duration::from_secs(20), "the decisions delivered once", || async {
-        Ok(count(&w.su, &format!("SELECT count(*) FROM hmr.delivered WHERE kind = 'decision' AND key = '{id}'")).await?
+        Ok(count(
+            &w.su,
+            &format!("SELECT count(*) FROM hmr.delivered WHERE kind = 'decision' AND key = '{id}'"),
+        )
+        .await?
             == 1)
     })
     .await?;
@@ -202,7 +210,8 @@ async fn two_doctors_deciding_one_check_at_once_send_it_once() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_data_problem_never_stops_care() -> Result<()> {
     let w = world().await?;
-    w.su.batch_execute("SELECT hmr.set_policy(gate_on_unavailable => 'block')").await?;
+    w.su.batch_execute("SELECT hmr.set_policy(gate_on_unavailable => 'block')")
+        .await?;
     // A patient the platform does not know yet (registered, not uploaded: the worker is
     // told to wait), then a platform answering the check with a refusal code.
     w.su.batch_execute(
@@ -212,26 +221,37 @@ async fn a_data_problem_never_stops_care() -> Result<()> {
     w.sim
         .faults(json!({"status": 404, "count": 1, "path_prefix": "/api/v1/prescriptions"}))
         .await?;
-    let saved: Value = w
-        .su
-        .query_one(
-            &format!("SELECT his.save_orders('{}')", orders("N1", "P0009", "1", "MZ009", "JY0001")),
+    let saved: Value =
+        w.su.query_one(
+            &format!(
+                "SELECT his.save_orders('{}')",
+                orders("N1", "P0009", "1", "MZ009", "JY0001")
+            ),
             &[],
         )
         .await?
         .get(0);
-    assert_eq!(saved["saved"], true, "a 404 about the patient does not stop the save: {saved}");
     assert_eq!(
-        count(&w.su, "SELECT count(*) FROM hmr.checks WHERE status = 'unchecked' AND reason LIKE 'HTTP 404%'").await?,
+        saved["saved"], true,
+        "a 404 about the patient does not stop the save: {saved}"
+    );
+    assert_eq!(
+        count(
+            &w.su,
+            "SELECT count(*) FROM hmr.checks WHERE status = 'unchecked' AND reason LIKE 'HTTP 404%'"
+        )
+        .await?,
         1
     );
     w.sim
         .faults(json!({"status": 400, "count": 1, "path_prefix": "/api/v1/prescriptions"}))
         .await?;
-    let saved: Value = w
-        .su
-        .query_one(
-            &format!("SELECT his.save_orders('{}')", orders("N2", "P0001", "1", "MZ001", "JY0002")),
+    let saved: Value =
+        w.su.query_one(
+            &format!(
+                "SELECT his.save_orders('{}')",
+                orders("N2", "P0001", "1", "MZ001", "JY0002")
+            ),
             &[],
         )
         .await?
@@ -240,7 +260,12 @@ async fn a_data_problem_never_stops_care() -> Result<()> {
     w.sim.clear_faults().await?;
     // The unknown patient went to the front of the queue.
     wait_until(Duration::from_secs(20), "the new patient delivered", || async {
-        Ok(count(&w.su, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient' AND key = 'P0009'").await? == 1)
+        Ok(count(
+            &w.su,
+            "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient' AND key = 'P0009'",
+        )
+        .await?
+            == 1)
     })
     .await?;
     Ok(())
@@ -254,11 +279,10 @@ async fn a_date_only_range_means_whole_days() -> Result<()> {
         .date_naive();
     let from = (today - chrono::Duration::days(3)).to_string();
     let filter = json!({"id_type": "01", "id_no": P0001_ID, "from": from, "to": today.to_string()});
-    let q: Value = w
-        .su
-        .query_one("SELECT hmr_query_recognitions($1)", &[&filter])
-        .await?
-        .get(0);
+    let q: Value =
+        w.su.query_one("SELECT hmr_query_recognitions($1)", &[&filter])
+            .await?
+            .get(0);
     assert_eq!(q["status"], "ok", "{q}");
     assert_eq!(q["items"].as_array().map(Vec::len), Some(2), "{q}");
     Ok(())

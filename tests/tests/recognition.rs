@@ -286,7 +286,10 @@ async fn a_decision_made_while_the_platform_is_down_arrives_once() -> Result<()>
     .await?;
     assert_eq!(inpatient["duplicate"], true);
     // The ordering step hands the page to open (the save gate checks the prescription).
-    assert!(inpatient["url"].as_str().is_some_and(|u| u.starts_with("http")), "{inpatient}");
+    assert!(
+        inpatient["url"].as_str().is_some_and(|u| u.starts_with("http")),
+        "{inpatient}"
+    );
     assert_eq!(inpatient["matches"][0]["order_id"], "I1");
     let check = json_of(
         &s.his,

@@ -567,7 +567,8 @@ async fn tokens() -> Result<()> {
     let sim = Sim::start()?;
     configure_platform(&his, &sim).await?;
     // 1,000 calls at once on 2 cores: give each time, so what is counted is tokens, not timeouts.
-    his.batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 60000)").await?;
+    his.batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 60000)")
+        .await?;
     let mut sessions = Vec::new();
     for _ in 0..200 {
         sessions.push(cluster.connect("his").await?);
