@@ -15,8 +15,10 @@ port=5499
 sim_pid=""; worker_pid=""
 
 cleanup() {
-  [ -n "$worker_pid" ] && kill -TERM "$worker_pid" 2>/dev/null && wait "$worker_pid" 2>/dev/null || true
-  [ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null || true
+  if [ -n "$worker_pid" ] && kill -TERM "$worker_pid" 2>/dev/null; then
+    wait "$worker_pid" 2>/dev/null || true
+  fi
+  if [ -n "$sim_pid" ]; then kill "$sim_pid" 2>/dev/null || true; fi
   stop_cluster "$demo/pg"
 }
 
@@ -90,7 +92,7 @@ echo "== delivery log (hmr.outbox_history)"
 psql_his -c "SELECT id, kind, key, outcome, version, finished_at - created_at AS took FROM hmr.outbox_history ORDER BY id"
 echo "== the first lab report's PDF, as the platform holds it (rendered from the template)"
 curl -s "$sim_url/_sim/pdf/124413004567890125/lab/L20261126001/1" -o "$demo/L20261126001.pdf"
-ls -l "$demo/L20261126001.pdf" | awk '{print "   " $5 " bytes: " $9}'
+echo "   $(stat -c %s "$demo/L20261126001.pdf") bytes: $demo/L20261126001.pdf"
 pdftotext -layout "$demo/L20261126001.pdf" - | sed -n '1,16p' | sed 's/^/   | /'
 echo "== what the simulated city platform received"
 curl -s "$sim_url/_sim/summary"

@@ -17,7 +17,9 @@ start_cluster() {
 
 stop_cluster() {
   local dir=$1
-  [ -d "$dir/data" ] && as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
+  if [ -d "$dir/data" ]; then
+    as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
+  fi
 }
 
 # Builds the worker and simulator, and installs the extension into PostgreSQL 15.

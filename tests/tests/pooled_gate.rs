@@ -287,3 +287,60 @@ async fn a_date_only_range_means_whole_days() -> Result<()> {
     assert_eq!(q["items"].as_array().map(Vec::len), Some(2), "{q}");
     Ok(())
 }
+
+/// The platform refuses a decision (the report was revoked between the check and the upload):
+/// the doctor is told, and the next save asks again instead of passing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_decision_reaches_the_doctor() -> Result<()> {
+    let w = world().await?;
+    // A second, older 血常规 elsewhere: still recognisable after the newer one is revoked.
+    OtherHospital::new(&w.sim)
+        .lab_report(P0001_ID, "1980-03-15", "W-CBC-9", "JY0001", 2)
+        .await?;
+    let lines = orders("R1", "P0001", "1", "MZ001", "JY0001");
+    let saved: Value =
+        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+            .await?
+            .get(0);
+    let check = saved["decide"]["check_id"].as_str().unwrap_or_default().to_string();
+    assert!(!check.is_empty(), "{saved}");
+    // The upload waits (platform down for decisions) while the report is revoked.
+    w.sim
+        .faults(json!({"status": 503, "path_prefix": "/api/v1/recognitions/decisions"}))
+        .await?;
+    let decided: Value =
+        w.su.query_one("SELECT hmr_record_decision($1, 'R1', true)", &[&check])
+            .await?
+            .get(0);
+    assert!(
+        decided["report_id"].as_str().is_some_and(|r| r.contains("W-CBC-1")),
+        "{decided}"
+    );
+    OtherHospital::new(&w.sim).revoke_lab("W-CBC-1").await?;
+    w.sim.clear_faults().await?;
+    wait_until(Duration::from_secs(30), "the refusal noticed", || async {
+        Ok(count(
+            &w.su,
+            &format!("SELECT count(*) FROM hmr.checks WHERE check_id = '{check}' AND refused_at IS NOT NULL"),
+        )
+        .await?
+            == 1)
+    })
+    .await?;
+    let e =
+        w.su.query_one("SELECT hmr_record_decision($1, 'R1', true)", &[&check])
+            .await
+            .expect_err("a refused check takes no decision");
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("HM015"), "{e}");
+    let state: Value = w.su.query_one("SELECT hmr_order_recognition('R1')", &[]).await?.get(0);
+    assert_eq!(state["decision"], "none", "{state}");
+    // The next save asks again: the older report is still recognisable.
+    let again: Value =
+        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+            .await?
+            .get(0);
+    assert_eq!(again["saved"], false, "{again}");
+    assert!(again["decide"]["matches"].to_string().contains("W-CBC-9"), "{again}");
+    assert_eq!(count(&w.su, "SELECT count(*) FROM hmr.quarantine").await?, 0);
+    Ok(())
+}
