@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Runs every test: protocol and worker unit tests, the extension's #[pg_test]s, the
-# simulator's tests, and the end-to-end suite (throwaway PostgreSQL 15 clusters, the
+# Runs the lints and every test: protocol and worker unit tests, the extension's #[pg_test]s,
+# the simulator's tests, and the end-to-end suite (throwaway PostgreSQL 15 clusters, the
 # simulator and the worker as processes). Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 bash scripts/bootstrap.sh
+echo "== lints (rustfmt, clippy on every crate, shellcheck)"
+cargo fmt --all -- --check
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+shellcheck -x scripts/*.sh bench/*.sh docker/*.sh .ci/run
 echo "== build"
 build_all
 cargo build --quiet -p hmr-e2e --tests

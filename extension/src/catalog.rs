@@ -12,7 +12,7 @@ fn load_catalog(csv_text: &str, replace: default!(bool, false)) -> i64 {
         .from_reader(csv_text.as_bytes());
     let headers = reader
         .headers()
-        .map(|h| h.clone())
+        .cloned()
         .unwrap_or_else(|e| catalog_error(0, &e.to_string()));
     let column = |name: &str| {
         headers

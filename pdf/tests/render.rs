@@ -500,8 +500,10 @@ fn renderer_is_shareable_across_threads() {
     });
 }
 
-/// `cargo test -p hmr-pdf --release -- --nocapture timing` for numbers worth quoting.
+/// A measurement, not a test (it asserts nothing): `cargo test -p hmr-pdf --release --
+/// --ignored --nocapture timing`. Speed targets live in BENCHMARKS.md.
 #[test]
+#[ignore = "a measurement: run with --ignored"]
 fn timing() {
     let started = Instant::now();
     let r = Renderer::from_font_file(Template::builtin(), Path::new(DEFAULT_FONT)).expect("font");

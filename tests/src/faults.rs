@@ -465,7 +465,8 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
     note("end of the stream (drain)".into(), recovery(&cluster, end).await?);
 
     let his = cluster.connect("his").await?;
-    let mut outcome = verify(&his, &sim, &planted.lock().unwrap()).await?;
+    let planted = planted.lock().unwrap().clone();
+    let mut outcome = verify(&his, &sim, &planted).await?;
     outcome.approvals = counters.approvals.load(Ordering::Relaxed);
     outcome.revokes = counters.revokes.load(Ordering::Relaxed);
     outcome.reaudits = counters.reaudits.load(Ordering::Relaxed);

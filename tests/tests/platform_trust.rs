@@ -385,8 +385,10 @@ async fn a_dump_restored_elsewhere_resends_nothing_and_keeps_every_decision() ->
     }
     // A worker on the restored database sends nothing.
     let requests_before = sim.requests().await?.len();
-    let mut options = WorkerOptions::default();
-    options.database = Some("his2");
+    let options = WorkerOptions {
+        database: Some("his2"),
+        ..Default::default()
+    };
     let _worker2 = Worker::start(&cluster, &sim, &options)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(outbox_empty(&his2).await?);

@@ -177,8 +177,8 @@ async fn the_gate_refuses_an_undecided_duplicate_then_saves_after_a_decision() -
         .unwrap_err();
     assert_eq!(refused.as_db_error().map(|d| d.code().code()), Some("HM004"));
 
-    // 互认 through the example procedure (a new session: the check was rolled back with the
-    // refused save, and is kept again from this session's memory).
+    // 互认 through the example procedure (the check was rolled back with the refused save;
+    // it is kept outside the transaction, for any session).
     let decided = json_of(
         &s.his,
         &format!("SELECT his.decide('{check_id2}', 'O1', 'P0001', 'JY0001', true)"),
@@ -194,19 +194,33 @@ async fn the_gate_refuses_an_undecided_duplicate_then_saves_after_a_decision() -
         .await?
         .get(0);
     assert_eq!(status, "recognised");
-    // A 不互认 with a reason also lets a save through.
-    let saved = json_of(
-        &s.his,
-        &format!(
-            "SELECT his.save_orders('{}')",
-            orders("O2", "JY0001").replace("P0001\"", "P0001\"")
-        ),
-    )
-    .await?;
+    // An item already recognised today saves as recognised, asking nothing.
+    let saved = json_of(&s.his, &format!("SELECT his.save_orders('{}')", orders("O2", "JY0001"))).await?;
     assert_eq!(
         saved["saved"], true,
         "already recognised item saves as recognised: {saved}"
     );
+    // A 不互认 with a reason also lets a save through, and the order is to be performed.
+    s.his
+        .batch_execute("DELETE FROM his.recognised_items WHERE patient_id = 'P0001'")
+        .await?;
+    let refused = json_of(&s.his, &format!("SELECT his.save_orders('{}')", orders("O4", "JY0001"))).await?;
+    assert_eq!(refused["saved"], false, "{refused}");
+    let check_id4 = refused["decide"]["check_id"].as_str().unwrap_or_default().to_string();
+    let declined: Value = s
+        .his
+        .query_one("SELECT hmr_record_decision($1, 'O4', false, '02')", &[&check_id4])
+        .await?
+        .get(0);
+    assert_eq!(declined["complete"], true, "{declined}");
+    let saved = json_of(&s.his, &format!("SELECT his.save_orders('{}')", orders("O4", "JY0001"))).await?;
+    assert_eq!(saved["saved"], true, "{saved}");
+    let status: String = s
+        .his
+        .query_one("SELECT status FROM his.orders WHERE order_id = 'O4'", &[])
+        .await?
+        .get(0);
+    assert_eq!(status, "new", "a declined duplicate is performed");
     // A non-duplicate item (肾功能) saves at once.
     let saved = json_of(&s.his, &format!("SELECT his.save_orders('{}')", orders("O3", "JY0005"))).await?;
     assert_eq!(saved["saved"], true);
@@ -259,11 +273,24 @@ async fn the_gate_refuses_an_undecided_duplicate_then_saves_after_a_decision() -
         count(&s.his, "SELECT count(*) FROM hmr.download_log WHERE source = 'kept'").await?,
         2
     );
+    // One upload per check: the 互认 of O1 and the 不互认 of O4.
+    wait_until(
+        Duration::from_secs(20),
+        "both checks' decisions at the platform",
+        || async {
+            Ok(sim
+                .requests_with("/api/v1/recognitions/decisions", "applied")
+                .await?
+                .len()
+                >= 2)
+        },
+    )
+    .await?;
     assert_eq!(
         sim.requests_with("/api/v1/recognitions/decisions", "applied")
             .await?
             .len(),
-        1
+        2
     );
     // The audit trail cannot be edited.
     let edit = s
@@ -446,14 +473,13 @@ async fn a_hanging_platform_answers_unavailable_in_time_and_calls_are_cancellabl
             )
         }
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let target: i32 = admin
-        .query_one(
-            "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT hmr_check_prescription%' AND state = 'active' AND pid <> $1",
-            &[&pid],
-        )
-        .await?
-        .get(0);
+    // Wait until the call is really running (not a fixed sleep).
+    let find = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT hmr_check_prescription%' AND state = 'active' AND pid <> $1";
+    wait_until(Duration::from_secs(10), "the call running", || async {
+        Ok(admin.query_opt(find, &[&pid]).await?.is_some())
+    })
+    .await?;
+    let target: i32 = admin.query_one(find, &[&pid]).await?.get(0);
     admin.execute("SELECT pg_cancel_backend($1)", &[&target]).await?;
     let cancelled_at = Instant::now();
     let (_, _, ended, code) = call.await?;

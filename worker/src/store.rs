@@ -757,14 +757,13 @@ impl Store {
 
     /// Returns this worker's unfinished claims to the queue (graceful shutdown).
     pub async fn release_claims(&self) -> Result<u64, WorkerError> {
-        Ok(self
-            .execute_cached(
-                "UPDATE hmr.outbox SET state = 'pending', lease_owner = NULL, lease_until = NULL,
-                        attempts = greatest(attempts - 1, 0)
-                  WHERE lease_owner = $1 AND state = 'claimed'",
-                &[&self.worker_id],
-            )
-            .await?)
+        self.execute_cached(
+            "UPDATE hmr.outbox SET state = 'pending', lease_owner = NULL, lease_until = NULL,
+                    attempts = greatest(attempts - 1, 0)
+              WHERE lease_owner = $1 AND state = 'claimed'",
+            &[&self.worker_id],
+        )
+        .await
     }
 
     pub fn metrics(&self) -> &crate::metrics::Metrics {

@@ -91,7 +91,7 @@ async fn all_finished(his: &tokio_postgres::Client) -> Result<bool> {
 
 /// Waits until the sample data is delivered; on a timeout, shows what is stuck and why.
 async fn wait_for_sample(cluster: &Cluster, his: &tokio_postgres::Client, worker: &Worker) -> Result<()> {
-    let sample = wait_until(Duration::from_secs(30), "sample", || async { all_finished(&his).await }).await;
+    let sample = wait_until(Duration::from_secs(30), "sample", || async { all_finished(his).await }).await;
     if sample.is_err() {
         for r in his
             .query("SELECT id, kind, key, state, last_error FROM hmr.outbox", &[])
