@@ -97,6 +97,13 @@ BEGIN
 END
 $$;
 
+-- Decisions taken on the platform's page for a check (the HIS polls this while the page is
+-- open): {status, complete, decisions [{order_id, report_id, recognise, …, source}], recorded}.
+CREATE FUNCTION public.hmr_page_decisions(check_id text)
+RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.page_decisions_json(check_id)
+$$;
+
 -- What became of one order: recognised (互认, with the report: do not perform it), declined
 -- (不互认), or no decision; and whether the platform has the decision.
 CREATE FUNCTION public.hmr_order_recognition(order_id text)
@@ -232,7 +239,7 @@ REVOKE ALL ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text
                        public.hmr_check_prescription(jsonb, jsonb),
                        public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
                        public.hmr_download_report(text, text), public.hmr_order_recognition(text),
-                       public.hmr_check_order(jsonb, jsonb) FROM PUBLIC;
+                       public.hmr_check_order(jsonb, jsonb), public.hmr_page_decisions(text) FROM PUBLIC;
 
 -- The gate runs with the saving role's rights and calls the pinned public wrapper only; the
 -- SECURITY DEFINER functions behind the wrappers are not granted to HIS roles. (A trigger
@@ -243,7 +250,8 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
                           public.hmr_check_prescription(jsonb, jsonb),
                           public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
                           public.hmr_download_report(text, text), public.hmr_order_recognition(text),
-                          public.hmr_check_order(jsonb, jsonb), hmr.id_card_problem(text, date), hmr.org_code_valid(text), hmr.keep_prompt(text, jsonb),
+                          public.hmr_check_order(jsonb, jsonb), public.hmr_page_decisions(text),
+                          hmr.learn_page_decisions(jsonb), hmr.id_card_problem(text, date), hmr.org_code_valid(text), hmr.keep_prompt(text, jsonb),
                           hmr.decision_problem(boolean, text, text)
       TO hmr_his, hmr_admin;
 GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, hmr.order_recognitions,
@@ -283,5 +291,5 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
                           public.hmr_query_recognitions(jsonb), public.hmr_check_prescription(jsonb, jsonb),
                           public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
                           public.hmr_download_report(text, text), public.hmr_order_recognition(text),
-                          public.hmr_check_order(jsonb, jsonb)
+                          public.hmr_check_order(jsonb, jsonb), public.hmr_page_decisions(text)
       TO hmr_admin;

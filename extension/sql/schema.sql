@@ -672,7 +672,10 @@ CREATE TABLE hmr.decisions (
     doctor_no    text NOT NULL,
     dept_code    text NOT NULL,
     decided_at   timestamptz NOT NULL DEFAULT now(),
-    recorded_by  text NOT NULL DEFAULT session_user
+    recorded_by  text NOT NULL DEFAULT session_user,
+    -- his (recorded through hmr_record_decision) or page (taken on the platform's page,
+    -- learnt from it: not uploaded again)
+    source       text NOT NULL DEFAULT 'his' CHECK (source IN ('his', 'page'))
 );
 CREATE INDEX decisions_order_idx ON hmr.decisions (order_id);
 CREATE INDEX decisions_check_idx ON hmr.decisions (check_id);
@@ -874,6 +877,15 @@ BEGIN
                 SELECT 1 FROM hmr.order_recognitions d
                  WHERE d.order_id = m->>'order_id'
                    AND d.report_id IN (SELECT x->>'report_id' FROM jsonb_array_elements(m->'reports') x));
+        -- Decisions the doctor took on the platform's page (of the previous refusal) count.
+        IF undecided IS NOT NULL AND hmr.learn_page_decisions(undecided) > 0 THEN
+            SELECT jsonb_agg(m) INTO undecided
+              FROM jsonb_array_elements(answer->'matches') m
+             WHERE NOT EXISTS (
+                    SELECT 1 FROM hmr.order_recognitions d
+                     WHERE d.order_id = m->>'order_id'
+                       AND d.report_id IN (SELECT x->>'report_id' FROM jsonb_array_elements(m->'reports') x));
+        END IF;
         IF undecided IS NOT NULL THEN
             -- Kept whatever becomes of this transaction (the refusal rolls it back).
             PERFORM hmr.keep_prompt(answer->>'check_id', undecided);

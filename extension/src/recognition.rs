@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use hmr_protocol::envelope::parse_data;
 use hmr_protocol::{
-    paths, CheckAnswer, CheckOrder, ItemsAnswer, ListAnswer, ListQuery, PreciseQuery, PrescriptionCheck,
-    RecognitionItem, ReportType,
+    paths, CheckAnswer, CheckDecisions, CheckOrder, DecisionSource, ItemsAnswer, ListAnswer, ListQuery, PreciseQuery,
+    PrescriptionCheck, RecognitionItem, ReportType,
 };
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -437,6 +437,13 @@ fn insert_check(record: &Value) {
 /// this transaction), so a decision can be taken from any connection.
 fn record_check(row: &CheckRow) {
     let record = check_record(row);
+    // Held until this transaction ends: the worker leaves the check's file alone meanwhile
+    // (it would otherwise wait on this transaction's uncommitted row).
+    Spi::run_with_args(
+        "SELECT pg_catalog.pg_advisory_xact_lock_shared(716684, pg_catalog.hashtext($1))",
+        &[row.check_id.as_str().into()],
+    )
+    .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"));
     insert_check(&record);
     if safe_id(&row.check_id) {
         if let Err(e) = keep_file("checks", &row.check_id, &record, false) {
@@ -510,6 +517,14 @@ fn keep_prompt(check_id: &str, undecided: JsonB) -> bool {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn ingest_kept() -> i32 {
+    ingest(true)
+}
+
+/// `remove`: the worker's call, in its own short transaction — it skips checks a transaction
+/// still open is writing (their advisory lock) and removes the files of committed rows. The
+/// doctor's own transaction (`learn_page_decisions`) only inserts: a row it can see may be
+/// its own, not yet committed.
+fn ingest(remove: bool) -> i32 {
     let mut inserted = 0;
     for what in ["checks", "prompts"] {
         let Ok(entries) = std::fs::read_dir(kept_dir(what)) else {
@@ -527,6 +542,18 @@ fn ingest_kept() -> i32 {
             else {
                 continue;
             };
+            if remove {
+                let free = Spi::get_one_with_args::<bool>(
+                    "SELECT pg_catalog.pg_try_advisory_xact_lock(716684,
+                            pg_catalog.hashtext($1 OPERATOR(pg_catalog.->>) 'check_id'))",
+                    &[JsonB(record.clone()).into()],
+                )
+                .unwrap_or_else(|e| error!("hmr: cannot ingest kept {what}: {e}"))
+                .unwrap_or(false);
+                if !free {
+                    continue; // a transaction writing this check is still open: next time
+                }
+            }
             let (exists, insert) = if what == "checks" {
                 (
                     "SELECT EXISTS (SELECT 1 FROM hmr.checks c WHERE c.check_id OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'check_id'))",
@@ -549,7 +576,9 @@ fn ingest_kept() -> i32 {
                 .unwrap_or_else(|e| error!("hmr: cannot read kept {what}: {e}"))
                 .unwrap_or(false);
             if committed {
-                let _ = std::fs::remove_file(&path);
+                if remove {
+                    let _ = std::fs::remove_file(&path);
+                }
             } else {
                 Spi::run_with_args(insert, &[JsonB(record).into()])
                     .unwrap_or_else(|e| error!("hmr: cannot ingest kept {what}: {e}"));
@@ -682,6 +711,133 @@ fn not_checked(status: &'static str, reason: String, visit: Value, orders: Value
         url: None,
         reason: Some(hmr_protocol::mask::scrub(&reason)),
     }
+}
+
+/// Asks the platform what was decided for a check (its page, §6) and records the decisions
+/// taken on the page in hmr.decisions (source `page`); a check decided completely on the
+/// page counts as delivered (its decisions are not uploaded again). Returns the answer and
+/// how many decisions were recorded now.
+fn learn_check(settings: &Settings, check_id: &str) -> Result<(CheckDecisions, i64), CallError> {
+    let body = call(settings, paths::check_decisions(check_id))?;
+    let answer: CheckDecisions =
+        parse_data(&body).map_err(|e| CallError::Unavailable(format!("unreadable answer: {e}")))?;
+    let mut recorded = 0;
+    for d in answer.decisions.iter().filter(|d| d.source == DecisionSource::Page) {
+        recorded += Spi::get_one_with_args::<i64>(
+            "WITH c AS (SELECT k.dept_code, k.doctor_no FROM hmr.checks k WHERE k.check_id OPERATOR(pg_catalog.=) $1),
+                  ins AS (
+                    INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text,
+                                               doctor_no, dept_code, decided_at, source)
+                    SELECT $1, $2, $3, $4, $5, $6, coalesce(nullif($7, ''), c.doctor_no),
+                           coalesce(c.dept_code, ''), $8::timestamptz, 'page'
+                      FROM c
+                     WHERE NOT EXISTS (SELECT 1 FROM hmr.current_decisions x
+                                        WHERE x.check_id OPERATOR(pg_catalog.=) $1 AND x.order_id OPERATOR(pg_catalog.=) $2
+                                          AND x.report_id OPERATOR(pg_catalog.=) $3 AND x.recognise OPERATOR(pg_catalog.=) $4)
+                    RETURNING 1)
+             SELECT pg_catalog.count(*) FROM ins",
+            &[
+                check_id.into(),
+                d.order_id.as_str().into(),
+                d.report_id.as_str().into(),
+                d.recognise.into(),
+                d.reason_code.clone().into(),
+                d.reason_text.clone().into(),
+                d.doctor_no.as_str().into(),
+                d.decided_at.as_str().into(),
+            ],
+        )
+        .unwrap_or_else(|e| error!("hmr: cannot record a page decision: {e}"))
+        .unwrap_or(0);
+    }
+    if answer.complete && answer.decisions.iter().all(|d| d.source == DecisionSource::Page) {
+        // Taken on the page: the platform has them; nothing to upload.
+        Spi::run_with_args(
+            "INSERT INTO hmr.delivered (kind, key, version, content_hash) VALUES ('decision', $1, 1, 'page')
+             ON CONFLICT (kind, key) DO NOTHING",
+            &[check_id.into()],
+        )
+        .unwrap_or_else(|e| error!("hmr: cannot record the page decisions: {e}"));
+    }
+    Ok((answer, recorded))
+}
+
+/// 互认页面操作结果: what the doctor decided on the platform's page for this check, recorded
+/// here (the HIS polls it while the page is open).
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn page_decisions_json(check_id: &str) -> JsonB {
+    if !ensure_check(check_id) {
+        bad_argument(format!("hmr: unknown check {check_id}"));
+    }
+    let Some(settings) = Settings::load() else {
+        return JsonB(json!({"status": "unavailable", "reason": "hmr.platform is not configured"}));
+    };
+    JsonB(match learn_check(&settings, check_id) {
+        Ok((a, recorded)) => json!({
+            "status": "ok",
+            "check_id": check_id,
+            "complete": a.complete,
+            "recorded": recorded,
+            "decisions": a.decisions.iter().map(|d| json!({
+                "order_id": d.order_id, "report_id": d.report_id, "recognise": d.recognise,
+                "reason_code": d.reason_code, "reason_text": d.reason_text, "doctor_no": d.doctor_no,
+                "decided_at": d.decided_at,
+                "source": if d.source == DecisionSource::Page { "page" } else { "upload" },
+            })).collect::<Vec<_>>(),
+        }),
+        Err(CallError::Unavailable(reason)) => json!({"status": "unavailable", "reason": reason}),
+        Err(CallError::NotFound(reason)) => json!({"status": "unchecked", "reason": format!("HTTP 404: {reason}")}),
+        Err(CallError::Refused { status, message }) => {
+            json!({"status": "unchecked", "reason": format!("HTTP {status}: {message}")})
+        }
+    })
+}
+
+/// For the gate, before it refuses a save: decisions the doctor took on the page of an
+/// earlier check of these orders (the page of the previous refusal). Returns how many were
+/// recorded; the platform being down only means none were learnt.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn learn_page_decisions(undecided: JsonB) -> i64 {
+    let orders: Vec<String> = undecided
+        .0
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m["order_id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if orders.is_empty() {
+        return 0;
+    }
+    ingest(false);
+    let checks: Vec<String> = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT c.check_id FROM hmr.checks c
+                  WHERE c.status OPERATOR(pg_catalog.=) 'ok' AND c.refused_at IS NULL
+                    AND c.checked_at OPERATOR(pg_catalog.>) (pg_catalog.now() OPERATOR(pg_catalog.-) interval '1 day')
+                    AND NOT EXISTS (SELECT 1 FROM hmr.delivered d
+                                     WHERE d.kind OPERATOR(pg_catalog.=) 'decision' AND d.key OPERATOR(pg_catalog.=) c.check_id)
+                    AND EXISTS (SELECT 1 FROM pg_catalog.jsonb_array_elements(c.matches) m
+                                 WHERE (m OPERATOR(pg_catalog.->>) 'order_id') OPERATOR(pg_catalog.=) ANY ($1))
+                  ORDER BY c.checked_at DESC LIMIT 5",
+                None,
+                &[orders.clone().into()],
+            )?
+            .map(|r| r.get::<String>(1).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_else(|e| error!("hmr: cannot read hmr.checks: {e}"));
+    let Some(settings) = Settings::load() else {
+        return 0;
+    };
+    checks
+        .iter()
+        .map(|id| learn_check(&settings, id).map_or(0, |(_, n)| n))
+        .sum()
 }
 
 /// The contract's reason rules, in words for the doctor; NULL when the decision is valid.

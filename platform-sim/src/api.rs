@@ -39,6 +39,7 @@ pub enum Endpoint {
     Check,
     Decisions,
     Download(String),
+    CheckDecisions(String),
 }
 
 impl Endpoint {
@@ -48,14 +49,20 @@ impl Endpoint {
             Endpoint::Token => return None,
             Endpoint::Patients | Endpoint::Departments | Endpoint::Staff => Scope::HisUpload,
             Endpoint::Report(t) | Endpoint::Revoke(t, _) | Endpoint::Pdf(t, _, _) => t.scope(),
-            Endpoint::List | Endpoint::Query | Endpoint::Check | Endpoint::Decisions | Endpoint::Download(_) => {
-                Scope::Recognition
-            }
+            Endpoint::List
+            | Endpoint::Query
+            | Endpoint::Check
+            | Endpoint::Decisions
+            | Endpoint::Download(_)
+            | Endpoint::CheckDecisions(_) => Scope::Recognition,
         })
     }
 
     fn is_get(&self) -> bool {
-        matches!(self, Endpoint::List | Endpoint::Download(_))
+        matches!(
+            self,
+            Endpoint::List | Endpoint::Download(_) | Endpoint::CheckDecisions(_)
+        )
     }
 }
 
@@ -494,6 +501,7 @@ fn dispatch(st: &mut State, cfg: &SimConfig, ep: &Endpoint, call: &Call) -> Resu
         Endpoint::Check => recognition::check(st, cfg, call),
         Endpoint::Decisions => recognition::decide(st, cfg, call),
         Endpoint::Download(id) => recognition::download(st, call, id),
+        Endpoint::CheckDecisions(id) => recognition::check_decisions(st, call, id),
     }
 }
 

@@ -238,10 +238,15 @@ impl Sim {
             .route(
                 route::DOWNLOAD,
                 get(|s, Path(id), r| call(s, r, Endpoint::Download(id))),
+            )
+            .route(
+                route::CHECK_DECISIONS,
+                get(|s, Path(id), r| call(s, r, Endpoint::CheckDecisions(id))),
             );
         Router::new()
             .merge(api)
             .route("/page/{ticket}", get(page))
+            .route("/page/{ticket}/decide", post(page_decide))
             .nest("/_sim", control::router(self.clone()))
             .fallback(not_found)
             .with_state(self.clone())
@@ -261,6 +266,23 @@ async fn call(AxState(sim): AxState<Sim>, req: Request, ep: Endpoint) -> Respons
 
 async fn page(AxState(sim): AxState<Sim>, Path(ticket): Path<String>) -> Response {
     let result = recognition::page(&mut sim.lock(), &ticket);
+    match result {
+        Ok(html) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
+        Err(e) => (
+            e.status(),
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            format!("<p>{}</p>\n", e.detail()),
+        )
+            .into_response(),
+    }
+}
+
+async fn page_decide(
+    AxState(sim): AxState<Sim>,
+    Path(ticket): Path<String>,
+    axum::extract::Form(form): axum::extract::Form<std::collections::HashMap<String, String>>,
+) -> Response {
+    let result = recognition::page_decide(&mut sim.lock(), &ticket, &form);
     match result {
         Ok(html) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
         Err(e) => (

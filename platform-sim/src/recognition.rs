@@ -1,13 +1,13 @@
 //! Section 6: recognition services: list, precise query, prescription check, decisions,
 //! download, and the one-time pages the URLs point to.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, FixedOffset};
 use hmr_protocol::checks::{format_time, id_card_problem, normalise_id_no, parse_time, ID_TYPES, VISIT_TYPES};
 use hmr_protocol::{
-    validate, CheckAnswer, CheckMatch, Decisions, FieldError, ItemsAnswer, ListAnswer, ListQuery, PreciseQuery,
-    PrescriptionCheck, RecognitionItem, ReportType,
+    validate, CheckAnswer, CheckMatch, Decision, Decisions, FieldError, ItemsAnswer, ListAnswer, ListQuery,
+    PreciseQuery, PrescriptionCheck, RecognitionItem, ReportType, DECLINE_REASONS,
 };
 use serde::Deserialize;
 
@@ -167,7 +167,14 @@ fn fail_if(errors: Vec<FieldError>) -> Result<(), SimError> {
     }
 }
 
-fn issue_ticket(st: &mut State, cfg: &SimConfig, org: &str, title: String, items: Vec<RecognitionItem>) -> String {
+fn issue_ticket(
+    st: &mut State,
+    cfg: &SimConfig,
+    org: &str,
+    title: String,
+    items: Vec<RecognitionItem>,
+    check_id: Option<String>,
+) -> String {
     let ticket = uuid::Uuid::new_v4().simple().to_string();
     let expires_at = st.now() + Duration::minutes(TICKET_MINUTES);
     st.tickets.insert(
@@ -177,6 +184,7 @@ fn issue_ticket(st: &mut State, cfg: &SimConfig, org: &str, title: String, items
             title,
             items,
             expires_at,
+            check_id,
         },
     );
     format!("{}/page/{ticket}", cfg.public_base())
@@ -199,7 +207,7 @@ pub fn list(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, SimE
     fail_if(errors)?;
     let items = recognisable(st, cfg, call.org, &q.id_type, &q.id_no, kind, call.now);
     let title = format!("互认信息列表 · 就诊 {}", q.visit_no);
-    let url = issue_ticket(st, cfg, call.org, title, items.clone());
+    let url = issue_ticket(st, cfg, call.org, title, items.clone(), None);
     let message = format!("{} recognisable item(s)", items.len());
     Ok(Answer::ok(
         &ListAnswer {
@@ -323,7 +331,8 @@ pub fn check(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, Sim
     }
     let check_id = uuid::Uuid::new_v4().to_string();
     let title = format!("处方互认校验 · 就诊 {}", c.visit_no);
-    let url = issue_ticket(st, cfg, call.org, title, all);
+    let offered: Vec<RecognitionItem> = matches.iter().flat_map(|m| m.reports.clone()).collect();
+    let url = issue_ticket(st, cfg, call.org, title, offered, Some(check_id.clone()));
     st.checks.insert(
         check_id.clone(),
         Check {
@@ -332,6 +341,7 @@ pub fn check(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, Sim
             created_at: call.now,
             matched,
             decided: None,
+            page: BTreeMap::new(),
         },
     );
     let message = format!(
@@ -356,16 +366,24 @@ pub fn decide(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, Si
         return Err(SimError::NotFound(format!("check {} unknown to this org", d.check_id)));
     };
     if let Some(held) = &check.decided {
-        return if held == &d {
+        // The same decisions (taken on the page, or uploaded before) replay; others conflict.
+        let sorted = |ds: &[Decision]| {
+            let mut v = ds.to_vec();
+            v.sort_by(|a, b| a.order_id.cmp(&b.order_id));
+            v
+        };
+        return if sorted(&held.decisions) == sorted(&d.decisions) {
             Ok(Answer::done(
                 Effect::Unchanged,
                 format!("check {}: same decisions held", d.check_id),
             ))
         } else {
-            Err(SimError::conflict(format!(
-                "check {}: other decisions already recorded",
-                d.check_id
-            )))
+            Err(SimError::Conflict {
+                message: format!("check {}: other decisions already recorded", d.check_id),
+                errors: (0..d.decisions.len())
+                    .map(|i| FieldError::new(format!("decisions[{i}]"), "already-decided"))
+                    .collect(),
+            })
         };
     }
 
@@ -487,6 +505,10 @@ pub fn page(st: &mut State, ticket: &str) -> Result<String, SimError> {
     if t.expires_at <= now {
         return Err(SimError::Gone("this page link expired".into()));
     }
+    if let Some(check_id) = &t.check_id {
+        st.page_forms.insert(ticket.to_owned(), check_id.clone());
+        return Ok(check_page(st, &t, check_id, ticket));
+    }
     let mut rows = String::new();
     for i in &t.items {
         rows.push_str(&format!(
@@ -513,6 +535,181 @@ pub fn page(st: &mut State, ticket: &str) -> Result<String, SimError> {
         org = esc(&t.org),
         n = t.items.len(),
     ))
+}
+
+/// A check's page: each matched order with its reports, 互认 / 不互认 and the six reasons.
+fn check_page(st: &State, t: &Ticket, check_id: &str, ticket: &str) -> String {
+    let Some(check) = st.checks.get(check_id) else {
+        return "<p>unknown check</p>".into();
+    };
+    let reasons: String = DECLINE_REASONS
+        .iter()
+        .map(|(code, text)| format!("<option value=\"{code}\">{code} {}</option>", esc(text)))
+        .collect();
+    let mut forms = String::new();
+    for (order_id, offered) in &check.matched {
+        let decided = check.page.get(order_id);
+        for report_id in offered {
+            let item = t.items.iter().find(|i| &i.report_id == report_id);
+            let name = item.map_or(report_id.as_str(), |i| i.item_name.as_str());
+            let org = item.map_or("", |i| i.org_name.as_str());
+            let state = match decided {
+                Some(d) if d.recognise => "已选择：互认".to_string(),
+                Some(d) => format!("已选择：不互认（{}）", d.reason_code.as_deref().unwrap_or("")),
+                None => "未选择".to_string(),
+            };
+            forms.push_str(&format!(
+                "<form method=\"post\" action=\"/page/{ticket}/decide\" class=\"order\">\n\
+                 <h2>医嘱 {order} · {name} · {org}</h2><p class=\"state\">{state}</p>\n\
+                 <input type=\"hidden\" name=\"order_id\" value=\"{order}\">\n\
+                 <input type=\"hidden\" name=\"report_id\" value=\"{report}\">\n\
+                 <label>医生工号 <input name=\"doctor_no\" required></label>\n\
+                 <button name=\"choice\" value=\"recognise\">互认</button>\n\
+                 <label>不互认原因 <select name=\"reason_code\">{reasons}</select></label>\n\
+                 <input name=\"reason_text\" placeholder=\"原因说明（06 必填）\">\n\
+                 <button name=\"choice\" value=\"decline\">不互认</button>\n</form>\n",
+                order = esc(order_id),
+                name = esc(name),
+                org = esc(org),
+                report = esc(report_id),
+            ));
+        }
+    }
+    format!(
+        "<!doctype html>\n<html lang=\"zh-CN\"><head><meta charset=\"utf-8\"><title>{title}</title></head>\n<body>\
+         <h1>{title}</h1>\n{forms}</body></html>\n",
+        title = esc(&t.title),
+    )
+}
+
+/// The page's form: one order's 互认 / 不互认. When every matched order is decided there, the
+/// check counts as decided (an upload of the same decisions replays; others are `409`).
+pub fn page_decide(st: &mut State, ticket: &str, form: &HashMap<String, String>) -> Result<String, SimError> {
+    let now = st.now();
+    let Some(check_id) = st.page_forms.get(ticket).cloned() else {
+        return Err(SimError::NotFound("unknown page".into()));
+    };
+    let field = |k: &str| form.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let order_id = field("order_id").ok_or_else(|| SimError::invalid("order_id", "required"))?;
+    let report_id = field("report_id").ok_or_else(|| SimError::invalid("report_id", "required"))?;
+    let doctor_no = field("doctor_no").ok_or_else(|| SimError::invalid("doctor_no", "required"))?;
+    let recognise = match field("choice").as_deref() {
+        Some("recognise") => true,
+        Some("decline") => false,
+        _ => return Err(SimError::invalid("choice", "code")),
+    };
+    let decision = Decision {
+        order_id: order_id.clone(),
+        report_id: report_id.clone(),
+        recognise,
+        reason_code: if recognise { None } else { field("reason_code") },
+        reason_text: if recognise { None } else { field("reason_text") },
+    };
+    validate::decision(&decision).map_err(|e| SimError::Invalid(vec![e]))?;
+    let org = {
+        let Some(check) = st.checks.get_mut(&check_id) else {
+            return Err(SimError::NotFound("unknown check".into()));
+        };
+        if check.decided.is_some() {
+            return Err(SimError::conflict("this check is decided already"));
+        }
+        if !check.matched.get(&order_id).is_some_and(|o| o.contains(&report_id)) {
+            return Err(SimError::invalid("report_id", "not-offered"));
+        }
+        check.page.insert(
+            order_id.clone(),
+            hmr_protocol::CheckDecision {
+                order_id: order_id.clone(),
+                report_id: report_id.clone(),
+                recognise,
+                reason_code: decision.reason_code.clone(),
+                reason_text: decision.reason_text.clone(),
+                doctor_no: doctor_no.clone(),
+                decided_at: format_time(&now),
+                source: hmr_protocol::DecisionSource::Page,
+            },
+        );
+        if check.page.len() < check.matched.len() {
+            return Ok(format!("<p>已记录医嘱 {} 的选择</p>\n", esc(&order_id)));
+        }
+        let all = Decisions {
+            check_id: check_id.clone(),
+            doctor_no: doctor_no.clone(),
+            dept_code: String::new(),
+            decided_at: format_time(&now),
+            decisions: check
+                .page
+                .values()
+                .map(|d| Decision {
+                    order_id: d.order_id.clone(),
+                    report_id: d.report_id.clone(),
+                    recognise: d.recognise,
+                    reason_code: d.reason_code.clone(),
+                    reason_text: d.reason_text.clone(),
+                })
+                .collect(),
+        };
+        check.decided = Some(all.clone());
+        (check.org.clone(), all)
+    };
+    let (org_code, all) = org;
+    let org = st.orgs.entry(org_code).or_default();
+    org.recognised.extend(
+        all.decisions
+            .iter()
+            .filter(|d| d.recognise)
+            .map(|d| d.report_id.clone()),
+    );
+    org.decisions.push(DecisionRecord {
+        check_id: check_id.clone(),
+        doctor_no: all.doctor_no.clone(),
+        dept_code: String::new(),
+        decided_at: all.decided_at.clone(),
+        received_at: format_time(&now),
+        decisions: all.decisions.clone(),
+    });
+    Ok(format!("<p>处方 {} 的互认选择已完成</p>\n", esc(&check_id)))
+}
+
+/// `GET /prescriptions/checks/{checkId}` (§6): what is decided so far, on the page or uploaded.
+pub fn check_decisions(st: &State, call: &Call, check_id: &str) -> Result<Answer, SimError> {
+    if call.query.is_some_and(|q| !q.is_empty()) {
+        return Err(SimError::invalid("query", "unknown-field"));
+    }
+    let Some(check) = st.checks.get(check_id) else {
+        return Err(SimError::NotFound(format!("check {check_id} unknown")));
+    };
+    if check.org != call.org {
+        return Err(SimError::Forbidden(
+            "only the org that asked the check may read it".into(),
+        ));
+    }
+    let decisions: Vec<hmr_protocol::CheckDecision> = if !check.page.is_empty() {
+        check.page.values().cloned().collect()
+    } else {
+        check
+            .decided
+            .iter()
+            .flat_map(|d| {
+                d.decisions.iter().map(move |one| hmr_protocol::CheckDecision {
+                    order_id: one.order_id.clone(),
+                    report_id: one.report_id.clone(),
+                    recognise: one.recognise,
+                    reason_code: one.reason_code.clone(),
+                    reason_text: one.reason_text.clone(),
+                    doctor_no: d.doctor_no.clone(),
+                    decided_at: d.decided_at.clone(),
+                    source: hmr_protocol::DecisionSource::Upload,
+                })
+            })
+            .collect()
+    };
+    let answer = hmr_protocol::CheckDecisions {
+        check_id: check_id.to_string(),
+        complete: check.decided.is_some(),
+        decisions,
+    };
+    Ok(Answer::ok(&answer, Effect::Unchanged, format!("check {check_id} read")))
 }
 
 fn esc(s: &str) -> String {

@@ -32,6 +32,8 @@ pub struct State {
     pub tickets: HashMap<String, Ticket>,
     /// Tickets already shown: a second visit is `410`, not `404`.
     pub used_tickets: HashSet<String>,
+    /// A used check page's ticket → its check: the page's form posts there.
+    pub page_forms: HashMap<String, String>,
     pub checks: HashMap<String, Check>,
     pub faults: Faults,
     /// Shifts the simulator's clock (control API), for token and validity rehearsals.
@@ -258,6 +260,8 @@ pub struct Ticket {
     pub title: String,
     pub items: Vec<RecognitionItem>,
     pub expires_at: DateTime<FixedOffset>,
+    /// The check whose decisions the page takes (a check's URL), if any.
+    pub check_id: Option<String>,
 }
 
 /// A prescription check, kept so its decisions can be verified against what was offered.
@@ -269,6 +273,8 @@ pub struct Check {
     pub matched: BTreeMap<String, Vec<String>>,
     /// The decisions request accepted for this check, to replay or refuse a different one.
     pub decided: Option<hmr_protocol::Decisions>,
+    /// Decisions taken on the check's page, per order (§6).
+    pub page: BTreeMap<String, hmr_protocol::CheckDecision>,
 }
 
 #[derive(Debug, Clone, Serialize)]

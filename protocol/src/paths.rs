@@ -29,6 +29,7 @@ pub mod route {
     pub const RECOGNITIONS_QUERY: &str = "/api/v1/recognitions/query";
     pub const PRESCRIPTION_CHECK: &str = "/api/v1/prescriptions/check";
     pub const DECISIONS: &str = "/api/v1/recognitions/decisions";
+    pub const CHECK_DECISIONS: &str = "/api/v1/prescriptions/checks/{check_id}";
     pub const DOWNLOAD: &str = "/api/v1/reports/{report_id}/download";
 }
 
@@ -220,6 +221,19 @@ pub fn prescription_check(c: &PrescriptionCheck) -> Request {
 
 pub fn decisions(d: &Decisions) -> Request {
     json(Method::Post, route::DECISIONS.into(), Some(Scope::Recognition), d)
+}
+
+/// 互认页面操作结果 (§6): what is decided so far for a check, on its page or uploaded. A new
+/// request each poll (a reused request id would replay the first answer).
+pub fn check_decisions(check_id: &str) -> Request {
+    Request {
+        method: Method::Get,
+        path: format!("/api/v1/prescriptions/checks/{}", encode(check_id)),
+        scope: Some(Scope::Recognition),
+        content_type: None,
+        headers: vec![],
+        body: vec![],
+    }
 }
 
 /// `format` is `pdf` or `json`.

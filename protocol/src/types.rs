@@ -443,6 +443,38 @@ pub struct Decision {
     pub reason_text: Option<String>,
 }
 
+/// `GET /prescriptions/checks/{checkId}` (§6): the decisions taken so far for a check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CheckDecisions {
+    pub check_id: String,
+    pub complete: bool,
+    pub decisions: Vec<CheckDecision>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CheckDecision {
+    pub order_id: String,
+    pub report_id: String,
+    pub recognise: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_text: Option<String>,
+    pub doctor_no: String,
+    pub decided_at: String,
+    /// `page` (taken on the platform's page) or `upload` (sent by the hospital).
+    pub source: DecisionSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionSource {
+    Page,
+    Upload,
+}
+
 /// The 不互认 reason codes and their wording.
 pub const DECLINE_REASONS: [(&str, &str); 6] = [
     ("01", "病情变化，原结果难以反映当前病情"),

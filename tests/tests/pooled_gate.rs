@@ -344,3 +344,89 @@ async fn a_refused_decision_reaches_the_doctor() -> Result<()> {
     assert_eq!(count(&w.su, "SELECT count(*) FROM hmr.quarantine").await?, 0);
     Ok(())
 }
+
+/// The doctor decides on the platform's page (§6): hmr learns it (polled by the HIS, or on the
+/// next save), records it with source `page`, uploads nothing, and the save passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn decisions_taken_on_the_platform_page_count() -> Result<()> {
+    let w = world().await?;
+    let http = reqwest::Client::new();
+    let page_decide = |url: String, order: &str, report: &str| {
+        let http = http.clone();
+        let form = vec![
+            ("order_id", order.to_string()),
+            ("report_id", report.to_string()),
+            ("doctor_no", "D001".to_string()),
+            ("choice", "recognise".to_string()),
+        ];
+        async move {
+            // The doctor opens the page (the one-time ticket), then presses 互认.
+            let page = http.get(&url).send().await?.error_for_status()?.text().await?;
+            anyhow::ensure!(page.contains("互认") && page.contains("不互认"), "{page}");
+            anyhow::ensure!(page.contains("06 其他情形确需复查"), "the six reasons are offered");
+            let done = http
+                .post(format!("{url}/decide"))
+                .form(&form)
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            anyhow::ensure!(done.contains("互认选择已完成"), "{done}");
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    // 1. Polled by the HIS while the page is open.
+    let lines = orders("G1", "P0001", "1", "MZ001", "JY0001");
+    let refused: Value =
+        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+            .await?
+            .get(0);
+    let check = refused["decide"]["check_id"].as_str().unwrap_or_default().to_string();
+    let url = refused["decide"]["url"].as_str().unwrap_or_default().to_string();
+    let report = refused["decide"]["matches"][0]["reports"][0]["report_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    page_decide(url, "G1", &report).await?;
+    let polled: Value = w.su.query_one("SELECT hmr_page_decisions($1)", &[&check]).await?.get(0);
+    assert_eq!(polled["complete"], true, "{polled}");
+    assert_eq!(polled["decisions"][0]["source"], "page", "{polled}");
+    let saved: Value =
+        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+            .await?
+            .get(0);
+    assert_eq!(saved["saved"], true, "{saved}");
+    // 2. Learnt by the next save alone.
+    let lines = orders("G2", "P0003", "3", "ZY003", "JY0001");
+    let refused: Value =
+        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+            .await?
+            .get(0);
+    let url = refused["decide"]["url"].as_str().unwrap_or_default().to_string();
+    let report = refused["decide"]["matches"][0]["reports"][0]["report_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    page_decide(url, "G2", &report).await?;
+    let saved: Value =
+        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+            .await?
+            .get(0);
+    assert_eq!(saved["saved"], true, "the save learnt the page decision: {saved}");
+    assert_eq!(
+        count(&w.su, "SELECT count(*) FROM hmr.decisions WHERE source = 'page'").await?,
+        2
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        w.sim
+            .requests_with("/api/v1/recognitions/decisions", "applied")
+            .await?
+            .is_empty(),
+        "page decisions are not uploaded again"
+    );
+    let state: Value = w.su.query_one("SELECT hmr_order_recognition('G2')", &[]).await?.get(0);
+    assert_eq!(state["decision"], "recognised", "{state}");
+    Ok(())
+}
