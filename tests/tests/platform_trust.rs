@@ -565,6 +565,12 @@ async fn the_check_command_names_what_is_wrong() -> Result<()> {
     assert!(!ok && out.contains("unreachable"), "{out}");
     let (ok, out) = check(config.replace(&sim.base, &format!("https://127.0.0.1:{port}")))?;
     assert!(!ok && out.contains("TLS failure"), "{out}");
+    // The platform refuses the scope to this org (403 on the token).
+    sim.faults(json!({"status": 403, "path_prefix": "/api/v1/auth/token"}))
+        .await?;
+    let (ok, out) = check(config.clone())?;
+    assert!(!ok && out.contains("scope missing"), "{out}");
+    sim.clear_faults().await?;
     Ok(())
 }
 
