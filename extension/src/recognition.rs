@@ -158,9 +158,15 @@ fn list_recognitions_json(
 /// A date alone (`2026-12-01`) means the whole day in UTC+8: from its first second, to its
 /// last. Anything else is passed on as given (a full time).
 fn whole_day(value: &str, end: bool) -> String {
+    let china = hmr_protocol::checks::china();
+    let at = |d: chrono::NaiveDate, h, m, s| {
+        d.and_hms_opt(h, m, s)
+            .and_then(|t| t.and_local_timezone(china).single())
+            .map(|t| hmr_protocol::checks::format_time(&t))
+    };
     match chrono::NaiveDate::parse_from_str(value.trim(), "%Y-%m-%d") {
-        Ok(d) if end => format!("{d}T23:59:59+08:00"),
-        Ok(d) => format!("{d}T00:00:00+08:00"),
+        Ok(d) if end => at(d, 23, 59, 59).unwrap_or_else(|| value.to_string()),
+        Ok(d) => at(d, 0, 0, 0).unwrap_or_else(|| value.to_string()),
         Err(_) => value.to_string(),
     }
 }

@@ -186,7 +186,7 @@ fn check_rows(kind: &str, view: &str, item_view: Option<&str>, canonical: &Sourc
     })
     .unwrap_or_else(|e| error!("hmr: cannot read {view}: {e}"));
 
-    let now = chrono::Utc::now().with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("valid offset"));
+    let now = hmr_protocol::checks::china_now();
     for row in rows {
         let Value::Object(row) = row else { continue };
         let key = row

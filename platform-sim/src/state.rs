@@ -16,7 +16,7 @@ use crate::journal::Journal;
 
 /// China Standard Time: the offset the simulator writes its own times in.
 pub fn cst() -> FixedOffset {
-    FixedOffset::east_opt(8 * 3600).expect("valid offset")
+    hmr_protocol::checks::china()
 }
 
 #[derive(Default)]

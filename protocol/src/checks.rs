@@ -5,6 +5,21 @@ use chrono::{DateTime, FixedOffset, NaiveDate};
 
 /// A batch carries at most this many records.
 pub const MAX_BATCH: usize = 500;
+
+/// The one time zone of the product: China Standard Time (UTC+8, no daylight saving), in
+/// which the platform's hospitals write times, "today" is reckoned (future checks, whole-day
+/// ranges) and the simulator keeps its clock. The database's own zone (`database.timezone`)
+/// only changes how PostgreSQL prints times; every time sent carries its offset.
+pub const CHINA_OFFSET_SECS: i32 = 8 * 3600;
+
+pub fn china() -> FixedOffset {
+    FixedOffset::east_opt(CHINA_OFFSET_SECS).expect("a valid offset")
+}
+
+/// Now, in China Standard Time.
+pub fn china_now() -> DateTime<FixedOffset> {
+    chrono::Utc::now().with_timezone(&china())
+}
 /// A PDF is at most 10 MiB.
 pub const MAX_PDF_BYTES: usize = 10 * 1024 * 1024;
 /// Event times may be at most this far in the future.

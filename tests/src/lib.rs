@@ -612,7 +612,7 @@ impl<'a> OtherHospital<'a> {
         days_ago: i64,
     ) -> Result<()> {
         use hmr_protocol::*;
-        let now = chrono::Utc::now().with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).unwrap());
+        let now = hmr_protocol::checks::china_now();
         let at = checks::format_time(&(now - chrono::Duration::days(days_ago)));
         let patient = Patient {
             patient_id: format!("X-{id_no}"),
@@ -671,7 +671,7 @@ impl<'a> OtherHospital<'a> {
 
     pub async fn revoke_lab(&self, report_no: &str) -> Result<()> {
         use hmr_protocol::*;
-        let now = chrono::Utc::now().with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).unwrap());
+        let now = hmr_protocol::checks::china_now();
         let body = Revoke {
             version: 1,
             reason: "取消审核".into(),

@@ -274,9 +274,7 @@ async fn a_data_problem_never_stops_care() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_date_only_range_means_whole_days() -> Result<()> {
     let w = world().await?;
-    let today = chrono::Utc::now()
-        .with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("offset"))
-        .date_naive();
+    let today = hmr_protocol::checks::china_now().date_naive();
     let from = (today - chrono::Duration::days(3)).to_string();
     let filter = json!({"id_type": "01", "id_no": P0001_ID, "from": from, "to": today.to_string()});
     let q: Value =

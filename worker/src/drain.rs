@@ -241,7 +241,7 @@ impl Drainer {
     }
 
     fn now(&self) -> chrono::DateTime<chrono::FixedOffset> {
-        chrono::Utc::now().with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("valid offset"))
+        hmr_protocol::checks::china_now()
     }
 
     /// Exponential backoff with jitter: base·2^(attempts−1), capped, then 50–100 % of it.
