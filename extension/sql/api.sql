@@ -218,6 +218,21 @@ SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')
        (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_dead_rows,
        (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.captured'::regclass) AS captured_dead_rows;
 
+-- Per kind: ready (its source checks clean), problems (how many), or not connected (no
+-- view yet and nothing captures or polls it): a hospital connecting lab first is ready for lab.
+CREATE VIEW hmr.source_readiness AS
+SELECT k.kind,
+       CASE WHEN NOT connected THEN 'not connected'
+            WHEN n = 0 THEN 'ready'
+            ELSE 'problems' END AS state,
+       n AS problems
+FROM (SELECT k.kind,
+             to_regclass(k.source_view) IS NOT NULL
+             OR EXISTS (SELECT 1 FROM hmr.watches w WHERE w.kind = k.kind)
+             OR EXISTS (SELECT 1 FROM hmr.polled_sources p WHERE p.kind = k.kind) AS connected
+        FROM hmr.kinds k WHERE k.kind <> 'decision') k
+CROSS JOIN LATERAL (SELECT CASE WHEN k.connected THEN (SELECT count(*) FROM hmr.check_sources(k.kind)) ELSE 0 END AS n) c;
+
 -- ===================================================================== roles (least privilege)
 -- hmr_his     HIS stored procedures: the hmr_* API only; nothing of hmr's tables.
 -- hmr_worker  the worker: drains the outbox, keeps downloads; reads the hmr_src views
@@ -259,6 +274,11 @@ GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, h
       TO hmr_his;
 -- Policy: everyone reads it; only hmr_admin changes it (hmr.set_policy).
 GRANT SELECT ON hmr.policy, hmr.effective_policy, hmr.settings TO hmr_his, hmr_worker, hmr_admin;
+-- Source views (read by the worker, checked by DBAs) use the code maps.
+GRANT SELECT ON hmr.code_map TO hmr_his, hmr_worker, hmr_admin;
+GRANT EXECUTE ON FUNCTION hmr.code(text, anyelement), hmr.code(text, text), hmr.flag(anyelement), hmr.flag(text)
+      TO hmr_his, hmr_worker, hmr_admin;
+GRANT INSERT, UPDATE, DELETE ON hmr.code_map TO hmr_admin;
 -- Views read settings through it (functions in a view are called as the view's reader).
 GRANT EXECUTE ON FUNCTION hmr.setting_of(text) TO hmr_his, hmr_worker, hmr_admin;
 GRANT INSERT, UPDATE ON hmr.policy TO hmr_admin;
@@ -284,7 +304,7 @@ GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_h
       TO hmr_worker, hmr_admin;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.guarded TO hmr_admin;
-GRANT SELECT ON hmr.prompts, hmr.prompt_log, hmr.guards, hmr.watches, hmr.backfill_progress, hmr.retained_reports, hmr.download_log, hmr.checks,
+GRANT SELECT ON hmr.source_readiness, hmr.prompts, hmr.prompt_log, hmr.guards, hmr.watches, hmr.backfill_progress, hmr.retained_reports, hmr.download_log, hmr.checks,
                 hmr.list_cache TO hmr_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA hmr TO hmr_admin;
 GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean),

@@ -516,6 +516,84 @@ mod tests {
         .unwrap();
         assert_eq!(rows, "P2 id_no checksum");
     }
+
+    #[pg_test]
+    fn check_sources_names_value_rule_allowed_and_a_working_hint() {
+        Spi::run("CREATE SCHEMA IF NOT EXISTS hmr_src").unwrap();
+        // A vendor's shape: 男/女 words, a lower-case x, '' for no phone, a smallint flag,
+        // timestamp without time zone.
+        Spi::run(
+            "CREATE TABLE vendor_pat (brid text, sfzh text, xm text, xb text, csrq date, dh text, jdsj timestamp, yx smallint)",
+        )
+        .unwrap();
+        Spi::run(
+            "INSERT INTO vendor_pat VALUES ('B1', '11010519491231002x', '张三', '男', '1949-12-31', '', '2024-01-01 08:00', 1), \
+                                          ('B2', '11010519491231002X', '李四', '女的', '1949-12-31', '', '2024-01-01 08:00', 1)",
+        )
+        .unwrap();
+        Spi::run(
+            "CREATE VIEW hmr_src.patient AS SELECT brid AS patient_id, '01'::text AS id_type, sfzh AS id_no, xm AS name, \
+                    hmr.code('gender', xb) AS gender_code, csrq AS birth_date, dh AS phone, \
+                    jdsj AS registered_at, jdsj AS updated_at FROM vendor_pat",
+        )
+        .unwrap();
+        let row = |sql: &str| Spi::get_one::<String>(sql).unwrap().unwrap_or_default();
+        // The column type: flagged with a zone-independent hint.
+        assert_eq!(
+            row("SELECT hint FROM hmr.check_sources('patient') WHERE field = 'registered_at' AND key IS NULL"),
+            "(registered_at AT TIME ZONE 'Asia/Shanghai') AS registered_at"
+        );
+        Spi::run("DROP VIEW hmr_src.patient").unwrap();
+        Spi::run(
+            "CREATE VIEW hmr_src.patient AS SELECT brid AS patient_id, '01'::text AS id_type, sfzh AS id_no, \
+                    xm AS name, hmr.code('gender', xb) AS gender_code, csrq AS birth_date, dh AS phone, \
+                    jdsj AT TIME ZONE 'Asia/Shanghai' AS registered_at, jdsj AT TIME ZONE 'Asia/Shanghai' AS updated_at \
+               FROM vendor_pat",
+        )
+        .unwrap();
+        let problems = row(
+            "SELECT string_agg(concat_ws(' | ', key, field, problem, value, rule, allowed, hint), E'\n' ORDER BY key, field) \
+               FROM hmr.check_sources('patient')",
+        );
+        // B1: 男 mapped; '' phone absent; lower-case x named with the fix, masked.
+        assert!(
+            problems.contains("B1 | id_no | format | 1101**********002x"),
+            "{problems}"
+        );
+        assert!(problems.contains("upper(id_no) AS id_no"), "{problems}");
+        assert!(!problems.contains("phone"), "'' is absent, not missing: {problems}");
+        // B2: an unknown word, with the allowed codes and the map to use.
+        assert!(
+            problems.contains("B2 | gender_code | code | 女的 | must be one of the allowed codes | 0, 1, 2, 9 | hmr.code('gender', gender_code)"),
+            "{problems}"
+        );
+        // The smallint flag's hint works where a cast would not.
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT (yx <> 0) FROM vendor_pat LIMIT 1").unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT hmr.code('visit_type', '住院')")
+                .unwrap()
+                .as_deref(),
+            Some("3")
+        );
+        assert_eq!(Spi::get_one::<bool>("SELECT hmr.flag('是'::text)").unwrap(), Some(true));
+        assert_eq!(Spi::get_one::<bool>("SELECT hmr.flag(0)").unwrap(), Some(false));
+        // Kinds without a view are not connected, not errors.
+        assert_eq!(
+            row("SELECT state FROM hmr.source_readiness WHERE kind = 'exam_report'"),
+            "not connected"
+        );
+        assert_eq!(
+            row("SELECT state FROM hmr.source_readiness WHERE kind = 'patient'"),
+            "problems"
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.check_sources() WHERE kind = 'exam_report'").unwrap(),
+            Some(0)
+        );
+    }
 }
 
 /// Required by `cargo pgrx test`.

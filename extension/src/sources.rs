@@ -9,10 +9,50 @@ use serde_json::{json, Map, Value};
 
 use crate::gucs;
 
-type Problem = (String, String, Option<String>, Option<String>, String);
+/// One problem: where (kind, view, record key, column), what (the reason), and for data
+/// problems the offending value (identity numbers masked), the rule and the allowed values;
+/// a hint that fixes it in the view when there is one.
+#[derive(Default)]
+struct Problem {
+    kind: String,
+    source: String,
+    key: Option<String>,
+    field: Option<String>,
+    problem: String,
+    value: Option<String>,
+    rule: Option<String>,
+    allowed: Option<String>,
+    hint: Option<String>,
+}
+
+fn problem(kind: &str, source: &str, key: Option<String>, field: Option<String>, text: String) -> Problem {
+    Problem {
+        kind: kind.into(),
+        source: source.into(),
+        key,
+        field,
+        problem: text,
+        ..Problem::default()
+    }
+}
+
+type ProblemRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 /// One row per problem: the kind, the source view, the record key (for row problems), the
-/// column, and the problem in plain words. No rows means the sources are ready.
+/// column, the problem, and for data problems the value, the rule, the allowed values and a
+/// hint. No rows means the sources of the connected kinds are ready; a kind whose view does
+/// not exist and that nothing captures or polls is "not connected" and not listed (ask for it
+/// by name to see why; `hmr.source_readiness` says per kind).
 #[pg_extern]
 #[allow(clippy::type_complexity)] // the column list is the SQL signature
 fn check_sources(
@@ -25,12 +65,20 @@ fn check_sources(
         name!(key, Option<String>),
         name!(field, Option<String>),
         name!(problem, String),
+        name!(value, Option<String>),
+        name!(rule, Option<String>),
+        name!(allowed, Option<String>),
+        name!(hint, Option<String>),
     ),
 > {
-    let kinds: Vec<(String, String, Option<String>)> = Spi::connect(|client| {
+    let kinds: Vec<(String, String, Option<String>, bool)> = Spi::connect(|client| {
         client
             .select(
-                "SELECT kind, source_view, item_view FROM hmr.kinds WHERE kind <> 'decision' ORDER BY kind",
+                "SELECT k.kind, k.source_view, k.item_view,
+                        to_regclass(k.source_view) IS NOT NULL
+                        OR EXISTS (SELECT 1 FROM hmr.watches w WHERE w.kind = k.kind)
+                        OR EXISTS (SELECT 1 FROM hmr.polled_sources p WHERE p.kind = k.kind)
+                   FROM hmr.kinds k WHERE k.kind <> 'decision' ORDER BY k.kind",
                 None,
                 &[],
             )?
@@ -39,6 +87,7 @@ fn check_sources(
                     row.get::<String>(1)?.unwrap_or_default(),
                     row.get::<String>(2)?.unwrap_or_default(),
                     row.get::<String>(3)?,
+                    row.get::<bool>(4)?.unwrap_or(false),
                 ))
             })
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
@@ -46,8 +95,12 @@ fn check_sources(
     .unwrap_or_else(|e| error!("hmr: cannot read hmr.kinds: {e}"));
 
     let mut problems: Vec<Problem> = Vec::new();
-    for (k, view_name, item_view) in kinds {
+    for (k, view_name, item_view, connected) in kinds {
         if kind.is_some_and(|wanted| wanted != k) {
+            continue;
+        }
+        // Not set up yet (a hospital connecting lab first has no exam view): not an error.
+        if kind.is_none() && !connected {
             continue;
         }
         let Some(canonical) = source::view_for(&k) else {
@@ -61,7 +114,11 @@ fn check_sources(
             check_rows(&k, &view_name, item_view.as_deref(), canonical, &mut problems);
         }
     }
-    TableIterator::new(problems)
+    TableIterator::new(problems.into_iter().map(|p| -> ProblemRow {
+        (
+            p.kind, p.source, p.key, p.field, p.problem, p.value, p.rule, p.allowed, p.hint,
+        )
+    }))
 }
 
 /// The view's columns and their types; false when the view is missing or unusable.
@@ -93,9 +150,9 @@ fn check_columns(kind: &str, view: &str, canonical: &SourceView, problems: &mut 
     .unwrap_or_else(|e| error!("hmr: cannot inspect {view}: {e}"));
 
     let Some(columns) = columns else {
-        problems.push((
-            kind.into(),
-            view.into(),
+        problems.push(problem(
+            kind,
+            view,
             None,
             None,
             format!("source view {view} does not exist: create it with the columns listed in the README"),
@@ -110,9 +167,9 @@ fn check_columns(kind: &str, view: &str, canonical: &SourceView, problems: &mut 
     };
     for key in key_columns {
         if !columns.iter().any(|(n, _)| n == key) && !canonical.columns.iter().any(|c| c.name == *key) {
-            problems.push((
-                kind.into(),
-                view.into(),
+            problems.push(problem(
+                kind,
+                view,
                 None,
                 Some((*key).into()),
                 "key column is missing".into(),
@@ -123,9 +180,9 @@ fn check_columns(kind: &str, view: &str, canonical: &SourceView, problems: &mut 
     for c in canonical.columns {
         match columns.iter().find(|(n, _)| n == c.name) {
             None if c.required => {
-                problems.push((
-                    kind.into(),
-                    view.into(),
+                problems.push(problem(
+                    kind,
+                    view,
                     None,
                     Some(c.name.into()),
                     "required column is missing".into(),
@@ -134,22 +191,71 @@ fn check_columns(kind: &str, view: &str, canonical: &SourceView, problems: &mut 
             }
             None => {}
             Some((_, actual)) if !type_matches(c.sql_type, actual) => {
-                problems.push((
-                    kind.into(),
-                    view.into(),
+                let hint = cast_hint(c.name, c.sql_type, actual);
+                let mut p = problem(
+                    kind,
+                    view,
                     None,
                     Some(c.name.into()),
-                    format!(
-                        "column is {actual}, expected {} (cast it in the view: {}::{})",
-                        c.sql_type, c.name, c.sql_type
-                    ),
-                ));
+                    format!("column is {actual}, expected {} (in the view: {hint})", c.sql_type),
+                );
+                p.rule = Some(format!("the column's type must be {}", c.sql_type));
+                p.hint = Some(hint);
+                problems.push(p);
                 usable = false;
+            }
+            Some((_, actual)) if c.sql_type == "timestamptz" && actual == "timestamp without time zone" => {
+                // Accepted by PostgreSQL's cast, but read in the reading session's zone.
+                let hint = cast_hint(c.name, c.sql_type, actual);
+                let mut p = problem(
+                    kind,
+                    view,
+                    None,
+                    Some(c.name.into()),
+                    format!("column is timestamp without time zone: its zone is ambiguous (in the view: {hint})"),
+                );
+                p.hint = Some(hint);
+                problems.push(p);
             }
             Some(_) => {}
         }
     }
     usable
+}
+
+/// A cast that works for the source's type (and does not depend on the session's zone).
+fn cast_hint(column: &str, expected: &str, actual: &str) -> String {
+    let number = matches!(actual, "smallint" | "integer" | "bigint") || actual.starts_with("numeric");
+    let text = actual == "text" || actual.starts_with("character");
+    match expected {
+        "boolean" if number => format!("({column} <> 0) AS {column}"),
+        "boolean" if text => format!("hmr.flag({column}) AS {column}"),
+        "timestamptz" if actual == "timestamp without time zone" => {
+            format!("({column} AT TIME ZONE 'Asia/Shanghai') AS {column}")
+        }
+        "timestamptz" if actual == "date" || text => {
+            format!("({column}::timestamp AT TIME ZONE 'Asia/Shanghai') AS {column}")
+        }
+        "date" if actual.starts_with("timestamp") => format!("{column}::date AS {column}"),
+        "date" if text => format!("to_date({column}, 'YYYY-MM-DD') AS {column}"),
+        "text" => format!("{column}::text AS {column}"),
+        "integer" if text => format!("{column}::integer AS {column}"),
+        _ => format!("{column}::{expected} AS {column}"),
+    }
+}
+
+/// The code map that turns the words hospitals use into a field's codes (`hmr.code`).
+fn code_domain(field: &str) -> Option<&'static str> {
+    Some(match field.rsplit('.').next().unwrap_or(field) {
+        "genderCode" => "gender",
+        "idType" => "id_type",
+        "visitType" => "visit_type",
+        "abnormalFlag" => "abnormal_flag",
+        "status" => "active",
+        "role" => "role",
+        "examClass" => "exam_class",
+        _ => return None,
+    })
 }
 
 fn type_matches(expected: &str, actual: &str) -> bool {
@@ -196,8 +302,12 @@ fn check_rows(kind: &str, view: &str, item_view: Option<&str>, canonical: &Sourc
         if matches!(kind, "lab_report" | "exam_report") {
             extra.insert("version".into(), json!(1));
         }
-        if let (Some(items), Some(k)) = (item_view, key.as_deref()) {
-            extra.insert("items".into(), Value::Array(read_items(items, k)));
+        let items: Vec<Value> = match (item_view, key.as_deref()) {
+            (Some(view), Some(k)) => read_items(view, k),
+            _ => vec![],
+        };
+        if item_view.is_some() {
+            extra.insert("items".into(), Value::Array(items.clone()));
         }
         let outcome: Result<(), ProtocolError> = match kind {
             "patient" => canonical
@@ -222,15 +332,63 @@ fn check_rows(kind: &str, view: &str, item_view: Option<&str>, canonical: &Sourc
             Err(ProtocolError::Invalid(errors)) => {
                 for FieldError { field, reason } in errors {
                     let column = source::column_for_field(kind, &field);
-                    problems.push((kind.into(), view.into(), key.clone(), Some(column), reason));
+                    let value = field_value(&row, &items, &field, &column);
+                    let shown = value.as_deref().map(|v| {
+                        if column.ends_with("id_no") {
+                            hmr_protocol::mask::id_no(v)
+                        } else {
+                            hmr_protocol::mask::scrub(v)
+                        }
+                    });
+                    let allowed = validate::allowed_values(&field).map(|a| a.join(", "));
+                    let bare = column.rsplit('.').next().unwrap_or(&column).to_string();
+                    let hint = match reason.as_str() {
+                        "code" => code_domain(&field).map(|d| format!("hmr.code('{d}', {bare}) AS {bare}")),
+                        "format" if value.as_deref().is_some_and(|v| v.ends_with('x')) => {
+                            Some(format!("upper({bare}) AS {bare}"))
+                        }
+                        "future" => Some(format!(
+                            "a time read in the wrong zone? ({bare} AT TIME ZONE 'Asia/Shanghai') AS {bare}"
+                        )),
+                        "required" if value.as_deref().is_some_and(|v| v.trim().is_empty()) => {
+                            Some(format!("nullif(trim({bare}), '') AS {bare}"))
+                        }
+                        _ => None,
+                    };
+                    problems.push(Problem {
+                        kind: kind.into(),
+                        source: view.into(),
+                        key: key.clone(),
+                        field: Some(column),
+                        problem: reason.clone(),
+                        value: shown,
+                        rule: Some(validate::rule_of(&reason).to_string()),
+                        allowed,
+                        hint,
+                    });
                 }
             }
             Err(e) => {
                 let (field, reason) = e.field_and_reason();
-                problems.push((kind.into(), view.into(), key.clone(), Some(field), reason));
+                problems.push(problem(kind, view, key.clone(), Some(field), reason));
             }
         }
     }
+}
+
+/// The value a problem is about: a column of the row, or a field of one of its items
+/// (`items[2].resultValue`, items being in platform field names).
+fn field_value(row: &Map<String, Value>, items: &[Value], field: &str, column: &str) -> Option<String> {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if let Some(rest) = field.strip_prefix("items[") {
+        let (index, name) = rest.split_once("].")?;
+        let item = items.get(index.parse::<usize>().ok()?)?;
+        return item.get(name).map(text);
+    }
+    row.get(column).filter(|v| !v.is_null()).map(text)
 }
 
 /// Items of one report in platform field names, ordered by `seq` when the view has it.

@@ -192,12 +192,14 @@ impl SourceView {
     }
 
     /// Maps a source row (column → value, as `to_jsonb(row)` gives it) to the platform's
-    /// field names; extra columns are ignored and `null` counts as absent.
+    /// field names; extra columns are ignored; `null`, and an empty or blank text in an
+    /// optional column (HIS tables often hold `''` for "none"), count as absent.
     pub fn to_fields(&self, row: &Map<String, Value>) -> Map<String, Value> {
         self.columns
             .iter()
             .filter_map(|c| match row.get(c.name) {
                 None | Some(Value::Null) => None,
+                Some(Value::String(s)) if !c.required && s.trim().is_empty() => None,
                 Some(v) => Some((c.field.to_string(), v.clone())),
             })
             .collect()

@@ -30,6 +30,38 @@ impl FieldError {
     }
 }
 
+/// The codes a coded field allows (by platform field name, `items[2].abnormalFlag` too).
+pub fn allowed_values(field: &str) -> Option<&'static [&'static str]> {
+    let name = field.rsplit('.').next().unwrap_or(field);
+    Some(match name {
+        "genderCode" => &GENDER_CODES,
+        "idType" => &ID_TYPES,
+        "visitType" => &VISIT_TYPES,
+        "abnormalFlag" => &ABNORMAL_FLAGS,
+        "status" => &STATUS_CODES,
+        "role" => &STAFF_ROLES,
+        "examClass" => &EXAM_CLASSES,
+        _ => return None,
+    })
+}
+
+/// A reason in words, for the DBA reading `hmr.check_sources()`.
+pub fn rule_of(reason: &str) -> &'static str {
+    match reason {
+        "required" => "a value is required",
+        "code" => "must be one of the allowed codes",
+        "format" => "the format is wrong",
+        "checksum" => "the check character (GB 11643 / GB 32100) is wrong",
+        "birth-date" => "holds no valid birth date",
+        "birth-date-mismatch" => "the birth date inside differs from birth_date",
+        "future" => "lies more than 5 minutes in the future",
+        "length" => "is too long",
+        "control-character" => "holds control or invisible characters",
+        "range" => "is out of range",
+        _ => "is refused",
+    }
+}
+
 /// Whether a free-text field may hold line breaks and tabs (findings, impression).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lines {

@@ -96,6 +96,15 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start() -> Result<Cluster> {
+        Self::start_with(true).await
+    }
+
+    /// A cluster with the extension and the catalog but no sample HIS (for other vendors).
+    pub async fn start_empty() -> Result<Cluster> {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(demo: bool) -> Result<Cluster> {
         let dir = unique_dir("hmr-e2e-pg");
         Command::new("chown")
             .args(["-R", "postgres", dir.to_str().unwrap()])
@@ -127,9 +136,11 @@ impl Cluster {
         his.execute("SELECT hmr.load_catalog($1)", &[&catalog])
             .await
             .context("loading the catalog")?;
-        for file in ["01_his_schema.sql", "02_hmr_sources.sql"] {
-            let sql = std::fs::read_to_string(repo_root().join("sql/demo").join(file))?;
-            his.batch_execute(&sql).await.with_context(|| file.to_string())?;
+        if demo {
+            for file in ["01_his_schema.sql", "02_hmr_sources.sql"] {
+                let sql = std::fs::read_to_string(repo_root().join("sql/demo").join(file))?;
+                his.batch_execute(&sql).await.with_context(|| file.to_string())?;
+            }
         }
         Ok(cluster)
     }

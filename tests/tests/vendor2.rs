@@ -1,0 +1,86 @@
+//! Issue #17: a second, differently shaped HIS (pinyin names, split outpatient/inpatient
+//! patients, Chinese code words, timestamp without time zone) connected in SQL alone, in at
+//! most 40 lines, end to end.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use hmr_e2e::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_vendor_connects_in_forty_lines_and_everything_arrives() -> Result<()> {
+    let dir = repo_root().join("sql/vendor2");
+    let connect = std::fs::read_to_string(dir.join("02_connect.sql"))?;
+    let lines = connect
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+        .count();
+    println!("sql/vendor2/02_connect.sql: {lines} non-blank, non-comment lines");
+    assert!(lines <= 40, "{lines} lines");
+
+    let cluster = Cluster::start_empty().await?;
+    let his = cluster.connect("his").await?;
+    for file in ["01_vendor_schema.sql", "02_connect.sql", "03_sample_data.sql"] {
+        his.batch_execute(&std::fs::read_to_string(dir.join(file))?).await?;
+    }
+    // Ready before any report is audited: lab connected and clean, exam not connected.
+    his.batch_execute("UPDATE yy.jybg SET zt = 1, shsj = localtimestamp")
+        .await?;
+    let problems: Vec<String> = his
+        .query(
+            "SELECT concat_ws(' | ', kind, key, field, problem, value, hint) FROM hmr.check_sources()",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+    let readiness: Vec<(String, String)> = his
+        .query("SELECT kind, state FROM hmr.source_readiness ORDER BY kind", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        readiness.contains(&("exam_report".into(), "not connected".into())),
+        "{readiness:?}"
+    );
+    assert!(
+        readiness.contains(&("lab_report".into(), "ready".into())),
+        "{readiness:?}"
+    );
+
+    // The worker logs in as a plain hmr_worker role: the README's grants are enough.
+    his.batch_execute("CREATE ROLE vendor_worker LOGIN IN ROLE hmr_worker")
+        .await?;
+    let sim = Sim::start()?;
+    let worker = Worker::start(
+        &cluster,
+        &sim,
+        &WorkerOptions {
+            db_user: "vendor_worker",
+            ..Default::default()
+        },
+    )?;
+    wait_until(Duration::from_secs(30), "everything delivered", || async {
+        Ok(outbox_empty(&his).await? && count(&his, "SELECT count(*) FROM hmr.delivered").await? == 8)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; worker log: {}", worker.log()))?;
+    assert_eq!(count(&his, "SELECT count(*) FROM hmr.quarantine").await?, 0);
+    // What the platform received: codes mapped, times with their offset, item codes mapped.
+    let text = serde_json::to_string(&sim.requests().await?)?;
+    assert!(
+        text.contains("\"genderCode\":\"1\"") && text.contains("\"genderCode\":\"2\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("JY0001") && text.contains("JY0004"),
+        "item codes mapped: {text}"
+    );
+    assert!(text.contains("\"abnormalFlag\":\"2\""), "↑ mapped to 2: {text}");
+    assert!(text.contains("\"visitType\":\"3\""), "住院 mapped to 3: {text}");
+    assert!(text.contains("+08:00"), "times carry their offset");
+    Ok(())
+}
