@@ -411,8 +411,6 @@ fn check_record(row: &CheckRow) -> Value {
         "matches": row.matches,
         "url": row.url,
         "reason": row.reason,
-        "checked_at": now_text(),
-        "checked_by": session_user(),
     })
 }
 
@@ -442,15 +440,23 @@ fn insert_check(record: &Value) {
 /// Records a check in hmr.checks (this transaction) and in its file (whatever becomes of
 /// this transaction), so a decision can be taken from any connection.
 fn record_check(row: &CheckRow) {
-    let record = check_record(row);
-    // Held until this transaction ends: the worker leaves the check's file alone meanwhile
-    // (it would otherwise wait on this transaction's uncommitted row).
-    Spi::run_with_args(
-        "SELECT pg_catalog.pg_advisory_xact_lock_shared(716684, pg_catalog.hashtext($1))",
-        &[row.check_id.as_str().into()],
+    // One round trip: a lock held until this transaction ends (the worker leaves the check's
+    // file alone meanwhile: it would otherwise wait on this transaction's uncommitted row),
+    // the row with its time and user, and the record back for the file.
+    let record = Spi::get_one_with_args::<JsonB>(
+        "WITH l AS (SELECT pg_catalog.pg_advisory_xact_lock_shared(716684, pg_catalog.hashtext($1 OPERATOR(pg_catalog.->>) 'check_id'))),
+              r AS (SELECT $1 OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(
+                             'checked_at', pg_catalog.clock_timestamp(), 'checked_by', session_user) AS rec
+                      FROM l),
+              ins AS (INSERT INTO hmr.checks
+                      SELECT * FROM pg_catalog.jsonb_populate_record(NULL::hmr.checks, (SELECT r.rec FROM r))
+                      ON CONFLICT (check_id) DO NOTHING)
+         SELECT r.rec FROM r",
+        &[JsonB(check_record(row)).into()],
     )
-    .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"));
-    insert_check(&record);
+    .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"))
+    .map(|j| j.0)
+    .unwrap_or(Value::Null);
     if safe_id(&row.check_id) {
         if let Err(e) = keep_file("checks", &row.check_id, &record, false) {
             warning!("hmr: cannot keep check {} outside the transaction: {e}", row.check_id);
