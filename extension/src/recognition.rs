@@ -368,21 +368,31 @@ fn safe_id(id: &str) -> bool {
         && !id.starts_with('.')
 }
 
-/// Writes `value` as `<dir>/<id>.json` atomically (temp file, rename); `durable`: fsync too.
-fn keep_file(what: &str, id: &str, value: &Value, durable: bool) -> std::io::Result<()> {
+thread_local! {
+    /// The directories this backend has made sure exist (one `mkdir -p` per backend).
+    static MADE: std::cell::RefCell<Vec<&'static str>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Writes `value` as `<dir>/<id>.json`; `durable`: through a temporary file, renamed, fsync'd
+/// (prompts). A check file is written in place (one open and one write on the path a doctor
+/// waits on): a torn file after an OS crash fails to parse and is left aside by the ingest.
+fn keep_file(what: &'static str, id: &str, value: &Value, durable: bool) -> std::io::Result<()> {
     use std::io::Write;
     let dir = kept_dir(what);
-    std::fs::create_dir_all(&dir)?;
+    if !MADE.with(|m| m.borrow().contains(&what)) {
+        std::fs::create_dir_all(&dir)?;
+        MADE.with(|m| m.borrow_mut().push(what));
+    }
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    if !durable {
+        return std::fs::write(dir.join(format!("{id}.json")), bytes);
+    }
     let tmp = dir.join(format!(".{id}.{}.tmp", std::process::id()));
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(value).unwrap_or_default())?;
-    if durable {
-        f.sync_all()?;
-    }
+    f.write_all(&bytes)?;
+    f.sync_all()?;
     std::fs::rename(&tmp, dir.join(format!("{id}.json")))?;
-    if durable {
-        std::fs::File::open(&dir)?.sync_all()?;
-    }
+    std::fs::File::open(&dir)?.sync_all()?;
     Ok(())
 }
 
@@ -437,30 +447,124 @@ fn insert_check(record: &Value) {
     .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"));
 }
 
+const RECORD_CHECK_SQL: &str =
+    "WITH l AS (SELECT pg_catalog.pg_advisory_xact_lock_shared(716684, pg_catalog.hashtext($1 OPERATOR(pg_catalog.->>) 'check_id'))),
+          r AS (SELECT $1 OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(
+                         'checked_at', pg_catalog.clock_timestamp(), 'checked_by', session_user) AS rec
+                  FROM l),
+          ins AS (INSERT INTO hmr.checks
+                  SELECT * FROM pg_catalog.jsonb_populate_record(NULL::hmr.checks, (SELECT r.rec FROM r))
+                  ON CONFLICT (check_id) DO NOTHING)
+     SELECT r.rec FROM r";
+
+thread_local! {
+    static RECORD_PLAN: std::cell::RefCell<Option<pgrx::spi::OwnedPreparedStatement>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Records a check in hmr.checks (this transaction) and in its file (whatever becomes of
 /// this transaction), so a decision can be taken from any connection.
 fn record_check(row: &CheckRow) {
     // One round trip: a lock held until this transaction ends (the worker leaves the check's
     // file alone meanwhile: it would otherwise wait on this transaction's uncommitted row),
     // the row with its time and user, and the record back for the file.
-    let record = Spi::get_one_with_args::<JsonB>(
-        "WITH l AS (SELECT pg_catalog.pg_advisory_xact_lock_shared(716684, pg_catalog.hashtext($1 OPERATOR(pg_catalog.->>) 'check_id'))),
-              r AS (SELECT $1 OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(
-                             'checked_at', pg_catalog.clock_timestamp(), 'checked_by', session_user) AS rec
-                      FROM l),
-              ins AS (INSERT INTO hmr.checks
-                      SELECT * FROM pg_catalog.jsonb_populate_record(NULL::hmr.checks, (SELECT r.rec FROM r))
-                      ON CONFLICT (check_id) DO NOTHING)
-         SELECT r.rec FROM r",
-        &[JsonB(check_record(row)).into()],
-    )
-    .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"))
+    // Planned once per backend (a doctor waits on this path).
+    let record = Spi::connect_mut(|client| {
+        if RECORD_PLAN.with(|p| p.borrow().is_none()) {
+            let plan = client
+                .prepare_mut(RECORD_CHECK_SQL, &[pgrx::PgOid::BuiltIn(pgrx::PgBuiltInOids::JSONBOID)])?
+                .keep();
+            RECORD_PLAN.with(|p| *p.borrow_mut() = Some(plan));
+        }
+        RECORD_PLAN.with(|p| {
+            let plan = p.borrow();
+            let plan = plan.as_ref().expect("prepared above");
+            client
+                .update(plan, None, &[JsonB(check_record(row)).into()])?
+                .first()
+                .get_one::<JsonB>()
+        })
+    })
+    .unwrap_or_else(|e: pgrx::spi::Error| error!("hmr: cannot record the check: {e}"))
     .map(|j| j.0)
     .unwrap_or(Value::Null);
     if safe_id(&row.check_id) {
-        if let Err(e) = keep_file("checks", &row.check_id, &record, false) {
-            warning!("hmr: cannot keep check {} outside the transaction: {e}", row.check_id);
+        // Written to its file only if this (sub)transaction aborts (a refused save): a
+        // committed check is in the table, and creating a file on the doctor's path costs
+        // more than the rest of the call on some disks.
+        ensure_callbacks();
+        // SAFETY: plain getter of the current subtransaction's id.
+        let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        PENDING.with(|p| p.borrow_mut().push((subid, row.check_id.clone(), record)));
+    }
+}
+
+thread_local! {
+    /// Checks recorded in the open transaction: (subtransaction, check id, record).
+    static PENDING: std::cell::RefCell<Vec<(pg_sys::SubTransactionId, String, Value)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+    static CALLBACKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn ensure_callbacks() {
+    if CALLBACKS.with(|c| c.replace(true)) {
+        return;
+    }
+    // SAFETY: registering transaction callbacks is allowed at any time in a backend; the
+    // callbacks stay valid (functions of this library, which is never unloaded).
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+/// Writes the files of the pending checks `which` selects, and forgets them. Runs inside
+/// PostgreSQL's abort processing: nothing here may raise; a failure is only lost durability.
+fn spill(which: impl Fn(pg_sys::SubTransactionId) -> bool) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        PENDING.with(|p| {
+            p.borrow_mut().retain(|(subid, id, record)| {
+                if which(*subid) {
+                    let _ = keep_file("checks", id, record, false);
+                    false
+                } else {
+                    true
+                }
+            })
+        })
+    }));
+}
+
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => spill(|_| true),
+        pg_sys::XactEvent::XACT_EVENT_COMMIT
+        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            let _ = std::panic::catch_unwind(|| PENDING.with(|p| p.borrow_mut().clear()));
         }
+        _ => {}
+    }
+}
+
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    my: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => spill(|subid| subid == my),
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
+            let _ = std::panic::catch_unwind(|| {
+                PENDING.with(|p| {
+                    for entry in p.borrow_mut().iter_mut().filter(|e| e.0 == my) {
+                        entry.0 = parent;
+                    }
+                })
+            });
+        }
+        _ => {}
     }
 }
 
