@@ -3,7 +3,7 @@
 --   1. reception badge   his.reception_badge()
 --   2. ordering check    his.check_item()
 --   3. save gate         his.save_orders()   (catches HM001 and hands the page to the UI)
---   4. decide, download  his.decide(), his.recognised_report()
+--   4. decide, download  his.decide(), his.recognised_report(), his.order_to_perform()
 -- visit_type: '1' 门诊, '2' 急诊 (outpatient/emergency workstation), '3' 住院 (inpatient).
 
 -- 1. At reception: green with the count when recognisable reports exist, grey at 0,
@@ -74,6 +74,14 @@ BEGIN
     END IF;
     RETURN recorded;
 END
+$$;
+
+-- 4c. Before an order is sent to the lab or the exam room: was it recognised (互认)? Then it
+--     is not performed; the report it was recognised with is shown instead. (Also for a
+--     decision taken on the platform's page: hmr_page_decisions() records it.)
+CREATE FUNCTION his.order_to_perform(p_order_id text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT hmr_order_recognition(p_order_id)->>'decision' IS DISTINCT FROM 'recognised'
 $$;
 
 -- 4b. After 互认: the other hospital's report, kept in this database (hmr.retained_reports).

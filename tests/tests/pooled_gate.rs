@@ -138,6 +138,12 @@ async fn check_refusal_decision_and_save_each_on_another_pooled_connection() -> 
         let order_state = simple_values(&a, &format!("SELECT hmr_order_recognition('{order}')")).await?;
         let order_state: Value = serde_json::from_str(order_state[0].as_deref().unwrap_or("null"))?;
         assert_eq!(order_state["decision"], "recognised", "{order_state}");
+        let perform = simple_values(&a, &format!("SELECT his.order_to_perform('{order}')::text")).await?;
+        assert_eq!(
+            perform[0].as_deref(),
+            Some("false"),
+            "a recognised order is not performed"
+        );
         assert!(order_state["report_id"].as_str().is_some_and(|r| r.contains("W-CBC")));
     }
     // The decisions reach the platform.
