@@ -266,7 +266,7 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
                           public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
                           public.hmr_download_report(text, text), public.hmr_order_recognition(text),
                           public.hmr_check_order(jsonb, jsonb), public.hmr_page_decisions(text),
-                          hmr.learn_page_decisions(jsonb), hmr.id_card_problem(text, date), hmr.org_code_valid(text), hmr.keep_prompt(text, jsonb),
+                          hmr.learn_page_decisions(jsonb), hmr.undecided(jsonb), hmr.id_card_problem(text, date), hmr.org_code_valid(text), hmr.keep_prompt(text, jsonb),
                           hmr.decision_problem(boolean, text, text)
       TO hmr_his, hmr_admin;
 GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, hmr.order_recognitions,

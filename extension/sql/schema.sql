@@ -901,6 +901,18 @@ CREATE TABLE hmr.guarded (
     guarded_by  text NOT NULL DEFAULT session_user
 );
 
+-- The matches of a check whose order has no counting decision for one of its reports
+-- (NULL: none left).
+CREATE FUNCTION hmr.undecided(matches jsonb) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT jsonb_agg(m)
+      FROM jsonb_array_elements(matches) m
+     WHERE NOT EXISTS (
+            SELECT 1 FROM hmr.order_recognitions d
+             WHERE d.order_id = m->>'order_id'
+               AND d.report_id IN (SELECT x->>'report_id' FROM jsonb_array_elements(m->'reports') x))
+$$;
+
 -- Runs as the saving role, with a pinned search_path (a saving session's own operators or
 -- functions never take part); the guard query must name HIS tables with their schema.
 CREATE FUNCTION hmr.gate() RETURNS trigger
@@ -947,20 +959,10 @@ BEGIN
                 answer->>'check_id';
             CONTINUE;
         END IF;
-        SELECT jsonb_agg(m) INTO undecided
-          FROM jsonb_array_elements(answer->'matches') m
-         WHERE NOT EXISTS (
-                SELECT 1 FROM hmr.order_recognitions d
-                 WHERE d.order_id = m->>'order_id'
-                   AND d.report_id IN (SELECT x->>'report_id' FROM jsonb_array_elements(m->'reports') x));
+        undecided := hmr.undecided(answer->'matches');
         -- Decisions the doctor took on the platform's page (of the previous refusal) count.
         IF undecided IS NOT NULL AND hmr.learn_page_decisions(undecided) > 0 THEN
-            SELECT jsonb_agg(m) INTO undecided
-              FROM jsonb_array_elements(answer->'matches') m
-             WHERE NOT EXISTS (
-                    SELECT 1 FROM hmr.order_recognitions d
-                     WHERE d.order_id = m->>'order_id'
-                       AND d.report_id IN (SELECT x->>'report_id' FROM jsonb_array_elements(m->'reports') x));
+            undecided := hmr.undecided(answer->'matches');
         END IF;
         IF undecided IS NOT NULL THEN
             -- Kept whatever becomes of this transaction (the refusal rolls it back).

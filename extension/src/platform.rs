@@ -183,6 +183,18 @@ fn exchange(
     unreachable!("the loop returns on its second pass")
 }
 
+impl CallError {
+    /// What a recognition function answers for it: `unavailable` (the platform could not be
+    /// asked) or `unchecked` (it refused to answer: a data problem), and why.
+    pub fn status_and_reason(self) -> (&'static str, String) {
+        match self {
+            CallError::Unavailable(reason) => ("unavailable", reason),
+            CallError::NotFound(reason) => ("unchecked", format!("HTTP 404: {reason}")),
+            CallError::Refused { status, message } => ("unchecked", format!("HTTP {status}: {message}")),
+        }
+    }
+}
+
 /// The recognition token shared by every backend: fetched by one of them when missing or
 /// due for refresh (the others use the current one meanwhile, or wait for the first).
 fn token(shared: &SharedPlatform, settings: &Settings, deadline: Instant) -> Result<String, CallError> {

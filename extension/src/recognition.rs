@@ -178,6 +178,33 @@ fn with_empty_list(mut v: Value) -> Value {
     v
 }
 
+/// The orders of a call (`[{order_id, item_code, type}]`) whose items are in the catalog
+/// (mapped through `hmr.item_map`): items outside it can never be recognised, so they are
+/// not asked about.
+fn catalog_orders(orders: Value) -> Vec<CheckOrder> {
+    let Value::Array(order_list) = orders else {
+        bad_argument("hmr: orders must be a JSON array".into())
+    };
+    let mut checked = Vec::new();
+    for o in &order_list {
+        let order_id = text_arg(o, "order_id", "orders[]");
+        let local = text_arg(o, "item_code", "orders[]");
+        let kind = text_arg(o, "type", "orders[]");
+        let Some(report_type) = ReportType::parse(&kind) else {
+            bad_argument(format!("hmr: orders[].type must be lab or exam, not {kind:?}"))
+        };
+        if let Some(data_code) = map_item(&kind, &local) {
+            checked.push(CheckOrder {
+                order_id,
+                local_item_code: local,
+                data_code,
+                report_type,
+            });
+        }
+    }
+    checked
+}
+
 /// The ordering step (seed 18.2/19.2): while the doctor orders, the precise query
 /// (精准互认信息接口) for the ordered items; when one is a duplicate, the platform's page URL
 /// (the list's one-time ticket), which the workstation must open and the doctor answer
@@ -186,21 +213,7 @@ fn with_empty_list(mut v: Value) -> Value {
 #[search_path(pg_catalog, pg_temp)]
 fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
     let visit = visit.0;
-    let Value::Array(order_list) = orders.0 else {
-        bad_argument("hmr: orders must be a JSON array".into())
-    };
-    let mut wanted: Vec<(String, String, String)> = Vec::new(); // (order, local, data code)
-    for o in &order_list {
-        let order_id = text_arg(o, "order_id", "orders[]");
-        let local = text_arg(o, "item_code", "orders[]");
-        let kind = text_arg(o, "type", "orders[]");
-        if ReportType::parse(&kind).is_none() {
-            bad_argument(format!("hmr: orders[].type must be lab or exam, not {kind:?}"))
-        }
-        if let Some(code) = map_item(&kind, &local) {
-            wanted.push((order_id, local, code));
-        }
-    }
+    let wanted = catalog_orders(orders.0);
     let empty = json!({"status": "ok", "duplicate": false, "url": null, "matches": []});
     if wanted.is_empty() {
         return JsonB(empty);
@@ -212,7 +225,7 @@ fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
         id_no: id_no.clone(),
         org_code: None,
         org_name: None,
-        data_codes: Some(wanted.iter().map(|(_, _, c)| c.clone()).collect()),
+        data_codes: Some(wanted.iter().map(|o| o.data_code.clone()).collect()),
         item_name: None,
         from: None,
         to: None,
@@ -228,30 +241,25 @@ fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
         parse_data::<ItemsAnswer>(&body).map_err(|e| CallError::Unavailable(format!("unreadable answer: {e}")))
     }) {
         Ok(a) => a.items,
-        Err(CallError::Unavailable(reason)) => {
+        Err(e) => {
+            let (status, reason) = e.status_and_reason();
             return JsonB(
-                json!({"status": "unavailable", "reason": reason, "duplicate": false, "url": null,
+                json!({"status": status, "reason": reason, "duplicate": false, "url": null,
                                 "matches": []}),
-            )
-        }
-        Err(CallError::Refused { status, message }) => {
-            return JsonB(
-                json!({"status": "unchecked", "reason": format!("HTTP {status}: {message}"),
-                                "duplicate": false, "url": null, "matches": []}),
-            )
-        }
-        Err(CallError::NotFound(reason)) => {
-            return JsonB(json!({"status": "unchecked", "reason": format!("HTTP 404: {reason}"),
-                                "duplicate": false, "url": null, "matches": []}))
+            );
         }
     };
     let matches: Vec<Value> = wanted
         .iter()
-        .filter_map(|(order_id, local, code)| {
-            let reports: Vec<Value> = items.iter().filter(|i| &i.data_code == code).map(item_json).collect();
+        .filter_map(|o| {
+            let reports: Vec<Value> = items
+                .iter()
+                .filter(|i| i.data_code == o.data_code)
+                .map(item_json)
+                .collect();
             (!reports.is_empty()).then(|| {
-                json!({"order_id": order_id, "item_code": local, "data_code": code,
-                                                "reports": reports})
+                json!({"order_id": o.order_id, "item_code": o.local_item_code, "data_code": o.data_code,
+                       "reports": reports})
             })
         })
         .collect();
@@ -438,13 +446,21 @@ fn session_user() -> String {
         .unwrap_or_default()
 }
 
+/// A check's row from its record (a file's JSON), once.
+const INSERT_CHECK_SQL: &str =
+    "INSERT INTO hmr.checks SELECT * FROM pg_catalog.jsonb_populate_record(NULL::hmr.checks, $1)
+     ON CONFLICT (check_id) DO NOTHING";
+
+/// A prompt's row from its record, once (and only for a check on record).
+const INSERT_PROMPT_SQL: &str = "INSERT INTO hmr.prompts (check_id, prompted_at, undecided, prompted_by)
+     SELECT r.check_id, r.prompted_at, r.undecided, r.prompted_by
+       FROM pg_catalog.jsonb_populate_record(NULL::hmr.prompts, $1) r
+      WHERE EXISTS (SELECT 1 FROM hmr.checks c WHERE c.check_id OPERATOR(pg_catalog.=) r.check_id)
+     ON CONFLICT (check_id, prompted_at) DO NOTHING";
+
 fn insert_check(record: &Value) {
-    Spi::run_with_args(
-        "INSERT INTO hmr.checks SELECT * FROM pg_catalog.jsonb_populate_record(NULL::hmr.checks, $1)
-         ON CONFLICT (check_id) DO NOTHING",
-        &[JsonB(record.clone()).into()],
-    )
-    .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"));
+    Spi::run_with_args(INSERT_CHECK_SQL, &[JsonB(record.clone()).into()])
+        .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"));
 }
 
 const RECORD_CHECK_SQL: &str =
@@ -610,14 +626,8 @@ fn keep_prompt(check_id: &str, undecided: JsonB) -> bool {
         "undecided": undecided.0,
         "prompted_by": session_user(),
     });
-    Spi::run_with_args(
-        "INSERT INTO hmr.prompts (check_id, prompted_at, undecided, prompted_by)
-         SELECT r.check_id, r.prompted_at, r.undecided, r.prompted_by
-           FROM pg_catalog.jsonb_populate_record(NULL::hmr.prompts, $1) r
-         ON CONFLICT (check_id, prompted_at) DO NOTHING",
-        &[JsonB(record.clone()).into()],
-    )
-    .unwrap_or_else(|e| error!("hmr: cannot record the prompt: {e}"));
+    Spi::run_with_args(INSERT_PROMPT_SQL, &[JsonB(record.clone()).into()])
+        .unwrap_or_else(|e| error!("hmr: cannot record the prompt: {e}"));
     let id = format!("{check_id}.{}", uuid::Uuid::new_v4().simple());
     keep_file("prompts", &id, &record, true)
         .map(|_| true)
@@ -673,19 +683,14 @@ fn ingest(remove: bool) -> i32 {
             let (exists, insert) = if what == "checks" {
                 (
                     "SELECT EXISTS (SELECT 1 FROM hmr.checks c WHERE c.check_id OPERATOR(pg_catalog.=) ($1 OPERATOR(pg_catalog.->>) 'check_id'))",
-                    "INSERT INTO hmr.checks SELECT * FROM pg_catalog.jsonb_populate_record(NULL::hmr.checks, $1)
-                     ON CONFLICT (check_id) DO NOTHING",
+                    INSERT_CHECK_SQL,
                 )
             } else {
                 (
                     "SELECT EXISTS (SELECT 1 FROM hmr.prompts p, pg_catalog.jsonb_populate_record(NULL::hmr.prompts, $1) r
                                      WHERE p.check_id OPERATOR(pg_catalog.=) r.check_id
                                        AND p.prompted_at OPERATOR(pg_catalog.=) r.prompted_at)",
-                    "INSERT INTO hmr.prompts (check_id, prompted_at, undecided, prompted_by)
-                     SELECT r.check_id, r.prompted_at, r.undecided, r.prompted_by
-                       FROM pg_catalog.jsonb_populate_record(NULL::hmr.prompts, $1) r
-                      WHERE EXISTS (SELECT 1 FROM hmr.checks c WHERE c.check_id OPERATOR(pg_catalog.=) r.check_id)
-                     ON CONFLICT (check_id, prompted_at) DO NOTHING",
+                    INSERT_PROMPT_SQL,
                 )
             };
             let committed = Spi::get_one_with_args::<bool>(exists, &[JsonB(record.clone()).into()])
@@ -710,29 +715,11 @@ fn ingest(remove: bool) -> i32 {
 #[search_path(pg_catalog, pg_temp)]
 fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
     let visit = visit.0;
-    let Value::Array(order_list) = orders.0 else {
-        bad_argument("hmr: orders must be a JSON array".into())
-    };
-    let mut checked = Vec::new();
-    let mut local_of: HashMap<String, String> = HashMap::new();
-    for o in &order_list {
-        let order_id = text_arg(o, "order_id", "orders[]");
-        let local = text_arg(o, "item_code", "orders[]");
-        let kind = text_arg(o, "type", "orders[]");
-        let Some(report_type) = ReportType::parse(&kind) else {
-            bad_argument(format!("hmr: orders[].type must be lab or exam, not {kind:?}"))
-        };
-        // Items outside the catalog can never be recognised: they are not asked about.
-        if let Some(data_code) = map_item(&kind, &local) {
-            local_of.insert(order_id.clone(), local.clone());
-            checked.push(CheckOrder {
-                order_id,
-                local_item_code: local,
-                data_code,
-                report_type,
-            });
-        }
-    }
+    let checked = catalog_orders(orders.0);
+    let local_of: HashMap<String, String> = checked
+        .iter()
+        .map(|o| (o.order_id.clone(), o.local_item_code.clone()))
+        .collect();
     if checked.is_empty() {
         return JsonB(json!({"status": "ok", "duplicate": false, "check_id": null, "url": null, "matches": []}));
     }
@@ -758,7 +745,7 @@ fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
         None => Err(CallError::Unavailable("hmr.platform is not configured".into())),
         Some(settings) => call(&settings, paths::prescription_check(&request)),
     };
-    let (row, reason) = match outcome.and_then(|body| {
+    let row = match outcome.and_then(|body| {
         parse_data::<CheckAnswer>(&body).map_err(|e| CallError::Unavailable(format!("unreadable answer: {e}")))
     }) {
         Ok(a) => {
@@ -772,37 +759,28 @@ fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
                     "reports": m.reports.iter().map(item_json).collect::<Vec<_>>(),
                 }))
                 .collect::<Vec<_>>());
-            (
-                CheckRow {
-                    check_id: a.check_id,
-                    status: "ok",
-                    visit,
-                    orders: orders_json,
-                    matches,
-                    url: Some(a.url),
-                    reason: None,
-                },
-                None::<String>,
-            )
+            CheckRow {
+                check_id: a.check_id,
+                status: "ok",
+                visit,
+                orders: orders_json,
+                matches,
+                url: Some(a.url),
+                reason: None,
+            }
         }
         // A data problem (the patient not at the platform yet, an identity number it refuses,
         // a refusal code) never stops care: the save goes on, the check is recorded with why.
-        Err(CallError::Refused { status, message }) => (
-            not_checked("unchecked", format!("HTTP {status}: {message}"), visit, orders_json),
-            None,
-        ),
-        Err(CallError::NotFound(reason)) => {
-            // The patient has not reached the platform: send it ahead of the queue.
-            let pid = request.patient_id.clone();
-            let _ = Spi::run_with_args("SELECT hmr.hurry('patient', $1)", &[pid.as_str().into()]);
-            (
-                not_checked("unchecked", format!("HTTP 404: {reason}"), visit, orders_json),
-                None,
-            )
+        Err(e) => {
+            if matches!(e, CallError::NotFound(_)) {
+                // The patient has not reached the platform: send it ahead of the queue.
+                let pid = request.patient_id.clone();
+                let _ = Spi::run_with_args("SELECT hmr.hurry('patient', $1)", &[pid.as_str().into()]);
+            }
+            let (status, reason) = e.status_and_reason();
+            not_checked(status, reason, visit, orders_json)
         }
-        Err(CallError::Unavailable(reason)) => (not_checked("unavailable", reason, visit, orders_json), None),
     };
-    let _ = reason;
     record_check(&row);
     let mut answer = json!({
         "status": row.status,
@@ -902,10 +880,9 @@ fn page_decisions_json(check_id: &str) -> JsonB {
                 "source": if d.source == DecisionSource::Page { "page" } else { "upload" },
             })).collect::<Vec<_>>(),
         }),
-        Err(CallError::Unavailable(reason)) => json!({"status": "unavailable", "reason": reason}),
-        Err(CallError::NotFound(reason)) => json!({"status": "unchecked", "reason": format!("HTTP 404: {reason}")}),
-        Err(CallError::Refused { status, message }) => {
-            json!({"status": "unchecked", "reason": format!("HTTP {status}: {message}")})
+        Err(e) => {
+            let (status, reason) = e.status_and_reason();
+            json!({"status": status, "reason": reason})
         }
     })
 }

@@ -506,6 +506,49 @@ impl Drop for Worker {
     }
 }
 
+/// A report the other hospital holds for one of our patients: identity number, birth date,
+/// report number, data code, reported this many days ago.
+pub type ElsewhereReport<'a> = (&'a str, &'a str, &'a str, &'a str, i64);
+
+/// The doctors' workstations scenario: our hospital with the sample HIS, the example order
+/// table with its gate and the workstation SQL (`sql/examples/`), the platform configured for
+/// SQL calls, the other hospital's `reports`, a worker, and our three patients delivered.
+pub struct Workstations {
+    pub cluster: Cluster,
+    pub his: Client,
+    pub sim: Sim,
+    pub worker: Worker,
+}
+
+impl Workstations {
+    pub async fn start(reports: &[ElsewhereReport<'_>], options: &WorkerOptions) -> Result<Workstations> {
+        let cluster = Cluster::start().await?;
+        let his = cluster.connect("his").await?;
+        load_sample_data(&his).await?;
+        for file in ["01_orders.sql", "02_workstation.sql"] {
+            his.batch_execute(&std::fs::read_to_string(repo_root().join("sql/examples").join(file))?)
+                .await?;
+        }
+        let sim = Sim::start()?;
+        configure_platform(&his, &sim).await?;
+        let other = OtherHospital::new(&sim);
+        for (id_no, birth, report_no, data_code, days_ago) in reports {
+            other.lab_report(id_no, birth, report_no, data_code, *days_ago).await?;
+        }
+        let worker = Worker::start(&cluster, &sim, options)?;
+        wait_until(Duration::from_secs(20), "our patients delivered", || async {
+            Ok(count(&his, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient'").await? == 3)
+        })
+        .await?;
+        Ok(Workstations {
+            cluster,
+            his,
+            sim,
+            worker,
+        })
+    }
+}
+
 /// Polls `check` until it returns true or `timeout` passes.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
 where

@@ -21,48 +21,25 @@ fn code(e: &tokio_postgres::Error) -> String {
 /// recognisable 血常规 (JY0001) of 陈志明; our patients delivered. Roles:
 /// `his_app` (HIS login, hmr_his, may create schemas), `his_owner` (owns his.orders),
 /// `admin_app` (hmr_admin).
-struct World {
-    cluster: Cluster,
-    su: Client,
-    sim: Sim,
-    _worker: Worker,
-}
-
-async fn world() -> Result<World> {
-    let cluster = Cluster::start().await?;
-    let su = cluster.connect("his").await?;
-    load_sample_data(&su).await?;
-    for file in ["01_orders.sql", "02_workstation.sql"] {
-        su.batch_execute(&std::fs::read_to_string(repo_root().join("sql/examples").join(file))?)
-            .await?;
-    }
-    su.batch_execute(
-        "CREATE ROLE his_app LOGIN IN ROLE hmr_his;
-         CREATE ROLE his_owner LOGIN;
-         CREATE ROLE admin_app LOGIN IN ROLE hmr_admin;
-         GRANT CREATE ON DATABASE his TO his_app, admin_app;
-         GRANT USAGE ON SCHEMA his, lis TO his_app, his_owner;
-         GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA his, lis TO his_app;
-         GRANT SELECT ON ALL TABLES IN SCHEMA his TO his_owner;
-         ALTER TABLE his.orders OWNER TO his_owner;",
+async fn world() -> Result<Workstations> {
+    let w = Workstations::start(
+        &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
+        &WorkerOptions::default(),
     )
     .await?;
-    let sim = Sim::start()?;
-    configure_platform(&su, &sim).await?;
-    OtherHospital::new(&sim)
-        .lab_report(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)
+    w.his
+        .batch_execute(
+            "CREATE ROLE his_app LOGIN IN ROLE hmr_his;
+             CREATE ROLE his_owner LOGIN;
+             CREATE ROLE admin_app LOGIN IN ROLE hmr_admin;
+             GRANT CREATE ON DATABASE his TO his_app, admin_app;
+             GRANT USAGE ON SCHEMA his, lis TO his_app, his_owner;
+             GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA his, lis TO his_app;
+             GRANT SELECT ON ALL TABLES IN SCHEMA his TO his_owner;
+             ALTER TABLE his.orders OWNER TO his_owner;",
+        )
         .await?;
-    let worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
-    wait_until(Duration::from_secs(20), "our patients delivered", || async {
-        Ok(count(&su, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient'").await? == 3)
-    })
-    .await?;
-    Ok(World {
-        cluster,
-        su,
-        sim,
-        _worker: worker,
-    })
+    Ok(w)
 }
 
 const SAVE_DUPLICATE: &str =
@@ -104,7 +81,7 @@ SET search_path = evil, pg_catalog, public;
 "#;
 
 /// Attack 1: operator/function hijack of SECURITY DEFINER code, directly and through the gate.
-async fn hijack_as(w: &World, login: &str) -> Result<()> {
+async fn hijack_as(w: &Workstations, login: &str) -> Result<()> {
     let attacker = w.cluster.connect_as("his", login).await?;
     attacker.batch_execute(HIJACK).await?;
     let visit = json!({"id_type": "01", "id_no": P0001_ID, "patient_id": "P0001", "visit_type": "1",
@@ -163,13 +140,15 @@ async fn hijack_as(w: &World, login: &str) -> Result<()> {
         assert_eq!(code(&e), "HM001", "{e}");
     }
     // Nothing ran with rights other than the attacker's own, nothing leaked.
-    let rolsuper: bool =
-        w.su.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&login])
-            .await?
-            .get(0);
+    let rolsuper: bool = w
+        .his
+        .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&login])
+        .await?
+        .get(0);
     assert!(!rolsuper, "{login} became superuser");
-    let foreign: i64 =
-        w.su.query_one(
+    let foreign: i64 = w
+        .his
+        .query_one(
             "SELECT count(*) FROM evil.loot WHERE who <> $1 OR what IS NOT NULL",
             &[&login],
         )
@@ -179,7 +158,7 @@ async fn hijack_as(w: &World, login: &str) -> Result<()> {
         foreign, 0,
         "{login}: hijacked code ran as another role or read the password"
     );
-    w.su.batch_execute("DROP SCHEMA evil CASCADE").await?;
+    w.his.batch_execute("DROP SCHEMA evil CASCADE").await?;
     Ok(())
 }
 
@@ -189,8 +168,9 @@ async fn operator_hijack_escalates_nothing_leaks_nothing_bypasses_nothing() -> R
     hijack_as(&w, "his_app").await?;
     hijack_as(&w, "admin_app").await?;
     // Every SECURITY DEFINER function of the extension pins search_path.
-    let unpinned: Vec<String> =
-        w.su.query(
+    let unpinned: Vec<String> = w
+        .his
+        .query(
             "SELECT p.oid::regprocedure::text FROM pg_proc p
                JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
                JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'hmr'
@@ -207,7 +187,7 @@ async fn operator_hijack_escalates_nothing_leaks_nothing_bypasses_nothing() -> R
         "SECURITY DEFINER without a pinned search_path: {unpinned:?}"
     );
     let definers: i64 = count(
-        &w.su,
+        &w.his,
         "SELECT count(*) FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
            JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'hmr' WHERE p.prosecdef",
     )
@@ -363,7 +343,7 @@ async fn draft_then_submit_is_gated() -> Result<()> {
         .expect_err("submitting a duplicate is refused");
     assert_eq!(code(&e), "HM001", "{e}");
     assert_eq!(
-        count(&w.su, "SELECT count(*) FROM his.orders WHERE item_code = 'JY0001'").await?,
+        count(&w.his, "SELECT count(*) FROM his.orders WHERE item_code = 'JY0001'").await?,
         0
     );
     // A lab order that is no duplicate (JY0002 has no report elsewhere), then a status change.
@@ -427,7 +407,7 @@ async fn state(su: &Client) -> Result<GateState> {
 async fn a_switched_off_gate_is_visible() -> Result<()> {
     let w = world().await?;
     assert_eq!(
-        state(&w.su).await?,
+        state(&w.his).await?,
         ("enabled".into(), "enabled".into(), true, "his_owner".into(), 0)
     );
     let his = w.cluster.connect_as("his", "his_app").await?;
@@ -444,14 +424,14 @@ async fn a_switched_off_gate_is_visible() -> Result<()> {
         .batch_execute("ALTER TABLE his.orders DISABLE TRIGGER hmr_gate")
         .await?;
     assert_eq!(
-        state(&w.su).await?,
+        state(&w.his).await?,
         ("disabled".into(), "enabled".into(), false, "his_owner".into(), 1)
     );
     owner
         .batch_execute("DROP TRIGGER hmr_gate_update ON his.orders")
         .await?;
     assert_eq!(
-        state(&w.su).await?,
+        state(&w.his).await?,
         ("disabled".into(), "missing".into(), false, "his_owner".into(), 1)
     );
     // hmr_admin sees it too, and guarding again repairs it.
@@ -461,13 +441,14 @@ async fn a_switched_off_gate_is_visible() -> Result<()> {
         .await?
         .get(0);
     assert_eq!(off, 1);
-    let query: String =
-        w.su.query_one("SELECT query FROM hmr.guarded WHERE tbl = 'his.orders'::regclass", &[])
-            .await?
-            .get(0);
-    w.su.execute("SELECT hmr.guard('his.orders', $1)", &[&query]).await?;
+    let query: String = w
+        .his
+        .query_one("SELECT query FROM hmr.guarded WHERE tbl = 'his.orders'::regclass", &[])
+        .await?
+        .get(0);
+    w.his.execute("SELECT hmr.guard('his.orders', $1)", &[&query]).await?;
     assert_eq!(
-        state(&w.su).await?,
+        state(&w.his).await?,
         ("enabled".into(), "enabled".into(), true, "his_owner".into(), 0)
     );
     Ok(())

@@ -584,29 +584,15 @@ async fn the_check_command_names_what_is_wrong() -> Result<()> {
 /// A report kept after 互认 and later revoked by its hospital is never handed out as valid.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kept_report_revoked_at_its_source_is_refused() -> Result<()> {
-    let cluster = Cluster::start().await?;
-    let his = cluster.connect("his").await?;
-    load_sample_data(&his).await?;
-    for file in ["01_orders.sql", "02_workstation.sql"] {
-        his.batch_execute(&std::fs::read_to_string(repo_root().join("sql/examples").join(file))?)
-            .await?;
-    }
-    let sim = Sim::start()?;
-    configure_platform(&his, &sim).await?;
-    let other = OtherHospital::new(&sim);
-    other.lab_report(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1).await?;
-    let _worker = Worker::start(
-        &cluster,
-        &sim,
+    let w = Workstations::start(
+        &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
         &WorkerOptions {
             recheck_kept_secs: 1,
             ..Default::default()
         },
-    )?;
-    wait_until(Duration::from_secs(20), "patients delivered", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient'").await? == 3)
-    })
+    )
     .await?;
+    let (his, other) = (&w.his, OtherHospital::new(&w.sim));
     let saved: Value = his
         .query_one(
             "SELECT his.save_orders('[{\"order_id\": \"S1\", \"patient_id\": \"P0001\", \"visit_type\": \"1\", \"visit_no\": \"MZ001\",
@@ -619,7 +605,7 @@ async fn a_kept_report_revoked_at_its_source_is_refused() -> Result<()> {
     his.execute("SELECT his.decide($1, 'S1', 'P0001', 'JY0001', true)", &[&check])
         .await?;
     wait_until(Duration::from_secs(30), "the report kept", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.retained_reports").await? == 2)
+        Ok(count(his, "SELECT count(*) FROM hmr.retained_reports").await? == 2)
     })
     .await?;
     let report_id: String = his
@@ -634,7 +620,7 @@ async fn a_kept_report_revoked_at_its_source_is_refused() -> Result<()> {
     other.revoke_lab("W-CBC-1").await?;
     wait_until(Duration::from_secs(20), "the revocation noticed", || async {
         Ok(count(
-            &his,
+            his,
             "SELECT count(*) FROM hmr.retained_reports WHERE revoked_at IS NOT NULL",
         )
         .await?

@@ -12,38 +12,17 @@ use tokio_postgres::Client;
 const P0001_ID: &str = "441302198003151233"; // 陈志明, born 1980-03-15 (outpatient MZ001)
 const P0003_ID: &str = "441322197505213458"; // 黄国强, born 1975-05-21 (inpatient ZY003)
 
-struct World {
-    cluster: Cluster,
-    su: Client,
-    sim: Sim,
-    _worker: Worker,
-}
-
-async fn world() -> Result<World> {
-    let cluster = Cluster::start().await?;
-    let su = cluster.connect("his").await?;
-    load_sample_data(&su).await?;
-    for file in ["01_orders.sql", "02_workstation.sql"] {
-        su.batch_execute(&std::fs::read_to_string(repo_root().join("sql/examples").join(file))?)
-            .await?;
-    }
-    let sim = Sim::start()?;
-    configure_platform(&su, &sim).await?;
-    let other = OtherHospital::new(&sim);
-    other.lab_report(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1).await?;
-    other.lab_report(P0001_ID, "1980-03-15", "W-LFT-2", "JY0004", 1).await?;
-    other.lab_report(P0003_ID, "1975-05-21", "W-CBC-3", "JY0001", 1).await?;
-    let worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
-    wait_until(Duration::from_secs(20), "our patients delivered", || async {
-        Ok(count(&su, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient'").await? == 3)
-    })
-    .await?;
-    Ok(World {
-        cluster,
-        su,
-        sim,
-        _worker: worker,
-    })
+/// 陈志明 has a 血常规 and a 肝功能 elsewhere, 黄国强 a 血常规.
+async fn world() -> Result<Workstations> {
+    Workstations::start(
+        &[
+            (P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1),
+            (P0001_ID, "1980-03-15", "W-LFT-2", "JY0004", 1),
+            (P0003_ID, "1975-05-21", "W-CBC-3", "JY0001", 1),
+        ],
+        &WorkerOptions::default(),
+    )
+    .await
 }
 
 /// Runs `sql` in one transaction through the pool and returns (server pid, first value).
@@ -73,11 +52,12 @@ fn orders(order_id: &str, patient: &str, visit_type: &str, visit_no: &str, item:
 #[tokio::test(flavor = "multi_thread")]
 async fn check_refusal_decision_and_save_each_on_another_pooled_connection() -> Result<()> {
     let w = world().await?;
-    w.su.batch_execute(
-        "CREATE ROLE his_app LOGIN IN ROLE hmr_his; GRANT USAGE ON SCHEMA his TO his_app;
+    w.his
+        .batch_execute(
+            "CREATE ROLE his_app LOGIN IN ROLE hmr_his; GRANT USAGE ON SCHEMA his TO his_app;
                         GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA his TO his_app;",
-    )
-    .await?;
+        )
+        .await?;
     let bouncer = Bouncer::start(&w.cluster, 3, &["postgres", "his_app"]).await?;
     for (workstation, patient, visit_type, visit_no, order) in [
         ("outpatient-emergency", "P0001", "1", "MZ001", "OP-1"),
@@ -99,18 +79,18 @@ async fn check_refusal_decision_and_save_each_on_another_pooled_connection() -> 
         .await?;
         let ordered: Value = serde_json::from_str(&ordered.unwrap_or_default())?;
         assert_eq!(ordered["duplicate"], true, "{workstation}: {ordered}");
-        retire(&w.su, &pid1).await?;
+        retire(&w.his, &pid1).await?;
         // 2. Saving: refused (HM001, caught by the procedure), the page handed to the UI.
         let (pid2, saved) = step(&b, &format!("SELECT his.save_orders('{lines}')")).await?;
         let saved: Value = serde_json::from_str(&saved.unwrap_or_default())?;
         assert_eq!(saved["saved"], false, "{workstation}: {saved}");
         let check = saved["decide"]["check_id"].as_str().unwrap_or_default().to_string();
-        retire(&w.su, &pid2).await?;
+        retire(&w.his, &pid2).await?;
         // 3. The doctor decides, minutes later, on whatever connection the pool gives.
         let (pid3, decided) = step(&c, &format!("SELECT hmr_record_decision('{check}', '{order}', true)")).await?;
         let decided: Value = serde_json::from_str(&decided.unwrap_or_default())?;
         assert_eq!(decided["complete"], true, "{workstation}: {decided}");
-        retire(&w.su, &pid3).await?;
+        retire(&w.his, &pid3).await?;
         // 4. Saving again passes.
         let (pid4, saved) = step(&d, &format!("SELECT his.save_orders('{lines}')")).await?;
         let saved: Value = serde_json::from_str(&saved.unwrap_or_default())?;
@@ -124,7 +104,7 @@ async fn check_refusal_decision_and_save_each_on_another_pooled_connection() -> 
         // The prompt is on record with its workstation, and what followed.
         wait_until(Duration::from_secs(20), "the prompt on record", || async {
             Ok(count(
-                &w.su,
+                &w.his,
                 &format!(
                     "SELECT count(*) FROM hmr.prompt_log WHERE check_id = '{check}' AND workstation = '{workstation}'
                         AND followed = 'decided' AND doctor_no = 'D001' AND id_no_masked LIKE '4413%****%'"
@@ -148,7 +128,7 @@ async fn check_refusal_decision_and_save_each_on_another_pooled_connection() -> 
     }
     // The decisions reach the platform.
     wait_until(Duration::from_secs(20), "decisions delivered", || async {
-        Ok(count(&w.su, "SELECT count(*) FROM hmr.delivered WHERE kind = 'decision'").await? == 2)
+        Ok(count(&w.his, "SELECT count(*) FROM hmr.delivered WHERE kind = 'decision'").await? == 2)
     })
     .await?;
     drop(w.sim);
@@ -162,10 +142,11 @@ async fn two_doctors_deciding_one_check_at_once_send_it_once() -> Result<()> {
                        "visit_no": "MZ001", "doctor_no": "D001", "dept_code": "0301"});
     let lines = json!([{"order_id": "C1", "item_code": "JY0001", "type": "lab"},
                        {"order_id": "C2", "item_code": "JY0004", "type": "lab"}]);
-    let check: Value =
-        w.su.query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &lines])
-            .await?
-            .get(0);
+    let check: Value = w
+        .his
+        .query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &lines])
+        .await?
+        .get(0);
     assert_eq!(check["matches"].as_array().map(Vec::len), Some(2), "{check}");
     let id = check["check_id"].as_str().unwrap_or_default().to_string();
     let s1 = w.cluster.connect("his").await?;
@@ -192,7 +173,7 @@ async fn two_doctors_deciding_one_check_at_once_send_it_once() -> Result<()> {
     );
     wait_until(Duration::from_secs(20), "the decisions delivered once", || async {
         Ok(count(
-            &w.su,
+            &w.his,
             &format!("SELECT count(*) FROM hmr.delivered WHERE kind = 'decision' AND key = '{id}'"),
         )
         .await?
@@ -200,7 +181,7 @@ async fn two_doctors_deciding_one_check_at_once_send_it_once() -> Result<()> {
     })
     .await?;
     let events = count(
-        &w.su,
+        &w.his,
         &format!(
             "SELECT (SELECT count(*) FROM hmr.outbox WHERE kind = 'decision' AND key = '{id}')
                   + (SELECT count(*) FROM hmr.outbox_history WHERE kind = 'decision' AND key = '{id}')"
@@ -216,19 +197,21 @@ async fn two_doctors_deciding_one_check_at_once_send_it_once() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_data_problem_never_stops_care() -> Result<()> {
     let w = world().await?;
-    w.su.batch_execute("SELECT hmr.set_policy(gate_on_unavailable => 'block')")
+    w.his
+        .batch_execute("SELECT hmr.set_policy(gate_on_unavailable => 'block')")
         .await?;
     // A patient the platform does not know yet (registered, not uploaded: the worker is
     // told to wait), then a platform answering the check with a refusal code.
-    w.su.batch_execute(
+    w.his.batch_execute(
         "INSERT INTO his.patient (patient_id, id_no, name, sex, birthday) VALUES ('P0009', '11010519491231002X', '新病人', 1, '1949-12-31')",
     )
     .await?;
     w.sim
         .faults(json!({"status": 404, "count": 1, "path_prefix": "/api/v1/prescriptions"}))
         .await?;
-    let saved: Value =
-        w.su.query_one(
+    let saved: Value = w
+        .his
+        .query_one(
             &format!(
                 "SELECT his.save_orders('{}')",
                 orders("N1", "P0009", "1", "MZ009", "JY0001")
@@ -243,7 +226,7 @@ async fn a_data_problem_never_stops_care() -> Result<()> {
     );
     assert_eq!(
         count(
-            &w.su,
+            &w.his,
             "SELECT count(*) FROM hmr.checks WHERE status = 'unchecked' AND reason LIKE 'HTTP 404%'"
         )
         .await?,
@@ -252,8 +235,9 @@ async fn a_data_problem_never_stops_care() -> Result<()> {
     w.sim
         .faults(json!({"status": 400, "count": 1, "path_prefix": "/api/v1/prescriptions"}))
         .await?;
-    let saved: Value =
-        w.su.query_one(
+    let saved: Value = w
+        .his
+        .query_one(
             &format!(
                 "SELECT his.save_orders('{}')",
                 orders("N2", "P0001", "1", "MZ001", "JY0002")
@@ -267,7 +251,7 @@ async fn a_data_problem_never_stops_care() -> Result<()> {
     // The unknown patient went to the front of the queue.
     wait_until(Duration::from_secs(20), "the new patient delivered", || async {
         Ok(count(
-            &w.su,
+            &w.his,
             "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient' AND key = 'P0009'",
         )
         .await?
@@ -283,10 +267,11 @@ async fn a_date_only_range_means_whole_days() -> Result<()> {
     let today = hmr_protocol::checks::china_now().date_naive();
     let from = (today - chrono::Duration::days(3)).to_string();
     let filter = json!({"id_type": "01", "id_no": P0001_ID, "from": from, "to": today.to_string()});
-    let q: Value =
-        w.su.query_one("SELECT hmr_query_recognitions($1)", &[&filter])
-            .await?
-            .get(0);
+    let q: Value = w
+        .his
+        .query_one("SELECT hmr_query_recognitions($1)", &[&filter])
+        .await?
+        .get(0);
     assert_eq!(q["status"], "ok", "{q}");
     assert_eq!(q["items"].as_array().map(Vec::len), Some(2), "{q}");
     Ok(())
@@ -302,20 +287,22 @@ async fn a_refused_decision_reaches_the_doctor() -> Result<()> {
         .lab_report(P0001_ID, "1980-03-15", "W-CBC-9", "JY0001", 2)
         .await?;
     let lines = orders("R1", "P0001", "1", "MZ001", "JY0001");
-    let saved: Value =
-        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
-            .await?
-            .get(0);
+    let saved: Value = w
+        .his
+        .query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+        .await?
+        .get(0);
     let check = saved["decide"]["check_id"].as_str().unwrap_or_default().to_string();
     assert!(!check.is_empty(), "{saved}");
     // The upload waits (platform down for decisions) while the report is revoked.
     w.sim
         .faults(json!({"status": 503, "path_prefix": "/api/v1/recognitions/decisions"}))
         .await?;
-    let decided: Value =
-        w.su.query_one("SELECT hmr_record_decision($1, 'R1', true)", &[&check])
-            .await?
-            .get(0);
+    let decided: Value = w
+        .his
+        .query_one("SELECT hmr_record_decision($1, 'R1', true)", &[&check])
+        .await?
+        .get(0);
     assert!(
         decided["report_id"].as_str().is_some_and(|r| r.contains("W-CBC-1")),
         "{decided}"
@@ -324,28 +311,30 @@ async fn a_refused_decision_reaches_the_doctor() -> Result<()> {
     w.sim.clear_faults().await?;
     wait_until(Duration::from_secs(30), "the refusal noticed", || async {
         Ok(count(
-            &w.su,
+            &w.his,
             &format!("SELECT count(*) FROM hmr.checks WHERE check_id = '{check}' AND refused_at IS NOT NULL"),
         )
         .await?
             == 1)
     })
     .await?;
-    let e =
-        w.su.query_one("SELECT hmr_record_decision($1, 'R1', true)", &[&check])
-            .await
-            .expect_err("a refused check takes no decision");
+    let e = w
+        .his
+        .query_one("SELECT hmr_record_decision($1, 'R1', true)", &[&check])
+        .await
+        .expect_err("a refused check takes no decision");
     assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("HM015"), "{e}");
-    let state: Value = w.su.query_one("SELECT hmr_order_recognition('R1')", &[]).await?.get(0);
+    let state: Value = w.his.query_one("SELECT hmr_order_recognition('R1')", &[]).await?.get(0);
     assert_eq!(state["decision"], "none", "{state}");
     // The next save asks again: the older report is still recognisable.
-    let again: Value =
-        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
-            .await?
-            .get(0);
+    let again: Value = w
+        .his
+        .query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+        .await?
+        .get(0);
     assert_eq!(again["saved"], false, "{again}");
     assert!(again["decide"]["matches"].to_string().contains("W-CBC-9"), "{again}");
-    assert_eq!(count(&w.su, "SELECT count(*) FROM hmr.quarantine").await?, 0);
+    assert_eq!(count(&w.his, "SELECT count(*) FROM hmr.quarantine").await?, 0);
     Ok(())
 }
 
@@ -382,10 +371,11 @@ async fn decisions_taken_on_the_platform_page_count() -> Result<()> {
     };
     // 1. Polled by the HIS while the page is open.
     let lines = orders("G1", "P0001", "1", "MZ001", "JY0001");
-    let refused: Value =
-        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
-            .await?
-            .get(0);
+    let refused: Value = w
+        .his
+        .query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+        .await?
+        .get(0);
     let check = refused["decide"]["check_id"].as_str().unwrap_or_default().to_string();
     let url = refused["decide"]["url"].as_str().unwrap_or_default().to_string();
     let report = refused["decide"]["matches"][0]["reports"][0]["report_id"]
@@ -393,33 +383,40 @@ async fn decisions_taken_on_the_platform_page_count() -> Result<()> {
         .unwrap_or_default()
         .to_string();
     page_decide(url, "G1", &report).await?;
-    let polled: Value = w.su.query_one("SELECT hmr_page_decisions($1)", &[&check]).await?.get(0);
+    let polled: Value = w
+        .his
+        .query_one("SELECT hmr_page_decisions($1)", &[&check])
+        .await?
+        .get(0);
     assert_eq!(polled["complete"], true, "{polled}");
     assert_eq!(polled["decisions"][0]["source"], "page", "{polled}");
-    let saved: Value =
-        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
-            .await?
-            .get(0);
+    let saved: Value = w
+        .his
+        .query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+        .await?
+        .get(0);
     assert_eq!(saved["saved"], true, "{saved}");
     // 2. Learnt by the next save alone.
     let lines = orders("G2", "P0003", "3", "ZY003", "JY0001");
-    let refused: Value =
-        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
-            .await?
-            .get(0);
+    let refused: Value = w
+        .his
+        .query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+        .await?
+        .get(0);
     let url = refused["decide"]["url"].as_str().unwrap_or_default().to_string();
     let report = refused["decide"]["matches"][0]["reports"][0]["report_id"]
         .as_str()
         .unwrap_or_default()
         .to_string();
     page_decide(url, "G2", &report).await?;
-    let saved: Value =
-        w.su.query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
-            .await?
-            .get(0);
+    let saved: Value = w
+        .his
+        .query_one(&format!("SELECT his.save_orders('{lines}')"), &[])
+        .await?
+        .get(0);
     assert_eq!(saved["saved"], true, "the save learnt the page decision: {saved}");
     assert_eq!(
-        count(&w.su, "SELECT count(*) FROM hmr.decisions WHERE source = 'page'").await?,
+        count(&w.his, "SELECT count(*) FROM hmr.decisions WHERE source = 'page'").await?,
         2
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -430,7 +427,7 @@ async fn decisions_taken_on_the_platform_page_count() -> Result<()> {
             .is_empty(),
         "page decisions are not uploaded again"
     );
-    let state: Value = w.su.query_one("SELECT hmr_order_recognition('G2')", &[]).await?.get(0);
+    let state: Value = w.his.query_one("SELECT hmr_order_recognition('G2')", &[]).await?.get(0);
     assert_eq!(state["decision"], "recognised", "{state}");
     Ok(())
 }

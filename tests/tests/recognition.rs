@@ -9,43 +9,21 @@ use tokio_postgres::Client;
 
 const P0001_ID: &str = "441302198003151233"; // 陈志明, born 1980-03-15
 
-struct Setup {
-    cluster: Cluster,
-    his: Client,
-    sim: Sim,
-    _worker: Worker,
-}
-
 /// Our hospital with the sample HIS and the example workstation SQL; the other hospital
 /// holds, for 陈志明: a 血常规 of yesterday (recognisable), a 心肌酶谱 of 5 days ago
 /// (expired: valid 3 days) and a 肝功能 it revoked.
-async fn setup() -> Result<Setup> {
-    let cluster = Cluster::start().await?;
-    let his = cluster.connect("his").await?;
-    load_sample_data(&his).await?;
-    for file in ["01_orders.sql", "02_workstation.sql"] {
-        his.batch_execute(&std::fs::read_to_string(repo_root().join("sql/examples").join(file))?)
-            .await?;
-    }
-    let sim = Sim::start()?;
-    configure_platform(&his, &sim).await?;
-    let other = OtherHospital::new(&sim);
-    other.lab_report(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1).await?;
-    other.lab_report(P0001_ID, "1980-03-15", "W-CK-1", "JY0014", 5).await?;
-    other.lab_report(P0001_ID, "1980-03-15", "W-LFT-1", "JY0004", 1).await?;
-    other.revoke_lab("W-LFT-1").await?;
-    let worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
-    // The check needs our patients at the platform.
-    wait_until(Duration::from_secs(20), "our patients delivered", || async {
-        Ok(count(&his, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient'").await? == 3)
-    })
+async fn setup() -> Result<Workstations> {
+    let s = Workstations::start(
+        &[
+            (P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1),
+            (P0001_ID, "1980-03-15", "W-CK-1", "JY0014", 5),
+            (P0001_ID, "1980-03-15", "W-LFT-1", "JY0004", 1),
+        ],
+        &WorkerOptions::default(),
+    )
     .await?;
-    Ok(Setup {
-        cluster,
-        his,
-        sim,
-        _worker: worker,
-    })
+    OtherHospital::new(&s.sim).revoke_lab("W-LFT-1").await?;
+    Ok(s)
 }
 
 async fn json_of(his: &Client, sql: &str) -> Result<Value> {

@@ -139,17 +139,7 @@ impl Drainer {
         } else {
             self.prefetch(kind, &events).await?
         };
-        let mut waiting = Vec::new();
-        let mut ready = Vec::new();
-        for e in events {
-            match failed.get(&e.key) {
-                Some(error) => waiting.push((e, error.clone())),
-                None => ready.push(e),
-            }
-        }
-        for (event, error) in waiting {
-            self.source_failed(&event, &error).await?;
-        }
+        let ready = self.hold_failed(events, &failed).await?;
         let mut done = stream::iter(ready)
             .map(|e| {
                 let input = inputs.remove(&e.key).unwrap_or_default();
@@ -199,24 +189,49 @@ impl Drainer {
         if keys.is_empty() {
             return Ok((HashMap::new(), HashMap::new()));
         }
-        match self.store.report_inputs(kind, &keys).await {
-            Ok(inputs) => Ok((inputs, HashMap::new())),
+        self.read_each(&keys, |keys| async move { self.store.report_inputs(kind, &keys).await })
+            .await
+    }
+
+    /// Reads `keys` in one go with `read`; when that fails on a source error, one key at a
+    /// time, so that only the keys that fail wait (returned with their error).
+    async fn read_each<V, F, Fut>(&self, keys: &[String], read: F) -> Result<(HashMap<String, V>, Failed), WorkerError>
+    where
+        F: Fn(Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<HashMap<String, V>, WorkerError>>,
+    {
+        match read(keys.to_vec()).await {
+            Ok(all) => Ok((all, HashMap::new())),
             Err(e) if e.is_source_error() && !self.store.is_closed() => {
-                let mut inputs = HashMap::new();
+                let mut found = HashMap::new();
                 let mut failed = HashMap::new();
                 for key in keys {
-                    match self.store.report_inputs(kind, std::slice::from_ref(&key)).await {
-                        Ok(one) => inputs.extend(one),
+                    match read(vec![key.clone()]).await {
+                        Ok(one) => found.extend(one),
                         Err(e) if e.is_source_error() && !self.store.is_closed() => {
-                            failed.insert(key, e.to_string());
+                            failed.insert(key.clone(), e.to_string());
                         }
                         Err(e) => return Err(e),
                     }
                 }
-                Ok((inputs, failed))
+                Ok((found, failed))
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The events whose source read failed wait (`source_failed`); the others are returned.
+    async fn hold_failed(&self, events: Vec<Event>, failed: &Failed) -> Result<Vec<Event>, WorkerError> {
+        let mut ready = Vec::with_capacity(events.len());
+        for event in events {
+            match failed.get(&event.key) {
+                Some(error) => {
+                    self.source_failed(&event, error).await?;
+                }
+                None => ready.push(event),
+            }
+        }
+        Ok(ready)
     }
 
     /// A record whose source could not be read: it backs off with the view's error in
@@ -718,36 +733,10 @@ impl Drainer {
     /// batches and settle each record by the platform's per-record answer.
     async fn master_data(&self, kind: &str, events: Vec<Event>) -> Result<(), WorkerError> {
         let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
-        let (rows, failed) = match self.store.source_rows(kind, &keys).await {
-            Ok(rows) => (rows, HashMap::new()),
-            Err(e) if e.is_source_error() && !self.store.is_closed() => {
-                // One record at a time: only the rows that fail wait.
-                let mut rows = HashMap::new();
-                let mut failed: Failed = HashMap::new();
-                for key in &keys {
-                    match self.store.source_rows(kind, std::slice::from_ref(key)).await {
-                        Ok(one) => rows.extend(one),
-                        Err(e) if e.is_source_error() && !self.store.is_closed() => {
-                            failed.insert(key.clone(), e.to_string());
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                (rows, failed)
-            }
-            Err(e) => return Err(e),
-        };
-        let mut events = events;
-        let mut ok = Vec::with_capacity(events.len());
-        for event in events.drain(..) {
-            match failed.get(&event.key) {
-                Some(error) => {
-                    self.source_failed(&event, error).await?;
-                }
-                None => ok.push(event),
-            }
-        }
-        let events = ok;
+        let (rows, failed) = self
+            .read_each(&keys, |keys| async move { self.store.source_rows(kind, &keys).await })
+            .await?;
+        let events = self.hold_failed(events, &failed).await?;
         let held = self.store.delivered(kind, &keys).await?;
         let now = self.now();
         let mut finished = Vec::new();
