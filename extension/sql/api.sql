@@ -192,7 +192,8 @@ SELECT d.name, coalesce(s.v[1], d.default_value), coalesce(s.v[2], 'default'),
 -- poisoned record never holds back others, but someone should look at it.
 CREATE VIEW hmr.stuck_records AS
 SELECT o.kind, o.key, o.id AS event_id, o.state, o.attempts, o.created_at,
-       now() - o.created_at AS waiting, o.last_error, o.error_field, o.error_reason
+       now() - o.created_at AS waiting, o.last_error, o.error_field, o.error_reason,
+       o.waits_for_kind, o.waits_for_key
 FROM hmr.outbox o
 WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox e WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id)
   AND (o.state = 'quarantined'

@@ -159,9 +159,15 @@ CREATE TABLE hmr.outbox (
     error_reason     text,
     failed_at        timestamptz,
     -- claimed ahead of the others (hmr.hurry: a doctor is waiting for it)
-    urgent           boolean NOT NULL DEFAULT false
+    urgent           boolean NOT NULL DEFAULT false,
+    -- a quarantined event waiting for another record (a report for its patient, staff for
+    -- their department): released by the worker once that record is delivered (0.3.0)
+    waits_for_kind   text,
+    waits_for_key    text,
+    CONSTRAINT outbox_waits_for_both CHECK ((waits_for_kind IS NULL) = (waits_for_key IS NULL))
 );
 CREATE INDEX outbox_urgent_idx ON hmr.outbox (id) WHERE urgent;
+CREATE INDEX outbox_waits_for_idx ON hmr.outbox (waits_for_kind, waits_for_key) WHERE waits_for_kind IS NOT NULL;
 -- Per-record order: an event waits while an earlier one of the same record is unfinished.
 CREATE INDEX outbox_record_idx ON hmr.outbox (kind, key, id);
 -- PDFs are compressed already: store them without trying again.
@@ -393,7 +399,8 @@ $$;
 -- Quarantined events: what the platform (or our own validation) refused, and why.
 -- `error_field` names the column of the source view when it can.
 CREATE VIEW hmr.quarantine AS
-SELECT id, kind, key, error_field, error_reason, last_error, attempts, created_at, failed_at
+SELECT id, kind, key, error_field, error_reason, last_error, attempts, created_at, failed_at,
+       waits_for_kind, waits_for_key
 FROM hmr.outbox
 WHERE state = 'quarantined';
 
@@ -418,7 +425,7 @@ BEGIN
     UPDATE hmr.outbox
        SET state = 'pending', plan = NULL, plan_pdf = NULL, step = 0, generation = generation + 1, attempts = 0,
            next_attempt_at = '-infinity', last_error = NULL, error_field = NULL,
-           error_reason = NULL, failed_at = NULL
+           error_reason = NULL, failed_at = NULL, waits_for_kind = NULL, waits_for_key = NULL
      WHERE id = event_id AND state = 'quarantined';
     IF NOT FOUND THEN
         RAISE EXCEPTION 'hmr: event % is not quarantined', event_id USING ERRCODE = 'HM020';
@@ -432,7 +439,7 @@ LANGUAGE sql AS $$
         UPDATE hmr.outbox o
            SET state = 'pending', plan = NULL, plan_pdf = NULL, step = 0, generation = generation + 1, attempts = 0,
                next_attempt_at = '-infinity', last_error = NULL, error_field = NULL,
-               error_reason = NULL, failed_at = NULL
+               error_reason = NULL, failed_at = NULL, waits_for_kind = NULL, waits_for_key = NULL
          WHERE o.kind = retry_kind.kind AND o.state = 'quarantined'
         RETURNING 1)
     SELECT count(*) FROM r

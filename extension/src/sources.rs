@@ -2,7 +2,7 @@
 //! validates sample rows with the same code the worker uses before sending.
 
 use hmr_protocol::source::{self, SourceView};
-use hmr_protocol::{validate, FieldError, ProtocolError};
+use hmr_protocol::{validate, FieldError, Kind, ProtocolError};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Map, Value};
@@ -103,7 +103,7 @@ fn check_sources(
         if kind.is_none() && !connected {
             continue;
         }
-        let Some(canonical) = source::view_for(&k) else {
+        let Some((parsed, canonical)) = Kind::parse(&k).and_then(|p| Some((p, p.view()?))) else {
             continue;
         };
         let columns_ok = check_columns(&k, &view_name, canonical, &mut problems);
@@ -111,7 +111,7 @@ fn check_sources(
             check_columns(&k, items, &source::LAB_ITEM, &mut problems);
         }
         if columns_ok {
-            check_rows(&k, &view_name, item_view.as_deref(), canonical, &mut problems);
+            check_rows(parsed, &view_name, item_view.as_deref(), canonical, &mut problems);
         }
     }
     TableIterator::new(problems.into_iter().map(|p| -> ProblemRow {
@@ -270,7 +270,8 @@ fn type_matches(expected: &str, actual: &str) -> bool {
 }
 
 /// Converts and validates up to `hmr.check_sample_rows` rows.
-fn check_rows(kind: &str, view: &str, item_view: Option<&str>, canonical: &SourceView, problems: &mut Vec<Problem>) {
+fn check_rows(parsed: Kind, view: &str, item_view: Option<&str>, canonical: &SourceView, problems: &mut Vec<Problem>) {
+    let kind = parsed.as_str();
     let limit = i64::from(gucs::CHECK_SAMPLE_ROWS.get());
     if limit == 0 {
         return;
@@ -299,7 +300,7 @@ fn check_rows(kind: &str, view: &str, item_view: Option<&str>, canonical: &Sourc
             .get(canonical.key)
             .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
         let mut extra = Map::new();
-        if matches!(kind, "lab_report" | "exam_report") {
+        if parsed.report_type().is_some() {
             extra.insert("version".into(), json!(1));
         }
         let items: Vec<Value> = match (item_view, key.as_deref()) {
@@ -309,23 +310,23 @@ fn check_rows(kind: &str, view: &str, item_view: Option<&str>, canonical: &Sourc
         if item_view.is_some() {
             extra.insert("items".into(), Value::Array(items.clone()));
         }
-        let outcome: Result<(), ProtocolError> = match kind {
-            "patient" => canonical
+        let outcome: Result<(), ProtocolError> = match parsed {
+            Kind::Patient => canonical
                 .record(&row, extra)
                 .and_then(|p| validate::patient(&p, &now).map_err(ProtocolError::Invalid)),
-            "department" => canonical
+            Kind::Department => canonical
                 .record(&row, extra)
                 .and_then(|d| validate::department(&d, &now).map_err(ProtocolError::Invalid)),
-            "staff" => canonical
+            Kind::Staff => canonical
                 .record(&row, extra)
                 .and_then(|s| validate::staff(&s, &now).map_err(ProtocolError::Invalid)),
-            "lab_report" => canonical
+            Kind::LabReport => canonical
                 .record(&row, extra)
                 .and_then(|l| validate::lab_report(&l, &now).map_err(ProtocolError::Invalid)),
-            "exam_report" => canonical
+            Kind::ExamReport => canonical
                 .record(&row, extra)
                 .and_then(|e| validate::exam_report(&e, &now).map_err(ProtocolError::Invalid)),
-            _ => Ok(()),
+            Kind::Decision => Ok(()),
         };
         match outcome {
             Ok(()) => {}

@@ -6,6 +6,7 @@
 
 pub mod checks;
 pub mod envelope;
+pub mod kind;
 pub mod mask;
 pub mod paths;
 pub mod sign;
@@ -14,6 +15,7 @@ pub mod types;
 pub mod validate;
 
 pub use envelope::{classify, classify_answer, Envelope, Outcome};
+pub use kind::Kind;
 pub use types::*;
 pub use validate::FieldError;
 

@@ -48,6 +48,63 @@ fn unique_dir(prefix: &str) -> PathBuf {
     dir
 }
 
+/// A directory of the PostgreSQL installation (`pg_config --sharedir` …).
+pub fn pg_config(what: &str) -> Result<String> {
+    let out = Command::new(format!("{PG_BIN}/pg_config")).arg(what).output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// The extension's objects as lines of text (one per object: what it is and its full
+/// definition, owner-independent), to compare an upgraded database with a fresh install.
+pub async fn extension_schema(client: &Client) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "WITH ext AS (SELECT oid FROM pg_extension WHERE extname = 'hmr'),
+             members AS (
+                SELECT d.classid, d.objid FROM pg_depend d, ext
+                 WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = ext.oid AND d.deptype = 'e')
+             SELECT pg_describe_object(m.classid, m.objid, 0) || E'\n' || coalesce(CASE m.classid
+               WHEN 'pg_proc'::regclass THEN
+                 (SELECT CASE WHEN p.prokind = 'a' THEN 'aggregate' ELSE pg_get_functiondef(p.oid) END
+                         || ' acl=' || coalesce(p.proacl::text, '-') FROM pg_proc p WHERE p.oid = m.objid)
+               WHEN 'pg_class'::regclass THEN
+                 (SELECT c.relkind::text || ' options=' || coalesce(c.reloptions::text, '-')
+                         || ' acl=' || coalesce(c.relacl::text, '-') || ' rls=' || c.relrowsecurity
+                         || E'\ncolumns: ' || coalesce((SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                                 || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+                                 || coalesce(' default ' || pg_get_expr(ad.adbin, ad.adrelid), '')
+                                 || ' storage=' || a.attstorage::text, ', ' ORDER BY a.attnum)
+                              FROM pg_attribute a LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+                             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '')
+                         || E'\nconstraints: ' || coalesce((SELECT string_agg(co.conname || ' ' || pg_get_constraintdef(co.oid), '; ' ORDER BY co.conname)
+                              FROM pg_constraint co WHERE co.conrelid = c.oid), '')
+                         || E'\nindexes: ' || coalesce((SELECT string_agg(pg_get_indexdef(i.indexrelid), '; ' ORDER BY pg_get_indexdef(i.indexrelid))
+                              FROM pg_index i WHERE i.indrelid = c.oid), '')
+                         || E'\ntriggers: ' || coalesce((SELECT string_agg(pg_get_triggerdef(t.oid) || ' ' || t.tgenabled::text, '; ' ORDER BY t.tgname)
+                              FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal), '')
+                         || E'\nview: ' || CASE WHEN c.relkind IN ('v', 'm') THEN pg_get_viewdef(c.oid) ELSE '' END
+                         || E'\ncomment: ' || coalesce(obj_description(c.oid, 'pg_class'), '')
+                    FROM pg_class c WHERE c.oid = m.objid)
+               WHEN 'pg_type'::regclass THEN
+                 (SELECT format_type(t.oid, NULL) || ' ' || t.typtype::text || ' '
+                         || coalesce((SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid), '')
+                    FROM pg_type t WHERE t.oid = m.objid)
+               WHEN 'pg_namespace'::regclass THEN
+                 (SELECT 'acl=' || coalesce(n.nspacl::text, '-') FROM pg_namespace n WHERE n.oid = m.objid)
+               END, '')
+             FROM members m
+             UNION ALL
+             SELECT 'dumped with the database: ' || coalesce((SELECT string_agg(c::regclass::text || coalesce(' ' || w, ''), ', ' ORDER BY c::regclass::text)
+                       FROM unnest(e.extconfig, e.extcondition) AS u(c, w)), '')
+               FROM pg_extension e WHERE e.extname = 'hmr'",
+            &[],
+        )
+        .await?;
+    let mut lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    lines.sort();
+    Ok(lines)
+}
+
 /// Runs a PostgreSQL program (pg_dump, psql, …) as user `postgres`.
 pub fn run_as_postgres_pub(args: &[&str]) -> Result<()> {
     run_as_postgres(args)
@@ -92,6 +149,8 @@ fn unsafe_geteuid() -> u32 {
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
+    /// The PostgreSQL programs it runs with (a private installation: `start_with_scripts`).
+    bin: PathBuf,
 }
 
 impl Cluster {
@@ -104,28 +163,47 @@ impl Cluster {
         Self::start_with(false).await
     }
 
-    async fn start_with(demo: bool) -> Result<Cluster> {
+    /// A cluster with an empty database `his` (no extension), run from a private copy of
+    /// the PostgreSQL installation whose extension directory also holds `scripts` (name,
+    /// text): upgrade tests install old versions without writing into the system's
+    /// share directory. (PostgreSQL finds its share directory relative to its binary.)
+    pub async fn start_with_scripts(scripts: &[(&str, &str)]) -> Result<Cluster> {
         let dir = unique_dir("hmr-e2e-pg");
-        Command::new("chown")
-            .args(["-R", "postgres", dir.to_str().unwrap()])
-            .status()?;
-        let data = dir.join("data");
-        let port = 5432;
-        run_as_postgres(&[
-            &format!("{PG_BIN}/initdb"),
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--locale=C.UTF-8",
-            "--no-sync",
-            "-D",
-            data.to_str().unwrap(),
-        ])?;
-        let cluster = Cluster { dir, port };
-        cluster.pg_ctl_start()?;
+        let install = dir.join("install");
+        let real_share = PathBuf::from(pg_config("--sharedir")?);
+        let real_bin = PathBuf::from(pg_config("--bindir")?);
+        let real_lib = PathBuf::from(pg_config("--pkglibdir")?);
+        let rel = |p: &Path| install.join(p.strip_prefix("/").expect("absolute"));
+        let (bin, share, lib) = (rel(&real_bin), rel(&real_share), rel(&real_lib));
+        std::fs::create_dir_all(&bin)?;
+        std::fs::create_dir_all(share.join("extension"))?;
+        std::fs::create_dir_all(lib.parent().expect("lib has a parent"))?;
+        // Copies, not links: PostgreSQL resolves a link to its real place.
+        for program in ["postgres", "pg_ctl"] {
+            std::fs::copy(real_bin.join(program), bin.join(program))?;
+        }
+        std::os::unix::fs::symlink(&real_lib, &lib)?;
+        for entry in std::fs::read_dir(&real_share)? {
+            let entry = entry?;
+            if entry.file_name() != "extension" {
+                std::os::unix::fs::symlink(entry.path(), share.join(entry.file_name()))?;
+            }
+        }
+        for entry in std::fs::read_dir(real_share.join("extension"))? {
+            let entry = entry?;
+            std::os::unix::fs::symlink(entry.path(), share.join("extension").join(entry.file_name()))?;
+        }
+        for (name, text) in scripts {
+            std::fs::write(share.join("extension").join(name), text)?;
+        }
+        let cluster = Self::init(dir, bin).await?;
+        let admin = cluster.connect("postgres").await?;
+        admin.batch_execute("CREATE DATABASE his").await?;
+        Ok(cluster)
+    }
+
+    async fn start_with(demo: bool) -> Result<Cluster> {
+        let cluster = Self::init(unique_dir("hmr-e2e-pg"), PathBuf::from(PG_BIN)).await?;
         let admin = cluster.connect("postgres").await?;
         admin.batch_execute("CREATE DATABASE his").await?;
         let his = cluster.connect("his").await?;
@@ -145,6 +223,31 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// initdb in `dir/data` and start, with the programs in `bin`.
+    async fn init(dir: PathBuf, bin: PathBuf) -> Result<Cluster> {
+        Command::new("chown")
+            .args(["-R", "postgres", dir.to_str().unwrap()])
+            .status()?;
+        let data = dir.join("data");
+        let port = 5432;
+        run_as_postgres(&[
+            &format!("{PG_BIN}/initdb"),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+            "-D",
+            data.to_str().unwrap(),
+        ])?;
+        let cluster = Cluster { dir, port, bin };
+        cluster.pg_ctl_start()?;
+        Ok(cluster)
+    }
+
     fn pg_ctl_start(&self) -> Result<()> {
         // HMR_E2E_MAX_CONNECTIONS: for benchmarks with hundreds of sessions.
         let max_connections = std::env::var("HMR_E2E_MAX_CONNECTIONS").unwrap_or_else(|_| "50".into());
@@ -154,7 +257,7 @@ impl Cluster {
             self.dir.display()
         );
         run_as_postgres(&[
-            &format!("{PG_BIN}/pg_ctl"),
+            self.bin.join("pg_ctl").to_str().unwrap(),
             "-w",
             "-D",
             self.dir.join("data").to_str().unwrap(),
@@ -169,7 +272,7 @@ impl Cluster {
     /// `pg_ctl stop -m immediate` then start again: a crash of the database.
     pub fn crash_and_restart(&self) -> Result<()> {
         run_as_postgres(&[
-            &format!("{PG_BIN}/pg_ctl"),
+            self.bin.join("pg_ctl").to_str().unwrap(),
             "-D",
             self.dir.join("data").to_str().unwrap(),
             "-m",
@@ -215,7 +318,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = run_as_postgres(&[
-            &format!("{PG_BIN}/pg_ctl"),
+            self.bin.join("pg_ctl").to_str().unwrap(),
             "-D",
             self.dir.join("data").to_str().unwrap(),
             "-m",

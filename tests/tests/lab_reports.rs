@@ -467,3 +467,56 @@ async fn sigterm_releases_claims_and_exits_cleanly() -> Result<()> {
     assert_eq!(uploads_of(&sim, "L20261126001").await?.len(), 1);
     Ok(())
 }
+
+/// A report whose patient is quarantined waits in the quarantine, naming the record it waits
+/// for (`waits_for_kind`, `waits_for_key`), and goes by itself once the DBA has fixed and
+/// retried the patient — only the patient.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_waits_for_its_quarantined_patient_and_follows_the_fix() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    // A gender code the platform does not know: the patient is refused; the report itself
+    // (which carries no gender) is valid.
+    his.batch_execute("UPDATE his.patient SET sex = 5 WHERE patient_id = 'P0002'")
+        .await?;
+    let sim = Sim::start()?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    approve(&his, "L20261126002").await?;
+    wait_until(
+        Duration::from_secs(30),
+        "the report waiting for its patient",
+        || async {
+            Ok(count(
+                &his,
+                "SELECT count(*) FROM hmr.quarantine WHERE key = 'L20261126002'
+                AND error_reason = 'dependency-quarantined' AND error_field = 'patient_id'
+                AND waits_for_kind = 'patient' AND waits_for_key = 'P0002'",
+            )
+            .await?
+                == 1)
+        },
+    )
+    .await?;
+    assert_eq!(
+        count(
+            &his,
+            "SELECT count(*) FROM hmr.stuck_records WHERE key = 'L20261126002' AND waits_for_key = 'P0002'"
+        )
+        .await?,
+        1
+    );
+    assert!(uploads_of(&sim, "L20261126002").await?.is_empty());
+
+    his.batch_execute(
+        "UPDATE his.patient SET sex = 2 WHERE patient_id = 'P0002';
+         SELECT hmr.retry(id) FROM hmr.quarantine WHERE kind = 'patient' AND key = 'P0002';",
+    )
+    .await?;
+    wait_until(Duration::from_secs(30), "the report released and delivered", || async {
+        Ok(!uploads_of(&sim, "L20261126002").await?.is_empty())
+    })
+    .await?;
+    assert_eq!(count(&his, "SELECT count(*) FROM hmr.quarantine").await?, 0);
+    Ok(())
+}

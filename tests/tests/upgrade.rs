@@ -1,72 +1,138 @@
-//! Upgrades ship as `hmr--A--B.sql`: `ALTER EXTENSION hmr UPDATE` moves a database forward
-//! and keeps the outbox, the history and the delivery state. (The first release will ship a
-//! real script; this test installs a throwaway one next to the installed extension.)
+//! Upgrades ship as `extension/sql/hmr--A--B.sql`. A database created at the last release
+//! (its script frozen in `extension/sql/released/`) and moved forward with
+//! `ALTER EXTENSION hmr UPDATE` must have exactly the objects of a fresh install of this
+//! version — every table column, constraint, index, trigger, function body, view, grant and
+//! dump mark — and keep its events, history and delivery state. The old version is installed
+//! into a private copy of the PostgreSQL installation, never into the system's.
 
 use anyhow::Result;
 use hmr_e2e::*;
 
-struct Script(std::path::PathBuf);
+/// The last release and its frozen install script.
+const RELEASED: &str = "0.2.0";
+const RELEASED_SCRIPT: &str = include_str!("../../extension/sql/released/hmr--0.2.0.sql");
+const THIS: &str = env!("CARGO_PKG_VERSION");
 
-impl Drop for Script {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+fn diff(a: &[String], b: &[String]) -> String {
+    let only = |x: &[String], y: &[String]| -> Vec<String> { x.iter().filter(|l| !y.contains(l)).cloned().collect() };
+    format!(
+        "only after the upgrade:\n{}\n\nonly in a fresh install:\n{}",
+        only(a, b).join("\n---\n"),
+        only(b, a).join("\n---\n")
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn alter_extension_update_keeps_everything() -> Result<()> {
-    let cluster = Cluster::start().await?;
+async fn a_released_database_updated_equals_a_fresh_install_and_keeps_its_events() -> Result<()> {
+    let cluster = Cluster::start_with_scripts(&[(&format!("hmr--{RELEASED}.sql"), RELEASED_SCRIPT)]).await?;
     let his = cluster.connect("his").await?;
-    let from: String = his
-        .query_one("SELECT extversion FROM pg_extension WHERE extname = 'hmr'", &[])
-        .await?
-        .get(0);
-    let to = format!("{from}-upgrade-test-{}", std::process::id());
-    let sharedir = String::from_utf8(
-        std::process::Command::new(format!("{PG_BIN}/pg_config"))
-            .arg("--sharedir")
-            .output()?
-            .stdout,
-    )?;
-    let _script = Script(std::path::Path::new(sharedir.trim()).join(format!("extension/hmr--{from}--{to}.sql")));
-    std::fs::write(
-        &_script.0,
-        "-- a throwaway upgrade: one new object, one changed comment\n\
-         CREATE VIEW hmr.upgrade_probe AS SELECT count(*) AS events FROM hmr.outbox;\n\
-         COMMENT ON TABLE hmr.outbox IS 'which record changed and how';\n",
-    )?;
-    let event: i64 = his.query_one("SELECT hmr.enqueue('patient', 'P1')", &[]).await?.get(0);
-    his.batch_execute("INSERT INTO hmr.delivered (kind, key, version, content_hash) VALUES ('patient', 'P0', 1, 'h')")
+    his.batch_execute(&format!("CREATE EXTENSION hmr VERSION '{RELEASED}'"))
         .await?;
 
-    his.batch_execute(&format!("ALTER EXTENSION hmr UPDATE TO '{to}'"))
-        .await?;
+    // Life at the old version: a watched table, events, a delivered record, and an event a
+    // 0.2.0 worker quarantined behind its patient (it said so in last_error only).
+    his.batch_execute(
+        "CREATE SCHEMA his;
+         CREATE TABLE his.person (id text PRIMARY KEY, name text);
+         SELECT hmr.watch('patient', 'his.person', 'id');
+         INSERT INTO his.person VALUES ('P1', 'a');
+         SELECT hmr.ingest();
+         INSERT INTO hmr.delivered (kind, key, version, content_hash) VALUES ('patient', 'P0', 1, 'h');
+         INSERT INTO hmr.outbox (kind, key, op, state, error_field, error_reason, last_error)
+              VALUES ('lab_report', 'L1', 'S', 'quarantined', 'patient_id', 'dependency-quarantined',
+                      'waiting for quarantined patient:P:7'),
+                     ('lab_report', 'L2', 'S', 'quarantined', 'id_no', 'checksum', 'refused before sending');",
+    )
+    .await?;
+    let before = count(&his, "SELECT count(*) FROM hmr.outbox").await?;
+    assert_eq!(before, 3);
+
+    his.batch_execute("ALTER EXTENSION hmr UPDATE").await?;
     let now: String = his
         .query_one("SELECT extversion FROM pg_extension WHERE extname = 'hmr'", &[])
         .await?
         .get(0);
-    assert_eq!(now, to);
-    assert_eq!(count(&his, "SELECT events FROM hmr.upgrade_probe").await?, 1);
-    assert_eq!(
-        count(&his, &format!("SELECT count(*) FROM hmr.outbox WHERE id = {event}")).await?,
-        1
+    assert_eq!(now, THIS, "the update path reaches this version");
+
+    // The same objects as a fresh install, line for line.
+    cluster
+        .connect("postgres")
+        .await?
+        .batch_execute("CREATE DATABASE fresh")
+        .await?;
+    let fresh = cluster.connect("fresh").await?;
+    fresh.batch_execute("CREATE EXTENSION hmr").await?;
+    let upgraded = extension_schema(&his).await?;
+    let installed = extension_schema(&fresh).await?;
+    assert!(
+        installed.len() > 90,
+        "the comparison sees the objects: {}",
+        installed.len()
     );
+    assert!(
+        installed.iter().any(|l| l.starts_with("table hmr.captured\n")),
+        "hmr.captured's shape is compared"
+    );
+    assert!(upgraded == installed, "{}", diff(&upgraded, &installed));
+
+    // Nothing lost; the old dependency wait is now in the columns the worker releases by.
+    assert_eq!(count(&his, "SELECT count(*) FROM hmr.outbox").await?, before);
     assert_eq!(count(&his, "SELECT count(*) FROM hmr.delivered").await?, 1);
-    // The new object belongs to the extension (dropped with it, dumped as part of it).
+    let waits: (Option<String>, Option<String>) = his
+        .query_one(
+            "SELECT waits_for_kind, waits_for_key FROM hmr.quarantine WHERE key = 'L1'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))?;
+    assert_eq!(waits, (Some("patient".into()), Some("P:7".into())));
     assert_eq!(
         count(
             &his,
-            "SELECT count(*) FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
-              WHERE c.relname = 'upgrade_probe' AND d.deptype = 'e'"
+            "SELECT count(*) FROM hmr.quarantine WHERE key = 'L2' AND waits_for_kind IS NULL"
         )
         .await?,
         1
     );
-    // Capture still works after the upgrade.
-    his.batch_execute("INSERT INTO his.patient (patient_id, id_no, name, sex, birthday) VALUES ('P9', '441302198003151233', 'x', 1, '1980-03-15')").await?;
+    // Capture still works, and retry clears the wait.
+    his.batch_execute(
+        "INSERT INTO his.person VALUES ('P2', 'b'); SELECT hmr.retry(id) FROM hmr.quarantine WHERE key = 'L1';",
+    )
+    .await?;
     assert_eq!(
-        count(&his, "SELECT count(*) FROM hmr.captured WHERE key = 'P9'").await?,
+        count(&his, "SELECT count(*) FROM hmr.captured WHERE key = 'P2'").await?,
         1
     );
+    assert_eq!(
+        count(
+            &his,
+            "SELECT count(*) FROM hmr.outbox WHERE key = 'L1' AND state = 'pending' AND waits_for_kind IS NULL"
+        )
+        .await?,
+        1
+    );
+    Ok(())
+}
+
+/// The comparison can fail: a database that differs from a fresh install in one column of
+/// `hmr.captured` is told apart.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schema_comparison_sees_a_changed_column() -> Result<()> {
+    let cluster = Cluster::start_with_scripts(&[]).await?;
+    let a = cluster.connect("his").await?;
+    a.batch_execute("CREATE EXTENSION hmr").await?;
+    cluster
+        .connect("postgres")
+        .await?
+        .batch_execute("CREATE DATABASE b")
+        .await?;
+    let b = cluster.connect("b").await?;
+    b.batch_execute("CREATE EXTENSION hmr").await?;
+    assert_eq!(extension_schema(&a).await?, extension_schema(&b).await?);
+    b.batch_execute("ALTER TABLE hmr.captured ALTER COLUMN key TYPE varchar(100)")
+        .await?;
+    let (x, y) = (extension_schema(&a).await?, extension_schema(&b).await?);
+    assert_ne!(x, y);
+    assert!(diff(&x, &y).contains("key character varying(100)"), "{}", diff(&x, &y));
     Ok(())
 }

@@ -11,18 +11,6 @@ use tokio_postgres::NoTls;
 
 use crate::error::WorkerError;
 
-/// The kind a command-line word names (`patients` → `patient`, `lab` → `lab_report`).
-pub fn kind_of(word: &str) -> Option<&'static str> {
-    Some(match word {
-        "patient" | "patients" => "patient",
-        "department" | "departments" => "department",
-        "staff" => "staff",
-        "lab" | "lab_report" | "lab_reports" => "lab_report",
-        "exam" | "exam_report" | "exam_reports" => "exam_report",
-        _ => return None,
-    })
-}
-
 pub struct Summary {
     pub id: i64,
     pub enqueued: i64,
@@ -31,7 +19,7 @@ pub struct Summary {
     pub elapsed: Duration,
 }
 
-pub async fn run(url: &str, kind: &str, since: Option<&str>, page: i32) -> Result<Summary, WorkerError> {
+pub async fn run(url: &str, kind: hmr_protocol::Kind, since: Option<&str>, page: i32) -> Result<Summary, WorkerError> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
@@ -41,7 +29,7 @@ pub async fn run(url: &str, kind: &str, since: Option<&str>, page: i32) -> Resul
     let id: i64 = client
         .query_one(
             "SELECT hmr.backfill_start($1, $2::text::timestamptz)",
-            &[&kind, &since_param],
+            &[&kind.as_str(), &since_param],
         )
         .await?
         .get(0);
@@ -53,9 +41,9 @@ pub async fn run(url: &str, kind: &str, since: Option<&str>, page: i32) -> Resul
         .await?;
     let (id, mut enqueued, total, resumed): (i64, i64, i64, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
     if resumed {
-        tracing::info!(backfill = id, kind, enqueued, total, "resuming backfill");
+        tracing::info!(backfill = id, %kind, enqueued, total, "resuming backfill");
     } else {
-        tracing::info!(backfill = id, kind, total, "backfill started");
+        tracing::info!(backfill = id, %kind, total, "backfill started");
     }
 
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -10,70 +10,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
-use hmr_protocol::paths::{self, Request};
+use hmr_protocol::paths;
 use hmr_protocol::source;
-use hmr_protocol::{
-    validate, BatchAnswer, Department, ExamReport, FieldError, LabReport, Outcome, Patient, ProtocolError,
-    RecordStatus, ReportType, Revoke, Staff,
-};
+use hmr_protocol::{BatchAnswer, FieldError, Kind, Outcome, RecordStatus};
 use rand::Rng;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::error::WorkerError;
+use crate::plan::{self, Decision, Dependency, ItemCode, Master, MasterSend, Plan, Quarantine, ReportFacts, Rules};
 use crate::platform::Platform;
 use crate::store::{Delivered, Event, Finish, ReportInput, Store};
 
 /// Namespace of request ids: UUIDv5 of the event, its retry generation and the step.
 const REQUEST_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a8f_4c1e_9b2d_4e57_a3c0_5d1f_7e92_b604);
 
-/// `last_error` of an event quarantined behind a quarantined dependency: the prefix, then
-/// `kind:key` of the dependency (the finish statement releases it when that is delivered).
-pub const DEPENDENCY_PREFIX: &str = "waiting for quarantined ";
-
 pub fn request_id(name: &str) -> Uuid {
     Uuid::new_v5(&REQUEST_ID_NAMESPACE, name.as_bytes())
-}
-
-/// The frozen requests of one report event, and what the platform holds once they succeed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Plan {
-    requests: Vec<Request>,
-    version: i32,
-    content_hash: String,
-    revoked: bool,
-    /// For download steps: the report id and format whose answer is kept.
-    #[serde(default)]
-    keep: Vec<Option<(String, String)>>,
-}
-
-impl Plan {
-    /// The request that uploads a PDF: its body is frozen as bytes beside the plan (in
-    /// `plan_pdf`), not hex-encoded inside it.
-    fn pdf_step(&self) -> Option<usize> {
-        self.requests
-            .iter()
-            .position(|r| r.content_type.as_deref() == Some(paths::CONTENT_PDF))
-    }
-
-    /// The plan as frozen: JSON without the PDF body, and the PDF body.
-    fn freeze(&self) -> (Value, Option<Vec<u8>>) {
-        let mut stored = self.clone();
-        let pdf = stored.pdf_step().map(|i| std::mem::take(&mut stored.requests[i].body));
-        (serde_json::to_value(&stored).expect("plans serialize"), pdf)
-    }
-
-    fn thaw(frozen: &Value, pdf: Option<&Vec<u8>>) -> Result<Plan, String> {
-        let mut plan: Plan = serde_json::from_value(frozen.clone()).map_err(|e| e.to_string())?;
-        if let Some(i) = plan.pdf_step() {
-            if plan.requests[i].body.is_empty() {
-                plan.requests[i].body = pdf.cloned().ok_or("the frozen PDF is missing")?;
-            }
-        }
-        Ok(plan)
-    }
 }
 
 pub struct Drainer {
@@ -86,9 +40,6 @@ pub struct Drainer {
 
 /// Keys whose source read failed, with the error.
 type Failed = HashMap<String, String>;
-
-/// A rendered PDF, or why it could not be.
-type Rendered = Option<Result<Vec<u8>, hmr_pdf::PdfError>>;
 
 /// What happened to one event in a round.
 enum Step {
@@ -106,25 +57,21 @@ impl Drainer {
         if claimed == 0 {
             return Ok(0);
         }
-        // Dependencies first: departments before staff, patients before reports.
-        let mut by_kind: Vec<(String, Vec<Event>)> = Vec::new();
+        // Dependencies first: departments before staff, patients before reports (the
+        // order of `Kind`).
+        let mut by_kind: Vec<(Kind, Vec<Event>)> = Vec::new();
         for e in events {
             match by_kind.iter_mut().find(|(k, _)| *k == e.kind) {
                 Some((_, list)) => list.push(e),
-                None => by_kind.push((e.kind.clone(), vec![e])),
+                None => by_kind.push((e.kind, vec![e])),
             }
         }
-        let rank = |k: &str| {
-            ["department", "staff", "patient"]
-                .iter()
-                .position(|d| *d == k)
-                .unwrap_or(3)
-        };
-        by_kind.sort_by_key(|(k, _)| rank(k));
+        by_kind.sort_by_key(|(k, _)| *k);
         for (kind, events) in by_kind {
-            match kind.as_str() {
-                "patient" | "department" | "staff" => self.master_data(&kind, events).await?,
-                _ => self.reports(&kind, events).await?,
+            if kind.is_master_data() {
+                self.master_data(kind, events).await?
+            } else {
+                self.reports(kind, events).await?
             }
         }
         Ok(claimed)
@@ -133,8 +80,8 @@ impl Drainer {
     /// Reports and decisions, one request each, many in flight. What they need from the
     /// database is read for the whole batch at once; finished events are recorded in groups
     /// as they complete, so a slow one (a hanging request) does not keep the others claimed.
-    async fn reports(&self, kind: &str, events: Vec<Event>) -> Result<(), WorkerError> {
-        let (mut inputs, failed) = if kind == "decision" {
+    async fn reports(&self, kind: Kind, events: Vec<Event>) -> Result<(), WorkerError> {
+        let (mut inputs, failed) = if kind == Kind::Decision {
             (HashMap::new(), HashMap::new())
         } else {
             self.prefetch(kind, &events).await?
@@ -144,11 +91,11 @@ impl Drainer {
             .map(|e| {
                 let input = inputs.remove(&e.key).unwrap_or_default();
                 async move {
-                    let (id, attempts, kind) = (e.id, e.attempts, e.kind.clone());
+                    let (id, attempts, kind) = (e.id, e.attempts, e.kind);
                     match self.report(e, input).await {
                         // One report's source failing holds back that report only.
                         Err(error) if error.is_source_error() && !self.store.is_closed() => {
-                            self.source_failed_id(id, attempts, &kind, &error.to_string()).await
+                            self.source_failed_id(id, attempts, kind, &error.to_string()).await
                         }
                         other => other,
                     }
@@ -178,7 +125,7 @@ impl Drainer {
     /// read again one report at a time, so one bad row holds back only its own report.
     async fn prefetch(
         &self,
-        kind: &str,
+        kind: Kind,
         events: &[Event],
     ) -> Result<(HashMap<String, ReportInput>, Failed), WorkerError> {
         let keys: Vec<String> = events
@@ -237,11 +184,10 @@ impl Drainer {
     /// A record whose source could not be read: it backs off with the view's error in
     /// `last_error` (and so shows in hmr.stuck_records); the others go on.
     async fn source_failed(&self, event: &Event, error: &str) -> Result<Step, WorkerError> {
-        self.source_failed_id(event.id, event.attempts, &event.kind, error)
-            .await
+        self.source_failed_id(event.id, event.attempts, event.kind, error).await
     }
 
-    async fn source_failed_id(&self, id: i64, attempts: i32, kind: &str, error: &str) -> Result<Step, WorkerError> {
+    async fn source_failed_id(&self, id: i64, attempts: i32, kind: Kind, error: &str) -> Result<Step, WorkerError> {
         self.store
             .metrics()
             .source_errors
@@ -250,7 +196,7 @@ impl Drainer {
             "reading the source of {kind} ({}): {error}",
             self.store.source_names(kind)
         );
-        tracing::warn!(kind, event = id, attempts, error = %message, "source read failed; the event waits");
+        tracing::warn!(%kind, event = id, attempts, error = %message, "source read failed; the event waits");
         self.store.reschedule(&[id], self.backoff(attempts), &message).await?;
         Ok(Step::Rescheduled)
     }
@@ -277,14 +223,21 @@ impl Drainer {
             Some(frozen) => Plan::thaw(frozen, event.plan_pdf.as_ref())
                 .map_err(|e| WorkerError::Answer(format!("event {}: unreadable frozen plan: {e}", event.id)))?,
             None => {
-                let built = if event.kind == "decision" {
-                    self.build_decision_plan(&event).await?
+                let decision = if event.kind == Kind::Decision {
+                    let decisions = self.store.decisions(&event.key).await?;
+                    plan::decisions(decisions, &self.rules())
                 } else {
-                    self.build_report_plan(&event, input).await?
+                    let facts = self.report_facts(&event, input).await?;
+                    let context = self.pdf_context();
+                    let rules = Rules {
+                        renderer: self.pdf_renderer.as_deref().map(|r| (r, &context)),
+                        ..self.rules()
+                    };
+                    plan::report(facts, &rules)
                 };
-                let plan = match built {
-                    Ok(plan) => plan,
-                    Err(step) => return Ok(step),
+                let plan = match decision {
+                    Decision::Send(plan) => plan,
+                    other => return self.carry_out(&event, other).await,
                 };
                 let (frozen, pdf) = plan.freeze();
                 if !self.store.save_plan(event.id, &frozen, pdf.as_deref()).await? {
@@ -344,181 +297,95 @@ impl Drainer {
         }))
     }
 
-    /// The decisions of a check, once every matched order has one; then the recognised
-    /// reports' downloads, kept in `hmr.retained_reports`.
-    async fn build_decision_plan(&self, event: &Event) -> Result<Result<Plan, Step>, WorkerError> {
-        let Some(decisions) = self.store.decisions(&event.key).await? else {
-            return Ok(Err(Step::Finished(self.finished(
-                event,
-                "skipped",
-                "no decisions recorded",
-            ))));
-        };
-        if let Err(errors) = validate::decisions(&decisions, &self.now()) {
-            return Ok(Err(self
-                .quarantine_invalid(event, &ProtocolError::Invalid(errors))
-                .await?));
+    /// The rules' settings (no renderer: reports add theirs).
+    fn rules(&self) -> Rules<'_> {
+        Rules {
+            now: self.now(),
+            revoke_operator_no: &self.config.platform.revoke_operator_no,
+            max_dependency_attempts: self.config.worker.max_dependency_attempts,
+            renderer: None,
         }
-        let hash = source::content_hash(&decisions);
-        let mut requests = vec![paths::decisions(&decisions)];
-        let mut keep = vec![None];
-        for d in decisions.decisions.iter().filter(|d| d.recognise) {
-            for format in ["pdf", "json"] {
-                requests.push(paths::download(&d.report_id, format));
-                keep.push(Some((d.report_id.clone(), format.to_string())));
-            }
-        }
-        Ok(Ok(Plan {
-            requests,
-            version: 1,
-            content_hash: hash,
-            revoked: false,
-            keep,
-        }))
     }
 
-    /// Reads the report as it is now and decides: upload a new version, revoke the one the
-    /// platform holds, or nothing. `Err` carries an event already dealt with.
-    async fn build_report_plan(&self, event: &Event, input: ReportInput) -> Result<Result<Plan, Step>, WorkerError> {
-        let row = input.row;
-        let held = input.held;
-        let report_type = if event.kind == "lab_report" {
-            ReportType::Lab
-        } else {
-            ReportType::Exam
+    /// Reads what a report's delivery depends on beyond its batch's read: the un-audit the
+    /// source records (only when there is something to revoke), the item map, the patient's
+    /// state (only when the batch's read did not find it held), the source's own PDF.
+    async fn report_facts(&self, event: &Event, input: ReportInput) -> Result<ReportFacts, WorkerError> {
+        let row = match input.row {
+            Some(Value::Object(row)) => Some(row),
+            _ => None,
         };
-
-        let Some(Value::Object(row)) = row else {
-            // The report no longer qualifies (deleted, un-audited): revoke what the platform holds.
-            return Ok(match held {
-                Some(h) if !h.revoked => {
-                    let said = self.store.revocation(&event.kind, &event.key).await?;
-                    let revoke = Revoke {
-                        version: h.version as u32,
-                        reason: said
-                            .as_ref()
-                            .and_then(|r| r.reason.clone())
-                            .unwrap_or_else(|| "取消审核".into()),
-                        revoked_at: said
-                            .as_ref()
-                            .and_then(|r| r.revoked_at.clone())
-                            .unwrap_or_else(|| hmr_protocol::checks::format_time(&self.now())),
-                        operator_no: said
-                            .and_then(|r| r.operator_no)
-                            .unwrap_or_else(|| self.config.platform.revoke_operator_no.clone()),
-                    };
-                    Ok(Plan {
-                        requests: vec![paths::revoke(report_type, &event.key, &revoke)],
-                        version: h.version,
-                        content_hash: h.content_hash,
-                        revoked: true,
-                        keep: vec![],
-                    })
-                }
-                _ => Err(Step::Finished(self.finished(
-                    event,
-                    "skipped",
-                    "not in the source view, nothing held",
-                ))),
-            });
+        let mut facts = ReportFacts {
+            kind: event.kind,
+            key: event.key.clone(),
+            row: None,
+            items: input.items,
+            held: input.held,
+            revocation: None,
+            item_code: ItemCode::AsSource,
+            patient: Dependency::Held,
+            source_pdf: None,
+            attempts: event.attempts,
         };
-
-        let mut row = row;
-        self.map_item_code(report_type, &event.key, &mut row).await?;
-        let version = held.as_ref().map_or(1, |h| h.version + 1);
-        let mut extra = Map::new();
-        extra.insert("version".into(), json!(version));
-        let built: Result<(Request, String, String, Rendered), ProtocolError> = if report_type == ReportType::Lab {
-            let items: Vec<Value> = input
-                .items
-                .into_iter()
-                .map(|i| match i {
-                    Value::Object(m) => Value::Object(source::LAB_ITEM.to_fields(&m)),
-                    other => other,
-                })
-                .collect();
-            extra.insert("items".into(), Value::Array(items));
-            source::LAB_REPORT.record::<LabReport>(&row, extra).and_then(|r| {
-                validate::lab_report(&r, &self.now()).map_err(ProtocolError::Invalid)?;
-                let pdf = self.pdf_renderer.as_ref().map(|p| p.lab(&r, &self.pdf_context()));
-                Ok((
-                    paths::lab_report(&r),
-                    source::content_hash(&r),
-                    r.patient_id.clone(),
-                    pdf,
-                ))
-            })
-        } else {
-            source::EXAM_REPORT.record::<ExamReport>(&row, extra).and_then(|r| {
-                validate::exam_report(&r, &self.now()).map_err(ProtocolError::Invalid)?;
-                let pdf = self.pdf_renderer.as_ref().map(|p| p.exam(&r, &self.pdf_context()));
-                Ok((
-                    paths::exam_report(&r),
-                    source::content_hash(&r),
-                    r.patient_id.clone(),
-                    pdf,
-                ))
-            })
+        let Some(row) = row else {
+            if facts.held.as_ref().is_some_and(|h| !h.revoked) {
+                facts.revocation = self.store.revocation(event.kind, &event.key).await?;
+            }
+            return Ok(facts);
         };
-        let (request, hash, patient_id, rendered) = match built {
-            Ok(b) => b,
-            Err(e) => return Ok(Err(self.quarantine_invalid(event, &e).await?)),
-        };
-        if let Some(h) = &held {
-            if h.content_hash == hash && !h.revoked {
-                return Ok(Err(Step::Finished(self.finished(
-                    event,
-                    "unchanged",
-                    "same content as delivered",
-                ))));
+        facts.item_code = self.item_code(event, &row).await?;
+        if !input.patient_held {
+            if let Some(patient) = ReportFacts::patient_id(&row) {
+                // Read again: it may have been delivered since the batch's read.
+                facts.patient = self.dependency_state(Kind::Patient, patient).await?;
             }
         }
-        // The platform refuses a report whose patient it has not received: send it first.
-        // (Read again when the batch's read did not find it: it may have arrived since.)
-        if !input.patient_held
-            && self
+        facts.source_pdf = self.source_pdf(event.kind, &event.key, &row).await?;
+        facts.row = Some(row);
+        Ok(facts)
+    }
+
+    /// Whether the platform holds a record this one needs, and if not whether it is
+    /// quarantined.
+    async fn dependency_state(&self, kind: Kind, key: &str) -> Result<Dependency, WorkerError> {
+        Ok(
+            if !self
                 .store
-                .delivered("patient", std::slice::from_ref(&patient_id))
+                .delivered(kind, std::slice::from_ref(&key.to_string()))
                 .await?
                 .is_empty()
-        {
-            return Ok(Err(self.wait_for_dependency(event, "patient", &patient_id).await?));
-        }
-        // The PDF: the source's own when it has one, else rendered from the template.
-        let mut requests = vec![request];
-        let pdf = match self.source_pdf(&event.kind, &event.key, &row).await? {
-            Some(bytes) => Some(bytes),
-            None => match rendered {
-                Some(Ok(bytes)) => Some(bytes),
-                Some(Err(e)) => {
-                    let message = format!("rendering the PDF failed: {e}");
-                    self.store.quarantine(event.id, "pdf", "render", &message).await?;
-                    return Ok(Err(Step::Quarantined));
-                }
-                None => None,
+            {
+                Dependency::Held
+            } else if self.store.is_quarantined(kind, key).await? {
+                Dependency::Quarantined
+            } else {
+                Dependency::Missing
             },
-        };
-        if let Some(bytes) = pdf {
-            if !bytes.starts_with(b"%PDF-") || bytes.len() > hmr_protocol::checks::MAX_PDF_BYTES {
-                let reason = if bytes.len() > hmr_protocol::checks::MAX_PDF_BYTES {
-                    "too-large"
-                } else {
-                    "not-a-pdf"
-                };
-                self.store
-                    .quarantine(event.id, "pdf", reason, "the source's PDF cannot be uploaded")
-                    .await?;
-                return Ok(Err(Step::Quarantined));
+        )
+    }
+
+    /// Carries out a decision that sends nothing now.
+    async fn carry_out<S>(&self, event: &Event, decision: Decision<S>) -> Result<Step, WorkerError> {
+        match decision {
+            Decision::Send(_) => unreachable!("sent by the caller"),
+            Decision::Finish(ending, detail) => Ok(Step::Finished(self.finished(event, ending.as_str(), detail))),
+            Decision::Quarantine(q) => {
+                tracing::warn!(kind = %event.kind, event = event.id, field = %q.field, reason = %q.reason, "quarantined");
+                self.store.quarantine(event.id, &q).await?;
+                Ok(Step::Quarantined)
             }
-            requests.push(paths::pdf(report_type, &event.key, version as u32, bytes));
+            Decision::Wait(kind, key) => {
+                self.store.ensure_enqueued(kind, &key).await?;
+                // Short first waits: the dependency is usually delivered within one round.
+                let delay = Duration::from_millis(100)
+                    .saturating_mul(event.attempts.max(1) as u32)
+                    .min(self.backoff(event.attempts));
+                self.store
+                    .reschedule(&[event.id], delay, &format!("waiting for {kind} {key}"))
+                    .await?;
+                Ok(Step::Rescheduled)
+            }
         }
-        Ok(Ok(Plan {
-            requests,
-            version,
-            content_hash: hash,
-            revoked: false,
-            keep: vec![],
-        }))
     }
 
     fn pdf_context(&self) -> hmr_pdf::Context {
@@ -531,7 +398,7 @@ impl Drainer {
     /// A PDF the source supplies: a `pdf` bytea column, or a `pdf_path` the worker can read.
     async fn source_pdf(
         &self,
-        kind: &str,
+        kind: Kind,
         key: &str,
         row: &Map<String, Value>,
     ) -> Result<Option<Vec<u8>>, WorkerError> {
@@ -546,54 +413,36 @@ impl Drainer {
         }
     }
 
-    /// Maps a local item code (`local_item_code`) to the platform's `data_code` through
-    /// `hmr.item_map` when the source gives no data code; an unmapped code is recorded for
-    /// the DBA and the report goes up without one (shared, never recognised).
-    async fn map_item_code(&self, t: ReportType, key: &str, row: &mut Map<String, Value>) -> Result<(), WorkerError> {
+    /// The platform's item code for a source that gives a local code (`local_item_code`)
+    /// and no `data_code`, through `hmr.item_map`; an unmapped code is recorded for the DBA.
+    async fn item_code(&self, event: &Event, row: &Map<String, Value>) -> Result<ItemCode, WorkerError> {
         if row.get("data_code").is_some_and(|v| !v.is_null()) {
-            return Ok(());
+            return Ok(ItemCode::AsSource);
         }
-        let Some(local) = row.get("local_item_code").and_then(Value::as_str).map(str::to_string) else {
-            return Ok(());
+        let Some(local) = row.get("local_item_code").and_then(Value::as_str) else {
+            return Ok(ItemCode::AsSource);
         };
-        let name = row.get("local_item_name").and_then(Value::as_str).map(str::to_string);
-        if let Some(code) = self.store.map_item(t.as_str(), &local, name.as_deref(), key).await? {
-            row.insert("data_code".into(), Value::String(code));
-        }
-        Ok(())
+        let Some(report_type) = event.kind.report_type() else {
+            return Ok(ItemCode::AsSource);
+        };
+        let name = row.get("local_item_name").and_then(Value::as_str);
+        Ok(
+            match self
+                .store
+                .map_item(report_type.as_str(), local, name, &event.key)
+                .await?
+            {
+                Some(code) => ItemCode::Mapped(code),
+                None => ItemCode::Unmapped,
+            },
+        )
     }
 
-    async fn wait_for_dependency(&self, event: &Event, kind: &str, key: &str) -> Result<Step, WorkerError> {
-        let field = if kind == "patient" { "patient_id" } else { "dept_code" };
-        // The record needed is quarantined: this one waits in the quarantine too, and goes by
-        // itself once the DBA's fix of that record is delivered (see Store::finish).
-        if self.store.is_quarantined(kind, key).await? {
-            let message = format!("{DEPENDENCY_PREFIX}{kind}:{key}");
-            self.store
-                .quarantine(event.id, field, "dependency-quarantined", &message)
-                .await?;
-            return Ok(Step::Quarantined);
-        }
-        if event.attempts >= self.config.worker.max_dependency_attempts {
-            self.store
-                .quarantine(
-                    event.id,
-                    field,
-                    "dependency-not-delivered",
-                    &format!("{kind} {key} has not reached the platform (is it quarantined?)"),
-                )
-                .await?;
-            return Ok(Step::Quarantined);
-        }
-        self.store.ensure_enqueued(kind, key).await?;
-        // Short first waits: the dependency is usually delivered within one round.
-        let delay = Duration::from_millis(100)
-            .saturating_mul(event.attempts.max(1) as u32)
-            .min(self.backoff(event.attempts));
-        self.store
-            .reschedule(&[event.id], delay, &format!("waiting for {kind} {key}"))
-            .await?;
-        Ok(Step::Rescheduled)
+    /// A record needed first (a staff member's department the platform says it lacks).
+    async fn wait_for_dependency(&self, event: &Event, kind: Kind, key: &str) -> Result<Step, WorkerError> {
+        let state = self.dependency_state(kind, key).await?;
+        let decision: Decision<()> = plan::dependency(kind, key, state, event.attempts, &self.rules());
+        self.carry_out(event, decision).await
     }
 
     async fn not_done(&self, event: &Event, outcome: Outcome) -> Result<Step, WorkerError> {
@@ -616,18 +465,18 @@ impl Drainer {
                 // sent): send it again, then this report.
                 if let Some(Value::Object(row)) = self
                     .store
-                    .source_rows(&event.kind, std::slice::from_ref(&event.key))
+                    .source_rows(event.kind, std::slice::from_ref(&event.key))
                     .await?
                     .remove(&event.key)
                 {
-                    if let Some(pid) = row.get("patient_id").and_then(Value::as_str) {
-                        self.store.forget_delivered("patient", pid).await?;
-                        self.store.ensure_enqueued("patient", pid).await?;
+                    if let Some(pid) = ReportFacts::patient_id(&row) {
+                        self.store.forget_delivered(Kind::Patient, pid).await?;
+                        self.store.ensure_enqueued(Kind::Patient, pid).await?;
                     }
                 }
                 if event.attempts >= self.config.worker.max_dependency_attempts {
                     self.store
-                        .quarantine(event.id, "patient_id", "not-found", &reason)
+                        .quarantine(event.id, &Quarantine::new("patient_id", "not-found", &reason))
                         .await?;
                     return Ok(Step::Quarantined);
                 }
@@ -645,7 +494,7 @@ impl Drainer {
                 code,
                 message,
                 errors,
-            } if event.kind == "decision" => {
+            } if event.kind == Kind::Decision => {
                 let why = errors
                     .first()
                     .map_or_else(|| format!("{code} {message}"), |e| format!("{}: {}", e.field, e.reason));
@@ -663,32 +512,17 @@ impl Drainer {
                     .first()
                     .cloned()
                     .unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
-                let column = source::column_for_field(&event.kind, &first.field);
+                let column = source::column_for_field(event.kind.as_str(), &first.field);
                 tracing::warn!(kind = %event.kind, event = event.id, status, %code, field = %column, reason = %first.reason, "quarantined");
                 self.store
                     .quarantine(
                         event.id,
-                        &column,
-                        &first.reason,
-                        &format!("HTTP {status} {code} {message}"),
+                        &Quarantine::new(column, &first.reason, format!("HTTP {status} {code} {message}")),
                     )
                     .await?;
                 Ok(Step::Quarantined)
             }
         }
-    }
-
-    async fn quarantine_invalid(&self, event: &Event, e: &ProtocolError) -> Result<Step, WorkerError> {
-        let (field, reason) = e.field_and_reason();
-        let column = match e {
-            ProtocolError::Invalid(_) => source::column_for_field(&event.kind, &field),
-            _ => field,
-        };
-        tracing::warn!(kind = %event.kind, event = event.id, field = %column, %reason, "invalid record quarantined");
-        self.store
-            .quarantine(event.id, &column, &reason, &format!("refused before sending: {e}"))
-            .await?;
-        Ok(Step::Quarantined)
     }
 
     fn finished(&self, event: &Event, outcome: &'static str, detail: &str) -> Finish {
@@ -731,53 +565,62 @@ impl Drainer {
 
     /// Patients, departments, staff: read all rows at once, skip unchanged, send the rest in
     /// batches and settle each record by the platform's per-record answer.
-    async fn master_data(&self, kind: &str, events: Vec<Event>) -> Result<(), WorkerError> {
+    async fn master_data(&self, kind: Kind, events: Vec<Event>) -> Result<(), WorkerError> {
         let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
         let (rows, failed) = self
             .read_each(&keys, |keys| async move { self.store.source_rows(kind, &keys).await })
             .await?;
         let events = self.hold_failed(events, &failed).await?;
         let held = self.store.delivered(kind, &keys).await?;
-        let now = self.now();
+        let rules = self.rules();
         let mut finished = Vec::new();
-        let mut built: Vec<(Event, Master)> = Vec::new();
+        let mut built: Vec<(Event, Result<Master, hmr_protocol::ProtocolError>)> = Vec::new();
         for event in events {
             let Some(Value::Object(row)) = rows.get(&event.key) else {
                 finished.push(self.finished(&event, "skipped", "not in the source view"));
                 continue;
             };
-            match Master::build(kind, row, &now, &self.config.platform.campus_codes) {
-                Ok(record) => built.push((event, record)),
-                Err(e) => {
-                    self.quarantine_invalid(&event, &e).await?;
+            let record = Master::build(kind, row, &rules.now, &self.config.platform.campus_codes);
+            built.push((event, record));
+        }
+        // The departments the records reference: held, quarantined or missing.
+        let needed: Vec<String> = built
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().and_then(Master::department))
+            .collect();
+        let mut departments: HashMap<String, Dependency> = if needed.is_empty() {
+            HashMap::new()
+        } else {
+            self.store
+                .delivered(Kind::Department, &needed)
+                .await?
+                .into_keys()
+                .map(|k| (k, Dependency::Held))
+                .collect()
+        };
+        for dept in needed {
+            if let std::collections::hash_map::Entry::Vacant(e) = departments.entry(dept.clone()) {
+                e.insert(self.dependency_state(Kind::Department, &dept).await?);
+            }
+        }
+        let mut to_send: Vec<(Event, MasterSend)> = Vec::new();
+        for (event, record) in built {
+            let department = record
+                .as_ref()
+                .ok()
+                .and_then(Master::department)
+                .map(|d| departments[&d]);
+            match plan::master(record, kind, held.get(&event.key), department, event.attempts, &rules) {
+                Decision::Send(send) => to_send.push((event, send)),
+                Decision::Finish(ending, detail) => finished.push(self.finished(&event, ending.as_str(), detail)),
+                other => {
+                    self.carry_out(&event, other).await?;
                 }
             }
         }
-        // Departments go before the staff who reference them.
-        let needed: Vec<String> = built.iter().filter_map(|(_, r)| r.department()).collect();
-        let departments = if needed.is_empty() {
-            HashMap::new()
-        } else {
-            self.store.delivered("department", &needed).await?
-        };
-        let mut to_send: Vec<(Event, Master, String, i32)> = Vec::new();
-        for (event, record) in built {
-            let hash = record.hash();
-            let previous = held.get(&event.key);
-            if previous.is_some_and(|h| h.content_hash == hash) {
-                finished.push(self.finished(&event, "unchanged", "same content as delivered"));
-                continue;
-            }
-            if let Some(dept) = record.department().filter(|d| !departments.contains_key(d)) {
-                self.wait_for_dependency(&event, "department", &dept).await?;
-                continue;
-            }
-            let version = previous.map_or(1, |h| h.version + 1);
-            to_send.push((event, record, hash, version));
-        }
         self.store.finish(kind, &finished).await?;
 
-        let mut chunks: Vec<Vec<(Event, Master, String, i32)>> = Vec::new();
+        let mut chunks: Vec<Vec<(Event, MasterSend)>> = Vec::new();
         for item in to_send {
             match chunks.last_mut() {
                 Some(c) if c.len() < hmr_protocol::checks::MAX_BATCH => c.push(item),
@@ -792,20 +635,20 @@ impl Drainer {
         results.into_iter().collect()
     }
 
-    async fn send_batch(&self, kind: &str, chunk: Vec<(Event, Master, String, i32)>) -> Result<(), WorkerError> {
-        let request = Master::batch_request(chunk.iter().map(|(_, r, _, _)| r));
+    async fn send_batch(&self, kind: Kind, chunk: Vec<(Event, MasterSend)>) -> Result<(), WorkerError> {
+        let request = Master::batch_request(chunk.iter().map(|(_, s)| &s.record));
         // Derived from the events (with their attempt, since a record the platform refused
         // for a missing department is sent again after it) and the body: a lost answer is
         // replayed, and a re-send of master data is an upsert with no second effect.
         let ids: Vec<String> = chunk
             .iter()
-            .map(|(e, _, _, _)| format!("{}.{}.{}", e.id, e.generation, e.attempts))
+            .map(|(e, _)| format!("{}.{}.{}", e.id, e.generation, e.attempts))
             .collect();
         let body_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&request.body));
         let id = request_id(&format!("{kind}:{}:{body_hash}", ids.join(",")));
         let (outcome, answer) = self.platform.execute(&request, id).await;
-        let event_ids: Vec<i64> = chunk.iter().map(|(e, _, _, _)| e.id).collect();
-        let max_attempts = chunk.iter().map(|(e, _, _, _)| e.attempts).max().unwrap_or(1);
+        let event_ids: Vec<i64> = chunk.iter().map(|(e, _)| e.id).collect();
+        let max_attempts = chunk.iter().map(|(e, _)| e.attempts).max().unwrap_or(1);
         match outcome {
             Outcome::Done => {
                 let answer: BatchAnswer =
@@ -819,7 +662,7 @@ impl Drainer {
                                 .unexpected_answers
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let reason = format!("unreadable {kind} batch answer: {e}");
-                            tracing::warn!(kind, events = event_ids.len(), %reason, "batch retry later");
+                            tracing::warn!(%kind, events = event_ids.len(), %reason, "batch retry later");
                             self.store
                                 .reschedule(&event_ids, self.backoff(max_attempts), &reason)
                                 .await?;
@@ -827,14 +670,14 @@ impl Drainer {
                         }
                     };
                 let mut finished = Vec::new();
-                for (index, (event, record, hash, version)) in chunk.iter().enumerate() {
+                for (index, (event, send)) in chunk.iter().enumerate() {
                     match answer.results.iter().find(|r| r.index == index) {
                         Some(r) if r.status == RecordStatus::Accepted => finished.push(Finish {
                             id: event.id,
                             outcome: "delivered",
                             delivered: Some(Delivered {
-                                version: *version,
-                                content_hash: hash.clone(),
+                                version: send.version,
+                                content_hash: send.hash.clone(),
                                 revoked: false,
                             }),
                             detail: None,
@@ -845,16 +688,16 @@ impl Drainer {
                                 .first()
                                 .cloned()
                                 .unwrap_or_else(|| FieldError::new("", "rejected"));
-                            if let (Some(dept), "unknown-dept") = (record.department(), first.reason.as_str()) {
+                            if let (Some(dept), "unknown-dept") = (send.record.department(), first.reason.as_str()) {
                                 // Our record of the department is stale: send it again first.
-                                self.store.forget_delivered("department", &dept).await?;
-                                self.wait_for_dependency(event, "department", &dept).await?;
+                                self.store.forget_delivered(Kind::Department, &dept).await?;
+                                self.wait_for_dependency(event, Kind::Department, &dept).await?;
                                 continue;
                             }
-                            let column = source::column_for_field(kind, &first.field);
+                            let column = source::column_for_field(kind.as_str(), &first.field);
                             let message = format!("rejected by the platform: {}", FieldError::join(&r.errors));
                             self.store
-                                .quarantine(event.id, &column, &first.reason, &message)
+                                .quarantine(event.id, &Quarantine::new(column, &first.reason, message))
                                 .await?;
                         }
                         None => {
@@ -876,21 +719,18 @@ impl Drainer {
                     .first()
                     .cloned()
                     .unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
-                let column = source::column_for_field(kind, &first.field);
+                let q = Quarantine::new(
+                    source::column_for_field(kind.as_str(), &first.field),
+                    &first.reason,
+                    format!("HTTP {status} {code} {message}"),
+                );
                 for event_id in event_ids {
-                    self.store
-                        .quarantine(
-                            event_id,
-                            &column,
-                            &first.reason,
-                            &format!("HTTP {status} {code} {message}"),
-                        )
-                        .await?;
+                    self.store.quarantine(event_id, &q).await?;
                 }
             }
             Outcome::Retry { after, reason } => {
                 let delay = after.unwrap_or_else(|| self.backoff(max_attempts));
-                tracing::info!(kind, events = event_ids.len(), ?delay, %reason, "batch retry later");
+                tracing::info!(%kind, events = event_ids.len(), ?delay, %reason, "batch retry later");
                 self.store.reschedule(&event_ids, delay, &reason).await?;
             }
             Outcome::RefreshToken | Outcome::MissingDependency { .. } => {
@@ -907,93 +747,11 @@ impl Drainer {
     }
 }
 
-/// A master-data record, built from its source row and checked.
-#[derive(Debug, Clone)]
-enum Master {
-    Patient(Patient),
-    Department(Department),
-    Staff(Staff),
-}
-
-impl Master {
-    fn build(
-        kind: &str,
-        row: &Map<String, Value>,
-        now: &chrono::DateTime<chrono::FixedOffset>,
-        campus_codes: &[String],
-    ) -> Result<Master, ProtocolError> {
-        let invalid = ProtocolError::Invalid;
-        Ok(match kind {
-            "patient" => {
-                let r: Patient = source::PATIENT.record(row, Map::new())?;
-                validate::patient(&r, now).map_err(invalid)?;
-                Master::Patient(r)
-            }
-            "department" => {
-                let r: Department = source::DEPARTMENT.record(row, Map::new())?;
-                validate::department(&r, now).map_err(invalid)?;
-                // A campus the hospital did not configure is a mapping mistake, not a new campus.
-                if !campus_codes.is_empty() && !campus_codes.contains(&r.campus_code) {
-                    return Err(ProtocolError::Shape {
-                        field: "campus_code".into(),
-                        reason: "unknown-campus".into(),
-                    });
-                }
-                Master::Department(r)
-            }
-            _ => {
-                let r: Staff = source::STAFF.record(row, Map::new())?;
-                validate::staff(&r, now).map_err(invalid)?;
-                Master::Staff(r)
-            }
-        })
-    }
-
-    fn hash(&self) -> String {
-        match self {
-            Master::Patient(r) => source::content_hash(r),
-            Master::Department(r) => source::content_hash(r),
-            Master::Staff(r) => source::content_hash(r),
-        }
-    }
-
-    /// The department a staff record references.
-    fn department(&self) -> Option<String> {
-        match self {
-            Master::Staff(s) => Some(s.dept_code.clone()),
-            _ => None,
-        }
-    }
-
-    /// One batch request; all records are of one kind (a round groups events by kind).
-    fn batch_request<'a>(records: impl Iterator<Item = &'a Master>) -> Request {
-        let records: Vec<&Master> = records.collect();
-        /// The records of one variant, cloned into the platform type.
-        fn of<T: Clone>(records: &[&Master], pick: impl Fn(&Master) -> Option<&T>) -> Vec<T> {
-            records.iter().filter_map(|r| pick(r)).cloned().collect()
-        }
-        match records.first() {
-            Some(Master::Patient(_)) => {
-                paths::patients(&of(
-                    &records,
-                    |r| if let Master::Patient(p) = r { Some(p) } else { None },
-                ))
-            }
-            Some(Master::Department(_)) => paths::departments(&of(&records, |r| {
-                if let Master::Department(d) = r {
-                    Some(d)
-                } else {
-                    None
-                }
-            })),
-            _ => paths::staff(&of(&records, |r| if let Master::Staff(s) = r { Some(s) } else { None })),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hmr_protocol::paths::Request;
+    use hmr_protocol::ReportType;
 
     #[test]
     fn a_frozen_plan_keeps_its_pdf_as_bytes_beside_the_json() {

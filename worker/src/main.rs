@@ -5,6 +5,7 @@ mod config;
 mod drain;
 mod error;
 mod metrics;
+mod plan;
 mod platform;
 mod store;
 
@@ -70,9 +71,11 @@ fn main() -> anyhow::Result<()> {
             Command::Run => run(config).await,
             Command::Status => status(config).await,
             Command::Backfill { kind, since, page } => {
-                let kind = backfill::kind_of(&kind).ok_or_else(|| {
-                    anyhow::anyhow!("unknown kind {kind:?}: patients, departments, staff, lab or exam")
-                })?;
+                let kind = hmr_protocol::Kind::from_word(&kind)
+                    .filter(|k| *k != hmr_protocol::Kind::Decision)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("unknown kind {kind:?}: patients, departments, staff, lab or exam")
+                    })?;
                 let s = backfill::run(config.database.url.expose(), kind, since.as_deref(), page.max(1)).await?;
                 let rate = s.enqueued as f64 / s.elapsed.as_secs_f64().max(1e-3);
                 println!(

@@ -13,22 +13,14 @@ use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
-use crate::error::WorkerError;
+use hmr_protocol::Kind;
 
-/// Kinds this worker delivers; events of other kinds wait for a worker that knows them.
-pub const HANDLED_KINDS: [&str; 6] = [
-    "patient",
-    "department",
-    "staff",
-    "lab_report",
-    "exam_report",
-    "decision",
-];
+use crate::error::WorkerError;
 
 #[derive(Debug, Clone)]
 pub struct Event {
     pub id: i64,
-    pub kind: String,
+    pub kind: Kind,
     pub key: String,
     pub attempts: i32,
     pub generation: i32,
@@ -72,7 +64,7 @@ pub struct Store {
     statements: Mutex<HashMap<String, Statement>>,
     worker_id: String,
     lease: Duration,
-    sources: HashMap<String, KindSource>,
+    sources: HashMap<Kind, KindSource>,
     /// `hmr_src.revocation`, when the DBA provides it (reason and operator of an un-audit).
     revocation_view: Option<String>,
 }
@@ -150,9 +142,10 @@ impl Store {
             )
             .await?
         {
-            let kind: String = row.get(0);
+            // A kind this worker does not know waits for a worker that does.
+            let kind = Kind::parse(row.get(0));
             let relation: Option<String> = row.get(1);
-            if let Some(relation) = relation {
+            if let (Some(kind), Some(relation)) = (kind, relation) {
                 sources.insert(
                     kind,
                     KindSource {
@@ -218,10 +211,10 @@ impl Store {
     /// the outbox first. `going_to_sleep` announces that this worker will wait for a NOTIFY
     /// (for that long at most) if nothing is found.
     pub async fn claim(&self, limit: i64, going_to_sleep: Option<Duration>) -> Result<Vec<Event>, WorkerError> {
-        let kinds: Vec<&str> = HANDLED_KINDS
-            .iter()
-            .copied()
-            .filter(|k| self.sources.contains_key(*k))
+        let kinds: Vec<&str> = Kind::ALL
+            .into_iter()
+            .filter(|k| self.sources.contains_key(k))
+            .map(Kind::as_str)
             .collect();
         let rows = self
             .query_cached(
@@ -238,15 +231,18 @@ impl Store {
             .await?;
         let mut events: Vec<Event> = rows
             .iter()
-            .map(|r| Event {
-                id: r.get(0),
-                kind: r.get(1),
-                key: r.get(2),
-                attempts: r.get(3),
-                generation: r.get(4),
-                plan: r.get(5),
-                step: r.get(6),
-                plan_pdf: r.get(7),
+            .filter_map(|r| {
+                Some(Event {
+                    id: r.get(0),
+                    // Claimed only for the kinds asked for, all of them known.
+                    kind: Kind::parse(r.get(1))?,
+                    key: r.get(2),
+                    attempts: r.get(3),
+                    generation: r.get(4),
+                    plan: r.get(5),
+                    step: r.get(6),
+                    plan_pdf: r.get(7),
+                })
             })
             .collect();
         events.sort_by_key(|e| e.id);
@@ -254,8 +250,8 @@ impl Store {
     }
 
     /// Current rows of the kind's source view for these keys, as `column → value` objects.
-    pub async fn source_rows(&self, kind: &str, keys: &[String]) -> Result<HashMap<String, Value>, WorkerError> {
-        let Some(src) = self.sources.get(kind) else {
+    pub async fn source_rows(&self, kind: Kind, keys: &[String]) -> Result<HashMap<String, Value>, WorkerError> {
+        let Some(src) = self.sources.get(&kind) else {
             return Ok(HashMap::new());
         };
         let key = quote_ident(&src.key_column);
@@ -275,10 +271,10 @@ impl Store {
     /// the platform holds its patient.
     pub async fn report_inputs(
         &self,
-        kind: &str,
+        kind: Kind,
         keys: &[String],
     ) -> Result<HashMap<String, ReportInput>, WorkerError> {
-        let Some(src) = self.sources.get(kind) else {
+        let Some(src) = self.sources.get(&kind) else {
             return Ok(HashMap::new());
         };
         let items = match &src.item_relation {
@@ -299,7 +295,7 @@ impl Store {
             key = quote_ident(&src.key_column),
         );
         let mut inputs = HashMap::new();
-        for r in self.query_cached(&sql, &[&keys, &kind]).await? {
+        for r in self.query_cached(&sql, &[&keys, &kind.as_str()]).await? {
             let items: Option<Value> = r.get(2);
             let version: Option<i32> = r.get(3);
             inputs.insert(
@@ -323,8 +319,8 @@ impl Store {
     }
 
     /// The source's own PDF of a report (its `pdf` bytea column).
-    pub async fn source_pdf(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, WorkerError> {
-        let Some(src) = self.sources.get(kind) else {
+    pub async fn source_pdf(&self, kind: Kind, key: &str) -> Result<Option<Vec<u8>>, WorkerError> {
+        let Some(src) = self.sources.get(&kind) else {
             return Ok(None);
         };
         let sql = format!(
@@ -339,14 +335,14 @@ impl Store {
     }
 
     /// The latest un-audit the source records for a report, if it keeps them.
-    pub async fn revocation(&self, kind: &str, key: &str) -> Result<Option<Revocation>, WorkerError> {
+    pub async fn revocation(&self, kind: Kind, key: &str) -> Result<Option<Revocation>, WorkerError> {
         let Some(view) = &self.revocation_view else {
             return Ok(None);
         };
         let sql = format!(
             "SELECT to_jsonb(r) FROM {view} r WHERE r.kind = $1 AND r.report_no::text = $2 ORDER BY r.revoked_at DESC LIMIT 1"
         );
-        let row = self.query_opt_cached(&sql, &[&kind, &key]).await?;
+        let row = self.query_opt_cached(&sql, &[&kind.as_str(), &key]).await?;
         Ok(row.and_then(|r| serde_json::from_value(r.get::<_, Value>(0)).ok()))
     }
 
@@ -505,11 +501,11 @@ impl Store {
         Ok(())
     }
 
-    pub async fn delivered(&self, kind: &str, keys: &[String]) -> Result<HashMap<String, Delivered>, WorkerError> {
+    pub async fn delivered(&self, kind: Kind, keys: &[String]) -> Result<HashMap<String, Delivered>, WorkerError> {
         let rows = self
             .query_cached(
                 "SELECT key, version, content_hash, revoked FROM hmr.delivered WHERE kind = $1 AND key = ANY($2)",
-                &[&kind, &keys],
+                &[&kind.as_str(), &keys],
             )
             .await?;
         Ok(rows
@@ -543,23 +539,22 @@ impl Store {
 
     /// Ends events: out of the outbox into the history, the delivery state updated, and
     /// earlier quarantined events of the same records marked superseded, in one statement.
-    pub async fn finish(&self, kind: &str, done: &[Finish]) -> Result<(), WorkerError> {
+    pub async fn finish(&self, kind: Kind, done: &[Finish]) -> Result<(), WorkerError> {
         if done.is_empty() {
             return Ok(());
         }
         // Only patients and departments have dependents waiting in the quarantine; finding
         // those scans the outbox, which a report's finish need not pay for.
-        let releases = if matches!(kind, "patient" | "department") {
+        let releases = if kind.has_dependents() {
             "UPDATE hmr.outbox o
                 SET state = 'pending', plan = NULL, plan_pdf = NULL, step = 0, generation = o.generation + 1, attempts = 0,
                     next_attempt_at = '-infinity', last_error = NULL, error_field = NULL,
-                    error_reason = NULL, failed_at = NULL
+                    error_reason = NULL, failed_at = NULL, waits_for_kind = NULL, waits_for_key = NULL
                FROM d
               WHERE d.outcome = 'delivered' AND o.state = 'quarantined'
-                AND o.error_reason = 'dependency-quarantined'
-                AND o.last_error = $8 || d.kind || ':' || d.key"
+                AND o.waits_for_kind = d.kind AND o.waits_for_key = d.key"
         } else {
-            "SELECT $8::text"
+            "SELECT 1"
         };
         let ids: Vec<i64> = done.iter().map(|f| f.id).collect();
         let versions: Vec<Option<i32>> = done.iter().map(|f| f.delivered.as_ref().map(|d| d.version)).collect();
@@ -604,16 +599,7 @@ impl Store {
                  SELECT id, kind, key, op, xid, created_at, outcome, version, attempts, detail FROM d
                  RETURNING kind, outcome"
                 ),
-                &[
-                    &self.worker_id,
-                    &ids,
-                    &versions,
-                    &hashes,
-                    &revoked,
-                    &outcomes,
-                    &details,
-                    &crate::drain::DEPENDENCY_PREFIX,
-                ],
+                &[&self.worker_id, &ids, &versions, &hashes, &revoked, &outcomes, &details],
             )
             .await?;
         for row in &rows {
@@ -642,19 +628,24 @@ impl Store {
         Ok(())
     }
 
-    /// Parks an event for the DBA with the offending column (or platform field) and reason.
-    pub async fn quarantine(&self, id: i64, field: &str, reason: &str, message: &str) -> Result<(), WorkerError> {
+    /// Parks an event for the DBA with the offending column (or platform field) and reason,
+    /// and the record it waits for, if any (released when that is delivered: `finish`).
+    pub async fn quarantine(&self, id: i64, q: &crate::plan::Quarantine) -> Result<(), WorkerError> {
         self.metrics
             .quarantined
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // A platform's message may quote the record: no full identity number is kept.
-        let message = hmr_protocol::mask::scrub(message);
-        let message = message.as_str();
+        let message = hmr_protocol::mask::scrub(&q.message);
+        let (waits_kind, waits_key) = match &q.waits_for {
+            Some((kind, key)) => (Some(kind.as_str()), Some(key.as_str())),
+            None => (None, None),
+        };
         self.execute_cached(
             "WITH q AS (
                     UPDATE hmr.outbox
                        SET state = 'quarantined', lease_owner = NULL, lease_until = NULL,
-                           error_field = $3, error_reason = $4, last_error = $5, failed_at = now()
+                           error_field = $3, error_reason = $4, last_error = $5, failed_at = now(),
+                           waits_for_kind = $6, waits_for_key = $7
                      WHERE id = $1 AND lease_owner = $2
                     RETURNING id, kind, key),
                  -- One row per record in the quarantine: the newest says what is wrong now.
@@ -665,7 +656,15 @@ impl Store {
                  INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)
                  SELECT id, kind, key, op, xid, created_at, 'superseded', attempts,
                         'a later event of the same record was quarantined' FROM old",
-            &[&id, &self.worker_id, &field, &reason, &message],
+            &[
+                &id,
+                &self.worker_id,
+                &q.field,
+                &q.reason,
+                &message,
+                &waits_kind,
+                &waits_key,
+            ],
         )
         .await?;
         Ok(())
@@ -673,32 +672,35 @@ impl Store {
 
     /// Makes sure a record the platform needs first (a patient, a department) is on its way.
     /// A quarantined one stays as it is: the DBA fixes and retries it, then this one follows.
-    pub async fn ensure_enqueued(&self, kind: &str, key: &str) -> Result<(), WorkerError> {
+    pub async fn ensure_enqueued(&self, kind: Kind, key: &str) -> Result<(), WorkerError> {
         self.execute_cached(
             "INSERT INTO hmr.outbox (kind, key, op)
                  SELECT $1, $2, 'S'
                   WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox WHERE kind = $1 AND key = $2)",
-            &[&kind, &key],
+            &[&kind.as_str(), &key],
         )
         .await?;
         Ok(())
     }
 
     /// Whether the record has a quarantined event (its DBA must fix it first).
-    pub async fn is_quarantined(&self, kind: &str, key: &str) -> Result<bool, WorkerError> {
+    pub async fn is_quarantined(&self, kind: Kind, key: &str) -> Result<bool, WorkerError> {
         Ok(self
             .query_one_cached(
                 "SELECT EXISTS (SELECT 1 FROM hmr.outbox WHERE kind = $1 AND key = $2 AND state = 'quarantined')",
-                &[&kind, &key],
+                &[&kind.as_str(), &key],
             )
             .await?
             .get(0))
     }
 
     /// Forgets what we believed the platform holds of a record (it said it lacks it).
-    pub async fn forget_delivered(&self, kind: &str, key: &str) -> Result<(), WorkerError> {
-        self.execute_cached("DELETE FROM hmr.delivered WHERE kind = $1 AND key = $2", &[&kind, &key])
-            .await?;
+    pub async fn forget_delivered(&self, kind: Kind, key: &str) -> Result<(), WorkerError> {
+        self.execute_cached(
+            "DELETE FROM hmr.delivered WHERE kind = $1 AND key = $2",
+            &[&kind.as_str(), &key],
+        )
+        .await?;
         Ok(())
     }
 
@@ -771,8 +773,8 @@ impl Store {
     }
 
     /// The views a kind is read from, for messages.
-    pub fn source_names(&self, kind: &str) -> String {
-        match self.sources.get(kind) {
+    pub fn source_names(&self, kind: Kind) -> String {
+        match self.sources.get(&kind) {
             Some(KindSource {
                 relation,
                 item_relation: Some(items),

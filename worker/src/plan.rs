@@ -1,0 +1,791 @@
+//! Deciding what one event's delivery is: facts in, a decision out, no I/O.
+//!
+//! `drain.rs` reads the facts a delivery needs (the source row, what the platform holds,
+//! the item map, the patient's state, the source's PDF), calls a function here, and then
+//! carries the decision out (freeze and send, finish, quarantine, wait). Every delivery rule
+//! (version, revoke, unchanged, dependency, unmapped, quarantine) lives here and is unit
+//! tested at this level.
+
+use chrono::{DateTime, FixedOffset};
+use hmr_protocol::paths::{self, Request};
+use hmr_protocol::{
+    source, validate, Decisions, Department, ExamReport, Kind, LabReport, Patient, ProtocolError, ReportType, Revoke,
+    Staff,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::store::{Delivered, Revocation};
+
+/// The frozen requests of one event, and what the platform holds once they succeed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub requests: Vec<Request>,
+    pub version: i32,
+    pub content_hash: String,
+    pub revoked: bool,
+    /// For download steps: the report id and format whose answer is kept.
+    #[serde(default)]
+    pub keep: Vec<Option<(String, String)>>,
+}
+
+impl Plan {
+    /// The request that uploads a PDF: its body is frozen as bytes beside the plan (in
+    /// `plan_pdf`), not hex-encoded inside it.
+    pub fn pdf_step(&self) -> Option<usize> {
+        self.requests
+            .iter()
+            .position(|r| r.content_type.as_deref() == Some(paths::CONTENT_PDF))
+    }
+
+    /// The plan as frozen: JSON without the PDF body, and the PDF body.
+    pub fn freeze(&self) -> (Value, Option<Vec<u8>>) {
+        let mut stored = self.clone();
+        let pdf = stored.pdf_step().map(|i| std::mem::take(&mut stored.requests[i].body));
+        (serde_json::to_value(&stored).expect("plans serialize"), pdf)
+    }
+
+    pub fn thaw(frozen: &Value, pdf: Option<&Vec<u8>>) -> Result<Plan, String> {
+        let mut plan: Plan = serde_json::from_value(frozen.clone()).map_err(|e| e.to_string())?;
+        if let Some(i) = plan.pdf_step() {
+            if plan.requests[i].body.is_empty() {
+                plan.requests[i].body = pdf.cloned().ok_or("the frozen PDF is missing")?;
+            }
+        }
+        Ok(plan)
+    }
+}
+
+/// How an event ends without a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The platform already holds this content.
+    Unchanged,
+    /// Nothing to send (not in the source view and nothing held; no decisions).
+    Skipped,
+}
+
+impl Ending {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Ending::Unchanged => "unchanged",
+            Ending::Skipped => "skipped",
+        }
+    }
+}
+
+/// An event parked for the DBA: the column (or platform field) and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantine {
+    pub field: String,
+    pub reason: String,
+    pub message: String,
+    /// The record it waits for: the event is released once that one is delivered.
+    pub waits_for: Option<(Kind, String)>,
+}
+
+impl Quarantine {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>, message: impl Into<String>) -> Quarantine {
+        Quarantine {
+            field: field.into(),
+            reason: reason.into(),
+            message: message.into(),
+            waits_for: None,
+        }
+    }
+}
+
+/// What to do with one event. `S` is what is sent: a frozen `Plan` for reports and
+/// decisions, a record for master data (batched by the caller).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision<S> {
+    Send(S),
+    Finish(Ending, &'static str),
+    Quarantine(Quarantine),
+    /// A record the platform needs first is not there yet: enqueue it and wait.
+    Wait(Kind, String),
+}
+
+/// What the platform holds of a record this one references (a report's patient, a staff
+/// member's department).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    Held,
+    /// Quarantined: its DBA must fix it first.
+    Quarantined,
+    /// Not (yet) delivered.
+    Missing,
+}
+
+/// The platform item code of a report whose source gives a local code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemCode {
+    /// The source gives `data_code` itself, or no local code to map.
+    AsSource,
+    /// `hmr.item_map` maps the local code.
+    Mapped(String),
+    /// No mapping yet: sent without a code (shared, never recognised) and listed in
+    /// `hmr.unmapped_items` for the DBA.
+    Unmapped,
+}
+
+/// Settings the rules depend on.
+pub struct Rules<'a> {
+    pub now: DateTime<FixedOffset>,
+    /// Who revokes when the source does not say (`platform.revoke_operator_no`).
+    pub revoke_operator_no: &'a str,
+    /// Waits for a missing dependency before the event is quarantined.
+    pub max_dependency_attempts: i32,
+    /// Renders a PDF when the source has none (`pdf.render`).
+    pub renderer: Option<(&'a hmr_pdf::Renderer, &'a hmr_pdf::Context)>,
+}
+
+/// Everything a report's delivery depends on, as read by the drainer.
+#[derive(Debug, Clone)]
+pub struct ReportFacts {
+    pub kind: Kind,
+    pub key: String,
+    /// The report's row in its source view; `None`: not there (deleted, un-audited).
+    pub row: Option<Map<String, Value>>,
+    pub items: Vec<Value>,
+    pub held: Option<Delivered>,
+    /// What the source records of an un-audit (read when there is something to revoke).
+    pub revocation: Option<Revocation>,
+    pub item_code: ItemCode,
+    pub patient: Dependency,
+    /// The source's own PDF (`pdf` column or `pdf_path`).
+    pub source_pdf: Option<Vec<u8>>,
+    /// Attempts so far, this one included.
+    pub attempts: i32,
+}
+
+impl ReportFacts {
+    /// The patient the row references (to read its state before planning).
+    pub fn patient_id(row: &Map<String, Value>) -> Option<&str> {
+        row.get("patient_id").and_then(Value::as_str)
+    }
+}
+
+/// A report: upload a new version (data, then PDF), revoke what the platform holds, or
+/// nothing.
+pub fn report(f: ReportFacts, rules: &Rules) -> Decision<Plan> {
+    let Some(report_type) = f.kind.report_type() else {
+        return Decision::Finish(Ending::Skipped, "not a report kind");
+    };
+    let Some(mut row) = f.row else {
+        return match f.held {
+            Some(h) if !h.revoked => Decision::Send(revoke_plan(report_type, &f.key, h, f.revocation, rules)),
+            _ => Decision::Finish(Ending::Skipped, "not in the source view, nothing held"),
+        };
+    };
+    if let ItemCode::Mapped(code) = &f.item_code {
+        row.insert("data_code".into(), Value::String(code.clone()));
+    }
+    let version = f.held.as_ref().map_or(1, |h| h.version + 1);
+    let built = match report_type {
+        ReportType::Lab => build_lab(&row, f.items, version, rules),
+        ReportType::Exam => build_exam(&row, version, rules),
+    };
+    let Built {
+        request,
+        hash,
+        patient_id,
+        rendered,
+    } = match built {
+        Ok(b) => b,
+        Err(e) => return Decision::Quarantine(invalid(f.kind, &e)),
+    };
+    if f.held.as_ref().is_some_and(|h| h.content_hash == hash && !h.revoked) {
+        return Decision::Finish(Ending::Unchanged, "same content as delivered");
+    }
+    // The platform refuses a report whose patient it has not received: that goes first.
+    if f.patient != Dependency::Held {
+        return dependency(Kind::Patient, &patient_id, f.patient, f.attempts, rules);
+    }
+    let pdf = match (f.source_pdf, rendered) {
+        (Some(bytes), _) => Some(bytes),
+        (None, Some(Ok(bytes))) => Some(bytes),
+        (None, Some(Err(e))) => {
+            return Decision::Quarantine(Quarantine {
+                field: "pdf".into(),
+                reason: "render".into(),
+                message: format!("rendering the PDF failed: {e}"),
+                waits_for: None,
+            })
+        }
+        (None, None) => None,
+    };
+    let mut requests = vec![request];
+    if let Some(bytes) = pdf {
+        let reason = if bytes.len() > hmr_protocol::checks::MAX_PDF_BYTES {
+            Some("too-large")
+        } else if !bytes.starts_with(b"%PDF-") {
+            Some("not-a-pdf")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Decision::Quarantine(Quarantine {
+                field: "pdf".into(),
+                reason: reason.into(),
+                message: "the source's PDF cannot be uploaded".into(),
+                waits_for: None,
+            });
+        }
+        requests.push(paths::pdf(report_type, &f.key, version as u32, bytes));
+    }
+    Decision::Send(Plan {
+        requests,
+        version,
+        content_hash: hash,
+        revoked: false,
+        keep: vec![],
+    })
+}
+
+struct Built {
+    request: Request,
+    hash: String,
+    patient_id: String,
+    rendered: Option<Result<Vec<u8>, hmr_pdf::PdfError>>,
+}
+
+fn build_lab(row: &Map<String, Value>, items: Vec<Value>, version: i32, rules: &Rules) -> Result<Built, ProtocolError> {
+    let items: Vec<Value> = items
+        .into_iter()
+        .map(|i| match i {
+            Value::Object(m) => Value::Object(source::LAB_ITEM.to_fields(&m)),
+            other => other,
+        })
+        .collect();
+    let mut extra = Map::new();
+    extra.insert("version".into(), json!(version));
+    extra.insert("items".into(), Value::Array(items));
+    let r: LabReport = source::LAB_REPORT.record(row, extra)?;
+    validate::lab_report(&r, &rules.now).map_err(ProtocolError::Invalid)?;
+    Ok(Built {
+        request: paths::lab_report(&r),
+        hash: source::content_hash(&r),
+        patient_id: r.patient_id.clone(),
+        rendered: rules.renderer.map(|(p, ctx)| p.lab(&r, ctx)),
+    })
+}
+
+fn build_exam(row: &Map<String, Value>, version: i32, rules: &Rules) -> Result<Built, ProtocolError> {
+    let mut extra = Map::new();
+    extra.insert("version".into(), json!(version));
+    let r: ExamReport = source::EXAM_REPORT.record(row, extra)?;
+    validate::exam_report(&r, &rules.now).map_err(ProtocolError::Invalid)?;
+    Ok(Built {
+        request: paths::exam_report(&r),
+        hash: source::content_hash(&r),
+        patient_id: r.patient_id.clone(),
+        rendered: rules.renderer.map(|(p, ctx)| p.exam(&r, ctx)),
+    })
+}
+
+/// Revokes the version the platform holds, with the source's reason and operator when it
+/// records them.
+fn revoke_plan(t: ReportType, key: &str, held: Delivered, said: Option<Revocation>, rules: &Rules) -> Plan {
+    let said = said.unwrap_or_default();
+    let revoke = Revoke {
+        version: held.version as u32,
+        reason: said.reason.unwrap_or_else(|| "取消审核".into()),
+        revoked_at: said
+            .revoked_at
+            .unwrap_or_else(|| hmr_protocol::checks::format_time(&rules.now)),
+        operator_no: said.operator_no.unwrap_or_else(|| rules.revoke_operator_no.to_string()),
+    };
+    Plan {
+        requests: vec![paths::revoke(t, key, &revoke)],
+        version: held.version,
+        content_hash: held.content_hash,
+        revoked: true,
+        keep: vec![],
+    }
+}
+
+/// A record waiting for one it references: quarantined with it (released when that one is
+/// delivered), quarantined after too many waits, or waiting.
+pub fn dependency<S>(kind: Kind, key: &str, state: Dependency, attempts: i32, rules: &Rules) -> Decision<S> {
+    let field = kind.reference_column().to_string();
+    match state {
+        Dependency::Held => Decision::Wait(kind, key.into()),
+        Dependency::Quarantined => Decision::Quarantine(Quarantine {
+            field,
+            reason: "dependency-quarantined".into(),
+            message: format!("waiting for {kind} {key}, which is quarantined: this goes by itself once that is fixed and delivered"),
+            waits_for: Some((kind, key.into())),
+        }),
+        Dependency::Missing if attempts >= rules.max_dependency_attempts => Decision::Quarantine(Quarantine {
+            field,
+            reason: "dependency-not-delivered".into(),
+            message: format!("{kind} {key} has not reached the platform (is it in its source view?); this goes by itself once it is delivered"),
+            waits_for: Some((kind, key.into())),
+        }),
+        Dependency::Missing => Decision::Wait(kind, key.into()),
+    }
+}
+
+/// A record refused before sending: the column of the DBA's view when it can be named.
+pub fn invalid(kind: Kind, e: &ProtocolError) -> Quarantine {
+    let (field, reason) = e.field_and_reason();
+    let field = match e {
+        ProtocolError::Invalid(_) => source::column_for_field(kind.as_str(), &field),
+        _ => field,
+    };
+    Quarantine {
+        field,
+        reason,
+        message: format!("refused before sending: {e}"),
+        waits_for: None,
+    }
+}
+
+/// The decisions of a check, once every matched order has one; then the recognised
+/// reports' downloads (kept in `hmr.retained_reports`).
+pub fn decisions(decisions: Option<Decisions>, rules: &Rules) -> Decision<Plan> {
+    let Some(decisions) = decisions else {
+        return Decision::Finish(Ending::Skipped, "no decisions recorded");
+    };
+    if let Err(errors) = validate::decisions(&decisions, &rules.now) {
+        return Decision::Quarantine(invalid(Kind::Decision, &ProtocolError::Invalid(errors)));
+    }
+    let mut requests = vec![paths::decisions(&decisions)];
+    let mut keep = vec![None];
+    for d in decisions.decisions.iter().filter(|d| d.recognise) {
+        for format in ["pdf", "json"] {
+            requests.push(paths::download(&d.report_id, format));
+            keep.push(Some((d.report_id.clone(), format.to_string())));
+        }
+    }
+    Decision::Send(Plan {
+        requests,
+        version: 1,
+        content_hash: source::content_hash(&decisions),
+        revoked: false,
+        keep,
+    })
+}
+
+// ------------------------------------------------------------------ master data
+
+/// A master-data record, built from its source row and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Master {
+    Patient(Patient),
+    Department(Department),
+    Staff(Staff),
+}
+
+impl Master {
+    pub fn build(
+        kind: Kind,
+        row: &Map<String, Value>,
+        now: &DateTime<FixedOffset>,
+        campus_codes: &[String],
+    ) -> Result<Master, ProtocolError> {
+        let invalid = ProtocolError::Invalid;
+        Ok(match kind {
+            Kind::Patient => {
+                let r: Patient = source::PATIENT.record(row, Map::new())?;
+                validate::patient(&r, now).map_err(invalid)?;
+                Master::Patient(r)
+            }
+            Kind::Department => {
+                let r: Department = source::DEPARTMENT.record(row, Map::new())?;
+                validate::department(&r, now).map_err(invalid)?;
+                // A campus the hospital did not configure is a mapping mistake, not a new campus.
+                if !campus_codes.is_empty() && !campus_codes.contains(&r.campus_code) {
+                    return Err(ProtocolError::Shape {
+                        field: "campus_code".into(),
+                        reason: "unknown-campus".into(),
+                    });
+                }
+                Master::Department(r)
+            }
+            Kind::Staff => {
+                let r: Staff = source::STAFF.record(row, Map::new())?;
+                validate::staff(&r, now).map_err(invalid)?;
+                Master::Staff(r)
+            }
+            other => {
+                return Err(ProtocolError::Shape {
+                    field: String::new(),
+                    reason: format!("{other} is not master data"),
+                })
+            }
+        })
+    }
+
+    pub fn hash(&self) -> String {
+        match self {
+            Master::Patient(r) => source::content_hash(r),
+            Master::Department(r) => source::content_hash(r),
+            Master::Staff(r) => source::content_hash(r),
+        }
+    }
+
+    /// The department a record references (staff: theirs; departments: their parent).
+    pub fn department(&self) -> Option<String> {
+        match self {
+            Master::Staff(s) => Some(s.dept_code.clone()),
+            _ => None,
+        }
+    }
+
+    /// One batch request; all records are of one kind (a round groups events by kind).
+    pub fn batch_request<'a>(records: impl Iterator<Item = &'a Master>) -> Request {
+        let mut patients = Vec::new();
+        let mut departments = Vec::new();
+        let mut staff = Vec::new();
+        for r in records {
+            match r {
+                Master::Patient(p) => patients.push(p.clone()),
+                Master::Department(d) => departments.push(d.clone()),
+                Master::Staff(s) => staff.push(s.clone()),
+            }
+        }
+        if !patients.is_empty() {
+            paths::patients(&patients)
+        } else if !departments.is_empty() {
+            paths::departments(&departments)
+        } else {
+            paths::staff(&staff)
+        }
+    }
+}
+
+/// A master-data record ready to go in a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MasterSend {
+    pub record: Master,
+    pub hash: String,
+    pub version: i32,
+}
+
+/// A master-data record: new version, unchanged, waiting for its department, or refused.
+/// `department`: the state of the department the record references (`None`: it references
+/// none).
+pub fn master(
+    built: Result<Master, ProtocolError>,
+    kind: Kind,
+    held: Option<&Delivered>,
+    department: Option<Dependency>,
+    attempts: i32,
+    rules: &Rules,
+) -> Decision<MasterSend> {
+    let record = match built {
+        Ok(r) => r,
+        Err(e) => return Decision::Quarantine(invalid(kind, &e)),
+    };
+    let hash = record.hash();
+    if held.is_some_and(|h| h.content_hash == hash) {
+        return Decision::Finish(Ending::Unchanged, "same content as delivered");
+    }
+    if let (Some(dept), Some(state)) = (record.department(), department) {
+        if state != Dependency::Held {
+            return dependency(Kind::Department, &dept, state, attempts, rules);
+        }
+    }
+    Decision::Send(MasterSend {
+        record,
+        hash,
+        version: held.map_or(1, |h| h.version + 1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<FixedOffset> {
+        hmr_protocol::checks::china()
+            .with_ymd_and_hms(2026, 11, 20, 10, 0, 0)
+            .unwrap()
+    }
+    use chrono::TimeZone;
+
+    fn rules() -> Rules<'static> {
+        Rules {
+            now: now(),
+            revoke_operator_no: "SYS",
+            max_dependency_attempts: 5,
+            renderer: None,
+        }
+    }
+
+    fn row(pairs: &[(&str, Value)]) -> Map<String, Value> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+
+    fn exam_row() -> Map<String, Value> {
+        row(&[
+            ("report_no", json!("E1")),
+            ("patient_id", json!("P1")),
+            ("id_type", json!("01")),
+            ("id_no", json!("441302198003151233")),
+            ("patient_name", json!("张三")),
+            ("visit_type", json!("1")),
+            ("visit_no", json!("V1")),
+            ("dept_code", json!("0301")),
+            ("data_code", json!("JC0001")),
+            ("exam_item_name", json!("胸部X线")),
+            ("exam_class", json!("DR")),
+            ("findings", json!("两肺纹理清晰")),
+            ("impression", json!("未见异常")),
+            ("examined_at", json!("2026-11-20T08:00:00+08:00")),
+            ("reported_at", json!("2026-11-20T09:00:00+08:00")),
+            ("audited_at", json!("2026-11-20T09:10:00+08:00")),
+            ("reporter_no", json!("D001")),
+            ("auditor_no", json!("D002")),
+        ])
+    }
+
+    fn facts(row: Option<Map<String, Value>>) -> ReportFacts {
+        ReportFacts {
+            kind: Kind::ExamReport,
+            key: "E1".into(),
+            row,
+            items: vec![],
+            held: None,
+            revocation: None,
+            item_code: ItemCode::AsSource,
+            patient: Dependency::Held,
+            source_pdf: None,
+            attempts: 1,
+        }
+    }
+
+    fn held(version: i32, hash: &str, revoked: bool) -> Option<Delivered> {
+        Some(Delivered {
+            version,
+            content_hash: hash.into(),
+            revoked,
+        })
+    }
+
+    fn sent(d: Decision<Plan>) -> Plan {
+        match d {
+            Decision::Send(p) => p,
+            other => panic!("expected a plan, got {other:?}"),
+        }
+    }
+
+    fn body(r: &Request) -> Value {
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    #[test]
+    fn a_new_report_is_version_one_and_a_changed_one_the_next_version() {
+        let first = sent(report(facts(Some(exam_row())), &rules()));
+        assert_eq!(first.version, 1);
+        assert_eq!(first.requests.len(), 1, "no PDF in the source, none rendered");
+        assert!(!first.revoked);
+
+        let mut f = facts(Some(exam_row()));
+        f.held = held(3, "another hash", false);
+        let next = sent(report(f, &rules()));
+        assert_eq!(next.version, 4);
+        assert_eq!(body(&next.requests[0])["version"], json!(4));
+        assert_eq!(
+            next.content_hash, first.content_hash,
+            "the hash is of the content, not the version"
+        );
+    }
+
+    #[test]
+    fn unchanged_content_sends_nothing_but_a_revoked_one_goes_again() {
+        let hash = sent(report(facts(Some(exam_row())), &rules())).content_hash;
+        let mut f = facts(Some(exam_row()));
+        f.held = held(2, &hash, false);
+        assert_eq!(
+            report(f.clone(), &rules()),
+            Decision::Finish(Ending::Unchanged, "same content as delivered")
+        );
+        f.held = held(2, &hash, true);
+        assert_eq!(sent(report(f, &rules())).version, 3, "re-audited after a revoke");
+    }
+
+    #[test]
+    fn a_report_gone_from_its_view_revokes_what_the_platform_holds() {
+        let mut f = facts(None);
+        f.held = held(2, "h", false);
+        let plan = sent(report(f.clone(), &rules()));
+        assert!(plan.revoked);
+        assert_eq!(plan.version, 2, "the held version is revoked");
+        assert_eq!(
+            body(&plan.requests[0])["operatorNo"],
+            json!("SYS"),
+            "{:?}",
+            body(&plan.requests[0])
+        );
+
+        f.revocation = Some(Revocation {
+            reason: Some("结果有误".into()),
+            operator_no: Some("T009".into()),
+            revoked_at: Some("2026-11-20 11:00:00".into()),
+        });
+        let said = body(&sent(report(f.clone(), &rules())).requests[0]);
+        assert_eq!(
+            (said["reason"].as_str(), said["operatorNo"].as_str()),
+            (Some("结果有误"), Some("T009"))
+        );
+
+        f.held = held(2, "h", true);
+        assert_eq!(
+            report(f.clone(), &rules()),
+            Decision::Finish(Ending::Skipped, "not in the source view, nothing held"),
+            "already revoked"
+        );
+        f.held = None;
+        assert!(matches!(report(f, &rules()), Decision::Finish(Ending::Skipped, _)));
+    }
+
+    #[test]
+    fn a_report_waits_for_its_patient_and_is_quarantined_with_a_quarantined_one() {
+        let mut f = facts(Some(exam_row()));
+        f.patient = Dependency::Missing;
+        assert_eq!(report(f.clone(), &rules()), Decision::Wait(Kind::Patient, "P1".into()));
+
+        f.attempts = 5;
+        let Decision::Quarantine(q) = report(f.clone(), &rules()) else {
+            panic!()
+        };
+        assert_eq!(
+            (q.field.as_str(), q.reason.as_str()),
+            ("patient_id", "dependency-not-delivered")
+        );
+        assert_eq!(q.waits_for, Some((Kind::Patient, "P1".into())));
+
+        f.attempts = 1;
+        f.patient = Dependency::Quarantined;
+        let Decision::Quarantine(q) = report(f, &rules()) else {
+            panic!()
+        };
+        assert_eq!(q.reason, "dependency-quarantined");
+        assert_eq!(
+            q.waits_for,
+            Some((Kind::Patient, "P1".into())),
+            "released when the patient is delivered"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_report_does_not_wait_for_its_patient() {
+        let hash = sent(report(facts(Some(exam_row())), &rules())).content_hash;
+        let mut f = facts(Some(exam_row()));
+        f.held = held(1, &hash, false);
+        f.patient = Dependency::Missing;
+        assert!(matches!(report(f, &rules()), Decision::Finish(Ending::Unchanged, _)));
+    }
+
+    #[test]
+    fn mapped_items_carry_the_platform_code_and_unmapped_ones_go_without() {
+        let mut local = exam_row();
+        local.remove("data_code");
+        local.insert("local_item_code".into(), json!("X-CHEST"));
+        let mut f = facts(Some(local));
+        f.item_code = ItemCode::Mapped("JC0001".into());
+        let plan = sent(report(f.clone(), &rules()));
+        assert_eq!(body(&plan.requests[0])["dataCode"], json!("JC0001"));
+
+        f.item_code = ItemCode::Unmapped;
+        let plan = sent(report(f, &rules()));
+        assert!(
+            body(&plan.requests[0]).get("dataCode").is_none_or(Value::is_null),
+            "shared without a code, never recognised"
+        );
+    }
+
+    #[test]
+    fn an_invalid_report_is_quarantined_with_the_column_of_the_view() {
+        let mut bad = exam_row();
+        bad.insert("id_no".into(), json!("441302198003151234"));
+        let Decision::Quarantine(q) = report(facts(Some(bad)), &rules()) else {
+            panic!()
+        };
+        assert_eq!((q.field.as_str(), q.reason.as_str()), ("id_no", "checksum"));
+        assert!(
+            !q.message.contains("198003151234"),
+            "no full identity number: {}",
+            q.message
+        );
+        assert_eq!(q.waits_for, None);
+
+        let mut missing = exam_row();
+        missing.remove("auditor_no");
+        let Decision::Quarantine(q) = report(facts(Some(missing)), &rules()) else {
+            panic!()
+        };
+        assert_eq!((q.field.as_str(), q.reason.as_str()), ("auditor_no", "required"));
+    }
+
+    #[test]
+    fn the_sources_pdf_is_the_second_request_and_a_bad_one_is_quarantined() {
+        let mut f = facts(Some(exam_row()));
+        f.source_pdf = Some(b"%PDF-1.7 ...".to_vec());
+        let plan = sent(report(f.clone(), &rules()));
+        assert_eq!(plan.requests.len(), 2);
+        assert_eq!(plan.pdf_step(), Some(1));
+
+        f.source_pdf = Some(b"<html>".to_vec());
+        let Decision::Quarantine(q) = report(f.clone(), &rules()) else {
+            panic!()
+        };
+        assert_eq!((q.field.as_str(), q.reason.as_str()), ("pdf", "not-a-pdf"));
+
+        let mut big = b"%PDF-".to_vec();
+        big.resize(hmr_protocol::checks::MAX_PDF_BYTES + 1, b' ');
+        f.source_pdf = Some(big);
+        let Decision::Quarantine(q) = report(f, &rules()) else {
+            panic!()
+        };
+        assert_eq!(q.reason, "too-large");
+    }
+
+    #[test]
+    fn staff_wait_for_their_department_and_unchanged_staff_do_not() {
+        let staff = row(&[
+            ("staff_no", json!("D001")),
+            ("name", json!("李医生")),
+            ("dept_code", json!("0301")),
+            ("updated_at", json!("2026-11-20T08:00:00+08:00")),
+        ]);
+        let r = rules();
+        let built = || Master::build(Kind::Staff, &staff, &r.now, &[]);
+        let Decision::Send(s) = master(built(), Kind::Staff, None, Some(Dependency::Held), 1, &r) else {
+            panic!("{:?}", built())
+        };
+        assert_eq!(s.version, 1);
+        assert_eq!(
+            master(built(), Kind::Staff, None, Some(Dependency::Missing), 1, &r),
+            Decision::Wait(Kind::Department, "0301".into())
+        );
+        let Decision::Quarantine(q) = master(built(), Kind::Staff, None, Some(Dependency::Quarantined), 1, &r) else {
+            panic!()
+        };
+        assert_eq!(
+            (q.field.as_str(), q.waits_for),
+            ("dept_code", Some((Kind::Department, "0301".into())))
+        );
+        let same = held(4, &s.hash, false);
+        assert!(matches!(
+            master(built(), Kind::Staff, same.as_ref(), Some(Dependency::Missing), 1, &r),
+            Decision::Finish(Ending::Unchanged, _)
+        ));
+        let other = held(4, "old", false);
+        let Decision::Send(s) = master(built(), Kind::Staff, other.as_ref(), Some(Dependency::Held), 1, &r) else {
+            panic!()
+        };
+        assert_eq!(s.version, 5);
+    }
+
+    #[test]
+    fn decisions_are_skipped_when_none_were_recorded() {
+        assert_eq!(
+            decisions(None, &rules()),
+            Decision::Finish(Ending::Skipped, "no decisions recorded")
+        );
+    }
+}
