@@ -613,6 +613,31 @@ impl Drop for Worker {
 /// report number, data code, reported this many days ago.
 pub type ElsewhereReport<'a> = (&'a str, &'a str, &'a str, &'a str, i64);
 
+/// The basic scenario: our hospital with the sample HIS and its sample data, the simulator,
+/// and a worker draining to it.
+pub struct Hospital {
+    pub cluster: Cluster,
+    pub his: Client,
+    pub sim: Sim,
+    pub worker: Worker,
+}
+
+impl Hospital {
+    pub async fn start(options: &WorkerOptions) -> Result<Hospital> {
+        let cluster = Cluster::start().await?;
+        let his = cluster.connect("his").await?;
+        load_sample_data(&his).await?;
+        let sim = Sim::start()?;
+        let worker = Worker::start(&cluster, &sim, options)?;
+        Ok(Hospital {
+            cluster,
+            his,
+            sim,
+            worker,
+        })
+    }
+}
+
 /// The doctors' workstations scenario: our hospital with the sample HIS, the example order
 /// table with its gate and the workstation SQL (`sql/examples/`), the platform configured for
 /// SQL calls, the other hospital's `reports`, a worker, and our three patients delivered.

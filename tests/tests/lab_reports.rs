@@ -34,11 +34,12 @@ async fn uploads_of(sim: &Sim, report: &str) -> Result<Vec<Value>> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn approval_uploads_once_after_its_patient() -> Result<()> {
-    let cluster = Cluster::start().await?;
-    let his = cluster.connect("his").await?;
-    load_sample_data(&his).await?;
-    let sim = Sim::start()?;
-    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    let Hospital {
+        cluster: _cluster,
+        his,
+        sim,
+        worker: _worker,
+    } = Hospital::start(&WorkerOptions::default()).await?;
 
     approve(&his, "L20261126001").await?;
     wait_until(Duration::from_secs(20), "the report at the platform", || async {
@@ -110,11 +111,12 @@ async fn approval_uploads_once_after_its_patient() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rolled_back_approval_sends_nothing() -> Result<()> {
-    let cluster = Cluster::start().await?;
-    let his = cluster.connect("his").await?;
-    load_sample_data(&his).await?;
-    let sim = Sim::start()?;
-    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    let Hospital {
+        cluster: _cluster,
+        his,
+        sim,
+        worker: _worker,
+    } = Hospital::start(&WorkerOptions::default()).await?;
 
     his.batch_execute(
         "BEGIN; UPDATE lis.report SET status = 'audited', audited_at = now() WHERE report_no = 'L20261126002'; ROLLBACK;",

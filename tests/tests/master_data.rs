@@ -40,11 +40,12 @@ async fn accepted(sim: &Sim, path: &str, key_field: &str) -> Result<HashMap<Stri
 
 #[tokio::test(flavor = "multi_thread")]
 async fn patients_from_two_registration_paths_arrive_and_touches_send_nothing() -> Result<()> {
-    let cluster = Cluster::start().await?;
-    let his = cluster.connect("his").await?;
-    load_sample_data(&his).await?;
-    let sim = Sim::start()?;
-    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    let Hospital {
+        cluster: _cluster,
+        his,
+        sim,
+        worker: _worker,
+    } = Hospital::start(&WorkerOptions::default()).await?;
     wait_until(Duration::from_secs(20), "the sample patients", || async {
         held(&sim, "patients", "P0003").await
     })

@@ -36,11 +36,12 @@ fn steps(list: &[(&str, u64)]) -> Vec<(String, u64)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn lab_report_versions_revoke_and_pdfs_arrive_in_order() -> Result<()> {
     const LAB: &str = "/api/v1/lab-reports";
-    let cluster = Cluster::start().await?;
-    let his = cluster.connect("his").await?;
-    load_sample_data(&his).await?;
-    let sim = Sim::start()?;
-    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    let Hospital {
+        cluster: _cluster,
+        his,
+        sim,
+        worker: _worker,
+    } = Hospital::start(&WorkerOptions::default()).await?;
     let r = "L20261126001";
     let wait_for = |expected: Vec<(String, u64)>| {
         let sim = &sim;
