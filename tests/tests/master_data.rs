@@ -129,8 +129,8 @@ async fn a_bad_record_is_quarantined_and_the_rest_of_its_batch_arrives() -> Resu
         .await?;
     let q: Vec<(String, String, String, String)> =
         rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
-    // Ours refused the checksum before sending; the platform refused the unknown parent
-    // in a batch whose other record it accepted.
+    // Ours refused the checksum and the parent that exists nowhere before sending; the
+    // department waits for its parent (released once a department NOPE is delivered).
     assert_eq!(
         q[0],
         (
@@ -144,13 +144,85 @@ async fn a_bad_record_is_quarantined_and_the_rest_of_its_batch_arrives() -> Resu
         q[1],
         ("patient".into(), "P0202".into(), "id_no".into(), "checksum".into())
     );
-    let dept_batches = sim.requests_with(DEPARTMENTS, "applied").await?;
-    assert!(
-        dept_batches
-            .iter()
-            .any(|r| r["body"]["records"].as_array().map(Vec::len) == Some(2)),
-        "one batch of both"
+    assert_eq!(
+        count(
+            &his,
+            "SELECT count(*) FROM hmr.quarantine WHERE key = '1001' AND waits_for_kind = 'department' AND waits_for_key = 'NOPE'"
+        )
+        .await?,
+        1
     );
+    assert!(!held(&sim, "departments", "1001").await?);
+    assert!(
+        sim.requests()
+            .await?
+            .iter()
+            .all(|r| !r["body"].to_string().contains("\"1001\"")),
+        "the child was never sent"
+    );
+    Ok(())
+}
+
+/// A department whose parent existed before hmr was connected (never captured): the parent is
+/// enqueued and sent first, as a report's patient is. A parent and its child captured together
+/// go in one batch, the parent first.
+#[tokio::test(flavor = "multi_thread")]
+async fn departments_follow_their_parents() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    let sim = Sim::start()?;
+    his.batch_execute(
+        "ALTER TABLE his.department DISABLE TRIGGER hmr_capture_department;
+         INSERT INTO his.department (dept_code, dept_name, std_code, campus) VALUES ('30', '外科', 'A04', 'HZ01');
+         ALTER TABLE his.department ENABLE TRIGGER hmr_capture_department;
+         INSERT INTO his.department (dept_code, dept_name, std_code, campus, parent_code) VALUES ('3001', '普外科', 'A04.01', 'HZ01', '30');
+         INSERT INTO his.department (dept_code, dept_name, std_code, campus, parent_code) VALUES
+            ('400101', '心内一病区', 'A03.01', 'HZ01', '4001'),
+            ('4001', '心内科', 'A03.01', 'HZ01', '40'),
+            ('40', '内科', 'A03', 'HZ01', NULL);",
+    )
+    .await?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    wait_until(Duration::from_secs(20), "every department", || async {
+        let mut all = true;
+        for d in ["30", "3001", "40", "4001", "400101"] {
+            all &= held(&sim, "departments", d).await?;
+        }
+        Ok(all)
+    })
+    .await?;
+    let requests = sim.requests().await?;
+    let position = |dept: &str| {
+        requests
+            .iter()
+            .filter(|r| r["path"] == DEPARTMENTS && r["effect"] == "applied")
+            .flat_map(|r| {
+                let seq = r["seq"].as_u64().unwrap_or(0);
+                r["body"]["records"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(i, x)| (seq, i, x["deptCode"].as_str().unwrap_or_default().to_string()))
+            })
+            .find(|(_, _, code)| code == dept)
+            .map(|(seq, i, _)| (seq, i))
+            .expect("sent")
+    };
+    for (parent, child) in [("30", "3001"), ("40", "4001"), ("4001", "400101")] {
+        assert!(
+            position(parent) < position(child),
+            "{parent} {:?} before {child} {:?}",
+            position(parent),
+            position(child)
+        );
+    }
+    assert!(
+        requests.iter().all(|r| !r.to_string().contains("unknown-parent")),
+        "no department was sent before its parent"
+    );
+    assert_eq!(count(&his, "SELECT count(*) FROM hmr.quarantine").await?, 0);
     Ok(())
 }
 

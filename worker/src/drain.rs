@@ -19,7 +19,9 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::error::WorkerError;
-use crate::plan::{self, Decision, Dependency, ItemCode, Master, MasterSend, Plan, Quarantine, ReportFacts, Rules};
+use crate::plan::{
+    self, Decision, Dependency, ItemCode, Master, MasterSend, Plan, Quarantine, Reference, ReportFacts, Rules,
+};
 use crate::platform::Platform;
 use crate::store::{Delivered, Event, Finish, ReportInput, Store};
 
@@ -345,23 +347,23 @@ impl Drainer {
         Ok(facts)
     }
 
-    /// Whether the platform holds a record this one needs, and if not whether it is
-    /// quarantined.
+    /// Whether the platform holds a record this one needs; if not, whether it is quarantined,
+    /// on its way (in its source view) or absent. A source that cannot be read counts as on
+    /// its way: the record waits rather than being refused for a read error.
     async fn dependency_state(&self, kind: Kind, key: &str) -> Result<Dependency, WorkerError> {
-        Ok(
-            if !self
-                .store
-                .delivered(kind, std::slice::from_ref(&key.to_string()))
-                .await?
-                .is_empty()
-            {
-                Dependency::Held
-            } else if self.store.is_quarantined(kind, key).await? {
-                Dependency::Quarantined
-            } else {
-                Dependency::Missing
-            },
-        )
+        let keys = [key.to_string()];
+        if !self.store.delivered(kind, &keys).await?.is_empty() {
+            return Ok(Dependency::Held);
+        }
+        if self.store.is_quarantined(kind, key).await? {
+            return Ok(Dependency::Quarantined);
+        }
+        Ok(match self.store.source_rows(kind, &keys).await {
+            Ok(rows) if rows.is_empty() => Dependency::Absent,
+            Ok(_) => Dependency::Missing,
+            Err(e) if e.is_source_error() && !self.store.is_closed() => Dependency::Missing,
+            Err(e) => return Err(e),
+        })
     }
 
     /// Carries out a decision that sends nothing now.
@@ -438,10 +440,11 @@ impl Drainer {
         )
     }
 
-    /// A record needed first (a staff member's department the platform says it lacks).
-    async fn wait_for_dependency(&self, event: &Event, kind: Kind, key: &str) -> Result<Step, WorkerError> {
-        let state = self.dependency_state(kind, key).await?;
-        let decision: Decision<()> = plan::dependency(kind, key, state, event.attempts, &self.rules());
+    /// A record needed first (a staff member's department, a department's parent, the
+    /// platform says it lacks).
+    async fn wait_for_dependency(&self, event: &Event, on: &Reference) -> Result<Step, WorkerError> {
+        let state = self.dependency_state(on.kind, &on.key).await?;
+        let decision: Decision<()> = plan::dependency(on, state, event.attempts, &self.rules());
         self.carry_out(event, decision).await
     }
 
@@ -583,34 +586,32 @@ impl Drainer {
             let record = Master::build(kind, row, &rules.now, &self.config.platform.campus_codes);
             built.push((event, record));
         }
-        // The departments the records reference: held, quarantined or missing.
-        let needed: Vec<String> = built
+        // The records they name (departments): held, quarantined, on their way or absent. A
+        // parent in this batch goes first in it (`parents_first`): the platform accepts that.
+        let in_batch: std::collections::HashSet<String> = built
             .iter()
-            .filter_map(|(_, r)| r.as_ref().ok().and_then(Master::department))
+            .filter(|(_, r)| r.is_ok())
+            .map(|(e, _)| e.key.clone())
             .collect();
-        let mut departments: HashMap<String, Dependency> = if needed.is_empty() {
-            HashMap::new()
-        } else {
-            self.store
-                .delivered(Kind::Department, &needed)
-                .await?
-                .into_keys()
-                .map(|k| (k, Dependency::Held))
-                .collect()
-        };
-        for dept in needed {
-            if let std::collections::hash_map::Entry::Vacant(e) = departments.entry(dept.clone()) {
-                e.insert(self.dependency_state(Kind::Department, &dept).await?);
+        let mut states: HashMap<(Kind, String), Dependency> = HashMap::new();
+        for on in built
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().and_then(Master::depends_on))
+        {
+            if on.kind == kind && in_batch.contains(&on.key) {
+                states.insert((on.kind, on.key), Dependency::Held);
+            } else if let std::collections::hash_map::Entry::Vacant(e) = states.entry((on.kind, on.key.clone())) {
+                e.insert(self.dependency_state(on.kind, &on.key).await?);
             }
         }
         let mut to_send: Vec<(Event, MasterSend)> = Vec::new();
         for (event, record) in built {
-            let department = record
+            let depends = record
                 .as_ref()
                 .ok()
-                .and_then(Master::department)
-                .map(|d| departments[&d]);
-            match plan::master(record, kind, held.get(&event.key), department, event.attempts, &rules) {
+                .and_then(Master::depends_on)
+                .map(|on| states[&(on.kind, on.key)]);
+            match plan::master(record, kind, held.get(&event.key), depends, event.attempts, &rules) {
                 Decision::Send(send) => to_send.push((event, send)),
                 Decision::Finish(ending, detail) => finished.push(self.finished(&event, ending.as_str(), detail)),
                 other => {
@@ -619,6 +620,7 @@ impl Drainer {
             }
         }
         self.store.finish(kind, &finished).await?;
+        let to_send = plan::parents_first(to_send, |(_, s)| &s.record);
 
         let mut chunks: Vec<Vec<(Event, MasterSend)>> = Vec::new();
         for item in to_send {
@@ -627,9 +629,16 @@ impl Drainer {
                 _ => chunks.push(vec![item]),
             }
         }
+        // Departments one batch after the other: a parent sent in an earlier batch must have
+        // arrived before its children's batch.
+        let concurrency = if kind == Kind::Department {
+            1
+        } else {
+            self.config.worker.concurrency.clamp(1, 4)
+        };
         let results: Vec<Result<(), WorkerError>> = stream::iter(chunks)
             .map(|chunk| self.send_batch(kind, chunk))
-            .buffer_unordered(self.config.worker.concurrency.clamp(1, 4))
+            .buffer_unordered(concurrency)
             .collect()
             .await;
         results.into_iter().collect()
@@ -688,10 +697,13 @@ impl Drainer {
                                 .first()
                                 .cloned()
                                 .unwrap_or_else(|| FieldError::new("", "rejected"));
-                            if let (Some(dept), "unknown-dept") = (send.record.department(), first.reason.as_str()) {
-                                // Our record of the department is stale: send it again first.
-                                self.store.forget_delivered(Kind::Department, &dept).await?;
-                                self.wait_for_dependency(event, Kind::Department, &dept).await?;
+                            if let (Some(on), "unknown-dept" | "unknown-parent") =
+                                (send.record.depends_on(), first.reason.as_str())
+                            {
+                                // Our record of the department is stale (or it was refused in
+                                // this batch): send it again first, or wait with it.
+                                self.store.forget_delivered(on.kind, &on.key).await?;
+                                self.wait_for_dependency(event, &on).await?;
                                 continue;
                             }
                             let column = source::column_for_field(kind.as_str(), &first.field);

@@ -107,14 +107,37 @@ pub enum Decision<S> {
 }
 
 /// What the platform holds of a record this one references (a report's patient, a staff
-/// member's department).
+/// member's department, a department's parent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dependency {
     Held,
     /// Quarantined: its DBA must fix it first.
     Quarantined,
-    /// Not (yet) delivered.
+    /// Not (yet) delivered, but in its source view: it is on its way.
     Missing,
+    /// Neither delivered nor in its source view: nothing will bring it but the DBA.
+    Absent,
+}
+
+/// A record another one names: its kind and key, and the column that names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    pub kind: Kind,
+    pub key: String,
+    /// The referencing column (`patient_id`, `dept_code`, `parent_code`).
+    pub field: &'static str,
+}
+
+impl Reference {
+    /// The reason a record is refused when what it names does not exist: the platform's
+    /// words for the same refusal (`unknown-dept`, `unknown-parent`).
+    fn unknown(&self) -> &'static str {
+        match self.field {
+            "parent_code" => "unknown-parent",
+            "dept_code" => "unknown-dept",
+            _ => "unknown-patient",
+        }
+    }
 }
 
 /// The platform item code of a report whose source gives a local code.
@@ -200,7 +223,12 @@ pub fn report(f: ReportFacts, rules: &Rules) -> Decision<Plan> {
     }
     // The platform refuses a report whose patient it has not received: that goes first.
     if f.patient != Dependency::Held {
-        return dependency(Kind::Patient, &patient_id, f.patient, f.attempts, rules);
+        let patient = Reference {
+            kind: Kind::Patient,
+            key: patient_id,
+            field: "patient_id",
+        };
+        return dependency(&patient, f.patient, f.attempts, rules);
     }
     let pdf = match (f.source_pdf, rendered) {
         (Some(bytes), _) => Some(bytes),
@@ -306,24 +334,33 @@ fn revoke_plan(t: ReportType, key: &str, held: Delivered, said: Option<Revocatio
 }
 
 /// A record waiting for one it references: quarantined with it (released when that one is
-/// delivered), quarantined after too many waits, or waiting.
-pub fn dependency<S>(kind: Kind, key: &str, state: Dependency, attempts: i32, rules: &Rules) -> Decision<S> {
-    let field = kind.reference_column().to_string();
+/// delivered), refused when it does not exist at all (released the same way once the DBA adds
+/// it), quarantined after too many waits, or waiting.
+pub fn dependency<S>(on: &Reference, state: Dependency, attempts: i32, rules: &Rules) -> Decision<S> {
+    let Reference { kind, key, field } = on;
+    let quarantine = |reason: &str, message: String| {
+        Decision::Quarantine(Quarantine {
+            field: field.to_string(),
+            reason: reason.into(),
+            message,
+            waits_for: Some((*kind, key.clone())),
+        })
+    };
     match state {
-        Dependency::Held => Decision::Wait(kind, key.into()),
-        Dependency::Quarantined => Decision::Quarantine(Quarantine {
-            field,
-            reason: "dependency-quarantined".into(),
-            message: format!("waiting for {kind} {key}, which is quarantined: this goes by itself once that is fixed and delivered"),
-            waits_for: Some((kind, key.into())),
-        }),
-        Dependency::Missing if attempts >= rules.max_dependency_attempts => Decision::Quarantine(Quarantine {
-            field,
-            reason: "dependency-not-delivered".into(),
-            message: format!("{kind} {key} has not reached the platform (is it in its source view?); this goes by itself once it is delivered"),
-            waits_for: Some((kind, key.into())),
-        }),
-        Dependency::Missing => Decision::Wait(kind, key.into()),
+        Dependency::Held => Decision::Wait(*kind, key.clone()),
+        Dependency::Quarantined => quarantine(
+            "dependency-quarantined",
+            format!("waiting for {kind} {key}, which is quarantined: this goes by itself once that is fixed and delivered"),
+        ),
+        Dependency::Absent => quarantine(
+            on.unknown(),
+            format!("{field} names {kind} {key}, which is neither delivered nor in its source view: this goes by itself once it is"),
+        ),
+        Dependency::Missing if attempts >= rules.max_dependency_attempts => quarantine(
+            "dependency-not-delivered",
+            format!("{kind} {key} has not reached the platform (is it in its source view?); this goes by itself once it is delivered"),
+        ),
+        Dependency::Missing => Decision::Wait(*kind, key.clone()),
     }
 }
 
@@ -426,11 +463,33 @@ impl Master {
         }
     }
 
-    /// The department a record references (staff: theirs; departments: their parent).
-    pub fn department(&self) -> Option<String> {
+    /// The record this one names, which the platform must hold first: a staff member's
+    /// department, a department's parent.
+    pub fn depends_on(&self) -> Option<Reference> {
         match self {
-            Master::Staff(s) => Some(s.dept_code.clone()),
-            _ => None,
+            Master::Staff(s) => Some(Reference {
+                kind: Kind::Department,
+                key: s.dept_code.clone(),
+                field: "dept_code",
+            }),
+            Master::Department(d) => d
+                .parent_code
+                .as_ref()
+                .filter(|p| !p.trim().is_empty() && **p != d.dept_code)
+                .map(|p| Reference {
+                    kind: Kind::Department,
+                    key: p.clone(),
+                    field: "parent_code",
+                }),
+            Master::Patient(_) => None,
+        }
+    }
+
+    fn key(&self) -> &str {
+        match self {
+            Master::Patient(p) => &p.patient_id,
+            Master::Department(d) => &d.dept_code,
+            Master::Staff(s) => &s.staff_no,
         }
     }
 
@@ -456,6 +515,34 @@ impl Master {
     }
 }
 
+/// Orders a batch so that a department comes after its parent when both are in it (the
+/// platform accepts a parent "earlier in the same batch"); otherwise the order is kept.
+pub fn parents_first<T>(items: Vec<T>, record: impl Fn(&T) -> &Master) -> Vec<T> {
+    let keys: std::collections::HashMap<String, usize> = items
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (record(t).key().to_string(), i))
+        .collect();
+    // Depth of each record's chain of parents inside the batch (a cycle stops at the batch size).
+    let depth = |mut i: usize| {
+        let mut d = 0;
+        while let Some(parent) = record(&items[i]).depends_on().filter(|r| r.field == "parent_code") {
+            match keys.get(&parent.key) {
+                Some(&p) if d < items.len() => {
+                    d += 1;
+                    i = p;
+                }
+                _ => break,
+            }
+        }
+        d
+    };
+    let depths: Vec<usize> = (0..items.len()).map(depth).collect();
+    let mut indexed: Vec<(usize, T)> = items.into_iter().enumerate().collect();
+    indexed.sort_by_key(|(i, _)| (depths[*i], *i));
+    indexed.into_iter().map(|(_, t)| t).collect()
+}
+
 /// A master-data record ready to go in a batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MasterSend {
@@ -464,14 +551,14 @@ pub struct MasterSend {
     pub version: i32,
 }
 
-/// A master-data record: new version, unchanged, waiting for its department, or refused.
-/// `department`: the state of the department the record references (`None`: it references
-/// none).
+/// A master-data record: new version, unchanged, waiting for the record it names, or
+/// refused. `depends`: the state of the record it names (`Master::depends_on`; `None`: it
+/// names none).
 pub fn master(
     built: Result<Master, ProtocolError>,
     kind: Kind,
     held: Option<&Delivered>,
-    department: Option<Dependency>,
+    depends: Option<Dependency>,
     attempts: i32,
     rules: &Rules,
 ) -> Decision<MasterSend> {
@@ -483,9 +570,9 @@ pub fn master(
     if held.is_some_and(|h| h.content_hash == hash) {
         return Decision::Finish(Ending::Unchanged, "same content as delivered");
     }
-    if let (Some(dept), Some(state)) = (record.department(), department) {
+    if let (Some(on), Some(state)) = (record.depends_on(), depends) {
         if state != Dependency::Held {
-            return dependency(Kind::Department, &dept, state, attempts, rules);
+            return dependency(&on, state, attempts, rules);
         }
     }
     Decision::Send(MasterSend {
@@ -762,6 +849,13 @@ mod tests {
             master(built(), Kind::Staff, None, Some(Dependency::Missing), 1, &r),
             Decision::Wait(Kind::Department, "0301".into())
         );
+        let Decision::Quarantine(q) = master(built(), Kind::Staff, None, Some(Dependency::Absent), 1, &r) else {
+            panic!()
+        };
+        assert_eq!(
+            (q.field.as_str(), q.reason.as_str(), q.waits_for),
+            ("dept_code", "unknown-dept", Some((Kind::Department, "0301".into())))
+        );
         let Decision::Quarantine(q) = master(built(), Kind::Staff, None, Some(Dependency::Quarantined), 1, &r) else {
             panic!()
         };
@@ -779,6 +873,63 @@ mod tests {
             panic!()
         };
         assert_eq!(s.version, 5);
+    }
+
+    fn department(code: &str, parent: Option<&str>) -> Master {
+        let mut row = row(&[
+            ("dept_code", json!(code)),
+            ("dept_name", json!("科室")),
+            ("std_dept_code", json!("A03")),
+            ("campus_code", json!("HZ01")),
+            ("updated_at", json!("2026-11-20T08:00:00+08:00")),
+        ]);
+        if let Some(p) = parent {
+            row.insert("parent_code".into(), json!(p));
+        }
+        Master::build(Kind::Department, &row, &now(), &[]).unwrap()
+    }
+
+    #[test]
+    fn a_department_waits_for_its_parent_and_an_unknown_parent_is_refused_before_sending() {
+        let r = rules();
+        let child = || Ok(department("1001", Some("10")));
+        assert_eq!(
+            master(child(), Kind::Department, None, Some(Dependency::Missing), 1, &r),
+            Decision::Wait(Kind::Department, "10".into())
+        );
+        let Decision::Quarantine(q) = master(child(), Kind::Department, None, Some(Dependency::Absent), 1, &r) else {
+            panic!()
+        };
+        assert_eq!(
+            (q.field.as_str(), q.reason.as_str(), q.waits_for),
+            ("parent_code", "unknown-parent", Some((Kind::Department, "10".into())))
+        );
+        assert!(matches!(
+            master(child(), Kind::Department, None, Some(Dependency::Held), 1, &r),
+            Decision::Send(_)
+        ));
+        // A top-level department, or one naming itself, depends on nothing.
+        assert_eq!(department("10", None).depends_on(), None);
+        assert_eq!(department("10", Some("10")).depends_on(), None);
+    }
+
+    #[test]
+    fn a_batch_sends_parents_before_their_children() {
+        let batch = vec![
+            department("100101", Some("1001")),
+            department("2", None),
+            department("1001", Some("10")),
+            department("10", None),
+            department("3", Some("elsewhere")),
+        ];
+        let order: Vec<String> = parents_first(batch, |m| m)
+            .iter()
+            .map(|m| m.key().to_string())
+            .collect();
+        assert_eq!(order, ["2", "10", "3", "1001", "100101"]);
+        // A cycle does not hang.
+        let cycle = vec![department("A", Some("B")), department("B", Some("A"))];
+        assert_eq!(parents_first(cycle, |m| m).len(), 2);
     }
 
     #[test]
