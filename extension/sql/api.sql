@@ -217,7 +217,8 @@ SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')
        (SELECT max(finished_at) FROM hmr.outbox_history WHERE outcome = 'delivered') AS last_delivery,
        (SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_live_rows,
        (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_dead_rows,
-       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.captured'::regclass) AS captured_dead_rows;
+       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.captured'::regclass) AS captured_dead_rows,
+       (SELECT count(*) FROM hmr.outbox WHERE state = 'quarantined' AND waits_for_kind = 'item_map') AS held_unmapped;
 
 -- Per kind: ready (its source checks clean), problems (how many), or not connected (no
 -- view yet and nothing captures or polls it): a hospital connecting lab first is ready for lab.
@@ -287,10 +288,10 @@ GRANT INSERT, UPDATE ON hmr.policy TO hmr_admin;
 GRANT SELECT, DELETE, TRUNCATE ON hmr.captured TO hmr_worker, hmr_admin;
 GRANT USAGE ON SEQUENCE hmr.event_id_seq, hmr.backfill_id_seq TO hmr_worker, hmr_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.outbox, hmr.outbox_history, hmr.delivered, hmr.sleepers,
-                                       hmr.polled_sources, hmr.polled_seen, hmr.backfills, hmr.unmapped_items
+                                       hmr.polled_sources, hmr.polled_seen, hmr.backfills, hmr.unmapped_reports
       TO hmr_worker, hmr_admin;
 GRANT SELECT ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.checks, hmr.prompts, hmr.prompt_log, hmr.decisions, hmr.current_decisions,
-                hmr.status, hmr.backlog, hmr.stuck_records, hmr.quarantine
+                hmr.status, hmr.backlog, hmr.stuck_records, hmr.quarantine, hmr.unmapped_items
       TO hmr_worker, hmr_admin;
 GRANT SELECT, INSERT ON hmr.retained_reports TO hmr_worker;
 GRANT UPDATE (rechecked_at, revoked_at, revoked_note) ON hmr.retained_reports TO hmr_worker;

@@ -173,8 +173,9 @@ async fn polled_exam_source_equal_times_late_rows_delay_and_unmapped_items() -> 
     let cluster = Cluster::start().await?;
     let his = cluster.connect("his").await?;
     load_sample_data(&his).await?;
-    // Poll often in this test; a RIS-supplied PDF on one report.
-    his.batch_execute("UPDATE hmr.polled_sources SET lookback = '1 hour'")
+    // Poll often in this test; a RIS-supplied PDF on one report. Unmapped items go without a
+    // code (policy send), and again with it once mapped.
+    his.batch_execute("UPDATE hmr.polled_sources SET lookback = '1 hour'; UPDATE hmr.kinds SET unmapped = 'send' WHERE kind = 'exam_report'")
         .await?;
     let sim = Sim::start()?;
     let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
@@ -285,6 +286,106 @@ async fn polled_exam_source_equal_times_late_rows_delay_and_unmapped_items() -> 
         assert_eq!(h[0].0, "data", "{no}: {h:?}");
     }
     wait_until(Duration::from_secs(10), "an empty outbox", || outbox_empty(&his)).await?;
+
+    // The DBA maps US-ABD: the report that went without a code goes again, as its next
+    // version, with it; the code is no longer listed as unmapped.
+    his.batch_execute("INSERT INTO hmr.item_map (type, local_code, data_code) VALUES ('exam', 'US-ABD', 'JC0003')")
+        .await?;
+    wait_until(Duration::from_secs(20), "E3 again with its code", || async {
+        Ok(history_of(&sim, EXAM, "E3")
+            .await?
+            .iter()
+            .filter(|(s, _)| s == "data")
+            .count()
+            == 2)
+    })
+    .await?;
+    let again: Vec<Value> = sim
+        .requests()
+        .await?
+        .into_iter()
+        .filter(|r| r["path"] == EXAM && r["body"]["reportNo"] == "E3" && r["effect"] == "applied")
+        .collect();
+    let last = &again.last().expect("E3 sent")["body"];
+    assert_eq!(
+        (last["dataCode"].as_str(), last["version"].as_u64()),
+        (Some("JC0003"), Some(2))
+    );
+    assert_eq!(
+        count(
+            &his,
+            "SELECT count(*) FROM hmr.unmapped_items WHERE local_code = 'US-ABD'"
+        )
+        .await?,
+        0
+    );
+    Ok(())
+}
+
+/// The default policy: a report whose local item code has no mapping waits for it, visibly
+/// (hmr.unmapped_items: held, oldest; the quarantine; hmr.status.held_unmapped), and goes by
+/// itself, with the platform code, once the DBA maps the code.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unmapped_item_holds_its_report_until_the_code_is_mapped() -> Result<()> {
+    const EXAM: &str = "/api/v1/exam-reports";
+    let Hospital {
+        cluster: _cluster,
+        his,
+        sim,
+        worker: _worker,
+    } = Hospital::start(&WorkerOptions::default()).await?;
+    his.batch_execute(
+        "UPDATE hmr.polled_sources SET lookback = '1 hour';
+         INSERT INTO ris.exam_report (exam_no, patient_id, modality, item_code, item_name, findings, conclusion,
+                                      reported_at, audited_at, auditor, status)
+         VALUES ('E7', 'P0001', 'US', 'US-KIDNEY', '双肾彩超', '双肾大小形态正常。', '双肾未见异常。',
+                 now() - interval '5 minutes', now() - interval '5 minutes', 'D001', 'F')",
+    )
+    .await?;
+    wait_until(Duration::from_secs(20), "the report held for its code", || async {
+        Ok(count(
+            &his,
+            "SELECT count(*) FROM hmr.unmapped_items
+              WHERE type = 'exam' AND local_code = 'US-KIDNEY' AND local_name = '双肾彩超'
+                AND held = 1 AND oldest_held_report = 'E7'",
+        )
+        .await?
+            == 1)
+    })
+    .await?;
+    assert_eq!(
+        count(
+            &his,
+            "SELECT count(*) FROM hmr.quarantine WHERE key = 'E7' AND error_field = 'local_item_code'
+                AND error_reason = 'unmapped' AND waits_for_kind = 'item_map' AND waits_for_key = 'exam:US-KIDNEY'"
+        )
+        .await?,
+        1
+    );
+    assert_eq!(count(&his, "SELECT held_unmapped FROM hmr.status").await?, 1);
+    assert!(
+        history_of(&sim, EXAM, "E7").await?.is_empty(),
+        "not sent without its code"
+    );
+
+    his.batch_execute("INSERT INTO hmr.item_map (type, local_code, data_code) VALUES ('exam', 'US-KIDNEY', 'JC0003')")
+        .await?;
+    wait_until(Duration::from_secs(20), "the report with its code", || async {
+        Ok(!history_of(&sim, EXAM, "E7").await?.is_empty())
+    })
+    .await?;
+    let sent: Vec<Value> = sim
+        .requests()
+        .await?
+        .into_iter()
+        .filter(|r| r["path"] == EXAM && r["body"]["reportNo"] == "E7" && r["effect"] == "applied")
+        .collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["body"]["dataCode"], "JC0003");
+    assert_eq!(sent[0]["body"]["version"], 1);
+    assert_eq!(count(&his, "SELECT count(*) FROM hmr.unmapped_items").await?, 0);
+    assert_eq!(count(&his, "SELECT count(*) FROM hmr.quarantine").await?, 0);
+    assert_eq!(count(&his, "SELECT held_unmapped FROM hmr.status").await?, 0);
     Ok(())
 }
 

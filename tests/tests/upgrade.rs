@@ -41,7 +41,8 @@ async fn a_released_database_updated_equals_a_fresh_install_and_keeps_its_events
          INSERT INTO hmr.outbox (kind, key, op, state, error_field, error_reason, last_error)
               VALUES ('lab_report', 'L1', 'S', 'quarantined', 'patient_id', 'dependency-quarantined',
                       'waiting for quarantined patient:P:7'),
-                     ('lab_report', 'L2', 'S', 'quarantined', 'id_no', 'checksum', 'refused before sending');",
+                     ('lab_report', 'L2', 'S', 'quarantined', 'id_no', 'checksum', 'refused before sending');
+         INSERT INTO hmr.unmapped_items (type, local_code, local_name, example_key) VALUES ('exam', 'US-X', '彩超', 'E9');",
     )
     .await?;
     let before = count(&his, "SELECT count(*) FROM hmr.outbox").await?;
@@ -90,6 +91,15 @@ async fn a_released_database_updated_equals_a_fresh_install_and_keeps_its_events
         count(
             &his,
             "SELECT count(*) FROM hmr.quarantine WHERE key = 'L2' AND waits_for_kind IS NULL"
+        )
+        .await?,
+        1
+    );
+    // The unmapped code noted by 0.2.0 is still listed (now per report).
+    assert_eq!(
+        count(
+            &his,
+            "SELECT count(*) FROM hmr.unmapped_items WHERE local_code = 'US-X' AND reports = 1 AND held = 0"
         )
         .await?,
         1

@@ -416,7 +416,8 @@ impl Drainer {
     }
 
     /// The platform's item code for a source that gives a local code (`local_item_code`)
-    /// and no `data_code`, through `hmr.item_map`; an unmapped code is recorded for the DBA.
+    /// and no `data_code`, through `hmr.item_map`; an unmapped code is recorded for the DBA,
+    /// with the kind's policy (hold or send).
     async fn item_code(&self, event: &Event, row: &Map<String, Value>) -> Result<ItemCode, WorkerError> {
         if row.get("data_code").is_some_and(|v| !v.is_null()) {
             return Ok(ItemCode::AsSource);
@@ -428,16 +429,17 @@ impl Drainer {
             return Ok(ItemCode::AsSource);
         };
         let name = row.get("local_item_name").and_then(Value::as_str);
-        Ok(
-            match self
-                .store
-                .map_item(report_type.as_str(), local, name, &event.key)
-                .await?
-            {
-                Some(code) => ItemCode::Mapped(code),
-                None => ItemCode::Unmapped,
+        let (code, hold) = self
+            .store
+            .map_item(report_type.as_str(), local, name, event.kind, &event.key)
+            .await?;
+        Ok(match code {
+            Some(code) => ItemCode::Mapped(code),
+            None => ItemCode::Unmapped {
+                local: local.to_string(),
+                hold,
             },
-        )
+        })
     }
 
     /// A record needed first (a staff member's department, a department's parent, the

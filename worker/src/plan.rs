@@ -80,8 +80,28 @@ pub struct Quarantine {
     pub field: String,
     pub reason: String,
     pub message: String,
-    /// The record it waits for: the event is released once that one is delivered.
-    pub waits_for: Option<(Kind, String)>,
+    /// What it waits for: the event is released once that record is delivered, or that
+    /// mapping is added.
+    pub waits_for: Option<WaitsFor>,
+}
+
+/// What a quarantined event waits for (`hmr.outbox.waits_for_kind`, `waits_for_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitsFor {
+    /// A record of another kind (a report's patient, a department's parent).
+    Record(Kind, String),
+    /// A mapping of a local item code in `hmr.item_map` (released by its trigger).
+    Mapping(ReportType, String),
+}
+
+impl WaitsFor {
+    /// As stored: (`waits_for_kind`, `waits_for_key`).
+    pub fn columns(&self) -> (&'static str, String) {
+        match self {
+            WaitsFor::Record(kind, key) => (kind.as_str(), key.clone()),
+            WaitsFor::Mapping(t, local) => ("item_map", format!("{}:{local}", t.as_str())),
+        }
+    }
 }
 
 impl Quarantine {
@@ -147,9 +167,10 @@ pub enum ItemCode {
     AsSource,
     /// `hmr.item_map` maps the local code.
     Mapped(String),
-    /// No mapping yet: sent without a code (shared, never recognised) and listed in
-    /// `hmr.unmapped_items` for the DBA.
-    Unmapped,
+    /// No mapping yet (listed in `hmr.unmapped_items` for the DBA). The kind's policy
+    /// (`hmr.kinds.unmapped`): `hold` — the report waits until the code is mapped; `send` —
+    /// it goes without a code (shared, never recognised) and again with it once mapped.
+    Unmapped { local: String, hold: bool },
 }
 
 /// Settings the rules depend on.
@@ -220,6 +241,17 @@ pub fn report(f: ReportFacts, rules: &Rules) -> Decision<Plan> {
     };
     if f.held.as_ref().is_some_and(|h| h.content_hash == hash && !h.revoked) {
         return Decision::Finish(Ending::Unchanged, "same content as delivered");
+    }
+    // Without its platform code no other hospital could ever recognise the result.
+    if let ItemCode::Unmapped { local, hold: true } = &f.item_code {
+        return Decision::Quarantine(Quarantine {
+            field: "local_item_code".into(),
+            reason: "unmapped".into(),
+            message: format!(
+                "local item code {local} is not mapped in hmr.item_map: the report waits (policy hold) and goes by itself once it is mapped"
+            ),
+            waits_for: Some(WaitsFor::Mapping(report_type, local.clone())),
+        });
     }
     // The platform refuses a report whose patient it has not received: that goes first.
     if f.patient != Dependency::Held {
@@ -343,7 +375,7 @@ pub fn dependency<S>(on: &Reference, state: Dependency, attempts: i32, rules: &R
             field: field.to_string(),
             reason: reason.into(),
             message,
-            waits_for: Some((*kind, key.clone())),
+            waits_for: Some(WaitsFor::Record(*kind, key.clone())),
         })
     };
     match state {
@@ -743,7 +775,7 @@ mod tests {
             (q.field.as_str(), q.reason.as_str()),
             ("patient_id", "dependency-not-delivered")
         );
-        assert_eq!(q.waits_for, Some((Kind::Patient, "P1".into())));
+        assert_eq!(q.waits_for, Some(WaitsFor::Record(Kind::Patient, "P1".into())));
 
         f.attempts = 1;
         f.patient = Dependency::Quarantined;
@@ -753,7 +785,7 @@ mod tests {
         assert_eq!(q.reason, "dependency-quarantined");
         assert_eq!(
             q.waits_for,
-            Some((Kind::Patient, "P1".into())),
+            Some(WaitsFor::Record(Kind::Patient, "P1".into())),
             "released when the patient is delivered"
         );
     }
@@ -768,7 +800,7 @@ mod tests {
     }
 
     #[test]
-    fn mapped_items_carry_the_platform_code_and_unmapped_ones_go_without() {
+    fn mapped_items_carry_the_platform_code_and_unmapped_ones_wait_or_go_without() {
         let mut local = exam_row();
         local.remove("data_code");
         local.insert("local_item_code".into(), json!("X-CHEST"));
@@ -777,12 +809,36 @@ mod tests {
         let plan = sent(report(f.clone(), &rules()));
         assert_eq!(body(&plan.requests[0])["dataCode"], json!("JC0001"));
 
-        f.item_code = ItemCode::Unmapped;
-        let plan = sent(report(f, &rules()));
-        assert!(
-            body(&plan.requests[0]).get("dataCode").is_none_or(Value::is_null),
-            "shared without a code, never recognised"
+        // Policy hold (the default): the report waits for its mapping.
+        f.item_code = ItemCode::Unmapped {
+            local: "X-CHEST".into(),
+            hold: true,
+        };
+        let Decision::Quarantine(q) = report(f.clone(), &rules()) else {
+            panic!()
+        };
+        assert_eq!((q.field.as_str(), q.reason.as_str()), ("local_item_code", "unmapped"));
+        assert_eq!(q.waits_for, Some(WaitsFor::Mapping(ReportType::Exam, "X-CHEST".into())));
+        assert_eq!(
+            q.waits_for.unwrap().columns(),
+            ("item_map", "exam:X-CHEST".to_string()),
+            "what the item_map trigger releases"
         );
+
+        // Policy send: shared without a code, never recognised.
+        f.item_code = ItemCode::Unmapped {
+            local: "X-CHEST".into(),
+            hold: false,
+        };
+        let plan = sent(report(f.clone(), &rules()));
+        assert!(body(&plan.requests[0]).get("dataCode").is_none_or(Value::is_null));
+
+        // Sent without the code, then mapped: the content changed, so the next version goes.
+        f.held = held(1, &plan.content_hash, false);
+        f.item_code = ItemCode::Mapped("JC0001".into());
+        let again = sent(report(f, &rules()));
+        assert_eq!(again.version, 2);
+        assert_eq!(body(&again.requests[0])["dataCode"], json!("JC0001"));
     }
 
     #[test]
@@ -854,14 +910,18 @@ mod tests {
         };
         assert_eq!(
             (q.field.as_str(), q.reason.as_str(), q.waits_for),
-            ("dept_code", "unknown-dept", Some((Kind::Department, "0301".into())))
+            (
+                "dept_code",
+                "unknown-dept",
+                Some(WaitsFor::Record(Kind::Department, "0301".into()))
+            )
         );
         let Decision::Quarantine(q) = master(built(), Kind::Staff, None, Some(Dependency::Quarantined), 1, &r) else {
             panic!()
         };
         assert_eq!(
             (q.field.as_str(), q.waits_for),
-            ("dept_code", Some((Kind::Department, "0301".into())))
+            ("dept_code", Some(WaitsFor::Record(Kind::Department, "0301".into())))
         );
         let same = held(4, &s.hash, false);
         assert!(matches!(
@@ -902,7 +962,11 @@ mod tests {
         };
         assert_eq!(
             (q.field.as_str(), q.reason.as_str(), q.waits_for),
-            ("parent_code", "unknown-parent", Some((Kind::Department, "10".into())))
+            (
+                "parent_code",
+                "unknown-parent",
+                Some(WaitsFor::Record(Kind::Department, "10".into()))
+            )
         );
         assert!(matches!(
             master(child(), Kind::Department, None, Some(Dependency::Held), 1, &r),

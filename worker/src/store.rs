@@ -352,27 +352,27 @@ impl Store {
         t: &str,
         local: &str,
         name: Option<&str>,
+        kind: Kind,
         key: &str,
-    ) -> Result<Option<String>, WorkerError> {
-        let found = self
-            .query_opt_cached(
-                "SELECT data_code FROM hmr.item_map WHERE type = $1 AND local_code = $2",
-                &[&t, &local],
+    ) -> Result<(Option<String>, bool), WorkerError> {
+        // One round trip: the mapping, or the report noted under its unmapped code (so adding
+        // the mapping releases or resends it: hmr.item_map's trigger); and the kind's policy.
+        let row = self
+            .query_one_cached(
+                "WITH m AS (SELECT data_code FROM hmr.item_map WHERE type = $1 AND local_code = $2),
+                      u AS (INSERT INTO hmr.unmapped_reports (kind, key, type, local_code, local_name)
+                            SELECT $4, $5, $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM m)
+                            ON CONFLICT (kind, key) DO UPDATE
+                               SET type = EXCLUDED.type, local_code = EXCLUDED.local_code, last_seen = now(),
+                                   local_name = coalesce(EXCLUDED.local_name, hmr.unmapped_reports.local_name)
+                            RETURNING 1)
+                 SELECT (SELECT data_code FROM m),
+                        coalesce((SELECT k.unmapped = 'hold' FROM hmr.kinds k WHERE k.kind = $4), true),
+                        (SELECT count(*) FROM u)",
+                &[&t, &local, &name, &kind.as_str(), &key],
             )
             .await?;
-        if let Some(row) = found {
-            return Ok(Some(row.get(0)));
-        }
-        self.execute_cached(
-            "INSERT INTO hmr.unmapped_items (type, local_code, local_name, example_key) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (type, local_code) DO UPDATE
-                    SET reports = hmr.unmapped_items.reports + 1, last_seen = now(),
-                        local_name = coalesce(EXCLUDED.local_name, hmr.unmapped_items.local_name),
-                        example_key = EXCLUDED.example_key",
-            &[&t, &local, &name, &key],
-        )
-        .await?;
-        Ok(None)
+        Ok((row.get(0), row.get(1)))
     }
 
     /// The current decisions of a check, as the platform wants them (one per matched order).
@@ -467,7 +467,7 @@ impl Store {
             .query_one_cached(
                 "SELECT pending::float8, in_flight::float8, quarantined::float8,
                         coalesce(extract(epoch FROM oldest_event_age), 0)::float8, stuck_records::float8,
-                        coalesce(outbox_dead_rows, 0)::float8
+                        coalesce(outbox_dead_rows, 0)::float8, held_unmapped::float8
                    FROM hmr.status",
                 &[],
             )
@@ -479,6 +479,7 @@ impl Store {
             "oldest_event_age_seconds",
             "stuck_records",
             "outbox_dead_rows",
+            "reports_held_unmapped",
         ];
         Ok(names
             .iter()
@@ -636,8 +637,8 @@ impl Store {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // A platform's message may quote the record: no full identity number is kept.
         let message = hmr_protocol::mask::scrub(&q.message);
-        let (waits_kind, waits_key) = match &q.waits_for {
-            Some((kind, key)) => (Some(kind.as_str()), Some(key.as_str())),
+        let (waits_kind, waits_key) = match q.waits_for.as_ref().map(crate::plan::WaitsFor::columns) {
+            Some((kind, key)) => (Some(kind), Some(key)),
             None => (None, None),
         };
         self.execute_cached(
