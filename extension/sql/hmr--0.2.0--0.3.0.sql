@@ -170,3 +170,91 @@ SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')
        (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.outbox'::regclass) AS outbox_dead_rows,
        (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hmr.captured'::regclass) AS captured_dead_rows,
        (SELECT count(*) FROM hmr.outbox WHERE state = 'quarantined' AND waits_for_kind = 'item_map') AS held_unmapped;
+
+-- Several named polled sources per kind (issue #16): one per exam system, each with its own
+-- view, time column, delay, lookback, watermark and enabled flag. The existing source keeps
+-- the kind's name.
+ALTER TABLE hmr.polled_sources ADD COLUMN name text, ADD COLUMN source_view text;
+UPDATE hmr.polled_sources SET name = kind;
+ALTER TABLE hmr.polled_sources
+    ALTER COLUMN name SET NOT NULL,
+    DROP CONSTRAINT polled_sources_pkey,
+    ADD CONSTRAINT polled_sources_pkey PRIMARY KEY (name);
+CREATE FUNCTION hmr.polled_source_named() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.name := coalesce(NEW.name, NEW.kind);
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER polled_source_named BEFORE INSERT ON hmr.polled_sources
+    FOR EACH ROW EXECUTE FUNCTION hmr.polled_source_named();
+
+ALTER TABLE hmr.polled_seen ADD COLUMN source text;
+UPDATE hmr.polled_seen SET source = kind;
+ALTER TABLE hmr.polled_seen
+    ALTER COLUMN source SET NOT NULL,
+    DROP CONSTRAINT polled_seen_pkey,
+    ADD CONSTRAINT polled_seen_pkey PRIMARY KEY (source, key, seen_time);
+
+-- The argument is now the source's name (a kind's single source is named after it).
+DROP FUNCTION hmr.poll_source(text);
+CREATE FUNCTION hmr.poll_source(source_name text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    p hmr.polled_sources;
+    k hmr.kinds;
+    polled regclass;
+    since timestamptz;
+    newest timestamptz;
+    added integer;
+    gone integer;
+BEGIN
+    SELECT * INTO p FROM hmr.polled_sources WHERE name = source_name AND enabled FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    SELECT * INTO k FROM hmr.kinds WHERE kind = p.kind;
+    polled := coalesce(p.source_view, k.source_view)::regclass;
+    since := coalesce(p.watermark - p.lookback, '-infinity');
+    EXECUTE format(
+        'WITH cand AS (
+            SELECT v.%1$I::text AS key, v.%2$I AS t FROM %3$s v
+             WHERE v.%2$I > $1 AND v.%2$I <= now() - $2),
+         new AS (
+            INSERT INTO hmr.polled_seen (kind, key, seen_time, source) SELECT $3, key, t, $4 FROM cand
+            ON CONFLICT DO NOTHING RETURNING key, seen_time),
+         ins AS (
+            INSERT INTO hmr.outbox (kind, key, op) SELECT $3, key, ''P'' FROM new ORDER BY seen_time, key
+            RETURNING 1)
+         SELECT (SELECT count(*)::int FROM ins), (SELECT max(t) FROM cand)',
+        k.key_column, p.time_column, polled)
+      INTO added, newest USING since, p.delay, p.kind, p.name;
+    -- Withdrawn: held by the platform, recently delivered, no longer in the view (a source
+    -- with a view of its own: among the reports this source found).
+    EXECUTE format(
+        'INSERT INTO hmr.outbox (kind, key, op)
+         SELECT d.kind, d.key, ''P'' FROM hmr.delivered d
+          WHERE d.kind = $1 AND NOT d.revoked AND d.delivered_at > now() - $2
+            AND ($3 IS NULL OR EXISTS (SELECT 1 FROM hmr.polled_seen s WHERE s.source = $4 AND s.key = d.key))
+            AND NOT EXISTS (SELECT 1 FROM %1$s v WHERE v.%2$I::text = d.key)
+            AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = d.kind AND o.key = d.key)',
+        polled, k.key_column)
+      USING p.kind, p.lookback, p.source_view, p.name;
+    GET DIAGNOSTICS gone = ROW_COUNT;
+    UPDATE hmr.polled_sources
+       SET watermark = greatest(watermark, newest), polled_at = now()
+     WHERE name = p.name;
+    DELETE FROM hmr.polled_seen
+     WHERE source = p.name AND seen_time < greatest(p.watermark, newest) - p.lookback;
+    RETURN added + gone;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION hmr.poll_sources() RETURNS integer
+LANGUAGE sql AS $$
+    SELECT coalesce(sum(hmr.poll_source(name)), 0)::int FROM hmr.polled_sources WHERE enabled
+$$;
+
+REVOKE ALL ON FUNCTION hmr.poll_source(text), hmr.polled_source_named() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hmr.poll_source(text) TO hmr_worker, hmr_admin;
+GRANT EXECUTE ON FUNCTION hmr.poll_source(text), hmr.polled_source_named() TO hmr_admin;

@@ -636,12 +636,17 @@ CREATE TRIGGER item_mapped AFTER INSERT OR UPDATE ON hmr.item_map
     FOR EACH ROW EXECUTE FUNCTION hmr.item_mapped();
 
 -- Polled sources: exam systems (RIS, PACS, ultrasound, endoscopy) are often another database
--- or a vendor view the HIS cannot put triggers on. The worker polls them through the kind's
--- source view, by a watermark on the audit time. Pairs (key, audit time) already seen are
--- remembered for `lookback`, so equal audit times and rows that arrive late (committed after
--- newer ones were polled) are still picked up, and a re-audit (new audit time) is a new event.
+-- or a vendor view the HIS cannot put triggers on. The worker polls each source by a
+-- watermark on its audit time. Pairs (key, audit time) already seen are remembered for
+-- `lookback`, so equal audit times and rows that arrive late (committed after newer ones were
+-- polled) are still picked up, and a re-audit (new audit time) is a new event.
+-- A kind may have several sources (one per exam system, each with its own view, delay and
+-- watermark): a source's view finds what changed, and the record is read, as every record
+-- is, from the kind's view (hmr.kinds.source_view, e.g. a UNION ALL of the systems' views),
+-- by its key. So a report number is unique across the kind's sources: where two systems
+-- could number alike, both views prefix it (e.g. 'US' || exam_no) (0.3.0: named sources).
 CREATE TABLE hmr.polled_sources (
-    kind         text PRIMARY KEY REFERENCES hmr.kinds,
+    kind         text NOT NULL REFERENCES hmr.kinds,
     time_column  text NOT NULL DEFAULT 'audited_at',
     -- wait this long after audit before uploading (radiologists correct within minutes)
     delay        interval NOT NULL DEFAULT '0',
@@ -649,63 +654,81 @@ CREATE TABLE hmr.polled_sources (
     lookback     interval NOT NULL DEFAULT '1 day',
     watermark    timestamptz,
     polled_at    timestamptz,
-    enabled      boolean NOT NULL DEFAULT true
+    enabled      boolean NOT NULL DEFAULT true,
+    -- the source's name (default: the kind's name, for a kind with one source)
+    name         text NOT NULL,
+    -- the view polled (default: the kind's view)
+    source_view  text,
+    CONSTRAINT polled_sources_pkey PRIMARY KEY (name)
 );
+CREATE FUNCTION hmr.polled_source_named() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.name := coalesce(NEW.name, NEW.kind);
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER polled_source_named BEFORE INSERT ON hmr.polled_sources
+    FOR EACH ROW EXECUTE FUNCTION hmr.polled_source_named();
 
 CREATE TABLE hmr.polled_seen (
     kind       text NOT NULL,
     key        text NOT NULL,
     seen_time  timestamptz NOT NULL,
-    PRIMARY KEY (kind, key, seen_time)
+    source     text NOT NULL,
+    CONSTRAINT polled_seen_pkey PRIMARY KEY (source, key, seen_time)
 );
 
 -- Polls one source: enqueues rows audited since (watermark - lookback) and at least `delay`
 -- ago that were not seen yet; also enqueues reports the platform holds that left the view
 -- (withdrawn in the exam system), so they are revoked. Returns the events enqueued.
-CREATE FUNCTION hmr.poll_source(source_kind text) RETURNS integer
+CREATE FUNCTION hmr.poll_source(source_name text) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     p hmr.polled_sources;
     k hmr.kinds;
+    polled regclass;
     since timestamptz;
     newest timestamptz;
     added integer;
     gone integer;
 BEGIN
-    SELECT * INTO p FROM hmr.polled_sources WHERE kind = source_kind AND enabled FOR UPDATE SKIP LOCKED;
+    SELECT * INTO p FROM hmr.polled_sources WHERE name = source_name AND enabled FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
-    SELECT * INTO k FROM hmr.kinds WHERE kind = source_kind;
+    SELECT * INTO k FROM hmr.kinds WHERE kind = p.kind;
+    polled := coalesce(p.source_view, k.source_view)::regclass;
     since := coalesce(p.watermark - p.lookback, '-infinity');
     EXECUTE format(
         'WITH cand AS (
             SELECT v.%1$I::text AS key, v.%2$I AS t FROM %3$s v
              WHERE v.%2$I > $1 AND v.%2$I <= now() - $2),
          new AS (
-            INSERT INTO hmr.polled_seen (kind, key, seen_time) SELECT $3, key, t FROM cand
+            INSERT INTO hmr.polled_seen (kind, key, seen_time, source) SELECT $3, key, t, $4 FROM cand
             ON CONFLICT DO NOTHING RETURNING key, seen_time),
          ins AS (
             INSERT INTO hmr.outbox (kind, key, op) SELECT $3, key, ''P'' FROM new ORDER BY seen_time, key
             RETURNING 1)
          SELECT (SELECT count(*)::int FROM ins), (SELECT max(t) FROM cand)',
-        k.key_column, p.time_column, k.source_view::regclass)
-      INTO added, newest USING since, p.delay, source_kind;
-    -- Withdrawn: held by the platform, recently seen, no longer in the view.
+        k.key_column, p.time_column, polled)
+      INTO added, newest USING since, p.delay, p.kind, p.name;
+    -- Withdrawn: held by the platform, recently delivered, no longer in the view (a source
+    -- with a view of its own: among the reports this source found).
     EXECUTE format(
         'INSERT INTO hmr.outbox (kind, key, op)
          SELECT d.kind, d.key, ''P'' FROM hmr.delivered d
           WHERE d.kind = $1 AND NOT d.revoked AND d.delivered_at > now() - $2
+            AND ($3 IS NULL OR EXISTS (SELECT 1 FROM hmr.polled_seen s WHERE s.source = $4 AND s.key = d.key))
             AND NOT EXISTS (SELECT 1 FROM %1$s v WHERE v.%2$I::text = d.key)
             AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = d.kind AND o.key = d.key)',
-        k.source_view::regclass, k.key_column)
-      USING source_kind, p.lookback;
+        polled, k.key_column)
+      USING p.kind, p.lookback, p.source_view, p.name;
     GET DIAGNOSTICS gone = ROW_COUNT;
     UPDATE hmr.polled_sources
        SET watermark = greatest(watermark, newest), polled_at = now()
-     WHERE kind = source_kind;
+     WHERE name = p.name;
     DELETE FROM hmr.polled_seen
-     WHERE kind = source_kind AND seen_time < greatest(p.watermark, newest) - p.lookback;
+     WHERE source = p.name AND seen_time < greatest(p.watermark, newest) - p.lookback;
     RETURN added + gone;
 END
 $$;
@@ -713,7 +736,7 @@ $$;
 -- Polls every enabled source; the worker calls this on its poll interval.
 CREATE FUNCTION hmr.poll_sources() RETURNS integer
 LANGUAGE sql AS $$
-    SELECT coalesce(sum(hmr.poll_source(kind)), 0)::int FROM hmr.polled_sources WHERE enabled
+    SELECT coalesce(sum(hmr.poll_source(name)), 0)::int FROM hmr.polled_sources WHERE enabled
 $$;
 
 -- ===================================================================== recognition (互认服务)

@@ -457,3 +457,151 @@ async fn exam_reports_polled_from_a_foreign_table() -> Result<()> {
     );
     Ok(())
 }
+
+/// Three exam systems feed one kind, each as its own named polled source with its own view,
+/// time column, delay and watermark: the RIS (local), an ultrasound system (local, its report
+/// numbers prefixed so they cannot collide) and an endoscopy system in another database read
+/// through postgres_fdw. The kind's view is their union, where the worker reads each report.
+/// A report that leaves one system is revoked; the other systems' reports are not touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_exam_systems_each_polled_by_its_own_source() -> Result<()> {
+    const EXAM: &str = "/api/v1/exam-reports";
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let admin = cluster.connect("postgres").await?;
+    admin.batch_execute("CREATE DATABASE endo_vendor").await?;
+    let endo = cluster.connect("endo_vendor").await?;
+    endo.batch_execute(
+        "CREATE TABLE endo (id text PRIMARY KEY, patient text, item text, item_name text, findings text,
+                            diagnosis text, report_time timestamptz, check_time timestamptz, doctor text);",
+    )
+    .await?;
+    let columns = "report_no, patient_id, id_type, id_no, patient_name, exam_class, exam_item_name, local_item_code, \
+                   local_item_name, findings, impression, reported_at, audited_at, auditor_no";
+    his.batch_execute(&format!(
+        "CREATE EXTENSION postgres_fdw;
+         CREATE SERVER endo FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '{dir}', port '{port}', dbname 'endo_vendor');
+         CREATE USER MAPPING FOR CURRENT_USER SERVER endo OPTIONS (user 'postgres');
+         CREATE SCHEMA endo_remote;
+         IMPORT FOREIGN SCHEMA public LIMIT TO (endo) FROM SERVER endo INTO endo_remote;
+         CREATE SCHEMA us;
+         CREATE TABLE us.report (no text PRIMARY KEY, pid text, item text, item_name text, seen text, conclusion text,
+                                 signed_at timestamptz, signer text);
+
+         ALTER VIEW hmr_src.exam_report RENAME TO exam_ris;
+         CREATE VIEW hmr_src.exam_us AS
+         SELECT 'US-' || r.no AS report_no, r.pid AS patient_id, p.id_type, upper(trim(p.id_no)) AS id_no,
+                p.name AS patient_name, 'US' AS exam_class, r.item_name AS exam_item_name, r.item AS local_item_code,
+                r.item_name AS local_item_name, r.seen AS findings, r.conclusion AS impression,
+                r.signed_at AS reported_at, r.signed_at AS audited_at, r.signer AS auditor_no
+           FROM us.report r JOIN his.patient p ON p.patient_id = r.pid;
+         CREATE VIEW hmr_src.exam_endo AS
+         SELECT 'EN-' || e.id AS report_no, e.patient AS patient_id, p.id_type, upper(trim(p.id_no)) AS id_no,
+                p.name AS patient_name, 'ES' AS exam_class, e.item_name AS exam_item_name, e.item AS local_item_code,
+                e.item_name AS local_item_name, e.findings, e.diagnosis AS impression,
+                e.report_time AS reported_at, e.check_time AS audited_at, e.check_time AS verified_at, e.doctor AS auditor_no
+           FROM endo_remote.endo e JOIN his.patient p ON p.patient_id = e.patient;
+         CREATE VIEW hmr_src.exam_report AS
+         SELECT {columns} FROM hmr_src.exam_ris
+         UNION ALL SELECT {columns} FROM hmr_src.exam_us
+         UNION ALL SELECT {columns} FROM hmr_src.exam_endo;
+
+         UPDATE hmr.polled_sources SET name = 'ris', source_view = 'hmr_src.exam_ris', lookback = '1 hour'
+          WHERE kind = 'exam_report';
+         INSERT INTO hmr.polled_sources (name, kind, source_view, time_column, delay, lookback) VALUES
+            ('ultrasound', 'exam_report', 'hmr_src.exam_us', 'audited_at', '0', '1 hour'),
+            ('endoscopy', 'exam_report', 'hmr_src.exam_endo', 'verified_at', '1 hour', '1 day');
+         INSERT INTO hmr.item_map (type, local_code, data_code) VALUES
+            ('exam', 'US-ABD', 'JC0003'), ('exam', 'ES-GAS', 'JC0003');",
+        dir = cluster.dir.display(),
+        port = cluster.port
+    ))
+    .await?;
+    assert_eq!(
+        count(&his, "SELECT count(*) FROM hmr.check_sources('exam_report')").await?,
+        0,
+        "the union checks clean"
+    );
+    let sim = Sim::start()?;
+    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    // One report per system; the endoscopy one audited two hours ago (its source waits an hour).
+    endo.batch_execute(
+        "INSERT INTO endo VALUES ('1', 'P0002', 'ES-GAS', '胃镜检查', '胃黏膜光滑。', '慢性浅表性胃炎。',
+                                  now() - interval '2 hours', now() - interval '2 hours', 'D001'),
+                                 ('2', 'P0003', 'ES-GAS', '胃镜检查', '胃黏膜光滑。', '未见异常。',
+                                  now() - interval '1 minute', now() - interval '1 minute', 'D001');",
+    )
+    .await?;
+    his.batch_execute(
+        "INSERT INTO us.report VALUES ('1', 'P0001', 'US-ABD', '腹部彩超', '肝胆胰脾未见异常。', '未见异常。',
+                                       now() - interval '1 minute', 'D001');
+         INSERT INTO ris.exam_report (exam_no, patient_id, modality, item_code, item_name, findings, conclusion,
+                                      reported_at, audited_at, auditor, status)
+         VALUES ('E8', 'P0003', 'CT', 'CT-HEAD', '头颅CT平扫', '脑实质未见异常密度。', '头颅CT未见异常。',
+                 now() - interval '1 minute', now() - interval '1 minute', 'D001', 'F');",
+    )
+    .await?;
+    let arrived = |no: &'static str| {
+        let sim = &sim;
+        async move { Ok::<bool, anyhow::Error>(!history_of(sim, EXAM, no).await?.is_empty()) }
+    };
+    wait_until(Duration::from_secs(30), "a report from each system", || async {
+        Ok(arrived("E8").await? && arrived("US-1").await? && arrived("EN-1").await?)
+    })
+    .await?;
+    // Each source keeps its own watermark; the endoscopy report audited a minute ago waits
+    // for its source's delay although the same poll found the others.
+    let watermarks = his
+        .query(
+            "SELECT name, watermark IS NOT NULL, polled_at IS NOT NULL FROM hmr.polled_sources ORDER BY name",
+            &[],
+        )
+        .await?;
+    let w: Vec<(String, bool, bool)> = watermarks.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        w,
+        [
+            ("endoscopy".to_string(), true, true),
+            ("ris".to_string(), true, true),
+            ("ultrasound".to_string(), true, true)
+        ]
+    );
+    assert!(!arrived("EN-2").await?, "the endoscopy source's delay");
+    // A disabled source is not polled.
+    his.batch_execute(
+        "UPDATE hmr.polled_sources SET enabled = false WHERE name = 'ultrasound';
+         INSERT INTO us.report VALUES ('2', 'P0002', 'US-ABD', '腹部彩超', '未见异常。', '未见异常。', now(), 'D001');
+         INSERT INTO ris.exam_report (exam_no, patient_id, modality, item_code, item_name, findings, conclusion,
+                                      reported_at, audited_at, auditor, status)
+         VALUES ('E9', 'P0001', 'CT', 'CT-HEAD', '头颅CT平扫', '未见异常。', '未见异常。', now(), now(), 'D001', 'F');",
+    )
+    .await?;
+    wait_until(Duration::from_secs(20), "the RIS report after the change", || {
+        arrived("E9")
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!arrived("US-2").await?, "the disabled source was not polled");
+    his.batch_execute("UPDATE hmr.polled_sources SET enabled = true WHERE name = 'ultrasound'")
+        .await?;
+    wait_until(Duration::from_secs(20), "the ultrasound report once enabled", || {
+        arrived("US-2")
+    })
+    .await?;
+
+    // Withdrawn in the ultrasound system: revoked; no other system's report is.
+    his.batch_execute("DELETE FROM us.report WHERE no = '1'").await?;
+    wait_until(Duration::from_secs(20), "US-1 revoked", || async {
+        Ok(history_of(&sim, EXAM, "US-1").await?.iter().any(|(s, _)| s == "revoke"))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for no in ["E8", "E9", "EN-1", "US-2"] {
+        assert!(
+            !history_of(&sim, EXAM, no).await?.iter().any(|(s, _)| s == "revoke"),
+            "{no} was not revoked"
+        );
+    }
+    Ok(())
+}

@@ -42,7 +42,9 @@ async fn a_released_database_updated_equals_a_fresh_install_and_keeps_its_events
               VALUES ('lab_report', 'L1', 'S', 'quarantined', 'patient_id', 'dependency-quarantined',
                       'waiting for quarantined patient:P:7'),
                      ('lab_report', 'L2', 'S', 'quarantined', 'id_no', 'checksum', 'refused before sending');
-         INSERT INTO hmr.unmapped_items (type, local_code, local_name, example_key) VALUES ('exam', 'US-X', '彩超', 'E9');",
+         INSERT INTO hmr.unmapped_items (type, local_code, local_name, example_key) VALUES ('exam', 'US-X', '彩超', 'E9');
+         INSERT INTO hmr.polled_sources (kind, delay) VALUES ('exam_report', '5 minutes');
+         INSERT INTO hmr.polled_seen (kind, key, seen_time) VALUES ('exam_report', 'E1', now());",
     )
     .await?;
     let before = count(&his, "SELECT count(*) FROM hmr.outbox").await?;
@@ -100,6 +102,24 @@ async fn a_released_database_updated_equals_a_fresh_install_and_keeps_its_events
         count(
             &his,
             "SELECT count(*) FROM hmr.unmapped_items WHERE local_code = 'US-X' AND reports = 1 AND held = 0"
+        )
+        .await?,
+        1
+    );
+    // The kind's polled source is now the source named after it.
+    assert_eq!(
+        count(
+            &his,
+            "SELECT count(*) FROM hmr.polled_sources WHERE name = 'exam_report' AND kind = 'exam_report'
+                AND source_view IS NULL AND delay = '5 minutes'"
+        )
+        .await?,
+        1
+    );
+    assert_eq!(
+        count(
+            &his,
+            "SELECT count(*) FROM hmr.polled_seen WHERE source = 'exam_report' AND key = 'E1'"
         )
         .await?,
         1
