@@ -53,14 +53,30 @@ pub enum PdfError {
     Pdf(String),
 }
 
-/// What the report itself does not carry: names the hospital knows from its own master data.
+/// What the report itself does not carry: names the hospital knows from its own master data
+/// (the worker reads them from optional columns of the report's source view, else from the
+/// patient, department and staff views), and the hospital's own texts.
 #[derive(Debug, Clone, Default)]
 pub struct Context {
     pub hospital_name: String,
     /// Printed as 科室; the report's `deptCode` is used when absent.
     pub department_name: Option<String>,
+    /// Printed as 性别 as given; else from `gender_code` (GB/T 2261.1: 1 男, 2 女 …).
     pub gender: Option<String>,
+    pub gender_code: Option<String>,
+    /// Printed as 年龄 as given; else the age at report time from `birth_date` (岁, or 月/天 for
+    /// infants).
     pub age: Option<String>,
+    pub birth_date: Option<String>,
+    /// 申请医生, 检验者 (lab), 审核者, 报告医师 (exam): names; the staff numbers otherwise.
+    pub request_doctor_name: Option<String>,
+    pub tester_name: Option<String>,
+    pub auditor_name: Option<String>,
+    pub reporter_name: Option<String>,
+    /// 标本接收时间 (lab).
+    pub received_at: Option<String>,
+    /// The hospital's 互认 statement (`{recognition_statement}`, printed under the report).
+    pub recognition_statement: Option<String>,
 }
 
 /// A template plus a parsed font: build once, render many (it is `Send + Sync`).

@@ -258,10 +258,10 @@ pub(crate) fn render(g: &Geometry<'_>, font: &Font, frame: &Frame<'_>, body: &dy
         .footer
         .notes
         .iter()
-        .flat_map(|n| {
-            g.text
-                .wrap(&fields::fill(n, values, 0, 0), t.fonts.footer, g.content_width())
-        })
+        .map(|n| fields::fill(n, values, 0, 0))
+        // A note that fills to nothing (no 互认 statement configured) takes no line.
+        .filter(|n| !n.trim().is_empty())
+        .flat_map(|n| g.text.wrap(&n, t.fonts.footer, g.content_width()))
         .collect();
     let page_number_h = if frame.footer.page_number.is_empty() {
         0.0

@@ -59,8 +59,15 @@ fn ctx() -> Context {
     Context {
         hospital_name: "示例市第一人民医院".into(),
         department_name: Some("心血管内科门诊".into()),
-        gender: Some("男".into()),
-        age: Some("45岁".into()),
+        gender_code: Some("1".into()),
+        birth_date: Some("1980-03-15".into()),
+        request_doctor_name: Some("李医生".into()),
+        tester_name: Some("孙检验".into()),
+        auditor_name: Some("王审核".into()),
+        reporter_name: Some("赵报告".into()),
+        received_at: Some("2026-11-26T08:40:00+08:00".into()),
+        recognition_statement: Some("本报告已上传检查检验结果互认共享平台，有效期内可供其他医疗机构互认。".into()),
+        ..Context::default()
     }
 }
 
@@ -107,14 +114,14 @@ fn lab_report(n: usize) -> LabReport {
         visit_no: Some("MZ202611260042".into()),
         order_no: Some("ORD88001".into()),
         dept_code: Some("0301".into()),
-        request_doctor_no: Some("D1024 李医生".into()),
+        request_doctor_no: Some("D1024".into()),
         specimen_code: Some("BLD".into()),
         specimen_name: Some("静脉血".into()),
         specimen_no: Some("2611260042017".into()),
         sampled_at: Some("2026-11-26T08:05:00+08:00".into()),
         reported_at: "2026-11-26T09:30:00+08:00".into(),
         audited_at: Some("2026-11-26T09:41:12+08:00".into()),
-        auditor_no: "王审核".into(),
+        auditor_no: "T009".into(),
         category_code: Some("CBC".into()),
         category_name: Some("血常规+生化".into()),
         data_code: Some("JY0001".into()),
@@ -143,7 +150,7 @@ fn exam_report() -> ExamReport {
         order_no: None,
         dept_code: Some("0301".into()),
         request_doctor_no: Some("D1024".into()),
-        exam_class: "超声".into(),
+        exam_class: "US".into(),
         exam_item_code: Some("US001".into()),
         exam_item_name: Some("腹部彩超（肝胆胰脾双肾）".into()),
         body_part_code: None,
@@ -156,8 +163,8 @@ fn exam_report() -> ExamReport {
         examined_at: Some("2026-11-26T10:02:00+08:00".into()),
         reported_at: "2026-11-26T10:30:00+08:00".into(),
         audited_at: Some("2026-11-26T10:45:00+08:00".into()),
-        reporter_no: Some("赵报告".into()),
-        auditor_no: "钱审核".into(),
+        reporter_no: Some("D2001".into()),
+        auditor_no: "D2002".into(),
         critical_flag: Some(true),
         image_url: None,
     }
@@ -333,7 +340,6 @@ fn exam_findings_wrap_inside_the_margins() {
         "（检查所见结束）",
         "胆囊壁毛糙，请结合临床。",
         "【危急值】",
-        "钱审核",
         "赵报告",
         "2026-11-26 10:02",
         "本报告仅供临床参考",
@@ -348,6 +354,114 @@ fn exam_findings_wrap_inside_the_margins() {
         "text reaches x={x}, past the right margin at {right_edge}"
     );
     assert!(x > right_edge - 30.0, "long lines should use the width: max x={x}");
+}
+
+/// Every field a hospital expects on its 报告单, as a reader sees it (pdftotext): names, not
+/// codes; gender and the age at report time from the patient; the specimen's received time;
+/// the exam class in Chinese; the hospital's 互认 statement. Page 1 of each is rasterised
+/// (pdftoppm) next to the PDFs; `docs/pdf-lab.png` and `docs/pdf-exam.png` are such images.
+#[test]
+fn every_field_prints_as_a_hospital_expects() {
+    let lab = renderer().lab(&lab_report(12), &ctx()).expect("renders");
+    let path = save("lab-fields.pdf", &lab);
+    let text = text_of(&path);
+    for (label, value) in [
+        ("性别", "男"),
+        ("年龄", "46岁"),
+        ("科室", "心血管内科门诊"),
+        ("申请医生", "李医生"),
+        ("检验者", "孙检验"),
+        ("审核者", "王审核"),
+        ("采样时间", "2026-11-26 08:05"),
+        ("接收时间", "2026-11-26 08:40"),
+        ("报告时间", "2026-11-26 09:30"),
+        ("标本", "静脉血"),
+        ("条码号", "2611260042017"),
+        ("检验类别", "血常规+生化"),
+        ("病人ID", "P000123456"),
+        ("就诊号", "MZ202611260042"),
+    ] {
+        assert!(
+            has(&text, &format!("{label}：{value}")),
+            "{label}：{value} missing from:\n{text}"
+        );
+    }
+    assert!(
+        has(&text, "本报告已上传检查检验结果互认共享平台"),
+        "the 互认 statement:\n{text}"
+    );
+    for code in ["D1024", "T009", "0301"] {
+        assert!(!text.contains(code), "{code} printed instead of a name:\n{text}");
+    }
+
+    let exam = renderer().exam(&exam_report(), &ctx()).expect("renders");
+    let epath = save("exam-fields.pdf", &exam);
+    let etext = text_of(&epath);
+    assert!(has(&etext, "超声检查报告单"), "the class in Chinese:\n{etext}");
+    for (label, value) in [
+        ("性别", "男"),
+        ("年龄", "46岁"),
+        ("科室", "心血管内科门诊"),
+        ("申请医生", "李医生"),
+        ("报告医师", "赵报告"),
+        ("审核医师", "王审核"),
+        ("检查项目", "腹部彩超（肝胆胰脾双肾）"),
+        ("检查部位", "上腹部"),
+        ("检查号", "A26112600077"),
+        ("检查时间", "2026-11-26 10:02"),
+        ("审核时间", "2026-11-26 10:45"),
+    ] {
+        assert!(
+            has(&etext, &format!("{label}：{value}")),
+            "{label}：{value} missing from:\n{etext}"
+        );
+    }
+    assert!(has(&etext, "本报告已上传检查检验结果互认共享平台"));
+    for code in ["D1024", "D2001", "D2002", "US检查"] {
+        assert!(!etext.contains(code), "{code} printed:\n{etext}");
+    }
+
+    // Without names the codes print; without a statement no empty line is left for it.
+    let bare = Context {
+        hospital_name: "示例市第一人民医院".into(),
+        ..Context::default()
+    };
+    let btext = text_of(&save(
+        "lab-bare.pdf",
+        &renderer().lab(&lab_report(3), &bare).expect("renders"),
+    ));
+    assert!(
+        has(&btext, "申请医生：D1024") && has(&btext, "审核者：T009") && has(&btext, "科室：0301"),
+        "{btext}"
+    );
+    assert!(!has(&btext, "互认共享平台"));
+
+    for (name, pdf) in [("lab-fields", &path), ("exam-fields", &epath)] {
+        let prefix = out_dir().join(format!("{name}-page"));
+        tool(
+            "pdftoppm",
+            &[
+                "-png",
+                "-r",
+                "60",
+                "-f",
+                "1",
+                "-l",
+                "1",
+                pdf.to_str().unwrap(),
+                prefix.to_str().unwrap(),
+            ],
+        );
+        let png = std::fs::read_dir(out_dir())
+            .unwrap()
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}-page")))
+            .expect("page 1 rasterised");
+        assert!(
+            std::fs::metadata(png.path()).unwrap().len() > 10_000,
+            "a real page image"
+        );
+    }
 }
 
 #[test]

@@ -72,8 +72,10 @@ CREATE TABLE lis.report (
     group_code    text,                        -- the LIS test group; maps to the platform catalog
     group_name    text,
     sampled_at    timestamptz,
+    received_at   timestamptz,                 -- 标本接收
     reported_at   timestamptz,
     audited_at    timestamptz,
+    tester_no     text,                        -- 检验者
     auditor_no    text,
     status        text NOT NULL DEFAULT 'draft' CHECK (status IN ('draft', 'audited'))
 );

@@ -59,8 +59,10 @@ SELECT r.report_no,
        r.specimen_name,
        r.barcode            AS specimen_no,
        r.sampled_at,
+       r.received_at,       -- printed on a rendered PDF (标本接收时间)
        r.reported_at,
        r.audited_at,
+       r.tester_no,         -- printed as the 检验者's name (looked up in hmr_src.staff)
        r.auditor_no,
        r.group_code         AS category_code,
        r.group_name         AS category_name,

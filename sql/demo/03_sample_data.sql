@@ -21,13 +21,14 @@ INSERT INTO his.patient (patient_id, id_no, name, sex, birthday, phone, register
     ('P0003', '441322197505213458', '黄国强', 1, '1975-05-21', '13800000003', 'admission');
 
 INSERT INTO lis.report (report_no, patient_id, visit_no, apply_no, dept_code, doctor_no, specimen_code,
-                        specimen_name, barcode, group_code, group_name, sampled_at, reported_at, auditor_no) VALUES
+                        specimen_name, barcode, group_code, group_name, sampled_at, received_at, reported_at,
+                        tester_no, auditor_no) VALUES
     ('L20261126001', 'P0001', 'MZ001', 'SQ001', '0301', 'D001', 'BLD', '全血', 'B0001', 'JY0001', '血常规',
-     now() - interval '3 hours', now() - interval '1 hour', 'T001'),
+     now() - interval '3 hours', now() - interval '150 minutes', now() - interval '1 hour', 'T002', 'T001'),
     ('L20261126002', 'P0002', 'MZ002', 'SQ002', '0301', 'D001', 'SER', '血清', 'B0002', 'JY0004', '肝功能',
-     now() - interval '3 hours', now() - interval '1 hour', 'T002'),
+     now() - interval '3 hours', now() - interval '150 minutes', now() - interval '1 hour', 'T001', 'T002'),
     ('L20261126003', 'P0003', 'ZY003', 'SQ003', '0502', 'D002', 'SER', '血清', 'B0003', 'JY0005', '肾功能',
-     now() - interval '3 hours', now() - interval '1 hour', 'T001');
+     now() - interval '3 hours', now() - interval '150 minutes', now() - interval '1 hour', 'T002', 'T001');
 
 INSERT INTO lis.result (report_no, seq, item_code, item_name, value, unit, ref_range, flag, critical) VALUES
     ('L20261126001', 1, 'WBC', '白细胞计数',   '6.5',  '10^9/L', '3.5-9.5',   'N', false),

@@ -522,3 +522,64 @@ async fn a_report_waits_for_its_quarantined_patient_and_follows_the_fix() -> Res
     assert_eq!(count(&his, "SELECT count(*) FROM hmr.quarantine").await?, 0);
     Ok(())
 }
+
+/// The PDF the worker renders is a report a hospital would sign: the patient's gender and age
+/// at report time, the department and every person by name (looked up in the department and
+/// staff views), the specimen's received time and the 互认 statement — read back with
+/// pdftotext from what the platform received.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rendered_pdf_names_people_and_places() -> Result<()> {
+    let Hospital {
+        cluster: _cluster,
+        his,
+        sim,
+        worker: _worker,
+    } = Hospital::start(&WorkerOptions::default()).await?;
+    approve(&his, "L20261126001").await?;
+    wait_until(Duration::from_secs(20), "the report", || async {
+        Ok(
+            reqwest::get(format!("{}/_sim/pdf/{ORG_CODE}/lab/L20261126001/1", sim.base))
+                .await?
+                .status()
+                .is_success(),
+        )
+    })
+    .await?;
+    let pdf = reqwest::get(format!("{}/_sim/pdf/{ORG_CODE}/lab/L20261126001/1", sim.base))
+        .await?
+        .bytes()
+        .await?;
+    let path = std::env::temp_dir().join(format!("hmr-rendered-{}.pdf", std::process::id()));
+    std::fs::write(&path, &pdf)?;
+    let out = std::process::Command::new("pdftotext")
+        .args([path.to_str().unwrap(), "-"])
+        .output()?;
+    let _ = std::fs::remove_file(&path);
+    let text: String = String::from_utf8(out.stdout)?
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    // P0001: 男, born 1980-03-15; department 0301 心血管内科; D001 王建华 asked for it, T002 刘芳
+    // tested, T001 张伟 audited.
+    let age = {
+        let born = chrono::NaiveDate::from_ymd_opt(1980, 3, 15).unwrap();
+        let today = hmr_protocol::checks::china_now().date_naive();
+        today.years_since(born).unwrap()
+    };
+    for needle in [
+        "性别：男".to_string(),
+        format!("年龄：{age}岁"),
+        "科室：心血管内科".into(),
+        "申请医生：王建华".into(),
+        "检验者：刘芳".into(),
+        "审核者：张伟".into(),
+        "接收时间：".into(),
+        "互认".into(),
+    ] {
+        assert!(text.contains(&needle), "{needle} missing from {text}");
+    }
+    for code in ["D001", "T001", "T002"] {
+        assert!(!text.contains(code), "{code} printed instead of a name: {text}");
+    }
+    Ok(())
+}

@@ -50,6 +50,8 @@ pub struct PdfConfig {
     pub font: String,
     /// Printed as the title of rendered reports.
     pub hospital_name: String,
+    /// The hospital's 互认 statement, printed under rendered reports (`""`: none).
+    pub recognition_statement: String,
 }
 
 impl Default for PdfConfig {
@@ -59,6 +61,7 @@ impl Default for PdfConfig {
             template: None,
             font: hmr_pdf::DEFAULT_FONT.into(),
             hospital_name: "医院".into(),
+            recognition_statement: "本报告已上传检查检验结果互认共享平台，在有效期内可供其他医疗机构互认。".into(),
         }
     }
 }

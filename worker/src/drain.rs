@@ -23,7 +23,7 @@ use crate::plan::{
     self, Decision, Dependency, ItemCode, Master, MasterSend, Plan, Quarantine, Reference, ReportFacts, Rules,
 };
 use crate::platform::Platform;
-use crate::store::{Delivered, Event, Finish, ReportInput, Store};
+use crate::store::{Delivered, Event, Finish, PdfNames, ReportInput, Store};
 
 /// Namespace of request ids: UUIDv5 of the event, its retry generation and the step.
 const REQUEST_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a8f_4c1e_9b2d_4e57_a3c0_5d1f_7e92_b604);
@@ -89,12 +89,20 @@ impl Drainer {
             self.prefetch(kind, &events).await?
         };
         let ready = self.hold_failed(events, &failed).await?;
+        let names = if self.pdf_renderer.is_some() && kind != Kind::Decision {
+            self.store
+                .pdf_names(inputs.values().filter_map(|i| i.row.as_ref()))
+                .await
+        } else {
+            PdfNames::default()
+        };
+        let names = &names;
         let mut done = stream::iter(ready)
             .map(|e| {
                 let input = inputs.remove(&e.key).unwrap_or_default();
                 async move {
                     let (id, attempts, kind) = (e.id, e.attempts, e.kind);
-                    match self.report(e, input).await {
+                    match self.report(e, input, names).await {
                         // One report's source failing holds back that report only.
                         Err(error) if error.is_source_error() && !self.store.is_closed() => {
                             self.source_failed_id(id, attempts, kind, &error.to_string()).await
@@ -220,7 +228,7 @@ impl Drainer {
     // ------------------------------------------------------------------ reports
 
     /// `input`: the report's rows as read for its batch (unused once the plan is frozen).
-    async fn report(&self, event: Event, input: ReportInput) -> Result<Step, WorkerError> {
+    async fn report(&self, event: Event, input: ReportInput, names: &PdfNames) -> Result<Step, WorkerError> {
         let plan = match &event.plan {
             Some(frozen) => Plan::thaw(frozen, event.plan_pdf.as_ref())
                 .map_err(|e| WorkerError::Answer(format!("event {}: unreadable frozen plan: {e}", event.id)))?,
@@ -229,10 +237,9 @@ impl Drainer {
                     let decisions = self.store.decisions(&event.key).await?;
                     plan::decisions(decisions, &self.rules())
                 } else {
-                    let facts = self.report_facts(&event, input).await?;
-                    let context = self.pdf_context();
+                    let facts = self.report_facts(&event, input, names).await?;
                     let rules = Rules {
-                        renderer: self.pdf_renderer.as_deref().map(|r| (r, &context)),
+                        renderer: self.pdf_renderer.as_deref(),
                         ..self.rules()
                     };
                     plan::report(facts, &rules)
@@ -312,7 +319,12 @@ impl Drainer {
     /// Reads what a report's delivery depends on beyond its batch's read: the un-audit the
     /// source records (only when there is something to revoke), the item map, the patient's
     /// state (only when the batch's read did not find it held), the source's own PDF.
-    async fn report_facts(&self, event: &Event, input: ReportInput) -> Result<ReportFacts, WorkerError> {
+    async fn report_facts(
+        &self,
+        event: &Event,
+        input: ReportInput,
+        names: &PdfNames,
+    ) -> Result<ReportFacts, WorkerError> {
         let row = match input.row {
             Some(Value::Object(row)) => Some(row),
             _ => None,
@@ -327,6 +339,7 @@ impl Drainer {
             item_code: ItemCode::AsSource,
             patient: Dependency::Held,
             source_pdf: None,
+            pdf: None,
             attempts: event.attempts,
         };
         let Some(row) = row else {
@@ -343,6 +356,9 @@ impl Drainer {
             }
         }
         facts.source_pdf = self.source_pdf(event.kind, &event.key, &row).await?;
+        if facts.source_pdf.is_none() && self.pdf_renderer.is_some() {
+            facts.pdf = Some(self.pdf_context(&row, names));
+        }
         facts.row = Some(row);
         Ok(facts)
     }
@@ -390,10 +406,37 @@ impl Drainer {
         }
     }
 
-    fn pdf_context(&self) -> hmr_pdf::Context {
+    /// What a rendered PDF prints beyond the report: the names the source view gives in its
+    /// optional columns (`dept_name`, `request_doctor_name`, `tester_name`, `auditor_name`,
+    /// `reporter_name`, `received_at`), else those looked up in the patient, department and
+    /// staff views for the batch; the hospital's name and 互认 statement.
+    fn pdf_context(&self, row: &Map<String, Value>, names: &PdfNames) -> hmr_pdf::Context {
+        let text = |column: &str| {
+            row.get(column)
+                .and_then(Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let staff = |name_column: &str, no_column: &str| {
+            text(name_column).or_else(|| text(no_column).and_then(|no| names.staff.get(&no).cloned()))
+        };
+        let patient = text("patient_id").and_then(|p| names.patients.get(&p));
+        let statement = self.config.pdf.recognition_statement.trim();
         hmr_pdf::Context {
             hospital_name: self.config.pdf.hospital_name.clone(),
-            ..Default::default()
+            department_name: text("dept_name")
+                .or_else(|| text("dept_code").and_then(|d| names.departments.get(&d).cloned())),
+            gender: None,
+            gender_code: text("gender_code").or_else(|| patient.and_then(|p| p.0.clone())),
+            age: None,
+            birth_date: text("birth_date").or_else(|| patient.and_then(|p| p.1.clone())),
+            request_doctor_name: staff("request_doctor_name", "request_doctor_no"),
+            tester_name: staff("tester_name", "tester_no"),
+            auditor_name: staff("auditor_name", "auditor_no"),
+            reporter_name: staff("reporter_name", "reporter_no"),
+            received_at: text("received_at"),
+            recognition_statement: (!statement.is_empty()).then(|| statement.to_string()),
         }
     }
 

@@ -181,7 +181,7 @@ pub struct Rules<'a> {
     /// Waits for a missing dependency before the event is quarantined.
     pub max_dependency_attempts: i32,
     /// Renders a PDF when the source has none (`pdf.render`).
-    pub renderer: Option<(&'a hmr_pdf::Renderer, &'a hmr_pdf::Context)>,
+    pub renderer: Option<&'a hmr_pdf::Renderer>,
 }
 
 /// Everything a report's delivery depends on, as read by the drainer.
@@ -199,6 +199,8 @@ pub struct ReportFacts {
     pub patient: Dependency,
     /// The source's own PDF (`pdf` column or `pdf_path`).
     pub source_pdf: Option<Vec<u8>>,
+    /// What a rendered PDF prints beyond the report: names, gender, birth date, statement.
+    pub pdf: Option<hmr_pdf::Context>,
     /// Attempts so far, this one included.
     pub attempts: i32,
 }
@@ -227,8 +229,8 @@ pub fn report(f: ReportFacts, rules: &Rules) -> Decision<Plan> {
     }
     let version = f.held.as_ref().map_or(1, |h| h.version + 1);
     let built = match report_type {
-        ReportType::Lab => build_lab(&row, f.items, version, rules),
-        ReportType::Exam => build_exam(&row, version, rules),
+        ReportType::Lab => build_lab(&row, f.items, version, rules, f.pdf.as_ref()),
+        ReportType::Exam => build_exam(&row, version, rules, f.pdf.as_ref()),
     };
     let Built {
         request,
@@ -310,7 +312,13 @@ struct Built {
     rendered: Option<Result<Vec<u8>, hmr_pdf::PdfError>>,
 }
 
-fn build_lab(row: &Map<String, Value>, items: Vec<Value>, version: i32, rules: &Rules) -> Result<Built, ProtocolError> {
+fn build_lab(
+    row: &Map<String, Value>,
+    items: Vec<Value>,
+    version: i32,
+    rules: &Rules,
+    pdf: Option<&hmr_pdf::Context>,
+) -> Result<Built, ProtocolError> {
     let items: Vec<Value> = items
         .into_iter()
         .map(|i| match i {
@@ -327,11 +335,16 @@ fn build_lab(row: &Map<String, Value>, items: Vec<Value>, version: i32, rules: &
         request: paths::lab_report(&r),
         hash: source::content_hash(&r),
         patient_id: r.patient_id.clone(),
-        rendered: rules.renderer.map(|(p, ctx)| p.lab(&r, ctx)),
+        rendered: rules.renderer.zip(pdf).map(|(p, ctx)| p.lab(&r, ctx)),
     })
 }
 
-fn build_exam(row: &Map<String, Value>, version: i32, rules: &Rules) -> Result<Built, ProtocolError> {
+fn build_exam(
+    row: &Map<String, Value>,
+    version: i32,
+    rules: &Rules,
+    pdf: Option<&hmr_pdf::Context>,
+) -> Result<Built, ProtocolError> {
     let mut extra = Map::new();
     extra.insert("version".into(), json!(version));
     let r: ExamReport = source::EXAM_REPORT.record(row, extra)?;
@@ -340,7 +353,7 @@ fn build_exam(row: &Map<String, Value>, version: i32, rules: &Rules) -> Result<B
         request: paths::exam_report(&r),
         hash: source::content_hash(&r),
         patient_id: r.patient_id.clone(),
-        rendered: rules.renderer.map(|(p, ctx)| p.exam(&r, ctx)),
+        rendered: rules.renderer.zip(pdf).map(|(p, ctx)| p.exam(&r, ctx)),
     })
 }
 
@@ -672,6 +685,7 @@ mod tests {
             item_code: ItemCode::AsSource,
             patient: Dependency::Held,
             source_pdf: None,
+            pdf: None,
             attempts: 1,
         }
     }

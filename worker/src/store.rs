@@ -79,6 +79,15 @@ pub struct ReportInput {
     pub patient_held: bool,
 }
 
+/// Names a rendered PDF prints, looked up for a batch of reports: patient → (gender code,
+/// birth date), department code → name, staff number → name.
+#[derive(Debug, Clone, Default)]
+pub struct PdfNames {
+    pub patients: HashMap<String, (Option<String>, Option<String>)>,
+    pub departments: HashMap<String, String>,
+    pub staff: HashMap<String, String>,
+}
+
 /// What the source says of an un-audit.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 pub struct Revocation {
@@ -316,6 +325,57 @@ impl Store {
             );
         }
         Ok(inputs)
+    }
+
+    /// The patients', departments' and staff members' names the batch's rows refer to, from
+    /// the kinds' views. A view that is missing or fails only leaves names out (the PDF then
+    /// prints codes): a report is never held back for a name.
+    pub async fn pdf_names<'a>(&self, rows: impl Iterator<Item = &'a Value>) -> PdfNames {
+        let mut patients = Vec::new();
+        let mut departments = Vec::new();
+        let mut staff = Vec::new();
+        for row in rows {
+            let get = |c: &str| row.get(c).and_then(Value::as_str).map(str::to_string);
+            patients.extend(get("patient_id"));
+            departments.extend(get("dept_code"));
+            for c in ["request_doctor_no", "tester_no", "auditor_no", "reporter_no"] {
+                staff.extend(get(c));
+            }
+        }
+        let mut names = PdfNames::default();
+        let read = |kind: Kind, keys: Vec<String>, columns: &'static [&'static str]| async move {
+            let src = self.sources.get(&kind)?;
+            let picks: Vec<String> = columns.iter().map(|c| format!("to_jsonb(v) ->> '{c}'")).collect();
+            let sql = format!(
+                "SELECT v.{key}::text, {picks} FROM {relation} v WHERE v.{key}::text = ANY($1)",
+                key = quote_ident(&src.key_column),
+                picks = picks.join(", "),
+                relation = src.relation
+            );
+            match self.query_cached(&sql, &[&keys]).await {
+                Ok(rows) => Some(rows),
+                Err(e) => {
+                    tracing::warn!(%kind, error = %e, "names for rendered PDFs not read; codes are printed");
+                    None
+                }
+            }
+        };
+        if let Some(rows) = read(Kind::Patient, patients, &["gender_code", "birth_date"]).await {
+            names.patients = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+        }
+        if let Some(rows) = read(Kind::Department, departments, &["dept_name"]).await {
+            names.departments = rows
+                .iter()
+                .filter_map(|r| Some((r.get(0), r.get::<_, Option<String>>(1)?)))
+                .collect();
+        }
+        if let Some(rows) = read(Kind::Staff, staff, &["name"]).await {
+            names.staff = rows
+                .iter()
+                .filter_map(|r| Some((r.get(0), r.get::<_, Option<String>>(1)?)))
+                .collect();
+        }
+        names
     }
 
     /// The source's own PDF of a report (its `pdf` bytea column).
