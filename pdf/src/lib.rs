@@ -18,6 +18,7 @@ mod fields;
 mod render;
 mod template;
 mod text;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,7 +85,7 @@ pub struct Renderer {
     template: Template,
     data: Arc<Vec<u8>>,
     index: u32,
-    font: krilla::text::Font,
+    font: writer::FontInfo,
 }
 
 impl std::fmt::Debug for Renderer {
@@ -111,12 +112,14 @@ impl Renderer {
                 "the font has no Chinese glyphs (检验报告); use a CJK font".to_owned(),
             ));
         }
-        let font = krilla::text::Font::new(data.clone().into(), font_index)
+        drop(engine);
+        let font = writer::FontInfo::new(data, font_index)
             .ok_or_else(|| PdfError::Font(format!("the PDF writer cannot use face {font_index} of this font")))?;
+        // Measured and embedded from the same standalone face (the file itself is not kept).
         Ok(Renderer {
             template,
-            data,
-            index: font_index,
+            data: font.data.clone(),
+            index: font.index,
             font,
         })
     }

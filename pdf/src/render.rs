@@ -1,18 +1,12 @@
 //! Page composition: every page gets the heading, the header fields and the footer; the body
 //! (items table or free-text sections) flows between them across as many pages as it needs.
 
-use krilla::color::rgb;
-use krilla::geom::{PathBuilder, Point, Rect};
-use krilla::metadata::Metadata;
-use krilla::page::PageSettings;
-use krilla::paint::{Fill, Stroke};
-use krilla::surface::Surface;
-use krilla::text::Font;
-use krilla::Document;
+use pdf_writer::Content;
 
 use crate::fields::{self, Values};
 use crate::template::{Align, Column, FieldSpec, Footer, HeadingLine, Template};
 use crate::text::TextEngine;
+use crate::writer::{Doc, FontInfo};
 use crate::PdfError;
 
 const PT_PER_MM: f32 = 72.0 / 25.4;
@@ -137,11 +131,11 @@ struct GridRow {
     height: f32,
 }
 
-/// Draws on one page's surface.
-pub(crate) struct Painter<'s, 'p> {
+/// Draws on one page (y measured from the top of the page).
+pub(crate) struct Painter<'s, 'f> {
     pub g: &'s Geometry<'s>,
-    surface: &'s mut Surface<'p>,
-    font: &'s Font,
+    doc: &'s mut Doc<'f>,
+    page: &'s mut Content,
 }
 
 impl Painter<'_, '_> {
@@ -150,27 +144,7 @@ impl Painter<'_, '_> {
             return;
         }
         let glyphs = self.g.text.glyphs(text);
-        if bold {
-            // The font has no bold face; fill plus a thin outline stroke is the usual stand-in.
-            // (A stroke without an explicit fill would draw hollow letters.)
-            self.surface.set_fill(Some(Fill::default()));
-            self.surface.set_stroke(Some(Stroke {
-                width: size * 0.035,
-                ..Stroke::default()
-            }));
-        }
-        self.surface.draw_glyphs(
-            Point::from_xy(x, baseline),
-            &glyphs,
-            self.font.clone(),
-            text,
-            size,
-            false,
-        );
-        if bold {
-            self.surface.set_fill(None);
-            self.surface.set_stroke(None);
-        }
+        self.doc.text(self.page, x, baseline, size, &glyphs, bold);
     }
 
     /// Text aligned inside `[x0, x1]`.
@@ -192,33 +166,22 @@ impl Painter<'_, '_> {
     }
 
     pub(crate) fn hline(&mut self, y: f32, width: f32) {
-        let mut pb = PathBuilder::new();
-        pb.move_to(self.g.left, y);
-        pb.line_to(self.g.right, y);
-        if let Some(path) = pb.finish() {
-            self.surface.set_fill(None);
-            self.surface.set_stroke(Some(Stroke {
-                width,
-                ..Stroke::default()
-            }));
-            self.surface.draw_path(&path);
-            self.surface.set_stroke(None);
-        }
+        let y = self.doc.height() - y;
+        self.page
+            .set_line_width(width)
+            .move_to(self.g.left, y)
+            .line_to(self.g.right, y)
+            .stroke();
     }
 
     pub(crate) fn shade(&mut self, top: f32, height: f32) {
-        let mut pb = PathBuilder::new();
-        if let Some(rect) = Rect::from_xywh(self.g.left, top, self.g.content_width(), height) {
-            pb.push_rect(rect);
-        }
-        if let Some(path) = pb.finish() {
-            self.surface.set_fill(Some(Fill {
-                paint: rgb::Color::new(232, 232, 232).into(),
-                ..Fill::default()
-            }));
-            self.surface.draw_path(&path);
-            self.surface.set_fill(None);
-        }
+        let bottom = self.doc.height() - top - height;
+        self.page
+            .save_state()
+            .set_fill_rgb(232.0 / 255.0, 232.0 / 255.0, 232.0 / 255.0)
+            .rect(self.g.left, bottom, self.g.content_width(), height)
+            .fill_nonzero()
+            .restore_state();
     }
 
     fn grid(&mut self, rows: &[GridRow], top: f32, size: f32) -> f32 {
@@ -239,7 +202,7 @@ impl Painter<'_, '_> {
 }
 
 /// Lays the report out and writes the PDF.
-pub(crate) fn render(g: &Geometry<'_>, font: &Font, frame: &Frame<'_>, body: &dyn Body) -> Result<Vec<u8>, PdfError> {
+pub(crate) fn render(g: &Geometry<'_>, font: &FontInfo, frame: &Frame<'_>, body: &dyn Body) -> Result<Vec<u8>, PdfError> {
     let t = g.t;
     let values = frame.values;
 
@@ -296,23 +259,17 @@ pub(crate) fn render(g: &Geometry<'_>, font: &Font, frame: &Frame<'_>, body: &dy
         pages.push(0..0);
     }
 
-    let mut doc = Document::new();
-    doc.set_metadata(
-        Metadata::new()
-            .title(frame.title.clone())
-            .language("zh-CN".to_owned())
-            .creator("hmr-pdf".to_owned()),
-    );
-    let settings = PageSettings::from_wh(g.width, g.height)
-        .ok_or_else(|| PdfError::Template(format!("page: invalid size {}×{} pt", g.width, g.height)))?;
+    if !(g.width > 0.0 && g.height > 0.0 && g.width.is_finite() && g.height.is_finite()) {
+        return Err(PdfError::Template(format!("page: invalid size {}×{} pt", g.width, g.height)));
+    }
+    let mut doc = Doc::new(font, g.width, g.height);
     let page_count = pages.len();
     for (n, rows) in pages.into_iter().enumerate() {
-        let mut page = doc.start_page_with(settings.clone());
-        let mut surface = page.surface();
+        let mut content = Content::new();
         let mut p = Painter {
             g,
-            surface: &mut surface,
-            font,
+            doc: &mut doc,
+            page: &mut content,
         };
 
         // Heading lines; inline ones share the previous line's baseline.
@@ -361,10 +318,9 @@ pub(crate) fn render(g: &Geometry<'_>, font: &Font, frame: &Frame<'_>, body: &dy
             p.text_in((g.left, g.right), baseline, t.fonts.footer, &text, Align::Center, false);
         }
 
-        surface.finish();
-        page.finish();
+        doc.finish_page(content);
     }
-    doc.finish().map_err(|e| PdfError::Pdf(format!("{e:?}")))
+    doc.finish(&frame.title)
 }
 
 /// The lab items table.

@@ -2,7 +2,6 @@
 //! the advance widths are enough; this keeps rustybuzz out of the build and makes measured widths
 //! exactly the drawn ones.
 
-use krilla::text::{GlyphId, KrillaGlyph};
 use skrifa::charmap::Charmap;
 use skrifa::instance::{LocationRef, Size};
 use skrifa::metrics::GlyphMetrics;
@@ -50,13 +49,13 @@ impl<'a> TextEngine<'a> {
         text.chars().map(|c| self.glyph(c).1).sum::<f32>() * size
     }
 
-    /// One glyph per char; the text ranges let krilla write the ToUnicode map, so the PDF's text
-    /// can be searched and copied.
-    pub(crate) fn glyphs(&self, text: &str) -> Vec<KrillaGlyph> {
-        text.char_indices()
-            .map(|(i, c)| {
+    /// One glyph per char, with the char it shows (for the PDF's ToUnicode map, so the text
+    /// can be searched and copied).
+    pub(crate) fn glyphs(&self, text: &str) -> Vec<crate::writer::Glyph> {
+        text.chars()
+            .map(|c| {
                 let (gid, advance) = self.glyph(c);
-                KrillaGlyph::new(GlyphId::new(gid), advance, 0.0, 0.0, 0.0, i..i + c.len_utf8(), None)
+                (u16::try_from(gid).unwrap_or(0), advance, c)
             })
             .collect()
     }
