@@ -202,7 +202,12 @@ impl Painter<'_, '_> {
 }
 
 /// Lays the report out and writes the PDF.
-pub(crate) fn render(g: &Geometry<'_>, font: &FontInfo, frame: &Frame<'_>, body: &dyn Body) -> Result<Vec<u8>, PdfError> {
+pub(crate) fn render(
+    g: &Geometry<'_>,
+    font: &FontInfo,
+    frame: &Frame<'_>,
+    body: &dyn Body,
+) -> Result<Vec<u8>, PdfError> {
     let t = g.t;
     let values = frame.values;
 
@@ -260,7 +265,10 @@ pub(crate) fn render(g: &Geometry<'_>, font: &FontInfo, frame: &Frame<'_>, body:
     }
 
     if !(g.width > 0.0 && g.height > 0.0 && g.width.is_finite() && g.height.is_finite()) {
-        return Err(PdfError::Template(format!("page: invalid size {}×{} pt", g.width, g.height)));
+        return Err(PdfError::Template(format!(
+            "page: invalid size {}×{} pt",
+            g.width, g.height
+        )));
     }
     let mut doc = Doc::new(font, g.width, g.height);
     let page_count = pages.len();

@@ -131,6 +131,8 @@ SELECT hmr.watch('patient', 'his.patient', 'patient_id');
 SELECT hmr.watch('patient', 'his.wechat_registration', 'patient_id');
 SELECT hmr.watch('department', 'his.department', 'dept_code');
 SELECT hmr.watch('staff', 'his.staff', 'staff_no');
--- Reports: only a change of audit status matters (审核, 取消审核, 重新审核).
+-- Reports: on the header only a change of audit status matters (审核, 取消审核, 重新审核); a
+-- result corrected on an audited report (the items table) is a new version of the report.
 SELECT hmr.watch('lab_report', 'lis.report', 'report_no',
                  'OLD.status IS DISTINCT FROM NEW.status OR OLD.audited_at IS DISTINCT FROM NEW.audited_at');
+SELECT hmr.watch('lab_report', 'lis.result', 'report_no');

@@ -147,7 +147,7 @@ async fn lab_report_versions_revoke_and_pdfs_arrive_in_order() -> Result<()> {
             .output()?
             .stdout,
     )?;
-    for expected in ["检验报告单", "陈志明", "白细胞计数", "5.2", "↓", "T001"] {
+    for expected in ["检验报告单", "陈志明", "白细胞计数", "5.2", "↓", "张伟"] {
         assert!(text.contains(expected), "{expected:?} not in the PDF text:\n{text}");
     }
     let png = std::process::Command::new("pdftoppm")
@@ -164,6 +164,35 @@ async fn lab_report_versions_revoke_and_pdfs_arrive_in_order() -> Result<()> {
         "a page image"
     );
     std::fs::remove_dir_all(&dir)?;
+
+    // A result corrected on the audited report, without touching its header (the items table
+    // is watched too): the next version, with the corrected value.
+    his.batch_execute(&format!(
+        "UPDATE lis.result SET value = '4.9' WHERE report_no = '{r}' AND seq = 1"
+    ))
+    .await?;
+    wait_for(steps(&[
+        ("data", 1),
+        ("pdf", 1),
+        ("revoke", 1),
+        ("data", 2),
+        ("pdf", 2),
+        ("revoke", 2),
+        ("data", 3),
+        ("pdf", 3),
+        ("data", 4),
+        ("pdf", 4),
+    ]))
+    .await?;
+    let corrected = sim
+        .requests()
+        .await?
+        .into_iter()
+        .filter(|q| q["path"] == LAB && q["body"]["reportNo"] == r)
+        .last()
+        .expect("v4");
+    assert_eq!(corrected["body"]["version"], 4);
+    assert_eq!(corrected["body"]["items"][0]["resultValue"], "4.9");
     Ok(())
 }
 
