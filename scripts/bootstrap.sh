@@ -7,7 +7,8 @@ set -euo pipefail
 PGRX_VERSION=0.18.1
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config libssl-dev sudo
-              poppler-utils fonts-wqy-microhei curl pgbouncer shellcheck)
+              poppler-utils fonts-wqy-microhei curl pgbouncer shellcheck
+              mariadb-server postgresql-15-mysql-fdw)
 
 log() { printf '[bootstrap] %s\n' "$*"; }
 
@@ -22,7 +23,7 @@ if ((${#missing[@]})); then
   # Do not let the package create and start a system cluster: our tests never use one.
   mkdir -p /etc/postgresql-common/createcluster.d
   echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/hmr-no-main.conf
-  # Nor start any service (pgbouncer's): tests start their own, on their own sockets.
+  # Nor start any service (pgbouncer's, MariaDB's): tests start their own, on their own sockets.
   made_policy=false
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made_policy=true

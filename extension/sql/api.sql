@@ -283,12 +283,15 @@ GRANT EXECUTE ON FUNCTION hmr.code(text, anyelement), hmr.code(text, text), hmr.
 GRANT INSERT, UPDATE, DELETE ON hmr.code_map TO hmr_admin;
 -- Views read settings through it (functions in a view are called as the view's reader).
 GRANT EXECUTE ON FUNCTION hmr.setting_of(text) TO hmr_his, hmr_worker, hmr_admin;
+-- Views of dictionaries compared in full take their change time from it.
+GRANT EXECUTE ON FUNCTION hmr.changed_at(text, text) TO hmr_his, hmr_worker, hmr_admin;
+GRANT SELECT ON hmr.polled_hashes TO hmr_his;
 GRANT INSERT, UPDATE ON hmr.policy TO hmr_admin;
 
 GRANT SELECT, DELETE, TRUNCATE ON hmr.captured TO hmr_worker, hmr_admin;
 GRANT USAGE ON SEQUENCE hmr.event_id_seq, hmr.backfill_id_seq TO hmr_worker, hmr_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.outbox, hmr.outbox_history, hmr.delivered, hmr.sleepers,
-                                       hmr.polled_sources, hmr.polled_seen, hmr.backfills, hmr.unmapped_reports
+                                       hmr.polled_sources, hmr.polled_seen, hmr.polled_hashes, hmr.backfills, hmr.unmapped_reports
       TO hmr_worker, hmr_admin;
 GRANT SELECT ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.checks, hmr.prompts, hmr.prompt_log, hmr.decisions, hmr.current_decisions,
                 hmr.status, hmr.backlog, hmr.stuck_records, hmr.quarantine, hmr.unmapped_items

@@ -174,7 +174,32 @@ SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')
 -- Several named polled sources per kind (issue #16): one per exam system, each with its own
 -- view, time column, delay, lookback, watermark and enabled flag. The existing source keeps
 -- the kind's name.
-ALTER TABLE hmr.polled_sources ADD COLUMN name text, ADD COLUMN source_view text;
+-- A source without a time column (a dictionary in another database) is compared in full by
+-- content hash every compare_every.
+ALTER TABLE hmr.polled_sources
+    ADD COLUMN name text,
+    ADD COLUMN source_view text,
+    ADD COLUMN compare_every interval NOT NULL DEFAULT '15 minutes',
+    ALTER COLUMN time_column DROP NOT NULL;
+CREATE TABLE hmr.polled_hashes (
+    source      text NOT NULL,
+    key         text NOT NULL,
+    hash        text NOT NULL,
+    -- when a comparison first saw this content: the record's change time (hmr.changed_at)
+    changed_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT polled_hashes_pkey PRIMARY KEY (source, key)
+);
+SELECT pg_catalog.pg_extension_config_dump('hmr.polled_hashes', '');
+REVOKE ALL ON hmr.polled_hashes FROM PUBLIC;
+GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.polled_hashes TO hmr_worker, hmr_admin;
+GRANT SELECT ON hmr.polled_hashes TO hmr_his;
+CREATE FUNCTION hmr.changed_at(source text, key text) RETURNS timestamptz
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT h.changed_at FROM hmr.polled_hashes h WHERE h.source = changed_at.source AND h.key = changed_at.key),
+                    now())
+$$;
+REVOKE ALL ON FUNCTION hmr.changed_at(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hmr.changed_at(text, text) TO hmr_his, hmr_worker, hmr_admin;
 UPDATE hmr.polled_sources SET name = kind;
 ALTER TABLE hmr.polled_sources
     ALTER COLUMN name SET NOT NULL,
@@ -215,6 +240,37 @@ BEGIN
     END IF;
     SELECT * INTO k FROM hmr.kinds WHERE kind = p.kind;
     polled := coalesce(p.source_view, k.source_view)::regclass;
+    IF p.time_column IS NULL THEN
+        -- No time column: compare every row's content hash (without the kind's change-time
+        -- column, which a view may take from hmr.changed_at) with the last comparison's;
+        -- new, changed and vanished rows are enqueued.
+        IF p.polled_at > now() - p.compare_every THEN
+            RETURN 0;
+        END IF;
+        EXECUTE format(
+            'WITH cur AS (
+                SELECT DISTINCT ON (key) key, h
+                  FROM (SELECT v.%1$I::text AS key, md5((to_jsonb(v) - %3$L)::text) AS h FROM %2$s v) x
+                 WHERE key IS NOT NULL ORDER BY key, h),
+             changed AS (
+                INSERT INTO hmr.polled_hashes AS ph (source, key, hash) SELECT $1, key, h FROM cur
+                ON CONFLICT (source, key) DO UPDATE SET hash = EXCLUDED.hash, changed_at = now()
+                 WHERE ph.hash <> EXCLUDED.hash
+                RETURNING key),
+             gone AS (
+                DELETE FROM hmr.polled_hashes ph
+                 WHERE ph.source = $1 AND NOT EXISTS (SELECT 1 FROM cur WHERE cur.key = ph.key)
+                RETURNING key),
+             ins AS (
+                INSERT INTO hmr.outbox (kind, key, op)
+                SELECT $2, key, ''P'' FROM (SELECT key FROM changed UNION SELECT key FROM gone) c ORDER BY key
+                RETURNING 1)
+             SELECT count(*)::int FROM ins',
+            k.key_column, polled, coalesce(k.changed_column, ''))
+          INTO added USING p.name, p.kind;
+        UPDATE hmr.polled_sources SET polled_at = now() WHERE name = p.name;
+        RETURN added;
+    END IF;
     since := coalesce(p.watermark - p.lookback, '-infinity');
     EXECUTE format(
         'WITH cand AS (

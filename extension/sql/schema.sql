@@ -647,7 +647,9 @@ CREATE TRIGGER item_mapped AFTER INSERT OR UPDATE ON hmr.item_map
 -- could number alike, both views prefix it (e.g. 'US' || exam_no) (0.3.0: named sources).
 CREATE TABLE hmr.polled_sources (
     kind         text NOT NULL REFERENCES hmr.kinds,
-    time_column  text NOT NULL DEFAULT 'audited_at',
+    -- NULL: the view has no time column (a dictionary in another database): it is compared in
+    -- full, by each row's content hash, every `compare_every`
+    time_column  text DEFAULT 'audited_at',
     -- wait this long after audit before uploading (radiologists correct within minutes)
     delay        interval NOT NULL DEFAULT '0',
     -- how late a row may arrive and still be picked up
@@ -659,6 +661,8 @@ CREATE TABLE hmr.polled_sources (
     name         text NOT NULL,
     -- the view polled (default: the kind's view)
     source_view  text,
+    -- how often a source without a time column is compared in full
+    compare_every interval NOT NULL DEFAULT '15 minutes',
     CONSTRAINT polled_sources_pkey PRIMARY KEY (name)
 );
 CREATE FUNCTION hmr.polled_source_named() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -669,6 +673,16 @@ END
 $$;
 CREATE TRIGGER polled_source_named BEFORE INSERT ON hmr.polled_sources
     FOR EACH ROW EXECUTE FUNCTION hmr.polled_source_named();
+
+-- The content hash of each row of a source compared in full, as last seen.
+CREATE TABLE hmr.polled_hashes (
+    source      text NOT NULL,
+    key         text NOT NULL,
+    hash        text NOT NULL,
+    -- when a comparison first saw this content: the record's change time (hmr.changed_at)
+    changed_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT polled_hashes_pkey PRIMARY KEY (source, key)
+);
 
 CREATE TABLE hmr.polled_seen (
     kind       text NOT NULL,
@@ -698,6 +712,37 @@ BEGIN
     END IF;
     SELECT * INTO k FROM hmr.kinds WHERE kind = p.kind;
     polled := coalesce(p.source_view, k.source_view)::regclass;
+    IF p.time_column IS NULL THEN
+        -- No time column: compare every row's content hash (without the kind's change-time
+        -- column, which a view may take from hmr.changed_at) with the last comparison's;
+        -- new, changed and vanished rows are enqueued.
+        IF p.polled_at > now() - p.compare_every THEN
+            RETURN 0;
+        END IF;
+        EXECUTE format(
+            'WITH cur AS (
+                SELECT DISTINCT ON (key) key, h
+                  FROM (SELECT v.%1$I::text AS key, md5((to_jsonb(v) - %3$L)::text) AS h FROM %2$s v) x
+                 WHERE key IS NOT NULL ORDER BY key, h),
+             changed AS (
+                INSERT INTO hmr.polled_hashes AS ph (source, key, hash) SELECT $1, key, h FROM cur
+                ON CONFLICT (source, key) DO UPDATE SET hash = EXCLUDED.hash, changed_at = now()
+                 WHERE ph.hash <> EXCLUDED.hash
+                RETURNING key),
+             gone AS (
+                DELETE FROM hmr.polled_hashes ph
+                 WHERE ph.source = $1 AND NOT EXISTS (SELECT 1 FROM cur WHERE cur.key = ph.key)
+                RETURNING key),
+             ins AS (
+                INSERT INTO hmr.outbox (kind, key, op)
+                SELECT $2, key, ''P'' FROM (SELECT key FROM changed UNION SELECT key FROM gone) c ORDER BY key
+                RETURNING 1)
+             SELECT count(*)::int FROM ins',
+            k.key_column, polled, coalesce(k.changed_column, ''))
+          INTO added USING p.name, p.kind;
+        UPDATE hmr.polled_sources SET polled_at = now() WHERE name = p.name;
+        RETURN added;
+    END IF;
     since := coalesce(p.watermark - p.lookback, '-infinity');
     EXECUTE format(
         'WITH cand AS (
@@ -731,6 +776,15 @@ BEGIN
      WHERE source = p.name AND seen_time < greatest(p.watermark, newest) - p.lookback;
     RETURN added + gone;
 END
+$$;
+
+-- The change time of a record of a source compared in full (one without a time column): when
+-- a comparison first saw its current content. A view gives it as updated_at:
+-- `hmr.changed_at('his-departments', k.ksdm) AS updated_at`.
+CREATE FUNCTION hmr.changed_at(source text, key text) RETURNS timestamptz
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT h.changed_at FROM hmr.polled_hashes h WHERE h.source = changed_at.source AND h.key = changed_at.key),
+                    now())
 $$;
 
 -- Polls every enabled source; the worker calls this on its poll interval.
@@ -1158,7 +1212,7 @@ BEGIN
     -- One call per statement: each updates the extension's row (pg_extension).
     FOREACH t IN ARRAY ARRAY['hmr.event_id_seq', 'hmr.captured', 'hmr.outbox', 'hmr.outbox_history', 'hmr.delivered',
                              'hmr.backfill_id_seq', 'hmr.backfills', 'hmr.catalog', 'hmr.item_map', 'hmr.unmapped_reports',
-                             'hmr.polled_sources', 'hmr.polled_seen', 'hmr.platform', 'hmr.checks', 'hmr.prompts',
+                             'hmr.polled_sources', 'hmr.polled_seen', 'hmr.polled_hashes', 'hmr.platform', 'hmr.checks', 'hmr.prompts',
                              'hmr.decision_id_seq', 'hmr.decisions', 'hmr.retained_reports',
                              'hmr.download_log_id_seq', 'hmr.download_log', 'hmr.guarded'] LOOP
         PERFORM pg_catalog.pg_extension_config_dump(t::regclass, '');

@@ -112,7 +112,6 @@ impl Renderer {
                 "the font has no Chinese glyphs (检验报告); use a CJK font".to_owned(),
             ));
         }
-        drop(engine);
         let font = writer::FontInfo::new(data, font_index)
             .ok_or_else(|| PdfError::Font(format!("the PDF writer cannot use face {font_index} of this font")))?;
         // Measured and embedded from the same standalone face (the file itself is not kept).

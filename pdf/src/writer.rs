@@ -257,7 +257,7 @@ fn standalone(font: &FontRef<'_>) -> Option<Vec<u8>> {
         .filter_map(|tag| Some((**tag, font.table_data(Tag::new(tag))?.as_bytes().to_vec())))
         .collect();
     tables.push((*b"post", post3));
-    tables.sort_by(|a, b| a.0.cmp(&b.0));
+    tables.sort_by_key(|t| t.0);
     let n = tables.len() as u16;
     let entry_selector = 15 - n.leading_zeros() as u16;
     let search_range = (1u16 << entry_selector) * 16;

@@ -55,7 +55,8 @@ pub fn pg_config(what: &str) -> Result<String> {
 }
 
 /// The extension's objects as lines of text (one per object: what it is and its full
-/// definition, owner-independent), to compare an upgraded database with a fresh install.
+/// definition, owner-independent; grants as a set, since their order means nothing), to
+/// compare an upgraded database with a fresh install.
 pub async fn extension_schema(client: &Client) -> Result<Vec<String>> {
     let rows = client
         .query(
@@ -66,10 +67,12 @@ pub async fn extension_schema(client: &Client) -> Result<Vec<String>> {
              SELECT pg_describe_object(m.classid, m.objid, 0) || E'\n' || coalesce(CASE m.classid
                WHEN 'pg_proc'::regclass THEN
                  (SELECT CASE WHEN p.prokind = 'a' THEN 'aggregate' ELSE pg_get_functiondef(p.oid) END
-                         || ' acl=' || coalesce(p.proacl::text, '-') FROM pg_proc p WHERE p.oid = m.objid)
+                         || ' acl=' || coalesce((SELECT string_agg(a::text, ',' ORDER BY a::text) FROM unnest(p.proacl) a), '-')
+                    FROM pg_proc p WHERE p.oid = m.objid)
                WHEN 'pg_class'::regclass THEN
                  (SELECT c.relkind::text || ' options=' || coalesce(c.reloptions::text, '-')
-                         || ' acl=' || coalesce(c.relacl::text, '-') || ' rls=' || c.relrowsecurity
+                         || ' acl=' || coalesce((SELECT string_agg(a::text, ',' ORDER BY a::text) FROM unnest(c.relacl) a), '-')
+                         || ' rls=' || c.relrowsecurity
                          || E'\ncolumns: ' || coalesce((SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
                                  || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
                                  || coalesce(' default ' || pg_get_expr(ad.adbin, ad.adrelid), '')
@@ -90,7 +93,8 @@ pub async fn extension_schema(client: &Client) -> Result<Vec<String>> {
                          || coalesce((SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid), '')
                     FROM pg_type t WHERE t.oid = m.objid)
                WHEN 'pg_namespace'::regclass THEN
-                 (SELECT 'acl=' || coalesce(n.nspacl::text, '-') FROM pg_namespace n WHERE n.oid = m.objid)
+                 (SELECT 'acl=' || coalesce((SELECT string_agg(a::text, ',' ORDER BY a::text) FROM unnest(n.nspacl) a), '-')
+                    FROM pg_namespace n WHERE n.oid = m.objid)
                END, '')
              FROM members m
              UNION ALL
@@ -1009,4 +1013,137 @@ pub async fn create_id_no_generator(his: &Client) -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+/// A throwaway MariaDB server: a HIS that is not on PostgreSQL, reached through mysql_fdw.
+/// Started by the test (mariadb-install-db in a temporary directory, `mariadbd` on a free
+/// loopback port), never the system's.
+pub struct MariaDb {
+    pub dir: PathBuf,
+    pub port: u16,
+    child: Child,
+}
+
+/// The login the foreign server uses.
+pub const MARIADB_USER: &str = "hmr";
+pub const MARIADB_PASSWORD: &str = "hmr-fdw-secret";
+
+impl MariaDb {
+    pub fn start() -> Result<MariaDb> {
+        let dir = unique_dir("hmr-e2e-mariadb");
+        let data = dir.join("data");
+        let out = Command::new("mariadb-install-db")
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+            ])
+            .arg(format!("--datadir={}", data.display()))
+            .output()
+            .context("mariadb-install-db (Debian package mariadb-server)")?;
+        if !out.status.success() {
+            bail!("mariadb-install-db failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let child = Command::new("mariadbd")
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--bind-address=127.0.0.1",
+                "--skip-name-resolve",
+            ])
+            .args([
+                "--innodb-buffer-pool-size=32M",
+                "--skip-log-bin",
+                "--character-set-server=utf8mb4",
+            ])
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", dir.join("mysql.sock").display()))
+            .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
+            .arg(format!("--log-error={}", dir.join("error.log").display()))
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("mariadbd")?;
+        let db = MariaDb { dir, port, child };
+        let started = std::time::Instant::now();
+        while db.sql("SELECT 1").is_err() {
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "MariaDB did not start: {}",
+                    std::fs::read_to_string(db.dir.join("error.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        db.sql(&format!(
+            "CREATE USER '{MARIADB_USER}'@'127.0.0.1' IDENTIFIED BY '{MARIADB_PASSWORD}';
+             GRANT ALL ON *.* TO '{MARIADB_USER}'@'127.0.0.1';"
+        ))?;
+        Ok(db)
+    }
+
+    /// Runs SQL as root over the socket; returns the rows, tab-separated.
+    pub fn sql(&self, sql: &str) -> Result<String> {
+        let out = Command::new("mariadb")
+            .args([
+                "--no-defaults",
+                "-u",
+                "root",
+                "-N",
+                "-B",
+                "--default-character-set=utf8mb4",
+            ])
+            .arg(format!("--socket={}", self.dir.join("mysql.sock").display()))
+            .arg("-e")
+            .arg(sql)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The simulator's requests concerning one report, as `(kind of call, version)` in order.
+pub async fn history_of(sim: &Sim, base: &str, report: &str) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for r in sim.requests().await? {
+        let path = r["path"].as_str().unwrap_or_default();
+        if r["effect"] != "applied" || !path.starts_with(base) {
+            continue;
+        }
+        if path == base && r["body"]["reportNo"] == report {
+            out.push(("data".to_string(), r["body"]["version"].as_u64().unwrap_or(0)));
+        } else if path == format!("{base}/{report}/revoke") {
+            out.push(("revoke".to_string(), r["body"]["version"].as_u64().unwrap_or(0)));
+        } else if let Some(v) = path
+            .strip_prefix(&format!("{base}/{report}/versions/"))
+            .and_then(|rest| rest.strip_suffix("/pdf"))
+        {
+            out.push(("pdf".to_string(), v.parse().unwrap_or(0)));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the simulator holds a master-data record (`what`: patients, departments, staff).
+pub async fn held(sim: &Sim, what: &str, key: &str) -> Result<bool> {
+    let state = sim.get("/_sim/state").await?;
+    Ok(!state["orgs"][ORG_CODE][what][key].is_null())
 }

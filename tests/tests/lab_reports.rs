@@ -450,15 +450,15 @@ async fn sigterm_releases_claims_and_exits_cleanly() -> Result<()> {
         .await?,
         0
     );
-    // The released claim waits for the next worker (with the approval's own event, when the
-    // hung one was the draft's INSERT event that found the report already audited).
+    // The released claim waits for the next worker (with the report's other events: its
+    // draft's INSERT, its results' (the items table is watched too), its approval).
     let pending = count(
         &his,
         "SELECT (SELECT count(*) FROM hmr.outbox WHERE kind = 'lab_report' AND key = 'L20261126001' AND state = 'pending')
                + (SELECT count(*) FROM hmr.captured WHERE kind = 'lab_report' AND key = 'L20261126001')",
     )
     .await?;
-    assert!((1..=2).contains(&pending), "{pending} pending");
+    assert!(pending >= 1, "{pending} pending");
 
     sim.clear_faults().await?;
     let _worker = Worker::start(&cluster, &sim, &options)?;

@@ -13,11 +13,6 @@ const PATIENTS: &str = "/api/v1/patients";
 const DEPARTMENTS: &str = "/api/v1/departments";
 const STAFF: &str = "/api/v1/staff";
 
-async fn held(sim: &Sim, what: &str, key: &str) -> Result<bool> {
-    let state = sim.get("/_sim/state").await?;
-    Ok(!state["orgs"][ORG_CODE][what][key].is_null())
-}
-
 /// Per-record results of accepted batch records, keyed by the record's key field.
 async fn accepted(sim: &Sim, path: &str, key_field: &str) -> Result<HashMap<String, usize>> {
     let mut seen = HashMap::new();

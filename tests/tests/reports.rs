@@ -7,28 +7,6 @@ use anyhow::Result;
 use hmr_e2e::*;
 use serde_json::Value;
 
-/// The simulator's requests concerning one report, as `(kind of call, version)` in order.
-async fn history_of(sim: &Sim, base: &str, report: &str) -> Result<Vec<(String, u64)>> {
-    let mut out = Vec::new();
-    for r in sim.requests().await? {
-        let path = r["path"].as_str().unwrap_or_default();
-        if r["effect"] != "applied" || !path.starts_with(base) {
-            continue;
-        }
-        if path == base && r["body"]["reportNo"] == report {
-            out.push(("data".to_string(), r["body"]["version"].as_u64().unwrap_or(0)));
-        } else if path == format!("{base}/{report}/revoke") {
-            out.push(("revoke".to_string(), r["body"]["version"].as_u64().unwrap_or(0)));
-        } else if let Some(v) = path
-            .strip_prefix(&format!("{base}/{report}/versions/"))
-            .and_then(|rest| rest.strip_suffix("/pdf"))
-        {
-            out.push(("pdf".to_string(), v.parse().unwrap_or(0)));
-        }
-    }
-    Ok(out)
-}
-
 fn steps(list: &[(&str, u64)]) -> Vec<(String, u64)> {
     list.iter().map(|(s, v)| (s.to_string(), *v)).collect()
 }
@@ -188,8 +166,7 @@ async fn lab_report_versions_revoke_and_pdfs_arrive_in_order() -> Result<()> {
         .requests()
         .await?
         .into_iter()
-        .filter(|q| q["path"] == LAB && q["body"]["reportNo"] == r)
-        .last()
+        .rfind(|q| q["path"] == LAB && q["body"]["reportNo"] == r)
         .expect("v4");
     assert_eq!(corrected["body"]["version"], 4);
     assert_eq!(corrected["body"]["items"][0]["resultValue"], "4.9");
