@@ -18,11 +18,13 @@ $$;
 -- matches}; when duplicate, the workstation opens `url` and the doctor answers before going on.
 CREATE FUNCTION public.hmr_check_order(visit jsonb, orders jsonb)
 RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.need_primary('互认校验');
     SELECT hmr.order_check_json(visit, orders)
 $$;
 
 CREATE FUNCTION public.hmr_check_prescription(visit jsonb, orders jsonb)
 RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.need_primary('互认校验');
     SELECT hmr.check_prescription_json(visit, orders)
 $$;
 
@@ -45,6 +47,7 @@ DECLARE
     p_check alias FOR $1;
     p_order alias FOR $2;
 BEGIN
+    PERFORM hmr.need_primary('记录互认结果');
     IF NOT hmr.ensure_check(p_check) THEN
         RAISE EXCEPTION '找不到互认校验记录 %，请重新保存处方以重新校验', p_check
             USING ERRCODE = 'HM003', HINT = 'check_id comes from hmr_check_prescription() or the DETAIL of HM001.';
@@ -101,6 +104,7 @@ $$;
 -- open): {status, complete, decisions [{order_id, report_id, recognise, …, source}], recorded}.
 CREATE FUNCTION public.hmr_page_decisions(check_id text)
 RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.need_primary('记录互认结果');
     SELECT hmr.page_decisions_json(check_id)
 $$;
 
@@ -131,6 +135,8 @@ DECLARE
     p_report alias FOR $1;
     p_format alias FOR $2;
 BEGIN
+    -- Every read is logged: a standby cannot.
+    PERFORM hmr.need_primary('下载互认报告');
     IF p_format NOT IN ('pdf', 'json') THEN
         RAISE EXCEPTION 'hmr: format must be pdf or json' USING ERRCODE = '22023';
     END IF;

@@ -314,3 +314,149 @@ $$;
 REVOKE ALL ON FUNCTION hmr.poll_source(text), hmr.polled_source_named() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION hmr.poll_source(text) TO hmr_worker, hmr_admin;
 GRANT EXECUTE ON FUNCTION hmr.poll_source(text), hmr.polled_source_named() TO hmr_admin;
+
+-- On a hot standby, calls that record stop with HM016 (issue #20); reads work.
+CREATE FUNCTION hmr.need_primary(what text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_is_in_recovery() THEN
+        RAISE EXCEPTION '当前连接的是只读备库，%需要连接主库', what
+            USING ERRCODE = 'HM016',
+                  HINT = 'Connect this call to the primary: a multi-host connection string with target_session_attrs=read-write, or the HIS''s read-write data source.';
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION hmr.need_primary(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hmr.need_primary(text) TO hmr_admin;
+
+CREATE OR REPLACE FUNCTION public.hmr_check_order(visit jsonb, orders jsonb)
+RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.need_primary('互认校验');
+    SELECT hmr.order_check_json(visit, orders)
+$$;
+
+CREATE OR REPLACE FUNCTION public.hmr_check_prescription(visit jsonb, orders jsonb)
+RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.need_primary('互认校验');
+    SELECT hmr.check_prescription_json(visit, orders)
+$$;
+
+CREATE OR REPLACE FUNCTION public.hmr_record_decision(check_id text, order_id text, recognise boolean,
+                                           reason_code text DEFAULT NULL, reason_text text DEFAULT NULL,
+                                           report_id text DEFAULT NULL, doctor_no text DEFAULT NULL,
+                                           dept_code text DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c hmr.checks;
+    m jsonb;
+    rid text;
+    problem text;
+    matched integer;
+    decided integer;
+    new_id bigint;
+    p_check alias FOR $1;
+    p_order alias FOR $2;
+BEGIN
+    PERFORM hmr.need_primary('记录互认结果');
+    IF NOT hmr.ensure_check(p_check) THEN
+        RAISE EXCEPTION '找不到互认校验记录 %，请重新保存处方以重新校验', p_check
+            USING ERRCODE = 'HM003', HINT = 'check_id comes from hmr_check_prescription() or the DETAIL of HM001.';
+    END IF;
+    -- One decision of a check at a time (several doctors' sessions, a pool): the last one
+    -- to complete the check sees every other and queues the upload exactly once.
+    SELECT * INTO c FROM hmr.checks k WHERE k.check_id = p_check FOR UPDATE;
+    IF c.refused_at IS NOT NULL THEN
+        RAISE EXCEPTION '互认平台拒绝了该处方的互认结果（%），请重新保存处方以重新校验', c.refused_reason
+            USING ERRCODE = 'HM015', HINT = 'Save the prescription again: a fresh check lists what is recognisable now.';
+    END IF;
+    SELECT x INTO m FROM jsonb_array_elements(c.matches) x WHERE x->>'order_id' = p_order;
+    IF m IS NULL THEN
+        RAISE EXCEPTION '医嘱 % 没有可互认的报告，无需选择', p_order USING ERRCODE = 'HM003';
+    END IF;
+    rid := coalesce(report_id, m->'reports'->0->>'report_id');
+    IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(m->'reports') x WHERE x->>'report_id' = rid) THEN
+        RAISE EXCEPTION '报告 % 不在医嘱 % 的可互认报告中', rid, p_order USING ERRCODE = 'HM003';
+    END IF;
+    problem := hmr.decision_problem(recognise, reason_code, reason_text);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', problem
+            USING ERRCODE = 'HM004',
+                  HINT = '01 病情变化，原结果难以反映当前病情; 02 结果在疾病发展中变化较快; 03 手术、输血等重大医疗措施前; '
+                         '04 急诊、急救; 05 司法、伤残、病退等鉴定; 06 其他情形确需复查 (reason_text required)';
+    END IF;
+    IF EXISTS (SELECT 1 FROM hmr.delivered d WHERE d.kind = 'decision' AND d.key = p_check)
+       OR EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = 'decision' AND o.key = p_check AND o.plan IS NOT NULL) THEN
+        IF EXISTS (SELECT 1 FROM hmr.current_decisions d
+                    WHERE d.check_id = p_check AND d.order_id = p_order AND d.report_id = rid
+                      AND d.recognise = hmr_record_decision.recognise
+                      AND d.reason_code IS NOT DISTINCT FROM hmr_record_decision.reason_code) THEN
+            RETURN jsonb_build_object('check_id', p_check, 'order_id', p_order, 'report_id', rid,
+                                      'recognise', recognise, 'complete', true, 'already_sent', true);
+        END IF;
+        RAISE EXCEPTION '该处方的互认结果已上传，不能更改' USING ERRCODE = 'HM005';
+    END IF;
+    INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text, doctor_no, dept_code)
+    VALUES (p_check, p_order, rid, recognise, nullif(trim(reason_code), ''), nullif(trim(reason_text), ''),
+            coalesce(hmr_record_decision.doctor_no, c.doctor_no), coalesce(hmr_record_decision.dept_code, c.dept_code))
+    RETURNING id INTO new_id;
+    SELECT jsonb_array_length(c.matches) INTO matched;
+    SELECT count(DISTINCT d.order_id) INTO decided FROM hmr.decisions d WHERE d.check_id = p_check;
+    IF decided >= matched AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = 'decision' AND o.key = p_check) THEN
+        INSERT INTO hmr.outbox (kind, key, op) VALUES ('decision', p_check, 'I');
+        PERFORM hmr.wake_workers();
+    END IF;
+    RETURN jsonb_build_object('decision_id', new_id, 'check_id', p_check, 'order_id', p_order, 'report_id', rid,
+                              'recognise', recognise, 'complete', decided >= matched);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION public.hmr_page_decisions(check_id text)
+RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.need_primary('记录互认结果');
+    SELECT hmr.page_decisions_json(check_id)
+$$;
+
+CREATE OR REPLACE FUNCTION public.hmr_download_report(report_id text, format text DEFAULT 'pdf')
+RETURNS bytea LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    kept bytea;
+    revoked timestamptz;
+    note text;
+    chk text;
+    p_report alias FOR $1;
+    p_format alias FOR $2;
+BEGIN
+    -- Every read is logged: a standby cannot.
+    PERFORM hmr.need_primary('下载互认报告');
+    IF p_format NOT IN ('pdf', 'json') THEN
+        RAISE EXCEPTION 'hmr: format must be pdf or json' USING ERRCODE = '22023';
+    END IF;
+    SELECT r.bytes, r.revoked_at, r.revoked_note INTO kept, revoked, note
+      FROM hmr.retained_reports r WHERE r.report_id = p_report AND r.format = p_format;
+    IF revoked IS NOT NULL THEN
+        INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'refused: revoked');
+        RAISE EXCEPTION '报告 % 已被出具医院撤销（%），不能再作为互认依据', p_report,
+                        to_char(revoked AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI')
+            USING ERRCODE = 'HM009', DETAIL = format('revoked_at %s; %s', revoked, note),
+                  HINT = 'Re-order the test, or choose another recognisable report.';
+    END IF;
+    IF FOUND THEN
+        INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'kept');
+        RETURN kept;
+    END IF;
+    SELECT d.check_id INTO chk FROM hmr.order_recognitions d WHERE d.report_id = p_report AND d.recognised LIMIT 1;
+    IF chk IS NULL THEN
+        RAISE EXCEPTION '报告 % 未被本院互认，不能下载', p_report USING ERRCODE = 'HM006';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM hmr.delivered d WHERE d.kind = 'decision' AND d.key = chk) THEN
+        RAISE EXCEPTION '互认结果尚在上传途中，报告暂不能下载，请稍后再试' USING ERRCODE = 'HM007',
+            DETAIL = format('check %s: the decision is in the outbox; the worker keeps the report once it is delivered', chk);
+    END IF;
+    kept := hmr.fetch_report(p_report, p_format);
+    IF kept IS NULL THEN
+        RAISE EXCEPTION '互认平台暂不可用，报告暂不能下载' USING ERRCODE = 'HM008';
+    END IF;
+    INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'platform');
+    RETURN kept;
+END
+$$;

@@ -396,6 +396,20 @@ BEGIN
 END
 $$;
 
+-- On a hot standby (doctors' read-only screens are often pointed at one) the calls that only
+-- read work — the badge, the list, the precise query, an order's decision — and those that
+-- record (a check, a decision, a download) stop here with HM016, before asking the platform.
+CREATE FUNCTION hmr.need_primary(what text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_is_in_recovery() THEN
+        RAISE EXCEPTION '当前连接的是只读备库，%需要连接主库', what
+            USING ERRCODE = 'HM016',
+                  HINT = 'Connect this call to the primary: a multi-host connection string with target_session_attrs=read-write, or the HIS''s read-write data source.';
+    END IF;
+END
+$$;
+
 -- Enqueue a record by hand (resend after a fix, backfill): the same path as a trigger.
 CREATE FUNCTION hmr.enqueue(kind text, key text) RETURNS bigint
 LANGUAGE sql AS $$

@@ -115,7 +115,11 @@ fn list_recognitions_json(
         kind: kind.into(),
     };
     let cache_key = hex::encode(sha2::Sha256::digest(serde_json::to_vec(&query).unwrap_or_default()));
-    let ttl = gucs::LIST_CACHE_SECONDS.get();
+    // On a hot standby the (unlogged) cache cannot be read or written: the badge still works,
+    // each call asking the platform.
+    // SAFETY: reads a flag of this backend's shared-memory state; no arguments.
+    let standby = unsafe { pg_sys::RecoveryInProgress() };
+    let ttl = if standby { 0 } else { gucs::LIST_CACHE_SECONDS.get() };
     if use_cache && ttl > 0 {
         if let Ok(Some(JsonB(hit))) = Spi::get_one_with_args::<JsonB>(
             "SELECT answer FROM hmr.list_cache WHERE cache_key = $1 AND expires_at > pg_catalog.clock_timestamp()",

@@ -24,6 +24,8 @@ pub struct Plan {
     pub held_transaction: Duration,
     /// How long each hostile answer mode (not the platform's answer) lasts.
     pub hostile_each: Duration,
+    /// A synchronous streaming replica all along, promoted at the end when the primary fails.
+    pub failover: bool,
 }
 
 impl Plan {
@@ -36,6 +38,7 @@ impl Plan {
             backend_kills: 2,
             held_transaction: Duration::from_secs(8),
             hostile_each: Duration::from_secs(1),
+            failover: false,
         }
     }
     pub fn long() -> Plan {
@@ -47,6 +50,7 @@ impl Plan {
             backend_kills: 6,
             held_transaction: Duration::from_secs(60),
             hostile_each: Duration::from_secs(6),
+            failover: true,
         }
     }
 }
@@ -164,15 +168,15 @@ fn id_no(n: u64, bad: bool) -> (String, String) {
     (format!("{first}{check}"), born.format("%Y-%m-%d").to_string())
 }
 
-async fn connect_retrying(cluster_dir: &str, port: u16) -> Client {
+async fn connect_retrying(url: &str) -> Client {
     loop {
-        let url = format!("host={cluster_dir} port={port} user=postgres dbname=his");
-        if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+        if let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
             tokio::spawn(async move {
                 let _ = conn.await;
             });
+            // Committed synchronously, as a HIS that wants zero loss through a failover does.
             if client
-                .batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 800)")
+                .batch_execute("SET synchronous_commit = on; SELECT hmr.set_policy(platform_timeout_ms => 800)")
                 .await
                 .is_ok()
             {
@@ -184,8 +188,8 @@ async fn connect_retrying(cluster_dir: &str, port: u16) -> Client {
 }
 
 /// The HIS at work: approvals, revokes, re-audits, registrations, decisions.
-async fn stream(dir: String, port: u16, c: Arc<Counters>, planted: Arc<std::sync::Mutex<HashSet<String>>>) {
-    let mut his = connect_retrying(&dir, port).await;
+async fn stream(url: String, c: Arc<Counters>, planted: Arc<std::sync::Mutex<HashSet<String>>>) {
+    let mut his = connect_retrying(&url).await;
     let mut n: u64 = 0;
     let mut approved: Vec<String> = Vec::new();
     while !c.stop.load(Ordering::SeqCst) {
@@ -276,7 +280,7 @@ async fn stream(dir: String, port: u16, c: Arc<Counters>, planted: Arc<std::sync
             // The database restarted or this connection was ended: the HIS reconnects.
             let _ = his.batch_execute("ROLLBACK").await;
             if his.is_closed() || result.as_ref().err().is_some_and(|e| e.is_closed()) {
-                his = connect_retrying(&dir, port).await;
+                his = connect_retrying(&url).await;
             }
         }
         tokio::time::sleep(Duration::from_millis(15)).await;
@@ -318,11 +322,42 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
     OtherHospital::new(&sim)
         .lab_report("441302198003151233", "1980-03-15", "W-CBC-1", "JY0001", 1)
         .await?;
+    // With a failover planned: a synchronous replica all along; the HIS and the workers are
+    // given both servers and use the one that takes writes.
+    let replica = if plan.failover {
+        let replica = cluster.replica()?;
+        his.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            .await?;
+        his.batch_execute("SELECT pg_reload_conf()").await?;
+        wait_until(Duration::from_secs(20), "a synchronous standby", || async {
+            Ok(count(
+                &his,
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+            )
+            .await?
+                == 1)
+        })
+        .await?;
+        Some(replica)
+    } else {
+        None
+    };
+    let url = match &replica {
+        Some(r) => format!(
+            "host={},{} port={},{} user=postgres dbname=his target_session_attrs=read-write",
+            cluster.dir.display(),
+            r.dir.display(),
+            cluster.port,
+            r.port
+        ),
+        None => cluster.url("his"),
+    };
     let options = WorkerOptions {
         lease_secs: 3,
         timeout_ms: 2000,
         backoff_max_ms: 2000,
         batch_size: 100,
+        url: replica.as_ref().map(|_| url.clone()),
         ..Default::default()
     };
     // Two workers race for the same outbox all along.
@@ -338,12 +373,7 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
         stop: AtomicBool::new(false),
     });
     let planted = Arc::new(std::sync::Mutex::new(HashSet::new()));
-    let stream_task = tokio::spawn(stream(
-        cluster.dir.display().to_string(),
-        cluster.port,
-        counters.clone(),
-        planted.clone(),
-    ));
+    let stream_task = tokio::spawn(stream(url.clone(), counters.clone(), planted.clone()));
     let mut recoveries = Vec::new();
     let mut note = |name: String, d: Duration| {
         eprintln!("fault suite: {name}: recovered in {:.2} s", d.as_secs_f64());
@@ -458,13 +488,27 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
         );
     }
 
+    // The primary's machine fails; the synchronous replica is promoted; the HIS and the
+    // workers find it by themselves (their connection strings name both).
+    let mut serving = &cluster;
+    if let Some(replica) = &replica {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster.fail()?;
+        replica.promote()?;
+        serving = replica;
+        note(
+            "failover: primary lost, synchronous replica promoted".into(),
+            recovery(serving, std::time::SystemTime::now()).await?,
+        );
+    }
+
     tokio::time::sleep(Duration::from_secs(1)).await;
     counters.stop.store(true, Ordering::SeqCst);
     stream_task.await?;
     let end = std::time::SystemTime::now();
-    note("end of the stream (drain)".into(), recovery(&cluster, end).await?);
+    note("end of the stream (drain)".into(), recovery(serving, end).await?);
 
-    let his = cluster.connect("his").await?;
+    let his = serving.connect("his").await?;
     let planted = planted.lock().unwrap().clone();
     let mut outcome = verify(&his, &sim, &planted).await?;
     outcome.approvals = counters.approvals.load(Ordering::Relaxed);

@@ -286,6 +286,78 @@ impl Cluster {
         self.pg_ctl_start()
     }
 
+    /// A streaming replica of this cluster (`pg_basebackup -R`), started as a hot standby on
+    /// its own socket directory.
+    pub fn replica(&self) -> Result<Cluster> {
+        let dir = unique_dir("hmr-e2e-pg-replica");
+        Command::new("chown")
+            .args(["-R", "postgres", dir.to_str().unwrap()])
+            .status()?;
+        run_as_postgres(&[
+            self.bin.join("pg_basebackup").to_str().unwrap(),
+            "-h",
+            self.dir.to_str().unwrap(),
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            dir.join("data").to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+            "--checkpoint=fast",
+            "--no-sync",
+        ])?;
+        let replica = Cluster {
+            dir,
+            port: self.port,
+            bin: self.bin.clone(),
+        };
+        replica.pg_ctl_start()?;
+        Ok(replica)
+    }
+
+    /// `pg_ctl stop -m immediate`: the server is gone, as when its machine fails.
+    pub fn fail(&self) -> Result<()> {
+        run_as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "-m",
+            "immediate",
+            "stop",
+        ])
+    }
+
+    /// `pg_ctl stop -m fast`.
+    pub fn stop(&self) -> Result<()> {
+        run_as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "-m",
+            "fast",
+            "stop",
+        ])
+    }
+
+    /// Starts a stopped cluster again.
+    pub fn start_again(&self) -> Result<()> {
+        self.pg_ctl_start()
+    }
+
+    /// Promotes a standby to primary and waits until it takes writes.
+    pub fn promote(&self) -> Result<()> {
+        run_as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap(),
+            "-w",
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "promote",
+        ])
+    }
+
     pub fn url_as(&self, db: &str, user: &str) -> String {
         format!("host={} port={} user={user} dbname={db}", self.dir.display(), self.port)
     }
@@ -468,6 +540,8 @@ pub struct WorkerOptions {
     pub database: Option<&'static str>,
     /// `worker.recheck_kept_secs`.
     pub recheck_kept_secs: u64,
+    /// A whole connection string instead of the cluster's (several hosts, for a failover).
+    pub url: Option<String>,
 }
 
 impl Default for WorkerOptions {
@@ -484,6 +558,7 @@ impl Default for WorkerOptions {
             render_pdf: true,
             database: None,
             recheck_kept_secs: 21600,
+            url: None,
         }
     }
 }
@@ -526,9 +601,11 @@ recheck_kept_secs = {recheck}
 render = {render}
 hospital_name = "惠州市第一人民医院"
 "#,
-            url = cluster
-                .url(options.database.unwrap_or("his"))
-                .replace("user=postgres", &format!("user={}", options.db_user)),
+            url = options.url.clone().unwrap_or_else(|| {
+                cluster
+                    .url(options.database.unwrap_or("his"))
+                    .replace("user=postgres", &format!("user={}", options.db_user))
+            }),
             base = sim.base,
             auth = options.auth,
             timeout = options.timeout_ms,

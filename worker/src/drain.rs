@@ -25,12 +25,7 @@ use crate::plan::{
 use crate::platform::Platform;
 use crate::store::{Delivered, Event, Finish, PdfNames, ReportInput, Store};
 
-/// Namespace of request ids: UUIDv5 of the event, its retry generation and the step.
-const REQUEST_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a8f_4c1e_9b2d_4e57_a3c0_5d1f_7e92_b604);
-
-pub fn request_id(name: &str) -> Uuid {
-    Uuid::new_v5(&REQUEST_ID_NAMESPACE, name.as_bytes())
-}
+use crate::plan::request_id;
 
 pub struct Drainer {
     pub store: Arc<Store>,
@@ -259,7 +254,7 @@ impl Drainer {
         };
         let steps = plan.requests.len();
         for (index, request) in plan.requests.iter().enumerate().skip(event.step.max(0) as usize) {
-            let id = request_id(&format!("{}:{}:{}", event.id, event.generation, index));
+            let id = plan.request_id(event.id, event.generation, index);
             let (outcome, answer) = self.platform.execute(request, id).await;
             if let Some(Some((report_id, format))) = plan.keep.get(index) {
                 // A recognised report: keep what the platform gives; a missing file (404) or a
@@ -801,51 +796,5 @@ impl Drainer {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use hmr_protocol::paths::Request;
-    use hmr_protocol::ReportType;
-
-    #[test]
-    fn a_frozen_plan_keeps_its_pdf_as_bytes_beside_the_json() {
-        let pdf = b"%PDF-1.7 \xff\xfe binary".to_vec();
-        let plan = Plan {
-            requests: vec![
-                Request {
-                    method: paths::Method::Post,
-                    path: "/data".into(),
-                    scope: None,
-                    content_type: Some("application/json".into()),
-                    headers: vec![],
-                    body: b"{}".to_vec(),
-                },
-                paths::pdf(ReportType::Lab, "L1", 1, pdf.clone()),
-            ],
-            version: 1,
-            content_hash: "h".into(),
-            revoked: false,
-            keep: vec![],
-        };
-        let (json, stored) = plan.freeze();
-        assert_eq!(stored.as_deref(), Some(pdf.as_slice()));
-        assert!(json.to_string().len() < 1000, "no PDF inside the JSON: {json}");
-        let thawed = Plan::thaw(&json, stored.as_ref()).unwrap();
-        assert_eq!(thawed.requests, plan.requests);
-        assert!(
-            Plan::thaw(&json, None).is_err(),
-            "a missing PDF is an error, not an empty upload"
-        );
-    }
-
-    #[test]
-    fn request_ids_are_stable_and_distinct() {
-        assert_eq!(request_id("5:0:0"), request_id("5:0:0"));
-        assert_ne!(request_id("5:0:0"), request_id("5:1:0"));
-        assert_ne!(request_id("5:0:0"), request_id("5:0:1"));
-        assert_eq!(request_id("5:0:0").get_version_num(), 5);
     }
 }

@@ -27,9 +27,49 @@ pub struct Plan {
     /// For download steps: the report id and format whose answer is kept.
     #[serde(default)]
     pub keep: Vec<Option<(String, String)>>,
+    /// How request ids are derived (`Plan::request_id`): 1 (from 0.3.0) includes what each step
+    /// sends; 0, plans frozen by an older worker, event and step only.
+    #[serde(default)]
+    pub ids: u8,
+}
+
+/// Namespace of request ids: UUIDv5 of the event, its retry generation and the step.
+const REQUEST_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a8f_4c1e_9b2d_4e57_a3c0_5d1f_7e92_b604);
+
+pub fn request_id(name: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(&REQUEST_ID_NAMESPACE, name.as_bytes())
 }
 
 impl Plan {
+    /// The request id of step `index` of event `event_id` (in its retry `generation`): the
+    /// same on every retry of the frozen plan; and, because it covers what the step sends
+    /// (method, path, headers, body), one id never stands for two different requests — even
+    /// after a failover that lost a frozen plan and reused its event's id (the sequence of an
+    /// asynchronous replica lags the lost primary's).
+    pub fn request_id(&self, event_id: i64, generation: i32, index: usize) -> uuid::Uuid {
+        if self.ids == 0 {
+            return request_id(&format!("{event_id}:{generation}:{index}"));
+        }
+        let r = &self.requests[index];
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        for part in [
+            r.method.as_str().as_bytes(),
+            r.path.as_bytes(),
+            r.content_type.as_deref().unwrap_or("").as_bytes(),
+        ] {
+            sha2::Digest::update(&mut h, part);
+            sha2::Digest::update(&mut h, [0u8]);
+        }
+        for (name, value) in &r.headers {
+            sha2::Digest::update(&mut h, name.as_bytes());
+            sha2::Digest::update(&mut h, value.as_bytes());
+            sha2::Digest::update(&mut h, [0u8]);
+        }
+        sha2::Digest::update(&mut h, &r.body);
+        let sent = hex::encode(sha2::Digest::finalize(h));
+        request_id(&format!("{event_id}:{generation}:{index}:{sent}"))
+    }
+
     /// The request that uploads a PDF: its body is frozen as bytes beside the plan (in
     /// `plan_pdf`), not hex-encoded inside it.
     pub fn pdf_step(&self) -> Option<usize> {
@@ -302,6 +342,7 @@ pub fn report(f: ReportFacts, rules: &Rules) -> Decision<Plan> {
         content_hash: hash,
         revoked: false,
         keep: vec![],
+        ids: 1,
     })
 }
 
@@ -375,6 +416,7 @@ fn revoke_plan(t: ReportType, key: &str, held: Delivered, said: Option<Revocatio
         content_hash: held.content_hash,
         revoked: true,
         keep: vec![],
+        ids: 1,
     }
 }
 
@@ -447,6 +489,7 @@ pub fn decisions(decisions: Option<Decisions>, rules: &Rules) -> Decision<Plan> 
         content_hash: source::content_hash(&decisions),
         revoked: false,
         keep,
+        ids: 1,
     })
 }
 
@@ -1011,10 +1054,71 @@ mod tests {
     }
 
     #[test]
+    fn one_request_id_never_stands_for_two_requests() {
+        let plan = sent(report(facts(Some(exam_row())), &rules()));
+        assert_eq!(plan.ids, 1);
+        // Stable across retries (and a freeze/thaw).
+        let (frozen, pdf) = plan.freeze();
+        let thawed = Plan::thaw(&frozen, pdf.as_ref()).unwrap();
+        assert_eq!(plan.request_id(7, 0, 0), thawed.request_id(7, 0, 0));
+        // Another body under the same event id (a failover reused it): another id.
+        let mut other_row = exam_row();
+        other_row.insert("impression".into(), json!("另一结论"));
+        let other = sent(report(facts(Some(other_row)), &rules()));
+        assert_ne!(plan.request_id(7, 0, 0), other.request_id(7, 0, 0));
+        // Step and generation still count.
+        assert_ne!(plan.request_id(7, 0, 0), plan.request_id(7, 1, 0));
+        assert_ne!(plan.request_id(7, 0, 0), plan.request_id(8, 0, 0));
+        // A plan frozen by an older worker keeps the ids it was sent under.
+        let old = Plan { ids: 0, ..plan.clone() };
+        assert_eq!(old.request_id(7, 0, 0), request_id("7:0:0"));
+    }
+
+    #[test]
     fn decisions_are_skipped_when_none_were_recorded() {
         assert_eq!(
             decisions(None, &rules()),
             Decision::Finish(Ending::Skipped, "no decisions recorded")
         );
+    }
+
+    #[test]
+    fn a_frozen_plan_keeps_its_pdf_as_bytes_beside_the_json() {
+        let pdf = b"%PDF-1.7 \xff\xfe binary".to_vec();
+        let plan = Plan {
+            requests: vec![
+                hmr_protocol::paths::Request {
+                    method: hmr_protocol::paths::Method::Post,
+                    path: "/data".into(),
+                    scope: None,
+                    content_type: Some("application/json".into()),
+                    headers: vec![],
+                    body: b"{}".to_vec(),
+                },
+                paths::pdf(ReportType::Lab, "L1", 1, pdf.clone()),
+            ],
+            version: 1,
+            content_hash: "h".into(),
+            revoked: false,
+            keep: vec![],
+            ids: 1,
+        };
+        let (json, stored) = plan.freeze();
+        assert_eq!(stored.as_deref(), Some(pdf.as_slice()));
+        assert!(json.to_string().len() < 1000, "no PDF inside the JSON: {json}");
+        let thawed = Plan::thaw(&json, stored.as_ref()).unwrap();
+        assert_eq!(thawed.requests, plan.requests);
+        assert!(
+            Plan::thaw(&json, None).is_err(),
+            "a missing PDF is an error, not an empty upload"
+        );
+    }
+
+    #[test]
+    fn request_ids_are_stable_and_distinct() {
+        assert_eq!(request_id("5:0:0"), request_id("5:0:0"));
+        assert_ne!(request_id("5:0:0"), request_id("5:1:0"));
+        assert_ne!(request_id("5:0:0"), request_id("5:0:1"));
+        assert_eq!(request_id("5:0:0").get_version_num(), 5);
     }
 }
