@@ -119,12 +119,16 @@ fn list_recognitions_json(
     // each call asking the platform.
     // SAFETY: reads a flag of this backend's shared-memory state; no arguments.
     let standby = unsafe { pg_sys::RecoveryInProgress() };
+    // A read-only transaction (a screen that only reads) may read the cache, not write it.
+    // SAFETY: reads a backend-local flag of the current transaction.
+    let read_only = standby || unsafe { pg_sys::XactReadOnly };
     let ttl = if standby { 0 } else { gucs::LIST_CACHE_SECONDS.get() };
     if use_cache && ttl > 0 {
         if let Ok(Some(JsonB(hit))) = Spi::get_one_with_args::<JsonB>(
             "SELECT answer FROM hmr.list_cache WHERE cache_key = $1 AND expires_at > pg_catalog.clock_timestamp()",
             &[cache_key.as_str().into()],
         ) {
+            log_list_call(&query, &hit, true, read_only);
             return JsonB(hit);
         }
     }
@@ -145,7 +149,7 @@ fn list_recognitions_json(
         Err(CallError::Refused { status, message }) => refused(status, &message),
         Err(CallError::Unavailable(reason) | CallError::NotFound(reason)) => with_empty_list(unavailable(&reason)),
     };
-    if answer["status"] == "ok" && ttl > 0 {
+    if answer["status"] == "ok" && ttl > 0 && !read_only {
         let _ = Spi::run_with_args(
             "INSERT INTO hmr.list_cache VALUES ($1, $2, pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => $3))
              ON CONFLICT (cache_key) DO UPDATE SET answer = EXCLUDED.answer, expires_at = EXCLUDED.expires_at",
@@ -156,7 +160,32 @@ fn list_recognitions_json(
             ],
         );
     }
+    log_list_call(&query, &answer, false, read_only);
     JsonB(answer)
+}
+
+/// Keeps the call for the hospital's statistics (hmr.list_log: 调阅/提醒). Not on a standby or
+/// in a read-only transaction (a screen that only reads must keep working).
+fn log_list_call(query: &ListQuery, answer: &Value, cached: bool, read_only: bool) {
+    if read_only {
+        return;
+    }
+    let status = answer["status"].as_str().unwrap_or("unavailable");
+    let shown = answer["count"].as_i64().map(|n| n as i32);
+    let _ = Spi::run_with_args(
+        "INSERT INTO hmr.list_log (doctor_no, dept_code, visit_no, id_no_masked, kind, shown, status, cached)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[
+            query.doctor_no.as_str().into(),
+            query.dept_code.as_str().into(),
+            query.visit_no.as_str().into(),
+            hmr_protocol::mask::id_no(&query.id_no).as_str().into(),
+            query.kind.as_str().into(),
+            shown.into(),
+            status.into(),
+            cached.into(),
+        ],
+    );
 }
 
 /// A date alone (`2026-12-01`) means the whole day in UTC+8: from its first second, to its

@@ -1,0 +1,260 @@
+//! 互认 statistics: a generated month of prompts and decisions, its expected figures computed
+//! here independently, against `hmr.recognition_stats` and `hmr.recognition_totals`; and the
+//! list calls (调阅/提醒) kept in `hmr.list_log`.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use hmr_e2e::*;
+use serde_json::json;
+
+/// A small deterministic generator (no dependency, same figures on every run).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct Figures {
+    prompts: i64,
+    recognised: i64,
+    declined: i64,
+    reasons: [i64; 6],
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generated_month_gives_the_figures_computed_independently() -> Result<()> {
+    let cluster = Cluster::start_empty().await?;
+    let his = cluster.connect("his").await?;
+    his.batch_execute("INSERT INTO hmr.item_prices VALUES ('JY0001', 25.50), ('JC0001', 180.00)")
+        .await?;
+    let items = ["JY0001", "JY0004", "JC0001"];
+    let doctors = [("D001", "0301"), ("D002", "0502"), ("D003", "0301")];
+    let mut rng = Lcg(20261130);
+    let mut expected: BTreeMap<(String, String, String, String), Figures> = BTreeMap::new();
+    let mut sql = String::new();
+    for n in 0..400u64 {
+        // November 2026 in Beijing time; every 50th check at 2026-11-30 20:xx UTC, which is
+        // already December there.
+        let (month, at) = if n % 50 == 49 {
+            ("2026-12-01", format!("2026-11-30 20:{:02}:00+00", n % 60))
+        } else {
+            (
+                "2026-11-01",
+                format!("2026-11-{:02} 09:{:02}:00+08", 1 + n % 29, n % 60),
+            )
+        };
+        let (doctor, dept) = doctors[rng.next(3) as usize];
+        let check = format!("c{n}");
+        let orders = 1 + rng.next(2);
+        let refused = rng.next(20) == 0;
+        let mut matches = Vec::new();
+        for o in 0..orders {
+            let item = items[rng.next(3) as usize];
+            matches.push(
+                json!({"order_id": format!("{check}-o{o}"), "data_code": item, "item_code": item,
+                                "reports": [{"report_id": format!("R{n}-{o}")}]}),
+            );
+        }
+        sql.push_str(&format!(
+            "INSERT INTO hmr.checks (check_id, status, doctor_no, dept_code, orders, matches, checked_at, refused_at)
+             VALUES ('{check}', 'ok', '{doctor}', '{dept}', '[]', '{m}', '{at}', {refused});\n",
+            m = serde_json::Value::Array(matches.clone()),
+            refused = if refused { "now()" } else { "NULL" }
+        ));
+        // A prompt for the orders the doctor had not decided when saving (most checks).
+        if rng.next(4) != 0 {
+            sql.push_str(&format!(
+                "INSERT INTO hmr.prompts (check_id, prompted_at, undecided, prompted_by)
+                 VALUES ('{check}', '{at}', '{m}', 'his');\n",
+                m = serde_json::Value::Array(matches.clone())
+            ));
+            for m in &matches {
+                let key = (
+                    month.to_string(),
+                    dept.to_string(),
+                    doctor.to_string(),
+                    m["data_code"].as_str().unwrap().to_string(),
+                );
+                expected.entry(key).or_default().prompts += 1;
+            }
+        }
+        for m in &matches {
+            let order = m["order_id"].as_str().unwrap();
+            let item = m["data_code"].as_str().unwrap();
+            // 0: none, 1: 互认, 2..=7: 不互认 with reason 01..06; sometimes a first decision
+            // the doctor changed (the newest counts).
+            let choice = rng.next(8);
+            if choice == 0 {
+                continue;
+            }
+            if rng.next(5) == 0 {
+                sql.push_str(&format!(
+                    "INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, doctor_no, dept_code, decided_at)
+                     VALUES ('{check}', '{order}', 'x', {}, {}, '{doctor}', '{dept}', '{at}'::timestamptz - interval '1 second');\n",
+                    choice != 1,
+                    if choice == 1 { "'01'" } else { "NULL" }
+                ));
+            }
+            let reason = if choice == 1 {
+                "NULL".to_string()
+            } else {
+                format!("'0{}'", choice - 1)
+            };
+            sql.push_str(&format!(
+                "INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, doctor_no, dept_code, decided_at)
+                 VALUES ('{check}', '{order}', 'x', {}, {reason}, '{doctor}', '{dept}', '{at}');\n",
+                choice == 1
+            ));
+            if refused {
+                continue;
+            }
+            let f = expected
+                .entry((
+                    month.to_string(),
+                    dept.to_string(),
+                    doctor.to_string(),
+                    item.to_string(),
+                ))
+                .or_default();
+            if choice == 1 {
+                f.recognised += 1;
+            } else {
+                f.declined += 1;
+                f.reasons[(choice - 2) as usize] += 1;
+            }
+        }
+    }
+    his.batch_execute(&format!("BEGIN; {sql} COMMIT;")).await?;
+
+    let rows = his
+        .query(
+            "SELECT month::text, dept_code, doctor_no, data_code, prompts, recognised, declined,
+                    declined_01, declined_02, declined_03, declined_04, declined_05, declined_06,
+                    recognition_rate::float8, repeats_avoided, saved::float8, item_name
+               FROM hmr.recognition_stats",
+            &[],
+        )
+        .await?;
+    let mut got: BTreeMap<(String, String, String, String), Figures> = BTreeMap::new();
+    for r in &rows {
+        let key: (String, String, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let f = Figures {
+            prompts: r.get(4),
+            recognised: r.get(5),
+            declined: r.get(6),
+            reasons: [r.get(7), r.get(8), r.get(9), r.get(10), r.get(11), r.get(12)],
+        };
+        let rate: Option<f64> = r.get(13);
+        let decided = f.recognised + f.declined;
+        match rate {
+            Some(rate) => assert!((rate - f.recognised as f64 / decided as f64).abs() < 1e-4, "{key:?}"),
+            None => assert_eq!(decided, 0, "{key:?}"),
+        }
+        assert_eq!(r.get::<_, i64>(14), f.recognised, "repeats avoided = recognised");
+        let saved: Option<f64> = r.get(15);
+        let price = match key.3.as_str() {
+            "JY0001" => Some(25.5),
+            "JC0001" => Some(180.0),
+            _ => None,
+        };
+        assert_eq!(saved, price.map(|p| p * f.recognised as f64), "{key:?}");
+        assert!(r.get::<_, Option<String>>(16).is_some(), "the item's catalog name");
+        got.insert(key, f);
+    }
+    assert_eq!(got, expected);
+    assert!(
+        expected.keys().any(|k| k.0 == "2026-12-01"),
+        "the Beijing month boundary is exercised"
+    );
+
+    // Totals per month agree with the details.
+    let totals = his
+        .query(
+            "SELECT month::text, prompts::bigint, recognised::bigint, declined::bigint FROM hmr.recognition_totals ORDER BY month",
+            &[],
+        )
+        .await?;
+    for t in &totals {
+        let month: String = t.get(0);
+        let sum = |f: fn(&Figures) -> i64| {
+            expected
+                .iter()
+                .filter(|(k, _)| k.0 == month)
+                .map(|(_, v)| f(v))
+                .sum::<i64>()
+        };
+        assert_eq!(
+            (t.get::<_, i64>(1), t.get::<_, i64>(2), t.get::<_, i64>(3)),
+            (sum(|f| f.prompts), sum(|f| f.recognised), sum(|f| f.declined)),
+            "{month}"
+        );
+    }
+    println!(
+        "{} rows of statistics, {} months; e.g. {:?}",
+        got.len(),
+        totals.len(),
+        got.iter().next()
+    );
+    Ok(())
+}
+
+/// Every badge/list call is kept (调阅/提醒): who, for whom (masked), what it showed, cached
+/// or not; the month's list calls appear in the totals.
+#[tokio::test(flavor = "multi_thread")]
+async fn list_calls_are_kept_for_the_statistics() -> Result<()> {
+    const P0001_ID: &str = "441302198003151233";
+    let cluster = Cluster::start().await?;
+    let his = cluster.connect("his").await?;
+    load_sample_data(&his).await?;
+    let sim = Sim::start()?;
+    configure_platform(&his, &sim).await?;
+    OtherHospital::new(&sim)
+        .lab_report(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)
+        .await?;
+    for _ in 0..2 {
+        his.query_one(
+            &format!("SELECT hmr_list_recognitions('01', '{P0001_ID}', 'MZ001', 'D001', '0301')"),
+            &[],
+        )
+        .await?;
+    }
+    // A read-only screen still works; its call is not kept.
+    his.batch_execute(&format!(
+        "BEGIN READ ONLY; SELECT hmr_list_recognitions('01', '{P0001_ID}', 'MZ001', 'D001', '0301', use_cache => false); COMMIT;"
+    ))
+    .await?;
+    let rows = his
+        .query(
+            "SELECT doctor_no, dept_code, visit_no, id_no_masked, shown, status, cached FROM hmr.list_log ORDER BY id",
+            &[],
+        )
+        .await?;
+    assert_eq!(rows.len(), 2);
+    for (r, cached) in rows.iter().zip([false, true]) {
+        assert_eq!(
+            (r.get::<_, &str>(0), r.get::<_, &str>(1), r.get::<_, &str>(2)),
+            ("D001", "0301", "MZ001")
+        );
+        let masked: &str = r.get(3);
+        assert!(!masked.contains("198003151"), "masked: {masked}");
+        assert_eq!((r.get::<_, Option<i32>>(4), r.get::<_, &str>(5)), (Some(1), "ok"));
+        assert_eq!(r.get::<_, bool>(6), cached);
+    }
+    assert_eq!(
+        count(
+            &his,
+            "SELECT list_calls_with_results::bigint FROM hmr.recognition_totals"
+        )
+        .await?,
+        2
+    );
+    Ok(())
+}
