@@ -20,6 +20,10 @@ pgdata=$(mktemp -d /tmp/hmr-pgtest.XXXXXX); chown postgres "$pgdata"
 (cd extension && cargo pgrx test pg15 --runas postgres --pgdata "$pgdata" 2>&1 | grep -E "^test |test result:|panicked|FAILED|error" ) \
   || { echo "extension tests failed"; exit 1; }
 rm -rf "$pgdata"
+# `cargo pgrx test` installed a build with its test functions: put the product back, so the
+# end-to-end tests (the upgrade's comparison with a fresh install among them) see what a
+# hospital installs.
+(cd extension && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
 
 echo "== unit, simulator and end-to-end tests"
 # --tests: no doc-tests, so the last line printed is the end-to-end suite's summary.
