@@ -316,7 +316,9 @@ GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_h
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.guarded, hmr.item_prices TO hmr_admin;
 -- Statistics: read by the hospital's administrators and the worker (its report command).
-GRANT SELECT ON hmr.list_log, hmr.recognition_stats, hmr.recognition_totals TO hmr_worker, hmr_admin;
+GRANT SELECT ON hmr.list_log, hmr.recognition_stats, hmr.recognition_totals, hmr.quarantine_ageing TO hmr_worker, hmr_admin;
+GRANT SELECT, INSERT, UPDATE ON hmr.upload_days TO hmr_worker, hmr_admin;
+GRANT EXECUTE ON FUNCTION hmr.upload_stats(interval) TO hmr_worker, hmr_admin;
 GRANT SELECT ON hmr.source_readiness, hmr.prompts, hmr.prompt_log, hmr.guards, hmr.watches, hmr.backfill_progress, hmr.retained_reports, hmr.download_log, hmr.checks,
                 hmr.list_cache TO hmr_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA hmr TO hmr_admin;

@@ -568,3 +568,129 @@ SELECT pg_catalog.pg_extension_config_dump('hmr.item_prices', '');
 REVOKE ALL ON hmr.list_log, hmr.item_prices, hmr.recognition_stats, hmr.recognition_totals FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON hmr.item_prices TO hmr_admin;
 GRANT SELECT ON hmr.list_log, hmr.recognition_stats, hmr.recognition_totals TO hmr_worker, hmr_admin;
+
+-- Upload statistics (issue #18).
+-- Uploads of reports per day (Beijing time) and kind, rolled up from the history when
+-- hmr.purge_history() deletes it, so the upload statistics outlive the trimmed history. The
+-- time from the event (the approval) to the platform's acceptance is kept as a distribution.
+CREATE TABLE hmr.upload_days (
+    day           date NOT NULL,
+    kind          text NOT NULL,
+    uploaded      bigint NOT NULL DEFAULT 0,
+    revokes       bigint NOT NULL DEFAULT 0,
+    discarded     bigint NOT NULL DEFAULT 0,
+    within_1min   bigint NOT NULL DEFAULT 0,
+    within_10min  bigint NOT NULL DEFAULT 0,
+    within_1h     bigint NOT NULL DEFAULT 0,
+    within_24h    bigint NOT NULL DEFAULT 0,
+    within_72h    bigint NOT NULL DEFAULT 0,
+    CONSTRAINT upload_days_pkey PRIMARY KEY (day, kind)
+);
+
+-- Finished events older than `keep` leave the history in batches (the worker calls this;
+-- the history exists for audit, so keep it as long as the hospital's rules say). Report
+-- uploads are rolled up into hmr.upload_days first.
+CREATE OR REPLACE FUNCTION hmr.purge_history(keep interval DEFAULT '90 days', batch integer DEFAULT 10000) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    removed bigint := 0;
+    n bigint;
+BEGIN
+    INSERT INTO hmr.upload_days AS u (day, kind, uploaded, revokes, discarded, within_1min, within_10min,
+                                      within_1h, within_24h, within_72h)
+    SELECT (h.created_at AT TIME ZONE 'Asia/Shanghai')::date, h.kind,
+           count(*) FILTER (WHERE h.outcome = 'delivered'),
+           count(*) FILTER (WHERE h.outcome = 'delivered' AND h.detail = 'revoke'),
+           count(*) FILTER (WHERE h.outcome = 'discarded'),
+           count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= interval '1 minute'),
+           count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= interval '10 minutes'),
+           count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= interval '1 hour'),
+           count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= interval '24 hours'),
+           count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= interval '72 hours')
+      FROM hmr.outbox_history h
+     WHERE h.finished_at < now() - keep AND h.kind IN ('lab_report', 'exam_report')
+     GROUP BY 1, 2
+    ON CONFLICT (day, kind) DO UPDATE
+       SET uploaded = u.uploaded + EXCLUDED.uploaded, revokes = u.revokes + EXCLUDED.revokes,
+           discarded = u.discarded + EXCLUDED.discarded, within_1min = u.within_1min + EXCLUDED.within_1min,
+           within_10min = u.within_10min + EXCLUDED.within_10min, within_1h = u.within_1h + EXCLUDED.within_1h,
+           within_24h = u.within_24h + EXCLUDED.within_24h, within_72h = u.within_72h + EXCLUDED.within_72h;
+    LOOP
+        DELETE FROM hmr.outbox_history
+         WHERE id IN (SELECT id FROM hmr.outbox_history WHERE finished_at < now() - keep ORDER BY finished_at LIMIT batch);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed + n;
+        EXIT WHEN n < batch;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+-- Uploads of lab and exam reports by month (Beijing time) and kind: 上传率 (of the events that
+-- had something to send — a version or a revoke — the share the platform accepted; waiting,
+-- quarantined and discarded ones are not uploaded) and 及时率 (of the uploads, the share
+-- accepted within `on_time` of the approval), the distribution of that time, and revokes.
+-- From the history, the outbox and, for purged days, hmr.upload_days (there `on_time` counts
+-- at the largest of 1 min, 10 min, 1 h, 24 h, 72 h not above it).
+CREATE FUNCTION hmr.upload_stats(on_time interval DEFAULT '24 hours')
+RETURNS TABLE (month date, kind text, uploaded bigint, not_uploaded bigint, upload_rate numeric,
+               uploaded_on_time bigint, on_time_rate numeric, revokes bigint, within_1min bigint,
+               within_10min bigint, within_1h bigint, within_24h bigint, within_72h bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH live AS (
+        SELECT date_trunc('month', h.created_at AT TIME ZONE 'Asia/Shanghai')::date AS month, h.kind,
+               count(*) FILTER (WHERE h.outcome = 'delivered') AS uploaded,
+               count(*) FILTER (WHERE h.outcome = 'discarded') AS not_uploaded,
+               count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= on_time) AS on_time,
+               count(*) FILTER (WHERE h.outcome = 'delivered' AND h.detail = 'revoke') AS revokes,
+               count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= interval '1 minute') AS w1,
+               count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= interval '10 minutes') AS w10,
+               count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= interval '1 hour') AS w60,
+               count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= interval '24 hours') AS w24h,
+               count(*) FILTER (WHERE h.outcome = 'delivered' AND h.finished_at - h.created_at <= interval '72 hours') AS w72h
+          FROM hmr.outbox_history h
+         WHERE h.kind IN ('lab_report', 'exam_report')
+         GROUP BY 1, 2
+        UNION ALL
+        SELECT date_trunc('month', o.created_at AT TIME ZONE 'Asia/Shanghai')::date, o.kind,
+               0, count(*), 0, 0, 0, 0, 0, 0, 0
+          FROM hmr.outbox o
+         WHERE o.kind IN ('lab_report', 'exam_report')
+         GROUP BY 1, 2
+        UNION ALL
+        SELECT date_trunc('month', d.day)::date, d.kind, d.uploaded, d.discarded,
+               CASE WHEN on_time >= interval '72 hours' THEN d.within_72h
+                    WHEN on_time >= interval '24 hours' THEN d.within_24h
+                    WHEN on_time >= interval '1 hour' THEN d.within_1h
+                    WHEN on_time >= interval '10 minutes' THEN d.within_10min
+                    WHEN on_time >= interval '1 minute' THEN d.within_1min
+                    ELSE 0 END,
+               d.revokes, d.within_1min, d.within_10min, d.within_1h, d.within_24h, d.within_72h
+          FROM hmr.upload_days d)
+    SELECT l.month, l.kind, sum(l.uploaded)::bigint, sum(l.not_uploaded)::bigint,
+           round(sum(l.uploaded) / nullif(sum(l.uploaded) + sum(l.not_uploaded), 0), 4),
+           sum(l.on_time)::bigint, round(sum(l.on_time) / nullif(sum(l.uploaded), 0), 4),
+           sum(l.revokes)::bigint, sum(l.w1)::bigint, sum(l.w10)::bigint, sum(l.w60)::bigint,
+           sum(l.w24h)::bigint, sum(l.w72h)::bigint
+      FROM live l
+     GROUP BY l.month, l.kind
+$$;
+
+-- Quarantined events by kind and age (how long the DBA has left them).
+CREATE VIEW hmr.quarantine_ageing AS
+SELECT kind,
+       count(*) FILTER (WHERE now() - failed_at < interval '1 hour') AS under_1h,
+       count(*) FILTER (WHERE now() - failed_at >= interval '1 hour' AND now() - failed_at < interval '1 day') AS under_1d,
+       count(*) FILTER (WHERE now() - failed_at >= interval '1 day' AND now() - failed_at < interval '7 days') AS under_7d,
+       count(*) FILTER (WHERE now() - failed_at >= interval '7 days') AS older,
+       min(failed_at) AS oldest
+FROM hmr.outbox
+WHERE state = 'quarantined'
+GROUP BY kind;
+
+SELECT pg_catalog.pg_extension_config_dump('hmr.upload_days', '');
+REVOKE ALL ON hmr.upload_days, hmr.quarantine_ageing FROM PUBLIC;
+REVOKE ALL ON FUNCTION hmr.upload_stats(interval) FROM PUBLIC;
+GRANT SELECT ON hmr.quarantine_ageing TO hmr_worker, hmr_admin;
+GRANT SELECT, INSERT, UPDATE ON hmr.upload_days TO hmr_worker, hmr_admin;
+GRANT EXECUTE ON FUNCTION hmr.upload_stats(interval) TO hmr_worker, hmr_admin;

@@ -170,6 +170,19 @@ async fn lab_report_versions_revoke_and_pdfs_arrive_in_order() -> Result<()> {
         .expect("v4");
     assert_eq!(corrected["body"]["version"], 4);
     assert_eq!(corrected["body"]["items"][0]["resultValue"], "4.9");
+    // The two revokes are told apart in the history (for the upload statistics).
+    assert_eq!(
+        count(
+            &his,
+            &format!("SELECT count(*) FROM hmr.outbox_history WHERE key = '{r}' AND detail = 'revoke'")
+        )
+        .await?,
+        2
+    );
+    assert_eq!(
+        count(&his, "SELECT revokes FROM hmr.upload_stats() WHERE kind = 'lab_report'").await?,
+        2
+    );
     Ok(())
 }
 

@@ -258,3 +258,139 @@ async fn list_calls_are_kept_for_the_statistics() -> Result<()> {
     );
     Ok(())
 }
+
+/// Upload statistics (上传率, 及时率, revokes, the time to the platform) from a generated
+/// history, against figures computed here; they survive the history's purge (rolled up by day
+/// first).
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_statistics_survive_the_history_purge() -> Result<()> {
+    let cluster = Cluster::start_empty().await?;
+    let his = cluster.connect("his").await?;
+    let delays = [30i64, 300, 1800, 3 * 3600, 30 * 3600, 100 * 3600]; // seconds
+    let mut rng = Lcg(7);
+    // (month, kind) -> (uploaded, not_uploaded, on_time_24h, revokes, within [1m,10m,1h,24h,72h], on_time_2h)
+    let mut expected: BTreeMap<(String, String), (i64, i64, i64, i64, [i64; 5], i64)> = BTreeMap::new();
+    let mut sql = String::from("BEGIN;");
+    for n in 0..600i64 {
+        let kind = if n % 3 == 0 { "exam_report" } else { "lab_report" };
+        let (month, created) = if n % 40 == 39 {
+            (
+                "2026-12-01",
+                format!("2026-11-30 18:00:00+00 + interval '{} seconds'", n),
+            )
+        } else {
+            (
+                "2026-11-01",
+                format!("2026-11-{:02} 10:00:00+08 + interval '{} seconds'", 1 + n % 28, n),
+            )
+        };
+        let delay = delays[rng.next(6) as usize];
+        let outcome = [
+            "delivered",
+            "delivered",
+            "delivered",
+            "discarded",
+            "unchanged",
+            "skipped",
+        ][rng.next(6) as usize];
+        let revoke = outcome == "delivered" && rng.next(5) == 0;
+        sql.push_str(&format!(
+            "INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, finished_at, outcome, version, attempts, detail)
+             VALUES ({id}, '{kind}', 'R{n}', 'U', pg_current_xact_id(), timestamptz '{c0}' {c1},
+                     timestamptz '{c0}' {c1} + interval '{delay} seconds', '{outcome}', 1, 1, {detail});",
+            id = 1_000_000 + n,
+            c0 = created.split(" + ").next().unwrap(),
+            c1 = created.split_once(" + ").map(|(_, r)| format!("+ {r}")).unwrap_or_default(),
+            detail = if revoke { "'revoke'" } else { "NULL" }
+        ));
+        let e = expected.entry((month.to_string(), kind.to_string())).or_default();
+        match outcome {
+            "delivered" => {
+                e.0 += 1;
+                if delay <= 24 * 3600 {
+                    e.2 += 1;
+                }
+                if revoke {
+                    e.3 += 1;
+                }
+                for (i, limit) in [60, 600, 3600, 24 * 3600, 72 * 3600].into_iter().enumerate() {
+                    if delay <= limit {
+                        e.4[i] += 1;
+                    }
+                }
+                if delay <= 2 * 3600 {
+                    e.5 += 1;
+                }
+            }
+            "discarded" => e.1 += 1,
+            _ => {}
+        }
+    }
+    // Still waiting (pending or quarantined): not uploaded.
+    for n in 0..7i64 {
+        sql.push_str(&format!(
+            "INSERT INTO hmr.outbox (kind, key, op, created_at) VALUES ('lab_report', 'W{n}', 'U', '2026-11-20 10:00:00+08');"
+        ));
+        expected
+            .entry(("2026-11-01".into(), "lab_report".into()))
+            .or_default()
+            .1 += 1;
+    }
+    sql.push_str("COMMIT;");
+    his.batch_execute(&sql).await?;
+
+    let read = |limit: &'static str| {
+        let his = &his;
+        async move {
+            let rows = his
+                .query(
+                    &format!(
+                        "SELECT month::text, kind, uploaded, not_uploaded, uploaded_on_time, revokes, within_1min,
+                                within_10min, within_1h, within_24h, within_72h, upload_rate::float8, on_time_rate::float8
+                           FROM hmr.upload_stats('{limit}')"
+                    ),
+                    &[],
+                )
+                .await?;
+            let mut got = BTreeMap::new();
+            for r in rows {
+                let (up, not, on): (i64, i64, i64) = (r.get(2), r.get(3), r.get(4));
+                let rate: f64 = r.get(11);
+                assert!((rate - up as f64 / (up + not) as f64).abs() < 1e-4);
+                let on_rate: f64 = r.get(12);
+                assert!((on_rate - on as f64 / up as f64).abs() < 1e-4);
+                got.insert(
+                    (r.get::<_, String>(0), r.get::<_, String>(1)),
+                    (
+                        up,
+                        not,
+                        on,
+                        r.get::<_, i64>(5),
+                        [r.get(6), r.get(7), r.get(8), r.get(9), r.get(10)],
+                    ),
+                );
+            }
+            anyhow::Ok(got)
+        }
+    };
+    let want = |e: &(i64, i64, i64, i64, [i64; 5], i64), on: i64| (e.0, e.1, on, e.3, e.4);
+    let expected_24h: BTreeMap<_, _> = expected.iter().map(|(k, e)| (k.clone(), want(e, e.2))).collect();
+    let expected_2h: BTreeMap<_, _> = expected.iter().map(|(k, e)| (k.clone(), want(e, e.5))).collect();
+    assert_eq!(read("24 hours").await?, expected_24h);
+    assert_eq!(
+        read("2 hours").await?,
+        expected_2h,
+        "an exact limit on the live history"
+    );
+
+    // The history is purged; the figures stay (24 h is one of the kept boundaries).
+    let removed: i64 = his
+        .query_one("SELECT hmr.purge_history('0 seconds')", &[])
+        .await?
+        .get(0);
+    assert_eq!(removed, 600);
+    assert_eq!(count(&his, "SELECT count(*) FROM hmr.outbox_history").await?, 0);
+    assert_eq!(read("24 hours").await?, expected_24h, "after the purge");
+    println!("upload statistics: {expected_24h:?}");
+    Ok(())
+}

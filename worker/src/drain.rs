@@ -297,7 +297,8 @@ impl Drainer {
                 content_hash: plan.content_hash,
                 revoked: plan.revoked,
             }),
-            detail: None,
+            // Counted apart in the upload statistics (hmr.upload_stats).
+            detail: plan.revoked.then(|| "revoke".to_string()),
         }))
     }
 
