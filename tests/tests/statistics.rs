@@ -259,6 +259,10 @@ async fn list_calls_are_kept_for_the_statistics() -> Result<()> {
     Ok(())
 }
 
+/// Per month and kind: uploaded, not uploaded, on time (24 h), revokes, within 1 min / 10 min
+/// / 1 h / 24 h / 72 h, on time (2 h).
+type Uploads = (i64, i64, i64, i64, [i64; 5], i64);
+
 /// Upload statistics (上传率, 及时率, revokes, the time to the platform) from a generated
 /// history, against figures computed here; they survive the history's purge (rolled up by day
 /// first).
@@ -268,8 +272,7 @@ async fn upload_statistics_survive_the_history_purge() -> Result<()> {
     let his = cluster.connect("his").await?;
     let delays = [30i64, 300, 1800, 3 * 3600, 30 * 3600, 100 * 3600]; // seconds
     let mut rng = Lcg(7);
-    // (month, kind) -> (uploaded, not_uploaded, on_time_24h, revokes, within [1m,10m,1h,24h,72h], on_time_2h)
-    let mut expected: BTreeMap<(String, String), (i64, i64, i64, i64, [i64; 5], i64)> = BTreeMap::new();
+    let mut expected: BTreeMap<(String, String), Uploads> = BTreeMap::new();
     let mut sql = String::from("BEGIN;");
     for n in 0..600i64 {
         let kind = if n % 3 == 0 { "exam_report" } else { "lab_report" };
@@ -373,7 +376,7 @@ async fn upload_statistics_survive_the_history_purge() -> Result<()> {
             anyhow::Ok(got)
         }
     };
-    let want = |e: &(i64, i64, i64, i64, [i64; 5], i64), on: i64| (e.0, e.1, on, e.3, e.4);
+    let want = |e: &Uploads, on: i64| (e.0, e.1, on, e.3, e.4);
     let expected_24h: BTreeMap<_, _> = expected.iter().map(|(k, e)| (k.clone(), want(e, e.2))).collect();
     let expected_2h: BTreeMap<_, _> = expected.iter().map(|(k, e)| (k.clone(), want(e, e.5))).collect();
     assert_eq!(read("24 hours").await?, expected_24h);
