@@ -542,6 +542,8 @@ pub struct WorkerOptions {
     pub recheck_kept_secs: u64,
     /// A whole connection string instead of the cluster's (several hosts, for a failover).
     pub url: Option<String>,
+    /// `worker.metrics_listen` (Prometheus `/metrics`), e.g. `127.0.0.1:9187`.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for WorkerOptions {
@@ -559,6 +561,7 @@ impl Default for WorkerOptions {
             database: None,
             recheck_kept_secs: 21600,
             url: None,
+            metrics_listen: None,
         }
     }
 }
@@ -596,6 +599,7 @@ lease_secs = {lease}
 batch_size = {batch}
 shutdown_grace_secs = 2
 recheck_kept_secs = {recheck}
+{metrics}
 
 [pdf]
 render = {render}
@@ -616,6 +620,11 @@ hospital_name = "惠州市第一人民医院"
             batch = options.batch_size,
             render = options.render_pdf,
             recheck = options.recheck_kept_secs,
+            metrics = options
+                .metrics_listen
+                .as_ref()
+                .map(|m| format!("metrics_listen = \"{m}\""))
+                .unwrap_or_default(),
         );
         std::fs::write(&config_path, config)?;
         use std::os::unix::fs::PermissionsExt;

@@ -256,6 +256,68 @@ async fn list_calls_are_kept_for_the_statistics() -> Result<()> {
         .await?,
         2
     );
+
+    // The same totals as Prometheus counters from the worker's /metrics.
+    his.batch_execute(
+        "INSERT INTO hmr.checks (check_id, status, doctor_no, dept_code, orders, matches)
+         VALUES ('m1', 'ok', 'D001', '0301', '[]', '[{\"order_id\": \"o1\", \"data_code\": \"JY0001\"}, {\"order_id\": \"o2\", \"data_code\": \"JY0004\"}]');
+         INSERT INTO hmr.prompts (check_id, prompted_at, undecided, prompted_by)
+         VALUES ('m1', now(), (SELECT matches FROM hmr.checks WHERE check_id = 'm1'), 'his');
+         INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, doctor_no, dept_code)
+         VALUES ('m1', 'o1', 'x', true, NULL, 'D001', '0301'), ('m1', 'o2', 'x', false, '04', 'D001', '0301');",
+    )
+    .await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let _worker = Worker::start(
+        &cluster,
+        &sim,
+        &WorkerOptions {
+            metrics_listen: Some(format!("127.0.0.1:{port}")),
+            ..Default::default()
+        },
+    )?;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let expected = [
+        "hmr_prompts_total 2",
+        "hmr_list_calls_total 2",
+        "hmr_decisions_total{outcome=\"recognised\"} 1",
+        "hmr_decisions_total{outcome=\"declined\",reason=\"04\"} 1",
+        "# TYPE hmr_decisions_total counter",
+        "hmr_uploads_on_time_total",
+    ];
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the statistics' counters",
+        || async {
+            let text = match reqwest::get(&url).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => return Ok(false),
+            };
+            Ok(expected.iter().all(|e| text.contains(e)))
+        },
+    )
+    .await?;
+    // The Grafana dashboard shipped with the worker uses only metrics the worker exports.
+    let text = reqwest::get(&url).await?.text().await?;
+    let dashboard = std::fs::read_to_string(repo_root().join("worker/deploy/grafana-dashboard.json"))?;
+    let mut names: Vec<&str> = dashboard
+        .match_indices("hmr_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            &rest[..rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len())]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        assert!(
+            text.contains(name),
+            "the dashboard uses {name}, which /metrics does not export"
+        );
+    }
     Ok(())
 }
 

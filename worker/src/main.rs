@@ -299,6 +299,12 @@ async fn drain_until_stopped(
             if serve_metrics && measured.is_none_or(|t| t.elapsed() >= Duration::from_secs(15)) {
                 measured = Some(std::time::Instant::now());
                 metrics.set_backlog(store.status().await?);
+                // The statistics' totals; a database without them (an older extension) is not
+                // an error for the drain.
+                match store.statistics().await {
+                    Ok(s) => metrics.set_statistics(s),
+                    Err(e) => tracing::debug!(error = %e, "statistics not read"),
+                }
             }
             if housekept.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(3600)) {
                 housekept = Some(std::time::Instant::now());

@@ -22,7 +22,21 @@ pub struct Metrics {
     pub source_errors: AtomicU64,
     /// `hmr.status` columns, as last sampled.
     backlog: Mutex<Vec<(String, f64)>>,
+    /// Totals kept in the database (prompts, decisions, uploads), as last sampled: counters
+    /// whoever recorded them (doctors' sessions, any worker), `(name, labels, value)`.
+    statistics: Mutex<Vec<(&'static str, String, f64)>>,
     last_loop: Mutex<Option<Instant>>,
+}
+
+fn statistic_help(name: &str) -> &'static str {
+    match name {
+        "prompts_total" => "Duplicates a doctor was warned of (orders a refused save left undecided).",
+        "decisions_total" => "Doctors' decisions that count, by outcome and 不互认 reason.",
+        "list_calls_total" => "Badge/list calls (调阅/提醒).",
+        "uploads_total" => "Report uploads the platform accepted (versions and revokes).",
+        "uploads_on_time_total" => "Report uploads accepted within 24 hours of the approval.",
+        _ => "",
+    }
 }
 
 impl Metrics {
@@ -42,6 +56,10 @@ impl Metrics {
 
     pub fn set_backlog(&self, values: Vec<(String, f64)>) {
         *self.backlog.lock().expect("metrics") = values;
+    }
+
+    pub fn set_statistics(&self, values: Vec<(&'static str, String, f64)>) {
+        *self.statistics.lock().expect("metrics") = values;
     }
 
     /// Healthy while the drain loop turned within the last `within`.
@@ -93,6 +111,18 @@ impl Metrics {
         }
         for (column, value) in self.backlog.lock().expect("metrics").iter() {
             let _ = writeln!(out, "# TYPE hmr_{column} gauge\nhmr_{column} {value}");
+        }
+        let mut family = "";
+        for (name, labels, value) in self.statistics.lock().expect("metrics").iter() {
+            if *name != family {
+                family = name;
+                let _ = writeln!(
+                    out,
+                    "# HELP hmr_{name} {}\n# TYPE hmr_{name} counter",
+                    statistic_help(name)
+                );
+            }
+            let _ = writeln!(out, "hmr_{name}{labels} {value}");
         }
         out
     }

@@ -549,6 +549,43 @@ impl Store {
     }
 
     /// Reads the polled sources (exam systems without triggers) into the outbox.
+    /// The statistics' totals, as Prometheus counters (`Metrics::set_statistics`).
+    pub async fn statistics(&self) -> Result<Vec<(&'static str, String, f64)>, WorkerError> {
+        let mut out = Vec::new();
+        let row = self
+            .query_one_cached(
+                "SELECT (SELECT count(*) FROM hmr.prompts p, jsonb_array_elements(p.undecided))::float8,
+                        (SELECT count(*) FROM hmr.list_log)::float8,
+                        coalesce((SELECT sum(uploaded) FROM hmr.upload_stats()), 0)::float8,
+                        coalesce((SELECT sum(uploaded_on_time) FROM hmr.upload_stats()), 0)::float8",
+                &[],
+            )
+            .await?;
+        out.push(("prompts_total", String::new(), row.get(0)));
+        out.push(("list_calls_total", String::new(), row.get(1)));
+        out.push(("uploads_total", String::new(), row.get(2)));
+        out.push(("uploads_on_time_total", String::new(), row.get(3)));
+        for r in self
+            .query_cached(
+                "SELECT CASE WHEN d.recognise THEN 'recognised' ELSE 'declined' END, coalesce(d.reason_code, ''),
+                        count(*)::float8
+                   FROM hmr.current_decisions d JOIN hmr.checks c ON c.check_id = d.check_id AND c.refused_at IS NULL
+                  GROUP BY 1, 2 ORDER BY 1, 2",
+                &[],
+            )
+            .await?
+        {
+            let (outcome, reason): (String, String) = (r.get(0), r.get(1));
+            let labels = if reason.is_empty() {
+                format!("{{outcome=\"{outcome}\"}}")
+            } else {
+                format!("{{outcome=\"{outcome}\",reason=\"{reason}\"}}")
+            };
+            out.push(("decisions_total", labels, r.get(2)));
+        }
+        Ok(out)
+    }
+
     pub async fn poll_sources(&self) -> Result<i32, WorkerError> {
         Ok(self.query_one_cached("SELECT hmr.poll_sources()", &[]).await?.get(0))
     }
