@@ -459,3 +459,110 @@ async fn upload_statistics_survive_the_history_purge() -> Result<()> {
     println!("upload statistics: {expected_24h:?}");
     Ok(())
 }
+
+/// `hmr-worker report`: the month's figures as one HTML page with SVG charts and as CSV; the
+/// page rendered by headless Chromium (a real browser) shows the charts' bars.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_monthly_report_renders_with_its_charts() -> Result<()> {
+    let cluster = Cluster::start_empty().await?;
+    let his = cluster.connect("his").await?;
+    let mut sql = String::from("BEGIN;");
+    for (n, (dept, doctor)) in [("0301", "D001"), ("0502", "D002"), ("0301", "D003")]
+        .iter()
+        .cycle()
+        .take(30)
+        .enumerate()
+    {
+        let at = format!("2026-11-{:02} 09:00:00+08", 1 + n % 28);
+        sql.push_str(&format!(
+            "INSERT INTO hmr.checks (check_id, status, doctor_no, dept_code, orders, matches, checked_at)
+             VALUES ('r{n}', 'ok', '{doctor}', '{dept}', '[]', '[{{\"order_id\": \"o{n}\", \"data_code\": \"JY0001\"}}]', '{at}');
+             INSERT INTO hmr.prompts (check_id, prompted_at, undecided, prompted_by)
+             VALUES ('r{n}', '{at}', '[{{\"order_id\": \"o{n}\", \"data_code\": \"JY0001\"}}]', 'his');
+             INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, doctor_no, dept_code, decided_at)
+             VALUES ('r{n}', 'o{n}', 'x', {rec}, {reason}, '{doctor}', '{dept}', '{at}');
+             INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, finished_at, outcome, version, attempts)
+             VALUES ({id}, 'lab_report', 'L{n}', 'U', pg_current_xact_id(), '{at}', timestamptz '{at}' + interval '{secs} seconds',
+                     'delivered', 1, 1);",
+            rec = n % 3 != 0,
+            reason = if n % 3 == 0 { format!("'0{}'", 1 + n % 6) } else { "NULL".into() },
+            id = 5_000_000 + n,
+            secs = [20, 400, 5000, 90_000][n % 4],
+        ));
+    }
+    sql.push_str("INSERT INTO hmr.item_prices VALUES ('JY0001', 25.50); COMMIT;");
+    his.batch_execute(&sql).await?;
+
+    let sim = Sim::start()?;
+    let worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    let dir = std::env::temp_dir().join(format!("hmr-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let html_path = dir.join("report.html");
+    let out = std::process::Command::new(bin_dir().join("hmr-worker"))
+        .arg("--config")
+        .arg(&worker.config_path)
+        .args(["report", "--month", "2026-11", "--out"])
+        .arg(&html_path)
+        .arg("--csv")
+        .arg(dir.join("csv"))
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(&html_path)?;
+    for needle in [
+        "检查检验结果互认月报",
+        "<figure id=\"chart-departments\"><svg",
+        "<figure id=\"chart-reasons\"><svg",
+        "<figure id=\"chart-uploads\"><svg",
+        "各科室提醒、互认与不互认",
+        "不互认原因分布",
+        "<td>互认</td><td>20</td>",
+        "<td>不互认</td><td>10</td>",
+        "<td>互认率</td><td>66.7%</td>",
+        "<td>节省费用 (元)</td><td>510.00</td>",
+    ] {
+        assert!(html.contains(needle), "{needle} missing from the report");
+    }
+    assert!(html.matches("<rect").count() > 10, "the charts have bars");
+    let uploads = std::fs::read_to_string(dir.join("csv/uploads-2026-11.csv"))?;
+    assert!(uploads.contains("lab_report,30,0,1,"), "{uploads}");
+    let depts = std::fs::read_to_string(dir.join("csv/departments-2026-11.csv"))?;
+    assert!(depts.contains("0301,20,") && depts.contains("0502,10,"), "{depts}");
+
+    // A real browser renders it: the bars' colours are on the screenshot.
+    let png_path = dir.join("report.png");
+    let status = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=900,2200",
+        ])
+        .arg(format!("--screenshot={}", png_path.display()))
+        .arg(format!("file://{}", html_path.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    assert!(status.success(), "chromium (Debian package chromium) renders the page");
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png_path)?));
+    let mut reader = decoder.read_info()?;
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf)?;
+    let channels = info.color_type.samples();
+    let near = |p: &[u8], c: (u8, u8, u8)| {
+        (p[0] as i32 - c.0 as i32).abs() < 12
+            && (p[1] as i32 - c.1 as i32).abs() < 12
+            && (p[2] as i32 - c.2 as i32).abs() < 12
+    };
+    let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(channels).collect();
+    let green = pixels.iter().filter(|p| near(p, (46, 139, 87))).count();
+    let red = pixels.iter().filter(|p| near(p, (205, 92, 92))).count();
+    let blue = pixels.iter().filter(|p| near(p, (70, 130, 180))).count();
+    assert!(
+        green > 500 && red > 500 && blue > 500,
+        "bars on the page: green {green}, red {red}, blue {blue} pixels ({})",
+        png_path.display()
+    );
+    println!("report: {} ({green}/{red}/{blue} bar pixels)", png_path.display());
+    Ok(())
+}

@@ -7,6 +7,7 @@ mod error;
 mod metrics;
 mod plan;
 mod platform;
+mod report;
 mod store;
 
 use std::path::PathBuf;
@@ -56,6 +57,19 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         page: i32,
     },
+    /// The month's 互认 and upload statistics for the 医务科: an HTML page with charts and/or
+    /// CSV files.
+    Report {
+        /// The month, e.g. 2026-11.
+        #[arg(long)]
+        month: String,
+        /// The HTML page to write.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A directory for CSV files.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +84,27 @@ fn main() -> anyhow::Result<()> {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => run(config).await,
             Command::Status => status(config).await,
+            Command::Report { month, out, csv } => {
+                anyhow::ensure!(
+                    month.len() == 7 && chrono::NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d").is_ok(),
+                    "--month is a month like 2026-11, not {month:?}"
+                );
+                anyhow::ensure!(
+                    out.is_some() || csv.is_some(),
+                    "give --out report.html and/or --csv DIR"
+                );
+                let m = report::read(config.database.url.expose(), &month).await?;
+                if let Some(out) = out {
+                    report::register_font(std::path::Path::new(&config.pdf.font))?;
+                    std::fs::write(&out, report::html(&m, &config.pdf.hospital_name)?)?;
+                    println!("{}", out.display());
+                }
+                if let Some(dir) = csv {
+                    report::csv(&m, &dir)?;
+                    println!("{}", dir.display());
+                }
+                Ok(())
+            }
             Command::Backfill { kind, since, page } => {
                 let kind = hmr_protocol::Kind::from_word(&kind)
                     .filter(|k| *k != hmr_protocol::Kind::Decision)
