@@ -4,9 +4,10 @@
 
 CREATE FUNCTION public.hmr_list_recognitions(id_type text, id_no text, visit_no text, doctor_no text,
                                              dept_code text, kind text DEFAULT 'all',
-                                             use_cache boolean DEFAULT true)
+                                             use_cache boolean DEFAULT true, workstation text DEFAULT NULL)
 RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT hmr.list_recognitions_json(id_type, id_no, visit_no, doctor_no, dept_code, kind, use_cache)
+    SELECT hmr.list_recognitions_json(id_type, id_no, visit_no, doctor_no, dept_code, kind, use_cache,
+                                      coalesce(workstation, ''))
 $$;
 
 CREATE FUNCTION public.hmr_query_recognitions(filter jsonb)
@@ -257,7 +258,7 @@ $$;
 
 REVOKE ALL ON ALL TABLES IN SCHEMA hmr FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA hmr FROM PUBLIC;
-REVOKE ALL ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean),
+REVOKE ALL ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean, text),
                        public.hmr_query_recognitions(jsonb),
                        public.hmr_check_prescription(jsonb, jsonb),
                        public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
@@ -268,7 +269,7 @@ REVOKE ALL ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text
 -- SECURITY DEFINER functions behind the wrappers are not granted to HIS roles. (A trigger
 -- function needs no EXECUTE grant to fire.)
 GRANT USAGE ON SCHEMA hmr TO hmr_his, hmr_worker, hmr_admin;
-GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean),
+GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean, text),
                           public.hmr_query_recognitions(jsonb),
                           public.hmr_check_prescription(jsonb, jsonb),
                           public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
@@ -322,7 +323,7 @@ GRANT EXECUTE ON FUNCTION hmr.upload_stats(interval) TO hmr_worker, hmr_admin;
 GRANT SELECT ON hmr.source_readiness, hmr.prompts, hmr.prompt_log, hmr.guards, hmr.watches, hmr.backfill_progress, hmr.retained_reports, hmr.download_log, hmr.checks,
                 hmr.list_cache TO hmr_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA hmr TO hmr_admin;
-GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean),
+GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean, text),
                           public.hmr_query_recognitions(jsonb), public.hmr_check_prescription(jsonb, jsonb),
                           public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
                           public.hmr_download_report(text, text), public.hmr_order_recognition(text),

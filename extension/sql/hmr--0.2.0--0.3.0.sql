@@ -478,7 +478,9 @@ CREATE TABLE hmr.list_log (
     shown         integer,
     status        text NOT NULL,
     cached        boolean NOT NULL DEFAULT false,
-    called_by     text NOT NULL DEFAULT session_user
+    called_by     text NOT NULL DEFAULT session_user,
+    -- the calling workstation as the HIS names it (outpatient, inpatient, emergency, …)
+    workstation   text
 );
 CREATE INDEX list_log_called_idx ON hmr.list_log (called_at);
 
@@ -694,3 +696,33 @@ REVOKE ALL ON FUNCTION hmr.upload_stats(interval) FROM PUBLIC;
 GRANT SELECT ON hmr.quarantine_ageing TO hmr_worker, hmr_admin;
 GRANT SELECT, INSERT, UPDATE ON hmr.upload_days TO hmr_worker, hmr_admin;
 GRANT EXECUTE ON FUNCTION hmr.upload_stats(interval) TO hmr_worker, hmr_admin;
+
+-- The list call names its workstation (statistics of 调阅 by workstation): one more argument.
+DROP FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean);
+DROP FUNCTION hmr.list_recognitions_json(text, text, text, text, text, text, boolean);
+CREATE FUNCTION hmr."list_recognitions_json"(
+	"id_type" TEXT, /* & str */
+	"id_no" TEXT, /* & str */
+	"visit_no" TEXT, /* & str */
+	"doctor_no" TEXT, /* & str */
+	"dept_code" TEXT, /* & str */
+	"kind" TEXT DEFAULT 'all', /* & str */
+	"use_cache" bool DEFAULT true, /* bool */
+	"workstation" TEXT DEFAULT '' /* & str */
+) RETURNS jsonb /* JsonB */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'list_recognitions_json_wrapper';
+CREATE FUNCTION public.hmr_list_recognitions(id_type text, id_no text, visit_no text, doctor_no text,
+                                             dept_code text, kind text DEFAULT 'all',
+                                             use_cache boolean DEFAULT true, workstation text DEFAULT NULL)
+RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.list_recognitions_json(id_type, id_no, visit_no, doctor_no, dept_code, kind, use_cache,
+                                      coalesce(workstation, ''))
+$$;
+REVOKE ALL ON FUNCTION hmr.list_recognitions_json(text, text, text, text, text, text, boolean, text),
+                       public.hmr_list_recognitions(text, text, text, text, text, text, boolean, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hmr.list_recognitions_json(text, text, text, text, text, text, boolean, text) TO hmr_admin;
+GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean, text)
+      TO hmr_his, hmr_admin;

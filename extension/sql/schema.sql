@@ -1329,7 +1329,9 @@ CREATE TABLE hmr.list_log (
     shown         integer,
     status        text NOT NULL,
     cached        boolean NOT NULL DEFAULT false,
-    called_by     text NOT NULL DEFAULT session_user
+    called_by     text NOT NULL DEFAULT session_user,
+    -- the calling workstation as the HIS names it (outpatient, inpatient, emergency, …)
+    workstation   text
 );
 CREATE INDEX list_log_called_idx ON hmr.list_log (called_at);
 

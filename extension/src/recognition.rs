@@ -102,6 +102,7 @@ fn list_recognitions_json(
     dept_code: &str,
     kind: default!(&str, "'all'"),
     use_cache: default!(bool, true),
+    workstation: default!(&str, "''"),
 ) -> JsonB {
     if !matches!(kind, "lab" | "exam" | "all") {
         bad_argument(format!("hmr: kind must be lab, exam or all, not {kind:?}"));
@@ -128,7 +129,7 @@ fn list_recognitions_json(
             "SELECT answer FROM hmr.list_cache WHERE cache_key = $1 AND expires_at > pg_catalog.clock_timestamp()",
             &[cache_key.as_str().into()],
         ) {
-            log_list_call(&query, &hit, true, read_only);
+            log_list_call(&query, workstation, &hit, true, read_only);
             return JsonB(hit);
         }
     }
@@ -160,21 +161,21 @@ fn list_recognitions_json(
             ],
         );
     }
-    log_list_call(&query, &answer, false, read_only);
+    log_list_call(&query, workstation, &answer, false, read_only);
     JsonB(answer)
 }
 
 /// Keeps the call for the hospital's statistics (hmr.list_log: 调阅/提醒). Not on a standby or
 /// in a read-only transaction (a screen that only reads must keep working).
-fn log_list_call(query: &ListQuery, answer: &Value, cached: bool, read_only: bool) {
+fn log_list_call(query: &ListQuery, workstation: &str, answer: &Value, cached: bool, read_only: bool) {
     if read_only {
         return;
     }
     let status = answer["status"].as_str().unwrap_or("unavailable");
     let shown = answer["count"].as_i64().map(|n| n as i32);
     let _ = Spi::run_with_args(
-        "INSERT INTO hmr.list_log (doctor_no, dept_code, visit_no, id_no_masked, kind, shown, status, cached)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO hmr.list_log (doctor_no, dept_code, visit_no, id_no_masked, kind, shown, status, cached, workstation)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF(pg_catalog.left($9, 32), ''))",
         &[
             query.doctor_no.as_str().into(),
             query.dept_code.as_str().into(),
@@ -184,6 +185,7 @@ fn log_list_call(query: &ListQuery, answer: &Value, cached: bool, read_only: boo
             shown.into(),
             status.into(),
             cached.into(),
+            workstation.into(),
         ],
     );
 }

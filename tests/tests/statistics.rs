@@ -221,7 +221,7 @@ async fn list_calls_are_kept_for_the_statistics() -> Result<()> {
         .await?;
     for _ in 0..2 {
         his.query_one(
-            &format!("SELECT hmr_list_recognitions('01', '{P0001_ID}', 'MZ001', 'D001', '0301')"),
+            &format!("SELECT hmr_list_recognitions('01', '{P0001_ID}', 'MZ001', 'D001', '0301', workstation => '门诊医生站')"),
             &[],
         )
         .await?;
@@ -233,7 +233,8 @@ async fn list_calls_are_kept_for_the_statistics() -> Result<()> {
     .await?;
     let rows = his
         .query(
-            "SELECT doctor_no, dept_code, visit_no, id_no_masked, shown, status, cached FROM hmr.list_log ORDER BY id",
+            "SELECT doctor_no, dept_code, visit_no, id_no_masked, shown, status, cached, workstation
+               FROM hmr.list_log ORDER BY id",
             &[],
         )
         .await?;
@@ -247,6 +248,7 @@ async fn list_calls_are_kept_for_the_statistics() -> Result<()> {
         assert!(!masked.contains("198003151"), "masked: {masked}");
         assert_eq!((r.get::<_, Option<i32>>(4), r.get::<_, &str>(5)), (Some(1), "ok"));
         assert_eq!(r.get::<_, bool>(6), cached);
+        assert_eq!(r.get::<_, Option<&str>>(7), Some("门诊医生站"));
     }
     assert_eq!(
         count(
