@@ -8,6 +8,7 @@ mod metrics;
 mod plan;
 mod platform;
 mod report;
+mod serve;
 mod store;
 
 use std::path::PathBuf;
@@ -57,6 +58,12 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         page: i32,
     },
+    /// The recognition services as an HL7 CDS Hooks service (patient-view, order-sign,
+    /// feedback), for terminals that cannot call SQL. No authentication yet: listen on loopback.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+    },
     /// The month's 互认 and upload statistics for the 医务科: an HTML page with charts and/or
     /// CSV files.
     Report {
@@ -84,6 +91,13 @@ fn main() -> anyhow::Result<()> {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => run(config).await,
             Command::Status => status(config).await,
+            Command::Serve { listen } => {
+                anyhow::ensure!(
+                    listen.ip().is_loopback(),
+                    "serve has no authentication yet: listen on a loopback address, not {listen}"
+                );
+                Ok(serve::run(config.database.url.expose(), listen).await?)
+            }
             Command::Report { month, out, csv } => {
                 anyhow::ensure!(
                     month.len() == 7 && chrono::NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d").is_ok(),

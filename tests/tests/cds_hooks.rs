@@ -1,0 +1,212 @@
+//! `hmr-worker serve`: the recognition services as a CDS Hooks 2.0 service, over the same SQL
+//! functions (one set of checks, decisions and outbox). Requests and answers use the field
+//! names of the specification (`docs/design/cds-hooks.md`).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use hmr_e2e::*;
+use serde_json::{json, Value};
+
+const P0001_ID: &str = "441302198003151233";
+
+struct Serve {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn serve(worker: &Worker) -> Result<Serve> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let child = std::process::Command::new(bin_dir().join("hmr-worker"))
+        .arg("--config")
+        .arg(&worker.config_path)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let s = Serve {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    wait_until(Duration::from_secs(20), "the CDS service", || async {
+        Ok(reqwest::get(format!("{}/cds-services", s.base)).await.is_ok())
+    })
+    .await?;
+    Ok(s)
+}
+
+fn draft_orders(orders: &[(&str, &str)]) -> Value {
+    json!({
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": orders.iter().map(|(id, code)| json!({"resource": {
+            "resourceType": "ServiceRequest", "id": id, "status": "draft", "intent": "order",
+            "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "108252007", "display": "Laboratory procedure"}]}],
+            "code": {"coding": [{"system": "urn:hmr:item", "code": code}]},
+            "subject": {"reference": "Patient/P0001"}
+        }})).collect::<Vec<_>>()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result<()> {
+    let w = Workstations::start(
+        &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
+        &WorkerOptions::default(),
+    )
+    .await?;
+    let s = serve(&w.worker).await?;
+    let http = reqwest::Client::new();
+
+    // Discovery.
+    let services: Value = reqwest::get(format!("{}/cds-services", s.base)).await?.json().await?;
+    let hooks: Vec<&str> = services["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["hook"].as_str().unwrap())
+        .collect();
+    assert_eq!(hooks, ["patient-view", "order-sign"], "{services}");
+    for svc in services["services"].as_array().unwrap() {
+        assert!(
+            svc["id"].is_string() && svc["description"].is_string(),
+            "required fields: {svc}"
+        );
+    }
+
+    // patient-view: the badge as a card with the platform's page.
+    let context = json!({"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001"});
+    let view: Value = http
+        .post(format!("{}/cds-services/hmr-recognitions", s.base))
+        .json(&json!({"hook": "patient-view", "hookInstance": uuid_like(1), "context": context}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let card = &view["cards"][0];
+    assert_eq!(card["summary"], "本患者有 1 项可互认的检查检验结果", "{view}");
+    assert_eq!(card["indicator"], "info");
+    assert!(card["source"]["label"].is_string());
+    assert_eq!(card["links"][0]["type"], "absolute");
+    assert!(card["summary"].as_str().unwrap().chars().count() < 140);
+    // The call is kept for the statistics like any other list call.
+    assert_eq!(
+        count(
+            &w.his,
+            "SELECT count(*) FROM hmr.list_log WHERE workstation = 'cds-hooks'"
+        )
+        .await?,
+        1
+    );
+
+    // order-sign: one card for the duplicate, 互认 as the suggestion, the six 不互认 reasons.
+    let mut context = context.clone();
+    context["draftOrders"] = draft_orders(&[("SR1", "JY0001"), ("SR2", "JY0005")]);
+    let sign: Value = http
+        .post(format!("{}/cds-services/hmr-order-check", s.base))
+        .json(&json!({"hook": "order-sign", "hookInstance": uuid_like(2), "context": context}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let cards = sign["cards"].as_array().expect("cards");
+    assert_eq!(cards.len(), 1, "only the duplicate: {sign}");
+    let card = &cards[0];
+    assert_eq!(card["indicator"], "warning");
+    assert_eq!(card["selectionBehavior"], "at-most-one");
+    assert_eq!(card["suggestions"][0]["actions"][0]["type"], "delete");
+    assert_eq!(
+        card["suggestions"][0]["actions"][0]["resourceId"][0],
+        "ServiceRequest/SR1"
+    );
+    let reasons: Vec<&str> = card["overrideReasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["01", "02", "03", "04", "05", "06"]);
+    // The same check as from SQL: the order is undecided until the feedback.
+    let state: Value = w
+        .his
+        .query_one("SELECT hmr_order_recognition('SR1')", &[])
+        .await?
+        .get(0);
+    assert_ne!(state["decision"], "recognised", "{state}");
+
+    // feedback: the suggestion taken is 互认, recorded like hmr_record_decision.
+    let uuid = card["uuid"].as_str().unwrap();
+    let suggestion = card["suggestions"][0]["uuid"].as_str().unwrap();
+    let fb = http
+        .post(format!("{}/cds-services/hmr-order-check/feedback", s.base))
+        .json(&json!({"feedback": [{"card": uuid, "outcome": "accepted",
+                                     "acceptedSuggestions": [{"id": suggestion}],
+                                     "outcomeTimestamp": "2026-12-02T09:00:00+08:00"}]}))
+        .send()
+        .await?;
+    assert!(fb.status().is_success(), "{}", fb.text().await?);
+    let state: Value = w
+        .his
+        .query_one("SELECT hmr_order_recognition('SR1')", &[])
+        .await?
+        .get(0);
+    assert_eq!(state["decision"], "recognised", "{state}");
+    let check: String = w
+        .his
+        .query_one("SELECT check_id FROM hmr.decisions WHERE order_id = 'SR1'", &[])
+        .await?
+        .get(0);
+    assert_eq!(uuid.split('|').next(), Some(check.as_str()));
+
+    // Overriding a card with a reason is 不互认 with that reason.
+    let sign: Value = http
+        .post(format!("{}/cds-services/hmr-order-check", s.base))
+        .json(&json!({"hook": "order-sign", "hookInstance": uuid_like(3),
+                      "context": {"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001",
+                                  "draftOrders": draft_orders(&[("SR3", "JY0001")])}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let uuid = sign["cards"][0]["uuid"].as_str().expect("a card").to_string();
+    let fb = http
+        .post(format!("{}/cds-services/hmr-order-check/feedback", s.base))
+        .json(&json!({"feedback": [{"card": uuid, "outcome": "overridden",
+                                     "overrideReason": {"reason": {"system": "urn:hmr:decline-reason", "code": "04",
+                                                                   "display": "急诊、急救"}},
+                                     "outcomeTimestamp": "2026-12-02T09:01:00+08:00"}]}))
+        .send()
+        .await?;
+    assert!(fb.status().is_success(), "{}", fb.text().await?);
+    let (recognise, reason): (bool, Option<String>) = w
+        .his
+        .query_one(
+            "SELECT recognise, reason_code FROM hmr.decisions WHERE order_id = 'SR3'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))?;
+    assert_eq!((recognise, reason.as_deref()), (false, Some("04")));
+
+    // A request without the patient is refused with a 4xx, not answered with empty cards.
+    let bad = http
+        .post(format!("{}/cds-services/hmr-recognitions", s.base))
+        .json(
+            &json!({"hook": "patient-view", "hookInstance": uuid_like(4), "context": {"userId": "Practitioner/D001"}}),
+        )
+        .send()
+        .await?;
+    assert_eq!(bad.status().as_u16(), 400);
+    Ok(())
+}
+
+fn uuid_like(n: u32) -> String {
+    format!("d1577c69-dfbe-44ad-ba6d-3e05e953b{n:03}")
+}

@@ -1,0 +1,307 @@
+//! `hmr-worker serve`: the recognition services for terminals that cannot call SQL, as an
+//! HL7 CDS Hooks 2.0 service (`docs/design/cds-hooks.md`) over the same SQL functions the HIS
+//! calls — one set of checks, prompts, decisions and outbox:
+//!
+//! - `GET  /cds-services`: discovery;
+//! - `POST /cds-services/hmr-recognitions` (`patient-view`): the badge as a card;
+//! - `POST /cds-services/hmr-order-check` (`order-sign`): a card per order that duplicates a
+//!   recognisable report, with the suggestion 互认 and the six 不互认 reasons as override
+//!   reasons;
+//! - `POST /cds-services/hmr-order-check/feedback`: the doctor's choice, recorded as a decision.
+//!
+//! First part of issue #19: no authentication yet (listen on loopback), no JSON API, no widget.
+//! Identifiers: the FHIR `patientId` is the HIS patient id (`hmr_src.patient`), `encounterId`
+//! the visit number, `userId` `Practitioner/<staff no>` (department from `hmr_src.staff`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio_postgres::{Client, NoTls};
+
+use crate::error::WorkerError;
+
+const SOURCE: &str = "检查检验结果互认平台";
+/// The 不互认 reasons (platform codes 01–06) as CDS Hooks override reasons.
+const REASON_SYSTEM: &str = "urn:hmr:decline-reason";
+
+struct Service {
+    db: Client,
+    /// Views the identifiers are looked up in (`hmr.kinds.source_view`).
+    patient_view: String,
+    staff_view: String,
+}
+
+pub async fn run(url: &str, listen: SocketAddr) -> Result<(), WorkerError> {
+    let (db, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let view = |kind: &'static str| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT coalesce(to_regclass(source_view)::text, source_view) FROM hmr.kinds WHERE kind = $1",
+                    &[&kind],
+                )
+                .await?;
+            Ok::<String, WorkerError>(row.get(0))
+        }
+    };
+    let (patient_view, staff_view) = (view("patient").await?, view("staff").await?);
+    let service = Arc::new(Service {
+        db,
+        patient_view,
+        staff_view,
+    });
+    let app = Router::new()
+        .route("/cds-services", get(discovery))
+        .route("/cds-services/{id}", post(hook))
+        .route("/cds-services/{id}/feedback", post(feedback))
+        .with_state(service);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| WorkerError::Config(format!("cannot listen on {listen}: {e}")))?;
+    tracing::info!(%listen, "serving CDS Hooks");
+    axum::serve(listener, app)
+        .await
+        .map_err(|e| WorkerError::Config(format!("serving: {e}")))
+}
+
+async fn discovery() -> Json<Value> {
+    Json(json!({"services": [
+        {"hook": "patient-view", "id": "hmr-recognitions", "title": "检查检验结果互认提示",
+         "description": "打开病历时提示本患者可互认的检查检验结果数量"},
+        {"hook": "order-sign", "id": "hmr-order-check", "title": "处方保存互认校验",
+         "description": "签署医嘱时逐条提示重复的检查检验，互认或选择不互认原因"}
+    ]}))
+}
+
+/// Why a request cannot be answered (CDS Hooks: a 4xx with a reason).
+fn bad(message: impl Into<String>) -> (StatusCode, Json<Value>) {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": message.into()})))
+}
+
+type Answer = Result<Json<Value>, (StatusCode, Json<Value>)>;
+
+/// The HIS identifiers behind a hook's context.
+struct Who {
+    patient_id: String,
+    id_type: String,
+    id_no: String,
+    visit_no: String,
+    doctor_no: String,
+    dept_code: String,
+}
+
+impl Service {
+    async fn who(&self, context: &Value) -> Result<Who, (StatusCode, Json<Value>)> {
+        let text = |k: &str| context.get(k).and_then(Value::as_str).map(str::to_string);
+        let patient_id = text("patientId").ok_or_else(|| bad("context.patientId is required"))?;
+        let doctor_no = text("userId")
+            .map(|u| u.rsplit('/').next().unwrap_or_default().to_string())
+            .ok_or_else(|| bad("context.userId is required"))?;
+        let visit_no = text("encounterId").unwrap_or_default();
+        let db_error =
+            |e: tokio_postgres::Error| (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()})));
+        let patient = self
+            .db
+            .query_opt(
+                &format!(
+                    "SELECT id_type::text, id_no::text FROM {} WHERE patient_id::text = $1 LIMIT 1",
+                    self.patient_view
+                ),
+                &[&patient_id],
+            )
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| bad(format!("patient {patient_id} is not in the HIS")))?;
+        let dept_code: String = self
+            .db
+            .query_opt(
+                &format!(
+                    "SELECT dept_code::text FROM {} WHERE staff_no::text = $1 LIMIT 1",
+                    self.staff_view
+                ),
+                &[&doctor_no],
+            )
+            .await
+            .map_err(db_error)?
+            .map(|r| r.get(0))
+            .unwrap_or_default();
+        Ok(Who {
+            patient_id,
+            id_type: patient.get(0),
+            id_no: patient.get(1),
+            visit_no,
+            doctor_no,
+            dept_code,
+        })
+    }
+}
+
+async fn hook(State(s): State<Arc<Service>>, Path(id): Path<String>, Json(request): Json<Value>) -> Answer {
+    let context = request.get("context").cloned().unwrap_or(Value::Null);
+    let who = s.who(&context).await?;
+    let cards = match id.as_str() {
+        "hmr-recognitions" => badge(&s, &who).await,
+        "hmr-order-check" => order_sign(&s, &who, &context).await?,
+        other => {
+            return Err((
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": format!("no service {other}")})),
+            ))
+        }
+    };
+    Ok(Json(json!({"cards": cards})))
+}
+
+/// patient-view: the badge. A platform that cannot be asked gives no card (care goes on).
+async fn badge(s: &Service, who: &Who) -> Vec<Value> {
+    let answer: Value = match s
+        .db
+        .query_one(
+            "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => 'cds-hooks')",
+            &[&who.id_type, &who.id_no, &who.visit_no, &who.doctor_no, &who.dept_code],
+        )
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(e) => {
+            tracing::warn!(error = %e, "badge not available");
+            return vec![];
+        }
+    };
+    let count = answer["count"].as_i64().unwrap_or(0);
+    if answer["status"] != "ok" || count == 0 {
+        return vec![];
+    }
+    let mut card = json!({
+        "uuid": uuid::Uuid::new_v4().to_string(),
+        "summary": format!("本患者有 {count} 项可互认的检查检验结果"),
+        "indicator": "info",
+        "source": {"label": SOURCE},
+    });
+    if let Some(url) = answer["url"].as_str() {
+        card["links"] = json!([{"label": "查看可互认结果", "url": url, "type": "absolute"}]);
+    }
+    vec![card]
+}
+
+/// order-sign: the draft orders (ServiceRequests) checked as a prescription; a card per
+/// duplicate. The card's uuid carries the check and the order, so the feedback can record
+/// the decision.
+async fn order_sign(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
+    let entries = context["draftOrders"]["entry"].as_array().cloned().unwrap_or_default();
+    let orders: Vec<Value> = entries
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"] == "ServiceRequest")
+        .filter_map(|r| {
+            let id = r["id"].as_str()?;
+            let code = r["code"]["coding"].as_array()?.first()?["code"].as_str()?;
+            // 检验 (laboratory) or 检查 (imaging and the rest), by the request's category.
+            let lab = r["category"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.to_string().contains("108252007") || c.to_string().contains("laboratory"))
+            });
+            Some(json!({"order_id": id, "item_code": code, "type": if lab { "lab" } else { "exam" }}))
+        })
+        .collect();
+    if orders.is_empty() {
+        return Ok(vec![]);
+    }
+    let visit = json!({"id_type": who.id_type, "id_no": who.id_no, "patient_id": who.patient_id, "visit_type": "1",
+                       "visit_no": who.visit_no, "doctor_no": who.doctor_no, "dept_code": who.dept_code});
+    let answer: Value = match s
+        .db
+        .query_one(
+            "SELECT hmr_check_prescription($1, $2)",
+            &[&visit, &Value::Array(orders)],
+        )
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(e) => {
+            tracing::warn!(error = %e, "prescription check not available");
+            return Ok(vec![]);
+        }
+    };
+    let check_id = answer["check_id"].as_str().unwrap_or_default().to_string();
+    let reasons: Vec<Value> = hmr_protocol::DECLINE_REASONS
+        .iter()
+        .map(|(code, display)| json!({"system": REASON_SYSTEM, "code": code, "display": display}))
+        .collect();
+    let mut cards = Vec::new();
+    for m in answer["matches"].as_array().cloned().unwrap_or_default() {
+        let order = m["order_id"].as_str().unwrap_or_default();
+        let report = &m["reports"][0];
+        let item = report["item_name"].as_str().unwrap_or_default();
+        let org = report["org_name"].as_str().unwrap_or_default();
+        let at = report["reported_at"].as_str().unwrap_or_default();
+        let mut card = json!({
+            "uuid": format!("{check_id}|{order}"),
+            "summary": format!("{item}：{org}已有可互认结果"),
+            "detail": format!("{org} {at} 出具的{item}结果在有效期内，可互认而不重复检查；如需复查请选择不互认原因。"),
+            "indicator": "warning",
+            "source": {"label": SOURCE},
+            "selectionBehavior": "at-most-one",
+            "suggestions": [{
+                "label": "互认（采用已有结果，不重复开单）",
+                "uuid": format!("{check_id}|{order}|recognise"),
+                "isRecommended": true,
+                "actions": [{"type": "delete", "description": "撤下重复的医嘱", "resourceId": [format!("ServiceRequest/{order}")]}]
+            }],
+            "overrideReasons": reasons,
+        });
+        if let Some(url) = answer["url"].as_str() {
+            card["links"] = json!([{"label": "互认平台页面", "url": url, "type": "absolute"}]);
+        }
+        cards.push(card);
+    }
+    Ok(cards)
+}
+
+/// The doctor's choice on a card: the suggestion taken is 互认; dismissing the card with a
+/// reason is 不互认 with that reason (06: the comment is its text).
+async fn feedback(State(s): State<Arc<Service>>, Path(_id): Path<String>, Json(body): Json<Value>) -> Answer {
+    let items = body["feedback"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        return Err(bad("feedback is required"));
+    }
+    for f in items {
+        let card = f["card"].as_str().unwrap_or_default();
+        let Some((check_id, order_id)) = card.split_once('|') else {
+            return Err(bad(format!("card {card} is not one of this service's")));
+        };
+        let result = match f["outcome"].as_str() {
+            Some("accepted") => {
+                s.db.query_one("SELECT hmr_record_decision($1, $2, true)", &[&check_id, &order_id])
+                    .await
+            }
+            Some("overridden") => {
+                let code = f["overrideReason"]["reason"]["code"].as_str().unwrap_or("06");
+                let comment = f["overrideReason"]["userComment"].as_str();
+                s.db.query_one(
+                    "SELECT hmr_record_decision($1, $2, false, $3, $4)",
+                    &[&check_id, &order_id, &code, &comment],
+                )
+                .await
+            }
+            _ => return Err(bad("outcome is accepted or overridden")),
+        };
+        if let Err(e) = result {
+            let message = e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string());
+            return Err((StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": message}))));
+        }
+    }
+    Ok(Json(json!({})))
+}
