@@ -204,6 +204,70 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
         .send()
         .await?;
     assert_eq!(bad.status().as_u16(), 400);
+
+    // The plain JSON API (docs/openapi.yaml): the same functions.
+    let badge: Value = reqwest::get(format!(
+        "{}/api/badge?patient_id=P0001&visit_no=MZ001&doctor_no=D001",
+        s.base
+    ))
+    .await?
+    .json()
+    .await?;
+    assert_eq!(
+        (badge["status"].as_str(), badge["count"].as_i64()),
+        (Some("ok"), Some(1)),
+        "{badge}"
+    );
+    let query: Value = http
+        .post(format!("{}/api/query", s.base))
+        .json(&json!({"patient_id": "P0001", "doctor_no": "D001", "data_codes": ["JY0001"]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(query["items"].as_array().map(Vec::len), Some(1), "{query}");
+    let check: Value = http
+        .post(format!("{}/api/check", s.base))
+        .json(&json!({"patient_id": "P0001", "visit_no": "MZ001", "doctor_no": "D001",
+                      "orders": [{"order_id": "A1", "item_code": "JY0001", "type": "lab"}]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(check["duplicate"], true, "{check}");
+    let decided = http
+        .post(format!("{}/api/decide", s.base))
+        .json(&json!({"check_id": check["check_id"], "order_id": "A1", "recognise": false, "reason_code": "01"}))
+        .send()
+        .await?;
+    assert!(decided.status().is_success(), "{}", decided.text().await?);
+    // A refusal of the SQL function reaches the terminal with its SQLSTATE.
+    let refused = http
+        .post(format!("{}/api/decide", s.base))
+        .json(&json!({"check_id": "no-such-check", "order_id": "A1", "recognise": true}))
+        .send()
+        .await?;
+    assert_eq!(refused.status().as_u16(), 422);
+    let refused: Value = refused.json().await?;
+    assert_eq!(refused["sqlstate"], "HM003", "{refused}");
+    // The report recognised through the CDS card, once the worker has kept it.
+    let report_id: String = w
+        .his
+        .query_one("SELECT report_id FROM hmr.decisions WHERE order_id = 'SR1'", &[])
+        .await?
+        .get(0);
+    wait_until(Duration::from_secs(30), "the recognised report kept", || async {
+        Ok(count(
+            &w.his,
+            &format!("SELECT count(*) FROM hmr.retained_reports WHERE report_id = '{report_id}'"),
+        )
+        .await?
+            >= 1)
+    })
+    .await?;
+    let pdf = reqwest::get(format!("{}/api/reports/{report_id}?format=pdf", s.base)).await?;
+    assert_eq!(pdf.headers()["content-type"], "application/pdf");
+    assert!(pdf.bytes().await?.starts_with(b"%PDF-"));
     Ok(())
 }
 

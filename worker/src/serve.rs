@@ -9,15 +9,20 @@
 //!   reasons;
 //! - `POST /cds-services/hmr-order-check/feedback`: the doctor's choice, recorded as a decision.
 //!
-//! First part of issue #19: no authentication yet (listen on loopback), no JSON API, no widget.
+//! And a small JSON API for terminals that do not speak CDS Hooks (`docs/openapi.yaml`):
+//! `GET /api/badge`, `POST /api/query`, `POST /api/check`, `POST /api/decide`,
+//! `GET /api/reports/{report_id}`.
+//!
+//! First part of issue #19: no authentication yet (listen on loopback), no widget.
 //! Identifiers: the FHIR `patientId` is the HIS patient id (`hmr_src.patient`), `encounterId`
 //! the visit number, `userId` `Practitioner/<staff no>` (department from `hmr_src.staff`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -63,6 +68,11 @@ pub async fn run(url: &str, listen: SocketAddr) -> Result<(), WorkerError> {
         .route("/cds-services", get(discovery))
         .route("/cds-services/{id}", post(hook))
         .route("/cds-services/{id}/feedback", post(feedback))
+        .route("/api/badge", get(api_badge))
+        .route("/api/query", post(api_query))
+        .route("/api/check", post(api_check))
+        .route("/api/decide", post(api_decide))
+        .route("/api/reports/{report_id}", get(api_report))
         .with_state(service);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -304,4 +314,121 @@ async fn feedback(State(s): State<Arc<Service>>, Path(_id): Path<String>, Json(b
         }
     }
     Ok(Json(json!({})))
+}
+
+// ------------------------------------------------------------------ the plain JSON API
+
+/// A database error as the terminal sees it: the SQLSTATE and the (Chinese) message.
+fn db_answer(e: tokio_postgres::Error) -> (StatusCode, Json<Value>) {
+    match e.as_db_error() {
+        Some(d) => {
+            let status = if d.code().code().starts_with("HM") || d.code().code() == "22023" {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, Json(json!({"sqlstate": d.code().code(), "error": d.message()})))
+        }
+        None => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))),
+    }
+}
+
+/// `?patient_id=&visit_no=&doctor_no=`: the badge (`hmr_list_recognitions`).
+async fn api_badge(
+    State(s): State<Arc<Service>>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Answer {
+    let context = json!({
+        "patientId": q.get("patient_id"),
+        "encounterId": q.get("visit_no"),
+        "userId": q.get("doctor_no"),
+    });
+    let who = s.who(&context).await?;
+    let row =
+        s.db.query_one(
+            "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => 'api')",
+            &[&who.id_type, &who.id_no, &who.visit_no, &who.doctor_no, &who.dept_code],
+        )
+        .await
+        .map_err(db_answer)?;
+    Ok(Json(row.get(0)))
+}
+
+/// `{patient_id, doctor_no, …filter}`: the precise query (`hmr_query_recognitions`).
+async fn api_query(State(s): State<Arc<Service>>, Json(body): Json<Value>) -> Answer {
+    let who = s
+        .who(&json!({"patientId": body["patient_id"], "userId": body["doctor_no"]}))
+        .await?;
+    let mut filter = body.clone();
+    filter["id_type"] = json!(who.id_type);
+    filter["id_no"] = json!(who.id_no);
+    if let Some(f) = filter.as_object_mut() {
+        f.remove("patient_id");
+        f.remove("doctor_no");
+    }
+    let row =
+        s.db.query_one("SELECT hmr_query_recognitions($1)", &[&filter])
+            .await
+            .map_err(db_answer)?;
+    Ok(Json(row.get(0)))
+}
+
+/// `{patient_id, visit_no, doctor_no, visit_type?, orders: [{order_id, item_code, type}]}`:
+/// the prescription check (`hmr_check_prescription`).
+async fn api_check(State(s): State<Arc<Service>>, Json(body): Json<Value>) -> Answer {
+    let who = s
+        .who(&json!({"patientId": body["patient_id"], "encounterId": body["visit_no"], "userId": body["doctor_no"]}))
+        .await?;
+    let visit = json!({"id_type": who.id_type, "id_no": who.id_no, "patient_id": who.patient_id,
+                       "visit_type": body["visit_type"].as_str().unwrap_or("1"), "visit_no": who.visit_no,
+                       "doctor_no": who.doctor_no, "dept_code": who.dept_code});
+    let orders = body.get("orders").cloned().ok_or_else(|| bad("orders is required"))?;
+    let row =
+        s.db.query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
+            .await
+            .map_err(db_answer)?;
+    Ok(Json(row.get(0)))
+}
+
+/// `{check_id, order_id, recognise, reason_code?, reason_text?}`: a decision
+/// (`hmr_record_decision`).
+async fn api_decide(State(s): State<Arc<Service>>, Json(body): Json<Value>) -> Answer {
+    let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_string);
+    let (Some(check), Some(order), Some(recognise)) = (text("check_id"), text("order_id"), body["recognise"].as_bool())
+    else {
+        return Err(bad("check_id, order_id and recognise are required"));
+    };
+    let row =
+        s.db.query_one(
+            "SELECT hmr_record_decision($1, $2, $3, $4, $5)",
+            &[&check, &order, &recognise, &text("reason_code"), &text("reason_text")],
+        )
+        .await
+        .map_err(db_answer)?;
+    Ok(Json(row.get(0)))
+}
+
+/// `?format=pdf|json`: a report recognised here (`hmr_download_report`).
+async fn api_report(
+    State(s): State<Arc<Service>>,
+    Path(report_id): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let format = q.get("format").map_or("pdf", String::as_str).to_string();
+    match s
+        .db
+        .query_one("SELECT hmr_download_report($1, $2)", &[&report_id, &format])
+        .await
+    {
+        Ok(row) => {
+            let bytes: Vec<u8> = row.get(0);
+            let content_type = if format == "json" {
+                "application/json"
+            } else {
+                "application/pdf"
+            };
+            ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
+        }
+        Err(e) => db_answer(e).into_response(),
+    }
 }
