@@ -544,6 +544,8 @@ pub struct WorkerOptions {
     pub url: Option<String>,
     /// `worker.metrics_listen` (Prometheus `/metrics`), e.g. `127.0.0.1:9187`.
     pub metrics_listen: Option<String>,
+    /// More TOML appended to the configuration (other sections, e.g. `[serve]`).
+    pub extra_config: Option<String>,
 }
 
 impl Default for WorkerOptions {
@@ -562,6 +564,7 @@ impl Default for WorkerOptions {
             recheck_kept_secs: 21600,
             url: None,
             metrics_listen: None,
+            extra_config: None,
         }
     }
 }
@@ -604,6 +607,8 @@ recheck_kept_secs = {recheck}
 [pdf]
 render = {render}
 hospital_name = "惠州市第一人民医院"
+
+{extra}
 "#,
             url = options.url.clone().unwrap_or_else(|| {
                 cluster
@@ -620,6 +625,7 @@ hospital_name = "惠州市第一人民医院"
             batch = options.batch_size,
             render = options.render_pdf,
             recheck = options.recheck_kept_secs,
+            extra = options.extra_config.clone().unwrap_or_default(),
             metrics = options
                 .metrics_listen
                 .as_ref()

@@ -274,3 +274,100 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
 fn uuid_like(n: u32) -> String {
     format!("d1577c69-dfbe-44ad-ba6d-3e05e953b{n:03}")
 }
+
+/// With terminals configured, every call but the discovery needs a CDS Hooks JWT (ES384) of
+/// one of them; the terminal's name is recorded with its badge calls; a replayed token is
+/// refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()> {
+    use base64::Engine as _;
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng).unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let public = pair.public_key().as_ref().to_vec();
+    let audience = "https://hmr.hospital.example/cds-services";
+    let config = format!(
+        "[serve]\naudience = \"{audience}\"\n\n[[serve.terminals]]\niss = \"ward-app\"\nname = \"病区移动查房\"\n\
+         jwk = {{ kty = \"EC\", crv = \"P-384\", x = \"{}\", y = \"{}\" }}\n",
+        b64.encode(&public[1..49]),
+        b64.encode(&public[49..])
+    );
+    let w = Workstations::start(
+        &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
+        &WorkerOptions {
+            extra_config: Some(config),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let s = serve(&w.worker).await?;
+    let http = reqwest::Client::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let token = |jti: &str| {
+        let h = b64.encode(json!({"alg": "ES384", "typ": "JWT"}).to_string());
+        let p = b64
+            .encode(json!({"iss": "ward-app", "aud": audience, "exp": now + 300, "iat": now, "jti": jti}).to_string());
+        let sig = pair.sign(&rng, format!("{h}.{p}").as_bytes()).unwrap();
+        format!("{h}.{p}.{}", b64.encode(sig.as_ref()))
+    };
+    let request = json!({"hook": "patient-view", "hookInstance": uuid_like(9),
+                         "context": {"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001"}});
+    let url = format!("{}/cds-services/hmr-recognitions", s.base);
+
+    // The discovery is open; a call without a token is not.
+    assert!(reqwest::get(format!("{}/cds-services", s.base))
+        .await?
+        .status()
+        .is_success());
+    assert_eq!(http.post(&url).json(&request).send().await?.status().as_u16(), 401);
+    assert_eq!(
+        reqwest::get(format!("{}/api/badge?patient_id=P0001&doctor_no=D001", s.base))
+            .await?
+            .status()
+            .as_u16(),
+        401
+    );
+    // A signed, fresh token of the terminal: served, and its name kept with the call.
+    let t = token("first");
+    let ok = http.post(&url).bearer_auth(&t).json(&request).send().await?;
+    assert!(ok.status().is_success(), "{}", ok.text().await?);
+    let answer: Value = ok.json().await?;
+    assert_eq!(answer["cards"].as_array().map(Vec::len), Some(1), "{answer}");
+    assert_eq!(
+        count(
+            &w.his,
+            "SELECT count(*) FROM hmr.list_log WHERE workstation = '病区移动查房'"
+        )
+        .await?,
+        1
+    );
+    // The same token again: a replay.
+    let replay = http.post(&url).bearer_auth(&t).json(&request).send().await?;
+    assert_eq!(replay.status().as_u16(), 401);
+    assert!(replay.text().await?.contains("replay"));
+    // A token of another key.
+    let other_pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng).unwrap();
+    let other = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, other_pkcs8.as_ref(), &rng).unwrap();
+    let h = b64.encode(json!({"alg": "ES384"}).to_string());
+    let p =
+        b64.encode(json!({"iss": "ward-app", "aud": audience, "exp": now + 300, "iat": now, "jti": "x"}).to_string());
+    let forged = format!(
+        "{h}.{p}.{}",
+        b64.encode(other.sign(&rng, format!("{h}.{p}").as_bytes()).unwrap().as_ref())
+    );
+    assert_eq!(
+        http.post(&url)
+            .bearer_auth(&forged)
+            .json(&request)
+            .send()
+            .await?
+            .status()
+            .as_u16(),
+        401
+    );
+    Ok(())
+}

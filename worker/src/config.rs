@@ -36,6 +36,37 @@ pub struct Config {
     pub worker: WorkerConfig,
     #[serde(default)]
     pub pdf: PdfConfig,
+    #[serde(default)]
+    pub serve: ServeConfig,
+}
+
+/// `hmr-worker serve`: the terminals allowed to call it. With none configured every call is
+/// accepted (and the service listens on loopback only); with terminals, every call but the
+/// discovery needs a CDS Hooks JWT (ES384) signed by one of them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// The `aud` the tokens must carry (the service's base URL as the terminals know it).
+    pub audience: Option<String>,
+    pub terminals: Vec<TerminalConfig>,
+}
+
+/// One terminal: its `iss` and its public key as a JWK (EC P-384).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalConfig {
+    pub iss: String,
+    /// Recorded with its calls (`hmr.list_log.workstation`).
+    pub name: String,
+    pub jwk: Jwk,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Jwk {
+    pub kty: String,
+    pub crv: String,
+    pub x: String,
+    pub y: String,
 }
 
 /// Report PDFs: the source's own (a `pdf` bytea or `pdf_path` column), else rendered.

@@ -94,9 +94,9 @@ fn main() -> anyhow::Result<()> {
             Command::Serve { listen } => {
                 anyhow::ensure!(
                     listen.ip().is_loopback(),
-                    "serve has no authentication yet: listen on a loopback address, not {listen}"
+                    "serve has no TLS yet: listen on a loopback address (behind a TLS proxy), not {listen}"
                 );
-                Ok(serve::run(config.database.url.expose(), listen).await?)
+                Ok(serve::run(config.database.url.expose(), listen, &config.serve).await?)
             }
             Command::Report { month, out, csv } => {
                 anyhow::ensure!(

@@ -13,7 +13,13 @@
 //! `GET /api/badge`, `POST /api/query`, `POST /api/check`, `POST /api/decide`,
 //! `GET /api/reports/{report_id}`.
 //!
-//! First part of issue #19: no authentication yet (listen on loopback), no widget.
+//! Authentication (`[serve] terminals`): every call but the discovery carries a CDS Hooks JWT
+//! (`Authorization: Bearer`, ES384) signed by a configured terminal: `iss` known, `aud` the
+//! configured audience, `exp` in the future, `iat` not in the future, `jti` never seen before
+//! (replays refused). The terminal's name is recorded with its badge calls. Without terminals
+//! configured nothing is checked, and the service listens on loopback only.
+//!
+//! Part of issue #19: no TLS, rate limits or widget yet.
 //! Identifiers: the FHIR `patientId` is the HIS patient id (`hmr_src.patient`), `encounterId`
 //! the visit number, `userId` `Practitioner/<staff no>` (department from `hmr_src.staff`).
 
@@ -36,12 +42,14 @@ const REASON_SYSTEM: &str = "urn:hmr:decline-reason";
 
 struct Service {
     db: Client,
+    auth: Auth,
     /// Views the identifiers are looked up in (`hmr.kinds.source_view`).
     patient_view: String,
     staff_view: String,
 }
 
-pub async fn run(url: &str, listen: SocketAddr) -> Result<(), WorkerError> {
+pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConfig) -> Result<(), WorkerError> {
+    let auth = Auth::new(serve)?;
     let (db, connection) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
@@ -61,6 +69,7 @@ pub async fn run(url: &str, listen: SocketAddr) -> Result<(), WorkerError> {
     let (patient_view, staff_view) = (view("patient").await?, view("staff").await?);
     let service = Arc::new(Service {
         db,
+        auth,
         patient_view,
         staff_view,
     });
@@ -73,6 +82,7 @@ pub async fn run(url: &str, listen: SocketAddr) -> Result<(), WorkerError> {
         .route("/api/check", post(api_check))
         .route("/api/decide", post(api_decide))
         .route("/api/reports/{report_id}", get(api_report))
+        .layer(axum::middleware::from_fn_with_state(service.clone(), authenticate))
         .with_state(service);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -155,11 +165,16 @@ impl Service {
     }
 }
 
-async fn hook(State(s): State<Arc<Service>>, Path(id): Path<String>, Json(request): Json<Value>) -> Answer {
+async fn hook(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(id): Path<String>,
+    Json(request): Json<Value>,
+) -> Answer {
     let context = request.get("context").cloned().unwrap_or(Value::Null);
     let who = s.who(&context).await?;
     let cards = match id.as_str() {
-        "hmr-recognitions" => badge(&s, &who).await,
+        "hmr-recognitions" => badge(&s, &who, caller.0.as_deref().unwrap_or("cds-hooks")).await,
         "hmr-order-check" => order_sign(&s, &who, &context).await?,
         other => {
             return Err((
@@ -172,12 +187,19 @@ async fn hook(State(s): State<Arc<Service>>, Path(id): Path<String>, Json(reques
 }
 
 /// patient-view: the badge. A platform that cannot be asked gives no card (care goes on).
-async fn badge(s: &Service, who: &Who) -> Vec<Value> {
+async fn badge(s: &Service, who: &Who, workstation: &str) -> Vec<Value> {
     let answer: Value = match s
         .db
         .query_one(
-            "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => 'cds-hooks')",
-            &[&who.id_type, &who.id_no, &who.visit_no, &who.doctor_no, &who.dept_code],
+            "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => $6)",
+            &[
+                &who.id_type,
+                &who.id_no,
+                &who.visit_no,
+                &who.doctor_no,
+                &who.dept_code,
+                &workstation,
+            ],
         )
         .await
     {
@@ -336,8 +358,10 @@ fn db_answer(e: tokio_postgres::Error) -> (StatusCode, Json<Value>) {
 /// `?patient_id=&visit_no=&doctor_no=`: the badge (`hmr_list_recognitions`).
 async fn api_badge(
     State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Answer {
+    let workstation = caller.0.unwrap_or_else(|| "api".into());
     let context = json!({
         "patientId": q.get("patient_id"),
         "encounterId": q.get("visit_no"),
@@ -346,8 +370,15 @@ async fn api_badge(
     let who = s.who(&context).await?;
     let row =
         s.db.query_one(
-            "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => 'api')",
-            &[&who.id_type, &who.id_no, &who.visit_no, &who.doctor_no, &who.dept_code],
+            "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => $6)",
+            &[
+                &who.id_type,
+                &who.id_no,
+                &who.visit_no,
+                &who.doctor_no,
+                &who.dept_code,
+                &workstation,
+            ],
         )
         .await
         .map_err(db_answer)?;
@@ -430,5 +461,226 @@ async fn api_report(
             ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
         }
         Err(e) => db_answer(e).into_response(),
+    }
+}
+
+// ------------------------------------------------------------------ authentication
+
+/// The terminals allowed to call, and the `jti`s already used (until their token expires).
+pub struct Auth {
+    audience: Option<String>,
+    /// iss → (name, P-384 public key as an uncompressed point)
+    terminals: std::collections::HashMap<String, (String, Vec<u8>)>,
+    seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+}
+
+/// The calling terminal, once its token is verified (`None`: no terminals configured).
+#[derive(Clone)]
+pub struct Caller(pub Option<String>);
+
+impl Auth {
+    pub fn new(cfg: &crate::config::ServeConfig) -> Result<Auth, WorkerError> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut terminals = std::collections::HashMap::new();
+        for t in &cfg.terminals {
+            if t.jwk.kty != "EC" || t.jwk.crv != "P-384" {
+                return Err(WorkerError::Config(format!(
+                    "serve.terminals {}: the key must be an EC P-384 JWK (ES384)",
+                    t.iss
+                )));
+            }
+            let coord = |c: &str| {
+                b64.decode(c)
+                    .ok()
+                    .filter(|v| v.len() == 48)
+                    .ok_or_else(|| WorkerError::Config(format!("serve.terminals {}: bad JWK coordinate", t.iss)))
+            };
+            let mut point = vec![4u8];
+            point.extend(coord(&t.jwk.x)?);
+            point.extend(coord(&t.jwk.y)?);
+            terminals.insert(t.iss.clone(), (t.name.clone(), point));
+        }
+        Ok(Auth {
+            audience: cfg.audience.clone(),
+            terminals,
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    pub fn required(&self) -> bool {
+        !self.terminals.is_empty()
+    }
+
+    /// The terminal's name, or why the token is refused.
+    pub fn verify(&self, token: &str, now: i64) -> Result<String, String> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err("not a JWT".into());
+        };
+        let json = |s: &str| -> Result<Value, String> {
+            let bytes = b64.decode(s).map_err(|_| "not base64url".to_string())?;
+            serde_json::from_slice(&bytes).map_err(|_| "not JSON".to_string())
+        };
+        let header = json(h)?;
+        if header["alg"] != "ES384" {
+            return Err(format!("alg {} (ES384 expected)", header["alg"]));
+        }
+        let claims = json(p)?;
+        let iss = claims["iss"].as_str().ok_or("no iss")?;
+        let (name, key) = self
+            .terminals
+            .get(iss)
+            .ok_or_else(|| format!("unknown terminal {iss}"))?;
+        let signature = b64.decode(sig).map_err(|_| "signature not base64url".to_string())?;
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P384_SHA384_FIXED, key)
+            .verify(format!("{h}.{p}").as_bytes(), &signature)
+            .map_err(|_| "bad signature".to_string())?;
+        if let Some(aud) = &self.audience {
+            let ok = match &claims["aud"] {
+                Value::String(a) => a == aud,
+                Value::Array(a) => a.iter().any(|x| x == aud),
+                _ => false,
+            };
+            if !ok {
+                return Err("wrong aud".into());
+            }
+        }
+        let exp = claims["exp"].as_i64().ok_or("no exp")?;
+        if exp <= now {
+            return Err("expired".into());
+        }
+        if claims["iat"].as_i64().is_none_or(|iat| iat > now + 60) {
+            return Err("iat missing or in the future".into());
+        }
+        let jti = claims["jti"].as_str().ok_or("no jti")?;
+        let mut seen = self.seen.lock().expect("jti set");
+        seen.retain(|_, until| *until > now);
+        if seen.insert(format!("{iss}/{jti}"), exp).is_some() {
+            return Err("jti already used (a replay)".into());
+        }
+        Ok(name.clone())
+    }
+}
+
+async fn authenticate(
+    State(s): State<Arc<Service>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let open = request.method() == axum::http::Method::GET && request.uri().path() == "/cds-services";
+    if !s.auth.required() || open {
+        request.extensions_mut().insert(Caller(None));
+        return next.run(request).await;
+    }
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let now = chrono::Utc::now().timestamp();
+    match token.map(|t| s.auth.verify(t, now)) {
+        Some(Ok(name)) => {
+            request.extensions_mut().insert(Caller(Some(name)));
+            next.run(request).await
+        }
+        Some(Err(why)) => (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": format!("token refused: {why}")})),
+        )
+            .into_response(),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "a Bearer token (CDS Hooks JWT, ES384) is required"})),
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
+
+    fn key() -> (EcdsaKeyPair, crate::config::Jwk) {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+        let public = pair.public_key().as_ref().to_vec();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwk = crate::config::Jwk {
+            kty: "EC".into(),
+            crv: "P-384".into(),
+            x: b64.encode(&public[1..49]),
+            y: b64.encode(&public[49..]),
+        };
+        (pair, jwk)
+    }
+
+    fn token(pair: &EcdsaKeyPair, claims: Value, alg: &str) -> String {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let h = b64.encode(json!({"alg": alg, "typ": "JWT"}).to_string());
+        let p = b64.encode(claims.to_string());
+        let sig = pair
+            .sign(&ring::rand::SystemRandom::new(), format!("{h}.{p}").as_bytes())
+            .unwrap();
+        format!("{h}.{p}.{}", b64.encode(sig.as_ref()))
+    }
+
+    #[test]
+    fn only_a_fresh_token_of_a_known_terminal_for_this_service_passes() {
+        let (pair, jwk) = key();
+        let (other, _) = key();
+        let cfg = crate::config::ServeConfig {
+            audience: Some("https://hmr.example/cds-services".into()),
+            terminals: vec![crate::config::TerminalConfig {
+                iss: "ward-app".into(),
+                name: "病区移动查房".into(),
+                jwk,
+            }],
+        };
+        let auth = Auth::new(&cfg).unwrap();
+        let now = 1_800_000_000;
+        let claims = |jti: &str| json!({"iss": "ward-app", "aud": "https://hmr.example/cds-services", "exp": now + 300, "iat": now, "jti": jti});
+        assert_eq!(
+            auth.verify(&token(&pair, claims("a"), "ES384"), now),
+            Ok("病区移动查房".into())
+        );
+        assert!(auth
+            .verify(&token(&pair, claims("a"), "ES384"), now)
+            .unwrap_err()
+            .contains("replay"));
+        assert!(auth
+            .verify(&token(&other, claims("b"), "ES384"), now)
+            .unwrap_err()
+            .contains("signature"));
+        assert!(
+            auth.verify(&token(&pair, claims("c"), "none"), now).is_err(),
+            "alg none"
+        );
+        let mut expired = claims("d");
+        expired["exp"] = json!(now - 1);
+        assert!(auth
+            .verify(&token(&pair, expired, "ES384"), now)
+            .unwrap_err()
+            .contains("expired"));
+        let mut wrong_aud = claims("e");
+        wrong_aud["aud"] = json!("https://elsewhere");
+        assert!(auth
+            .verify(&token(&pair, wrong_aud, "ES384"), now)
+            .unwrap_err()
+            .contains("aud"));
+        let mut stranger = claims("f");
+        stranger["iss"] = json!("someone");
+        assert!(auth
+            .verify(&token(&pair, stranger, "ES384"), now)
+            .unwrap_err()
+            .contains("unknown"));
+        let t = token(&pair, claims("g"), "ES384");
+        let tampered = t.replacen('.', ".e30", 1);
+        assert!(auth.verify(&tampered, now).is_err(), "a changed payload");
     }
 }
