@@ -205,6 +205,27 @@ fn text_of(path: &Path) -> String {
     tool("pdftotext", &["-layout", path.to_str().unwrap(), "-"])
 }
 
+/// Page 1 as a PNG at 60 dpi (pdftoppm), written next to the PDFs as `<name>.png`.
+fn page_one_png(pdf: &Path, name: &str) -> Vec<u8> {
+    let prefix = out_dir().join(name);
+    tool(
+        "pdftoppm",
+        &[
+            "-png",
+            "-r",
+            "60",
+            "-f",
+            "1",
+            "-l",
+            "1",
+            "-singlefile",
+            pdf.to_str().unwrap(),
+            prefix.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(prefix.with_extension("png")).expect("pdftoppm wrote a PNG")
+}
+
 fn pages_of(path: &Path) -> usize {
     let info = tool("pdfinfo", &[path.to_str().unwrap()]);
     let line = info
@@ -259,29 +280,13 @@ fn lab_report_reads_back() {
     assert!(font_line.contains("yes yes"), "embedded and subset expected: {fonts}");
 
     // It rasterises to a real page image.
-    let prefix = out_dir().join("lab-30");
-    tool(
-        "pdftoppm",
-        &[
-            "-png",
-            "-r",
-            "60",
-            "-f",
-            "1",
-            "-l",
-            "1",
-            "-singlefile",
-            path.to_str().unwrap(),
-            prefix.to_str().unwrap(),
-        ],
-    );
-    let png = std::fs::read(prefix.with_extension("png")).expect("pdftoppm wrote a PNG");
+    let png = page_one_png(&path, "lab-30");
     assert!(png.starts_with(b"\x89PNG"));
     assert!(png.len() > 10_000, "page image suspiciously small: {} bytes", png.len());
     eprintln!(
         "lab-30: {} bytes, page image {}",
         pdf.len(),
-        prefix.with_extension("png").display()
+        out_dir().join("lab-30.png").display()
     );
 }
 
@@ -437,30 +442,7 @@ fn every_field_prints_as_a_hospital_expects() {
     assert!(!has(&btext, "互认共享平台"));
 
     for (name, pdf) in [("lab-fields", &path), ("exam-fields", &epath)] {
-        let prefix = out_dir().join(format!("{name}-page"));
-        tool(
-            "pdftoppm",
-            &[
-                "-png",
-                "-r",
-                "60",
-                "-f",
-                "1",
-                "-l",
-                "1",
-                pdf.to_str().unwrap(),
-                prefix.to_str().unwrap(),
-            ],
-        );
-        let png = std::fs::read_dir(out_dir())
-            .unwrap()
-            .filter_map(Result::ok)
-            .find(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}-page")))
-            .expect("page 1 rasterised");
-        assert!(
-            std::fs::metadata(png.path()).unwrap().len() > 10_000,
-            "a real page image"
-        );
+        assert!(page_one_png(pdf, name).len() > 10_000, "a real page image");
     }
 }
 

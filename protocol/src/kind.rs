@@ -88,17 +88,6 @@ impl Kind {
     pub const fn has_dependents(self) -> bool {
         matches!(self, Kind::Department | Kind::Patient)
     }
-
-    /// The column of a dependent record that names a record of this kind.
-    pub const fn reference_column(self) -> &'static str {
-        match self {
-            Kind::Department => "dept_code",
-            Kind::Patient => "patient_id",
-            Kind::Staff => "staff_no",
-            Kind::LabReport | Kind::ExamReport => "report_no",
-            Kind::Decision => "check_id",
-        }
-    }
 }
 
 impl std::fmt::Display for Kind {

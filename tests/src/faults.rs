@@ -317,39 +317,16 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
     let cluster = Cluster::start().await?;
     let his = cluster.connect("his").await?;
     load_sample_data(&his).await?;
-    let sim = Sim::start()?;
-    configure_platform(&his, &sim).await?;
-    OtherHospital::new(&sim)
-        .lab_report("441302198003151233", "1980-03-15", "W-CBC-1", "JY0001", 1)
-        .await?;
+    let sim = platform_with(&his, &[("441302198003151233", "1980-03-15", "W-CBC-1", "JY0001", 1)]).await?;
     // With a failover planned: a synchronous replica all along; the HIS and the workers are
     // given both servers and use the one that takes writes.
     let replica = if plan.failover {
-        let replica = cluster.replica()?;
-        his.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-            .await?;
-        his.batch_execute("SELECT pg_reload_conf()").await?;
-        wait_until(Duration::from_secs(20), "a synchronous standby", || async {
-            Ok(count(
-                &his,
-                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
-            )
-            .await?
-                == 1)
-        })
-        .await?;
-        Some(replica)
+        Some(cluster.synchronous_replica(&his).await?)
     } else {
         None
     };
     let url = match &replica {
-        Some(r) => format!(
-            "host={},{} port={},{} user=postgres dbname=his target_session_attrs=read-write",
-            cluster.dir.display(),
-            r.dir.display(),
-            cluster.port,
-            r.port
-        ),
+        Some(r) => cluster.url_with(r, "his"),
         None => cluster.url("his"),
     };
     let options = WorkerOptions {

@@ -273,16 +273,18 @@ impl Cluster {
         ])
     }
 
+    /// `pg_ctl -D <data> <args>` as postgres.
+    fn pg_ctl(&self, args: &[&str]) -> Result<()> {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let data = self.dir.join("data");
+        let mut all = vec![pg_ctl.to_str().unwrap(), "-D", data.to_str().unwrap()];
+        all.extend_from_slice(args);
+        run_as_postgres(&all)
+    }
+
     /// `pg_ctl stop -m immediate` then start again: a crash of the database.
     pub fn crash_and_restart(&self) -> Result<()> {
-        run_as_postgres(&[
-            self.bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            self.dir.join("data").to_str().unwrap(),
-            "-m",
-            "immediate",
-            "stop",
-        ])?;
+        self.fail()?;
         self.pg_ctl_start()
     }
 
@@ -320,26 +322,12 @@ impl Cluster {
 
     /// `pg_ctl stop -m immediate`: the server is gone, as when its machine fails.
     pub fn fail(&self) -> Result<()> {
-        run_as_postgres(&[
-            self.bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            self.dir.join("data").to_str().unwrap(),
-            "-m",
-            "immediate",
-            "stop",
-        ])
+        self.pg_ctl(&["-m", "immediate", "stop"])
     }
 
     /// `pg_ctl stop -m fast`.
     pub fn stop(&self) -> Result<()> {
-        run_as_postgres(&[
-            self.bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            self.dir.join("data").to_str().unwrap(),
-            "-m",
-            "fast",
-            "stop",
-        ])
+        self.pg_ctl(&["-m", "fast", "stop"])
     }
 
     /// Starts a stopped cluster again.
@@ -349,13 +337,52 @@ impl Cluster {
 
     /// Promotes a standby to primary and waits until it takes writes.
     pub fn promote(&self) -> Result<()> {
-        run_as_postgres(&[
-            self.bin.join("pg_ctl").to_str().unwrap(),
-            "-w",
-            "-D",
-            self.dir.join("data").to_str().unwrap(),
-            "promote",
-        ])
+        self.pg_ctl(&["-w", "promote"])
+    }
+
+    /// A streaming replica made this cluster's synchronous standby (`synchronous_standby_names`
+    /// = '*'), once it is one; `his` is a connection to this cluster.
+    pub async fn synchronous_replica(&self, his: &Client) -> Result<Cluster> {
+        let replica = self.replica()?;
+        his.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            .await?;
+        his.batch_execute("SELECT pg_reload_conf()").await?;
+        wait_until(Duration::from_secs(20), "a synchronous standby", || async {
+            Ok(count(
+                his,
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+            )
+            .await?
+                == 1)
+        })
+        .await?;
+        Ok(replica)
+    }
+
+    /// Waits until this cluster's standby has replayed all it wrote; `his` is a connection to
+    /// this cluster.
+    pub async fn replica_caught_up(&self, his: &Client) -> Result<()> {
+        wait_until(Duration::from_secs(20), "the replica caught up", || async {
+            Ok(count(
+                his,
+                "SELECT count(*) FROM pg_stat_replication WHERE replay_lsn = pg_current_wal_lsn()",
+            )
+            .await?
+                == 1)
+        })
+        .await
+    }
+
+    /// A connection string naming this cluster and `other` (this one first), used by whichever
+    /// takes writes: what a HIS and a worker are given for a failover.
+    pub fn url_with(&self, other: &Cluster, db: &str) -> String {
+        format!(
+            "host={},{} port={},{} user=postgres dbname={db} target_session_attrs=read-write",
+            self.dir.display(),
+            other.dir.display(),
+            self.port,
+            other.port
+        )
     }
 
     pub fn url_as(&self, db: &str, user: &str) -> String {
@@ -393,14 +420,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = run_as_postgres(&[
-            self.bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            self.dir.join("data").to_str().unwrap(),
-            "-m",
-            "immediate",
-            "stop",
-        ]);
+        let _ = self.fail();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -734,6 +754,18 @@ impl Hospital {
     }
 }
 
+/// The simulator, the platform configured for SQL calls, and `reports` of another hospital
+/// there (for the recognition services to find).
+pub async fn platform_with(his: &Client, reports: &[ElsewhereReport<'_>]) -> Result<Sim> {
+    let sim = Sim::start()?;
+    configure_platform(his, &sim).await?;
+    let other = OtherHospital::new(&sim);
+    for (id_no, birth, report_no, data_code, days_ago) in reports {
+        other.lab_report(id_no, birth, report_no, data_code, *days_ago).await?;
+    }
+    Ok(sim)
+}
+
 /// The doctors' workstations scenario: our hospital with the sample HIS, the example order
 /// table with its gate and the workstation SQL (`sql/examples/`), the platform configured for
 /// SQL calls, the other hospital's `reports`, a worker, and our three patients delivered.
@@ -753,12 +785,7 @@ impl Workstations {
             his.batch_execute(&std::fs::read_to_string(repo_root().join("sql/examples").join(file))?)
                 .await?;
         }
-        let sim = Sim::start()?;
-        configure_platform(&his, &sim).await?;
-        let other = OtherHospital::new(&sim);
-        for (id_no, birth, report_no, data_code, days_ago) in reports {
-            other.lab_report(id_no, birth, report_no, data_code, *days_ago).await?;
-        }
+        let sim = platform_with(&his, reports).await?;
         let worker = Worker::start(&cluster, &sim, options)?;
         wait_until(Duration::from_secs(20), "our patients delivered", || async {
             Ok(count(&his, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient'").await? == 3)

@@ -41,18 +41,6 @@ async fn approve(his: &tokio_postgres::Client, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// The worker's connection string: the primary first, then the replica; only a server that
-/// takes writes is used.
-fn both(primary: &Cluster, replica: &Cluster) -> String {
-    format!(
-        "host={},{} port={},{} user=postgres dbname=his target_session_attrs=read-write",
-        primary.dir.display(),
-        replica.dir.display(),
-        primary.port,
-        replica.port
-    )
-}
-
 /// Per report: the applied data uploads and PDFs at the simulator, in arrival order.
 async fn arrivals(sim: &Sim) -> Result<HashMap<String, Vec<(String, u64)>>> {
     let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
@@ -111,25 +99,13 @@ async fn a_promoted_synchronous_replica_loses_nothing() -> Result<()> {
     let his = primary.connect("his").await?;
     load_sample_data(&his).await?;
     drafts(&his, 80).await?;
-    let replica = primary.replica()?;
-    his.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-        .await?;
-    his.batch_execute("SELECT pg_reload_conf()").await?;
-    wait_until(Duration::from_secs(20), "a synchronous standby", || async {
-        Ok(count(
-            &his,
-            "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
-        )
-        .await?
-            == 1)
-    })
-    .await?;
+    let replica = primary.synchronous_replica(&his).await?;
     let sim = Sim::start()?;
     let _worker = Worker::start(
         &primary,
         &sim,
         &WorkerOptions {
-            url: Some(both(&primary, &replica)),
+            url: Some(primary.url_with(&replica, "his")),
             ..Default::default()
         },
     )?;
@@ -226,7 +202,7 @@ async fn an_asynchronous_failover_never_reuses_a_request_id() -> Result<()> {
         &primary,
         &sim,
         &WorkerOptions {
-            url: Some(both(&primary, &replica)),
+            url: Some(primary.url_with(&replica, "his")),
             ..Default::default()
         },
     )?;
@@ -244,15 +220,7 @@ async fn an_asynchronous_failover_never_reuses_a_request_id() -> Result<()> {
         approve(&his, n).await?;
     }
     wait_until(Duration::from_secs(30), "the first ten delivered", || delivered(1, 10)).await?;
-    wait_until(Duration::from_secs(20), "the replica caught up", || async {
-        Ok(count(
-            &his,
-            "SELECT count(*) FROM pg_stat_replication WHERE replay_lsn = pg_current_wal_lsn()",
-        )
-        .await?
-            == 1)
-    })
-    .await?;
+    primary.replica_caught_up(&his).await?;
 
     // The replica falls behind (here: stopped) and the primary goes on alone, for more events
     // than PostgreSQL logs a sequence ahead (32): the new primary will hand out event ids the
@@ -293,7 +261,7 @@ async fn an_asynchronous_failover_never_reuses_a_request_id() -> Result<()> {
         &replica,
         &sim,
         &WorkerOptions {
-            url: Some(both(&primary, &replica)),
+            url: Some(primary.url_with(&replica, "his")),
             ..Default::default()
         },
     )?;
@@ -349,21 +317,9 @@ async fn a_hot_standby_answers_reads_and_sends_writes_to_the_primary() -> Result
     let primary = Cluster::start().await?;
     let his = primary.connect("his").await?;
     load_sample_data(&his).await?;
-    let sim = Sim::start()?;
-    configure_platform(&his, &sim).await?;
-    OtherHospital::new(&sim)
-        .lab_report(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)
-        .await?;
+    let sim = platform_with(&his, &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)]).await?;
     let replica = primary.replica()?;
-    wait_until(Duration::from_secs(20), "the standby caught up", || async {
-        Ok(count(
-            &his,
-            "SELECT count(*) FROM pg_stat_replication WHERE replay_lsn = pg_current_wal_lsn()",
-        )
-        .await?
-            == 1)
-    })
-    .await?;
+    primary.replica_caught_up(&his).await?;
     let standby = replica.connect("his").await?;
     let list: serde_json::Value = standby
         .query_one(

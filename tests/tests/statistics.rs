@@ -214,11 +214,7 @@ async fn list_calls_are_kept_for_the_statistics() -> Result<()> {
     let cluster = Cluster::start().await?;
     let his = cluster.connect("his").await?;
     load_sample_data(&his).await?;
-    let sim = Sim::start()?;
-    configure_platform(&his, &sim).await?;
-    OtherHospital::new(&sim)
-        .lab_report(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)
-        .await?;
+    let sim = platform_with(&his, &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)]).await?;
     for _ in 0..2 {
         his.query_one(
             &format!("SELECT hmr_list_recognitions('01', '{P0001_ID}', 'MZ001', 'D001', '0301', workstation => '门诊医生站')"),

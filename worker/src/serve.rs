@@ -127,8 +127,6 @@ impl Service {
             .map(|u| u.rsplit('/').next().unwrap_or_default().to_string())
             .ok_or_else(|| bad("context.userId is required"))?;
         let visit_no = text("encounterId").unwrap_or_default();
-        let db_error =
-            |e: tokio_postgres::Error| (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()})));
         let patient = self
             .db
             .query_opt(
@@ -139,7 +137,7 @@ impl Service {
                 &[&patient_id],
             )
             .await
-            .map_err(db_error)?
+            .map_err(db_answer)?
             .ok_or_else(|| bad(format!("patient {patient_id} is not in the HIS")))?;
         let dept_code: String = self
             .db
@@ -151,7 +149,7 @@ impl Service {
                 &[&doctor_no],
             )
             .await
-            .map_err(db_error)?
+            .map_err(db_answer)?
             .map(|r| r.get(0))
             .unwrap_or_default();
         Ok(Who {
@@ -162,6 +160,35 @@ impl Service {
             doctor_no,
             dept_code,
         })
+    }
+
+    /// The badge for `who`, as `hmr_list_recognitions` answers it (kept in `hmr.list_log` with
+    /// the calling `workstation`).
+    async fn list(&self, who: &Who, workstation: &str) -> Result<Value, tokio_postgres::Error> {
+        let row = self
+            .db
+            .query_one(
+                "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => $6)",
+                &[
+                    &who.id_type,
+                    &who.id_no,
+                    &who.visit_no,
+                    &who.doctor_no,
+                    &who.dept_code,
+                    &workstation,
+                ],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+}
+
+impl Who {
+    /// The `visit` argument of `hmr_check_prescription`.
+    fn visit(&self, visit_type: &str) -> Value {
+        json!({"id_type": self.id_type, "id_no": self.id_no, "patient_id": self.patient_id,
+               "visit_type": visit_type, "visit_no": self.visit_no, "doctor_no": self.doctor_no,
+               "dept_code": self.dept_code})
     }
 }
 
@@ -188,22 +215,8 @@ async fn hook(
 
 /// patient-view: the badge. A platform that cannot be asked gives no card (care goes on).
 async fn badge(s: &Service, who: &Who, workstation: &str) -> Vec<Value> {
-    let answer: Value = match s
-        .db
-        .query_one(
-            "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => $6)",
-            &[
-                &who.id_type,
-                &who.id_no,
-                &who.visit_no,
-                &who.doctor_no,
-                &who.dept_code,
-                &workstation,
-            ],
-        )
-        .await
-    {
-        Ok(row) => row.get(0),
+    let answer = match s.list(who, workstation).await {
+        Ok(answer) => answer,
         Err(e) => {
             tracing::warn!(error = %e, "badge not available");
             return vec![];
@@ -248,8 +261,7 @@ async fn order_sign(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value
     if orders.is_empty() {
         return Ok(vec![]);
     }
-    let visit = json!({"id_type": who.id_type, "id_no": who.id_no, "patient_id": who.patient_id, "visit_type": "1",
-                       "visit_no": who.visit_no, "doctor_no": who.doctor_no, "dept_code": who.dept_code});
+    let visit = who.visit("1");
     let answer: Value = match s
         .db
         .query_one(
@@ -368,21 +380,7 @@ async fn api_badge(
         "userId": q.get("doctor_no"),
     });
     let who = s.who(&context).await?;
-    let row =
-        s.db.query_one(
-            "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => $6)",
-            &[
-                &who.id_type,
-                &who.id_no,
-                &who.visit_no,
-                &who.doctor_no,
-                &who.dept_code,
-                &workstation,
-            ],
-        )
-        .await
-        .map_err(db_answer)?;
-    Ok(Json(row.get(0)))
+    Ok(Json(s.list(&who, &workstation).await.map_err(db_answer)?))
 }
 
 /// `{patient_id, doctor_no, …filter}`: the precise query (`hmr_query_recognitions`).
@@ -410,9 +408,7 @@ async fn api_check(State(s): State<Arc<Service>>, Json(body): Json<Value>) -> An
     let who = s
         .who(&json!({"patientId": body["patient_id"], "encounterId": body["visit_no"], "userId": body["doctor_no"]}))
         .await?;
-    let visit = json!({"id_type": who.id_type, "id_no": who.id_no, "patient_id": who.patient_id,
-                       "visit_type": body["visit_type"].as_str().unwrap_or("1"), "visit_no": who.visit_no,
-                       "doctor_no": who.doctor_no, "dept_code": who.dept_code});
+    let visit = who.visit(body["visit_type"].as_str().unwrap_or("1"));
     let orders = body.get("orders").cloned().ok_or_else(|| bad("orders is required"))?;
     let row =
         s.db.query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])

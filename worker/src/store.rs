@@ -556,8 +556,8 @@ impl Store {
             .query_one_cached(
                 "SELECT (SELECT count(*) FROM hmr.prompts p, jsonb_array_elements(p.undecided))::float8,
                         (SELECT count(*) FROM hmr.list_log)::float8,
-                        coalesce((SELECT sum(uploaded) FROM hmr.upload_stats()), 0)::float8,
-                        coalesce((SELECT sum(uploaded_on_time) FROM hmr.upload_stats()), 0)::float8",
+                        coalesce(sum(u.uploaded), 0)::float8, coalesce(sum(u.uploaded_on_time), 0)::float8
+                   FROM hmr.upload_stats() u",
                 &[],
             )
             .await?;
