@@ -540,3 +540,44 @@ async fn free_text_is_checked_before_it_leaves() -> Result<()> {
     assert!(!sent.contains("L20261126002") && !sent.contains("\\u0001"));
     Ok(())
 }
+
+/// Attack 6 (this release's objects): a HIS login reads none of the statistics (who looked at
+/// which patient, every doctor's 互认率), cannot forge them, cannot release held reports by
+/// mapping a code or turn the hold policy off, cannot add a polled source; and what it passes
+/// as its workstation is stored as data, cut to 32 characters.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_his_login_neither_reads_nor_forges_the_statistics() -> Result<()> {
+    let w = world().await?;
+    let his = w.cluster.connect_as("his", "his_app").await?;
+    for sql in [
+        "SELECT * FROM hmr.list_log",
+        "SELECT * FROM hmr.recognition_stats",
+        "SELECT * FROM hmr.recognition_totals",
+        "SELECT * FROM hmr.upload_stats()",
+        "SELECT * FROM hmr.quarantine_ageing",
+        "INSERT INTO hmr.list_log (kind, status) VALUES ('all', 'ok')",
+        "INSERT INTO hmr.upload_days (day, kind, uploaded) VALUES ('2026-11-01', 'lab_report', 1000)",
+        "INSERT INTO hmr.item_prices VALUES ('JY0001', 1)",
+        "INSERT INTO hmr.item_map (type, local_code, data_code) VALUES ('exam', 'X', 'JC0001')",
+        "UPDATE hmr.kinds SET unmapped = 'send'",
+        "INSERT INTO hmr.polled_sources (name, kind, source_view) VALUES ('evil', 'exam_report', 'pg_authid')",
+        "UPDATE hmr.outbox SET waits_for_kind = NULL",
+    ] {
+        let e = his.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(code(&e), "42501", "{sql}: {e}");
+    }
+    let long = format!("'); DROP TABLE hmr.list_log; --{}", "门".repeat(100));
+    his.query_one(
+        &format!("SELECT hmr_list_recognitions('01', '{P0001_ID}', 'MZ001', 'D001', '0301', workstation => $1)"),
+        &[&long],
+    )
+    .await?;
+    let kept: String = w
+        .his
+        .query_one("SELECT workstation FROM hmr.list_log ORDER BY id DESC LIMIT 1", &[])
+        .await?
+        .get(0);
+    assert_eq!(kept.chars().count(), 32);
+    assert!(long.starts_with(&kept), "stored as given, cut: {kept}");
+    Ok(())
+}
