@@ -8,7 +8,7 @@ PGRX_VERSION=0.18.1
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config libssl-dev sudo
               poppler-utils fonts-wqy-microhei curl pgbouncer shellcheck
-              mariadb-server postgresql-15-mysql-fdw chromium)
+              mariadb-server postgresql-15-mysql-fdw chromium chromium-driver openssl)
 
 log() { printf '[bootstrap] %s\n' "$*"; }
 

@@ -30,12 +30,13 @@ RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_tem
 $$;
 
 -- Records the doctor's 互认 / 不互认 for one order of a check. `report_id` defaults to the
--- newest matching report; `doctor_no`/`dept_code` to the check's. Once every matched order
+-- newest matching report; `doctor_no`/`dept_code` to the check's; `workstation` names the
+-- terminal the doctor decided at (kept, cut to 32 characters). Once every matched order
 -- of the check has a decision, the decisions go to the platform through the outbox.
 CREATE FUNCTION public.hmr_record_decision(check_id text, order_id text, recognise boolean,
                                            reason_code text DEFAULT NULL, reason_text text DEFAULT NULL,
                                            report_id text DEFAULT NULL, doctor_no text DEFAULT NULL,
-                                           dept_code text DEFAULT NULL)
+                                           dept_code text DEFAULT NULL, workstation text DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     c hmr.checks;
@@ -86,9 +87,11 @@ BEGIN
         END IF;
         RAISE EXCEPTION '该处方的互认结果已上传，不能更改' USING ERRCODE = 'HM005';
     END IF;
-    INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text, doctor_no, dept_code)
+    INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text, doctor_no, dept_code,
+                               workstation)
     VALUES (p_check, p_order, rid, recognise, nullif(trim(reason_code), ''), nullif(trim(reason_text), ''),
-            coalesce(hmr_record_decision.doctor_no, c.doctor_no), coalesce(hmr_record_decision.dept_code, c.dept_code))
+            coalesce(hmr_record_decision.doctor_no, c.doctor_no), coalesce(hmr_record_decision.dept_code, c.dept_code),
+            left(nullif(trim(hmr_record_decision.workstation), ''), 32))
     RETURNING id INTO new_id;
     SELECT jsonb_array_length(c.matches) INTO matched;
     SELECT count(DISTINCT d.order_id) INTO decided FROM hmr.decisions d WHERE d.check_id = p_check;
@@ -261,7 +264,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA hmr FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean, text),
                        public.hmr_query_recognitions(jsonb),
                        public.hmr_check_prescription(jsonb, jsonb),
-                       public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
+                       public.hmr_record_decision(text, text, boolean, text, text, text, text, text, text),
                        public.hmr_download_report(text, text), public.hmr_order_recognition(text),
                        public.hmr_check_order(jsonb, jsonb), public.hmr_page_decisions(text) FROM PUBLIC;
 
@@ -272,7 +275,7 @@ GRANT USAGE ON SCHEMA hmr TO hmr_his, hmr_worker, hmr_admin;
 GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean, text),
                           public.hmr_query_recognitions(jsonb),
                           public.hmr_check_prescription(jsonb, jsonb),
-                          public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
+                          public.hmr_record_decision(text, text, boolean, text, text, text, text, text, text),
                           public.hmr_download_report(text, text), public.hmr_order_recognition(text),
                           public.hmr_check_order(jsonb, jsonb), public.hmr_page_decisions(text),
                           hmr.learn_page_decisions(jsonb), hmr.undecided(jsonb), hmr.id_card_problem(text, date), hmr.org_code_valid(text), hmr.keep_prompt(text, jsonb),
@@ -281,6 +284,8 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
 GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, hmr.order_recognitions,
                 hmr.catalog, hmr.item_map
       TO hmr_his;
+-- hmr-worker serve logs in as a HIS role and finds the patient and staff views here.
+GRANT SELECT ON hmr.kinds TO hmr_his;
 -- Policy: everyone reads it; only hmr_admin changes it (hmr.set_policy).
 GRANT SELECT ON hmr.policy, hmr.effective_policy, hmr.settings TO hmr_his, hmr_worker, hmr_admin;
 -- Source views (read by the worker, checked by DBAs) use the code maps.
@@ -325,7 +330,7 @@ GRANT SELECT ON hmr.source_readiness, hmr.prompts, hmr.prompt_log, hmr.guards, h
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA hmr TO hmr_admin;
 GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean, text),
                           public.hmr_query_recognitions(jsonb), public.hmr_check_prescription(jsonb, jsonb),
-                          public.hmr_record_decision(text, text, boolean, text, text, text, text, text),
+                          public.hmr_record_decision(text, text, boolean, text, text, text, text, text, text),
                           public.hmr_download_report(text, text), public.hmr_order_recognition(text),
                           public.hmr_check_order(jsonb, jsonb), public.hmr_page_decisions(text)
       TO hmr_admin;

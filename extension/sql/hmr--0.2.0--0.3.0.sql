@@ -341,10 +341,17 @@ RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_tem
     SELECT hmr.check_prescription_json(visit, orders)
 $$;
 
-CREATE OR REPLACE FUNCTION public.hmr_record_decision(check_id text, order_id text, recognise boolean,
+-- 0.3.0: decisions keep the terminal they were taken at (a new last argument, workstation).
+ALTER TABLE hmr.decisions ADD COLUMN workstation text;
+CREATE OR REPLACE VIEW hmr.current_decisions AS
+SELECT DISTINCT ON (check_id, order_id) *
+FROM hmr.decisions
+ORDER BY check_id, order_id, id DESC;
+DROP FUNCTION public.hmr_record_decision(text, text, boolean, text, text, text, text, text);
+CREATE FUNCTION public.hmr_record_decision(check_id text, order_id text, recognise boolean,
                                            reason_code text DEFAULT NULL, reason_text text DEFAULT NULL,
                                            report_id text DEFAULT NULL, doctor_no text DEFAULT NULL,
-                                           dept_code text DEFAULT NULL)
+                                           dept_code text DEFAULT NULL, workstation text DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     c hmr.checks;
@@ -395,9 +402,11 @@ BEGIN
         END IF;
         RAISE EXCEPTION '该处方的互认结果已上传，不能更改' USING ERRCODE = 'HM005';
     END IF;
-    INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text, doctor_no, dept_code)
+    INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text, doctor_no, dept_code,
+                               workstation)
     VALUES (p_check, p_order, rid, recognise, nullif(trim(reason_code), ''), nullif(trim(reason_text), ''),
-            coalesce(hmr_record_decision.doctor_no, c.doctor_no), coalesce(hmr_record_decision.dept_code, c.dept_code))
+            coalesce(hmr_record_decision.doctor_no, c.doctor_no), coalesce(hmr_record_decision.dept_code, c.dept_code),
+            left(nullif(trim(hmr_record_decision.workstation), ''), 32))
     RETURNING id INTO new_id;
     SELECT jsonb_array_length(c.matches) INTO matched;
     SELECT count(DISTINCT d.order_id) INTO decided FROM hmr.decisions d WHERE d.check_id = p_check;
@@ -409,6 +418,11 @@ BEGIN
                               'recognise', recognise, 'complete', decided >= matched);
 END
 $$;
+REVOKE ALL ON FUNCTION public.hmr_record_decision(text, text, boolean, text, text, text, text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION public.hmr_record_decision(text, text, boolean, text, text, text, text, text, text)
+      TO hmr_his, hmr_admin;
+-- hmr-worker serve logs in as a HIS role and finds the patient and staff views here.
+GRANT SELECT ON hmr.kinds TO hmr_his;
 
 CREATE OR REPLACE FUNCTION public.hmr_page_decisions(check_id text)
 RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

@@ -895,7 +895,10 @@ CREATE TABLE hmr.decisions (
     recorded_by  text NOT NULL DEFAULT session_user,
     -- his (recorded through hmr_record_decision) or page (taken on the platform's page,
     -- learnt from it: not uploaded again)
-    source       text NOT NULL DEFAULT 'his' CHECK (source IN ('his', 'page'))
+    source       text NOT NULL DEFAULT 'his' CHECK (source IN ('his', 'page')),
+    -- the terminal the doctor decided at (hmr_record_decision's workstation; serve: the
+    -- authenticated terminal's name)
+    workstation  text
 );
 CREATE INDEX decisions_order_idx ON hmr.decisions (order_id);
 CREATE INDEX decisions_check_idx ON hmr.decisions (check_id);

@@ -544,7 +544,8 @@ async fn free_text_is_checked_before_it_leaves() -> Result<()> {
 /// Attack 6 (this release's objects): a HIS login reads none of the statistics (who looked at
 /// which patient, every doctor's 互认率), cannot forge them, cannot release held reports by
 /// mapping a code or turn the hold policy off, cannot add a polled source; and what it passes
-/// as its workstation is stored as data, cut to 32 characters.
+/// as its workstation (to the list and to a decision) is stored as data, cut to 32 characters,
+/// and cannot be rewritten afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_his_login_neither_reads_nor_forges_the_statistics() -> Result<()> {
     let w = world().await?;
@@ -579,5 +580,33 @@ async fn a_his_login_neither_reads_nor_forges_the_statistics() -> Result<()> {
         .get(0);
     assert_eq!(kept.chars().count(), 32);
     assert!(long.starts_with(&kept), "stored as given, cut: {kept}");
+    // The same for the terminal a decision names, and nobody rewrites it afterwards.
+    let visit = serde_json::json!({"id_type": "01", "id_no": P0001_ID, "patient_id": "P0001", "visit_type": "1",
+                                   "visit_no": "MZ001", "doctor_no": "D001", "dept_code": "0301"});
+    let orders = serde_json::json!([{"order_id": "W1", "item_code": "JY0001", "type": "lab"}]);
+    let check: serde_json::Value = his
+        .query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
+        .await?
+        .get(0);
+    let check_id = check["check_id"].as_str().expect("a check").to_string();
+    his.query_one(
+        "SELECT hmr_record_decision($1, 'W1', true, workstation => $2)",
+        &[&check_id, &long],
+    )
+    .await?;
+    let kept: String = w
+        .his
+        .query_one("SELECT workstation FROM hmr.decisions WHERE order_id = 'W1'", &[])
+        .await?
+        .get(0);
+    assert!(kept.chars().count() == 32 && long.starts_with(&kept), "{kept}");
+    for sql in [
+        "UPDATE hmr.decisions SET workstation = '门诊医生站' WHERE order_id = 'W1'",
+        "INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, doctor_no, dept_code, workstation)
+         SELECT check_id, 'W9', report_id, true, 'D001', '0301', '病区' FROM hmr.decisions LIMIT 1",
+    ] {
+        let e = his.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(code(&e), "42501", "{sql}: {e}");
+    }
     Ok(())
 }

@@ -9,38 +9,7 @@ use hmr_e2e::*;
 use serde_json::{json, Value};
 
 const P0001_ID: &str = "441302198003151233";
-
-struct Serve {
-    child: std::process::Child,
-    base: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn serve(worker: &Worker) -> Result<Serve> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let child = std::process::Command::new(bin_dir().join("hmr-worker"))
-        .arg("--config")
-        .arg(&worker.config_path)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let s = Serve {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    wait_until(Duration::from_secs(20), "the CDS service", || async {
-        Ok(reqwest::get(format!("{}/cds-services", s.base)).await.is_ok())
-    })
-    .await?;
-    Ok(s)
-}
+const P0002_ID: &str = "441302199211082345";
 
 fn draft_orders(orders: &[(&str, &str)]) -> Value {
     json!({
@@ -62,8 +31,8 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
         &WorkerOptions::default(),
     )
     .await?;
-    let s = serve(&w.worker).await?;
-    let http = reqwest::Client::new();
+    let s = serve(&w, None).await?;
+    let http = s.http.clone();
 
     // Discovery.
     let services: Value = reqwest::get(format!("{}/cds-services", s.base)).await?.json().await?;
@@ -73,7 +42,7 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
         .iter()
         .map(|s| s["hook"].as_str().unwrap())
         .collect();
-    assert_eq!(hooks, ["patient-view", "order-sign"], "{services}");
+    assert_eq!(hooks, ["patient-view", "order-select", "order-sign"], "{services}");
     for svc in services["services"].as_array().unwrap() {
         assert!(
             svc["id"].is_string() && svc["description"].is_string(),
@@ -105,6 +74,53 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
         .await?,
         1
     );
+
+    // order-select, shaped as the specification's example (hooks/order-select.md): the doctor
+    // has two draft orders and has just selected one; a card for it only, information only.
+    let select = json!({
+        "hookInstance": uuid_like(5),
+        "hook": "order-select",
+        "fhirServer": "http://his.example/fhir",
+        "context": {
+            "userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001",
+            "selections": ["ServiceRequest/SR0"],
+            "draftOrders": draft_orders(&[("SR0", "JY0001"), ("SR9", "JY0005")])
+        }
+    });
+    let selected: Value = http
+        .post(format!("{}/cds-services/hmr-order-select", s.base))
+        .json(&select)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let cards = selected["cards"].as_array().expect("cards");
+    assert_eq!(cards.len(), 1, "{selected}");
+    assert_eq!(cards[0]["indicator"], "info");
+    assert!(
+        cards[0]["summary"].as_str().unwrap().contains("已有 1 份可互认结果"),
+        "{selected}"
+    );
+    assert!(cards[0].get("suggestions").is_none(), "nothing is decided at select");
+    // Selecting the order without a recognisable result: no card.
+    let mut other = select.clone();
+    other["context"]["selections"] = json!(["ServiceRequest/SR9"]);
+    let selected: Value = http
+        .post(format!("{}/cds-services/hmr-order-select", s.base))
+        .json(&other)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(selected["cards"], json!([]), "{selected}");
+    // `selections` is required by the hook.
+    other["context"].as_object_mut().unwrap().remove("selections");
+    let refused = http
+        .post(format!("{}/cds-services/hmr-order-select", s.base))
+        .json(&other)
+        .send()
+        .await?;
+    assert_eq!(refused.status().as_u16(), 400);
 
     // order-sign: one card for the duplicate, 互认 as the suggestion, the six 不互认 reasons.
     let mut context = context.clone();
@@ -276,63 +292,48 @@ fn uuid_like(n: u32) -> String {
 }
 
 /// With terminals configured, every call but the discovery needs a CDS Hooks JWT (ES384) of
-/// one of them; the terminal's name is recorded with its badge calls; a replayed token is
-/// refused.
+/// one of them; the terminal's name is recorded with its badge calls and its decisions; a
+/// replayed or forged token is refused. A widget session a terminal opens reaches its own
+/// patient, checks and reports only.
 #[tokio::test(flavor = "multi_thread")]
 async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()> {
-    use base64::Engine as _;
-    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng).unwrap();
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
-    let public = pair.public_key().as_ref().to_vec();
     let audience = "https://hmr.hospital.example/cds-services";
-    let config = format!(
-        "[serve]\naudience = \"{audience}\"\n\n[[serve.terminals]]\niss = \"ward-app\"\nname = \"病区移动查房\"\n\
-         jwk = {{ kty = \"EC\", crv = \"P-384\", x = \"{}\", y = \"{}\" }}\n",
-        b64.encode(&public[1..49]),
-        b64.encode(&public[49..])
-    );
+    let ward = Terminal::new("ward-app", audience);
     let w = Workstations::start(
-        &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
+        &[
+            (P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1),
+            (P0002_ID, "1992-11-08", "W-CBC-2", "JY0001", 1),
+        ],
         &WorkerOptions {
-            extra_config: Some(config),
+            extra_config: Some(ward.config("病区移动查房", "")),
             ..Default::default()
         },
     )
     .await?;
-    let s = serve(&w.worker).await?;
-    let http = reqwest::Client::new();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs() as i64;
-    let token = |jti: &str| {
-        let h = b64.encode(json!({"alg": "ES384", "typ": "JWT"}).to_string());
-        let p = b64
-            .encode(json!({"iss": "ward-app", "aud": audience, "exp": now + 300, "iat": now, "jti": jti}).to_string());
-        let sig = pair.sign(&rng, format!("{h}.{p}").as_bytes()).unwrap();
-        format!("{h}.{p}.{}", b64.encode(sig.as_ref()))
-    };
+    let s = serve(&w, None).await?;
+    let http = s.http.clone();
     let request = json!({"hook": "patient-view", "hookInstance": uuid_like(9),
                          "context": {"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001"}});
     let url = format!("{}/cds-services/hmr-recognitions", s.base);
 
     // The discovery is open; a call without a token is not.
-    assert!(reqwest::get(format!("{}/cds-services", s.base))
+    assert!(http
+        .get(format!("{}/cds-services", s.base))
+        .send()
         .await?
         .status()
         .is_success());
     assert_eq!(http.post(&url).json(&request).send().await?.status().as_u16(), 401);
     assert_eq!(
-        reqwest::get(format!("{}/api/badge?patient_id=P0001&doctor_no=D001", s.base))
+        http.get(format!("{}/api/badge?patient_id=P0001&doctor_no=D001", s.base))
+            .send()
             .await?
             .status()
             .as_u16(),
         401
     );
     // A signed, fresh token of the terminal: served, and its name kept with the call.
-    let t = token("first");
+    let t = ward.token_with("first");
     let ok = http.post(&url).bearer_auth(&t).json(&request).send().await?;
     assert!(ok.status().is_success(), "{}", ok.text().await?);
     let answer: Value = ok.json().await?;
@@ -349,19 +350,11 @@ async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()>
     let replay = http.post(&url).bearer_auth(&t).json(&request).send().await?;
     assert_eq!(replay.status().as_u16(), 401);
     assert!(replay.text().await?.contains("replay"));
-    // A token of another key.
-    let other_pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng).unwrap();
-    let other = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, other_pkcs8.as_ref(), &rng).unwrap();
-    let h = b64.encode(json!({"alg": "ES384"}).to_string());
-    let p =
-        b64.encode(json!({"iss": "ward-app", "aud": audience, "exp": now + 300, "iat": now, "jti": "x"}).to_string());
-    let forged = format!(
-        "{h}.{p}.{}",
-        b64.encode(other.sign(&rng, format!("{h}.{p}").as_bytes()).unwrap().as_ref())
-    );
+    // A token of another key under the same iss.
+    let forger = Terminal::new("ward-app", audience);
     assert_eq!(
         http.post(&url)
-            .bearer_auth(&forged)
+            .bearer_auth(forger.token())
             .json(&request)
             .send()
             .await?
@@ -369,5 +362,164 @@ async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()>
             .as_u16(),
         401
     );
+
+    // A decision through the JSON API is kept with the terminal's name and the doctor.
+    let check: Value = http
+        .post(format!("{}/api/check", s.base))
+        .bearer_auth(ward.token())
+        .json(&json!({"patient_id": "P0001", "visit_no": "MZ001", "doctor_no": "D001",
+                      "orders": [{"order_id": "T1", "item_code": "JY0001", "type": "lab"}]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(check["duplicate"], true, "{check}");
+    let decided = http
+        .post(format!("{}/api/decide", s.base))
+        .bearer_auth(ward.token())
+        .json(&json!({"check_id": check["check_id"], "order_id": "T1", "recognise": true}))
+        .send()
+        .await?;
+    assert!(decided.status().is_success(), "{}", decided.text().await?);
+    let (workstation, doctor): (Option<String>, String) = w
+        .his
+        .query_one(
+            "SELECT workstation, doctor_no FROM hmr.decisions WHERE order_id = 'T1'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))?;
+    assert_eq!(
+        (workstation.as_deref(), doctor.as_str()),
+        (Some("病区移动查房"), "D001")
+    );
+    let p2_check: Value = http
+        .post(format!("{}/api/check", s.base))
+        .bearer_auth(ward.token())
+        .json(&json!({"patient_id": "P0002", "visit_no": "MZ002", "doctor_no": "D001",
+                      "orders": [{"order_id": "T2", "item_code": "JY0001", "type": "lab"}]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(p2_check["duplicate"], true, "{p2_check}");
+
+    // A widget session for P0001 (what a workstation embeds), and what it cannot reach.
+    let opened = http
+        .post(format!("{}/api/sessions", s.base))
+        .bearer_auth(ward.token())
+        .json(&json!({"patient_id": "P0001", "visit_no": "MZ001", "doctor_no": "D001"}))
+        .send()
+        .await?;
+    assert!(opened.status().is_success(), "{}", opened.text().await?);
+    let opened: Value = opened.json().await?;
+    let session = format!("Session {}", opened["session"].as_str().unwrap());
+    let widget = opened["widget"].as_str().unwrap();
+    assert!(
+        widget.starts_with("/widget/?patient_id=P0001&visit_no=MZ001&doctor_no=D001"),
+        "{widget}"
+    );
+    assert!(widget.ends_with(&format!("#session={}", opened["session"].as_str().unwrap())));
+    let with = |rb: reqwest::RequestBuilder| rb.header("Authorization", &session);
+    let badge = with(http.get(format!("{}/api/badge", s.base))).send().await?;
+    assert!(
+        badge.status().is_success(),
+        "the session's own patient, filled in: {}",
+        badge.text().await?
+    );
+    let other_patient = with(http.get(format!("{}/api/badge?patient_id=P0002&doctor_no=D001", s.base)))
+        .send()
+        .await?;
+    assert_eq!(other_patient.status().as_u16(), 403, "another patient");
+    let other_check = with(http.post(format!("{}/api/decide", s.base)))
+        .json(&json!({"check_id": p2_check["check_id"], "order_id": "T2", "recognise": true}))
+        .send()
+        .await?;
+    assert_eq!(other_check.status().as_u16(), 403, "a check the session did not make");
+    let p2_report = p2_check["matches"][0]["reports"][0]["report_id"].as_str().unwrap();
+    let other_report = with(http.get(format!("{}/api/reports/{p2_report}", s.base)))
+        .send()
+        .await?;
+    assert_eq!(
+        other_report.status().as_u16(),
+        403,
+        "a report the session was not shown"
+    );
+    let hook = with(http.post(&url)).json(&request).send().await?;
+    assert_eq!(hook.status().as_u16(), 403, "the CDS hooks are for terminals");
+    let nested = with(http.post(format!("{}/api/sessions", s.base)))
+        .json(&json!({"patient_id": "P0002", "doctor_no": "D001"}))
+        .send()
+        .await?;
+    assert_eq!(nested.status().as_u16(), 403, "a session opens no other");
+    let unknown = http
+        .get(format!("{}/api/badge", s.base))
+        .header("Authorization", "Session 00ff")
+        .send()
+        .await?;
+    assert_eq!(unknown.status().as_u16(), 401);
+    // Nothing was decided for P0002.
+    assert_eq!(
+        count(&w.his, "SELECT count(*) FROM hmr.decisions WHERE order_id = 'T2'").await?,
+        0
+    );
+    Ok(())
+}
+
+/// Over TLS (rustls, the test's own certificate), and each terminal within its own budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_each_terminal_within_its_rate() -> Result<()> {
+    let dir = unique_dir("serve-tls");
+    let (ca, cert, key) = test_certificates(&dir)?;
+    let audience = "https://127.0.0.1/cds-services";
+    let (busy, quiet) = (Terminal::new("busy", audience), Terminal::new("quiet", audience));
+    let more = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\nrate_per_minute = 6\nburst = 3",
+        cert.display(),
+        key.display()
+    );
+    let config = busy.config("急诊移动端", &more) + &quiet.entry("体检中心");
+    let w = Workstations::start(
+        &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
+        &WorkerOptions {
+            extra_config: Some(config),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let s = serve(&w, Some(&ca)).await?;
+    assert!(s.base.starts_with("https://"));
+    let badge = |t: &Terminal| {
+        s.http
+            .get(format!(
+                "{}/api/badge?patient_id=P0001&visit_no=MZ001&doctor_no=D001",
+                s.base
+            ))
+            .bearer_auth(t.token())
+            .send()
+    };
+    let first = badge(&busy).await?;
+    assert!(first.status().is_success(), "{}", first.text().await?);
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = reqwest::Client::new()
+        .get(format!("{}/cds-services", s.base.replacen("https", "http", 1)))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    // A burst of 3, then one call per 10 s: the fourth at once is refused with Retry-After.
+    let mut statuses = vec![];
+    let mut retry_after = None;
+    for _ in 0..3 {
+        let r = badge(&busy).await?;
+        statuses.push(r.status().as_u16());
+        if let Some(v) = r.headers().get("retry-after") {
+            retry_after = v.to_str().ok().and_then(|v| v.parse::<u64>().ok());
+        }
+    }
+    assert_eq!(statuses, [200, 200, 429], "the first call took one of the burst of 3");
+    assert!(retry_after.is_some_and(|s| (1..=10).contains(&s)), "{retry_after:?}");
+    // Another terminal has its own budget.
+    assert_eq!(badge(&quiet).await?.status().as_u16(), 200);
     Ok(())
 }

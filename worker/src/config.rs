@@ -43,12 +43,36 @@ pub struct Config {
 /// `hmr-worker serve`: the terminals allowed to call it. With none configured every call is
 /// accepted (and the service listens on loopback only); with terminals, every call but the
 /// discovery needs a CDS Hooks JWT (ES384) signed by one of them.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
     /// The `aud` the tokens must carry (the service's base URL as the terminals know it).
     pub audience: Option<String>,
     pub terminals: Vec<TerminalConfig>,
+    /// HTTPS (rustls): the certificate chain and its private key, PEM files. Without them the
+    /// service speaks plain HTTP and listens on loopback only (behind a TLS proxy).
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Calls a terminal may make per minute (each terminal its own budget; 429 beyond it).
+    pub rate_per_minute: u32,
+    /// Calls a terminal may make at once before the per-minute rate applies.
+    pub burst: u32,
+    /// How long a widget session (`POST /api/sessions`) lasts, in minutes (a shift).
+    pub session_minutes: u32,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            audience: None,
+            terminals: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            rate_per_minute: 600,
+            burst: 60,
+            session_minutes: 480,
+        }
+    }
 }
 
 /// One terminal: its `iss` and its public key as a JWK (EC P-384).

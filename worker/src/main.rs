@@ -58,8 +58,9 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         page: i32,
     },
-    /// The recognition services as an HL7 CDS Hooks service (patient-view, order-sign,
-    /// feedback), for terminals that cannot call SQL. No authentication yet: listen on loopback.
+    /// The recognition services for terminals that cannot call SQL: an HL7 CDS Hooks service
+    /// (patient-view, order-select, order-sign, feedback), a JSON API and the widget. Over
+    /// TLS with terminals configured on any address; otherwise on loopback only.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: std::net::SocketAddr,
@@ -91,13 +92,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => run(config).await,
             Command::Status => status(config).await,
-            Command::Serve { listen } => {
-                anyhow::ensure!(
-                    listen.ip().is_loopback(),
-                    "serve has no TLS yet: listen on a loopback address (behind a TLS proxy), not {listen}"
-                );
-                Ok(serve::run(config.database.url.expose(), listen, &config.serve).await?)
-            }
+            Command::Serve { listen } => Ok(serve::run(config.database.url.expose(), listen, &config.serve).await?),
             Command::Report { month, out, csv } => {
                 anyhow::ensure!(
                     month.len() == 7 && chrono::NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d").is_ok(),

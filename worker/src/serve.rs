@@ -7,24 +7,35 @@
 //! - `POST /cds-services/hmr-order-check` (`order-sign`): a card per order that duplicates a
 //!   recognisable report, with the suggestion 互认 and the six 不互认 reasons as override
 //!   reasons;
+//! - `POST /cds-services/hmr-order-select` (`order-select`): a card per selected order that has
+//!   recognisable results (the precise query), before the doctor signs;
 //! - `POST /cds-services/hmr-order-check/feedback`: the doctor's choice, recorded as a decision.
 //!
 //! And a small JSON API for terminals that do not speak CDS Hooks (`docs/openapi.yaml`):
 //! `GET /api/badge`, `POST /api/query`, `POST /api/check`, `POST /api/decide`,
-//! `GET /api/reports/{report_id}`.
+//! `GET /api/reports/{report_id}`, `POST /api/sessions` (a session for the widget).
 //!
-//! Authentication (`[serve] terminals`): every call but the discovery carries a CDS Hooks JWT
-//! (`Authorization: Bearer`, ES384) signed by a configured terminal: `iss` known, `aud` the
-//! configured audience, `exp` in the future, `iat` not in the future, `jti` never seen before
-//! (replays refused). The terminal's name is recorded with its badge calls. Without terminals
-//! configured nothing is checked, and the service listens on loopback only.
+//! The reference widget (`/widget/`, static HTML + JS, `src/widget/`): the badge, the list,
+//! the forced 互认/不互认 dialog at sign, downloads; embedded by URL with a session.
 //!
-//! Part of issue #19: no TLS, rate limits or widget yet.
+//! Authentication (`[serve] terminals`): every call but the discovery and the widget's static
+//! files carries a CDS Hooks JWT (`Authorization: Bearer`, ES384) signed by a configured
+//! terminal: `iss` known, `aud` the configured audience, `exp` in the future, `iat` not in the
+//! future, `jti` never seen before (replays refused); or a widget session
+//! (`Authorization: Session`) a terminal opened for one patient, visit and doctor, which
+//! reaches only that patient's badge, checks and reports. The terminal's name is recorded with
+//! its badge calls and its decisions. Each terminal has its own rate budget (429 beyond it).
+//! Without terminals configured nothing is checked; without TLS (`tls_cert`, `tls_key`,
+//! rustls) the service listens on loopback only, and a non-loopback address needs both.
 //! Identifiers: the FHIR `patientId` is the HIS patient id (`hmr_src.patient`), `encounterId`
 //! the visit number, `userId` `Practitioner/<staff no>` (department from `hmr_src.staff`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -43,12 +54,41 @@ const REASON_SYSTEM: &str = "urn:hmr:decline-reason";
 struct Service {
     db: Client,
     auth: Auth,
+    limits: RateLimits,
+    sessions: Sessions,
     /// Views the identifiers are looked up in (`hmr.kinds.source_view`).
     patient_view: String,
     staff_view: String,
 }
 
+/// Where the service may listen: loopback always; any other address only over TLS and with
+/// terminals to authenticate (patients' data never crosses a network in clear or to anyone).
+pub fn listen_allowed(listen: SocketAddr, cfg: &crate::config::ServeConfig) -> Result<(), String> {
+    if listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if cfg.tls_cert.is_none() || cfg.tls_key.is_none() {
+        return Err(format!(
+            "serve listens on {listen} only with TLS: set [serve] tls_cert and tls_key, or listen on loopback behind a TLS proxy"
+        ));
+    }
+    if cfg.terminals.is_empty() {
+        return Err(format!(
+            "serve listens on {listen} only with [[serve.terminals]] to authenticate its callers"
+        ));
+    }
+    Ok(())
+}
+
 pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConfig) -> Result<(), WorkerError> {
+    listen_allowed(listen, serve).map_err(WorkerError::Config)?;
+    if serve.tls_cert.is_some() != serve.tls_key.is_some() {
+        return Err(WorkerError::Config("[serve] tls_cert and tls_key go together".into()));
+    }
+    let tls = match (&serve.tls_cert, &serve.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let auth = Auth::new(serve)?;
     let (db, connection) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(async move {
@@ -70,6 +110,8 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
     let service = Arc::new(Service {
         db,
         auth,
+        limits: RateLimits::new(serve.rate_per_minute, serve.burst),
+        sessions: Sessions::new(Duration::from_secs(u64::from(serve.session_minutes) * 60)),
         patient_view,
         staff_view,
     });
@@ -82,21 +124,120 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
         .route("/api/check", post(api_check))
         .route("/api/decide", post(api_decide))
         .route("/api/reports/{report_id}", get(api_report))
+        .route("/api/sessions", post(api_session))
+        .route(
+            "/widget",
+            get(|| async { axum::response::Redirect::permanent("/widget/") }),
+        )
+        .route("/widget/", get(|| widget_file("index.html")))
+        .route(
+            "/widget/{file}",
+            get(|Path(file): Path<String>| widget_file_named(file)),
+        )
         .layer(axum::middleware::from_fn_with_state(service.clone(), authenticate))
         .with_state(service);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| WorkerError::Config(format!("cannot listen on {listen}: {e}")))?;
-    tracing::info!(%listen, "serving CDS Hooks");
-    axum::serve(listener, app)
-        .await
-        .map_err(|e| WorkerError::Config(format!("serving: {e}")))
+    let Some(tls) = tls else {
+        tracing::info!(%listen, "serving CDS Hooks over plain HTTP on loopback");
+        return axum::serve(listener, app)
+            .await
+            .map_err(|e| WorkerError::Config(format!("serving: {e}")));
+    };
+    tracing::info!(%listen, "serving CDS Hooks over TLS");
+    loop {
+        let (tcp, _peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: wait a moment rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (tls, app) = (tls.clone(), app.clone());
+        tokio::spawn(async move {
+            // A client that never finishes its handshake holds nothing for long.
+            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The TLS side of the listener (rustls, TLS 1.2 and 1.3, HTTP/1.1) from PEM files.
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor, WorkerError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        WorkerError::Config(format!("[serve] {}: {e}", what.display()))
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, &e))?;
+    if chain.is_empty() {
+        return Err(bad(cert, &"no certificate in the file"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert, &e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| bad(key, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+// ------------------------------------------------------------------ the widget's files
+
+/// The widget is part of the binary: what was tested is what is served.
+fn widget_asset(file: &str) -> Option<(&'static str, &'static str)> {
+    Some(match file {
+        "index.html" => ("text/html; charset=utf-8", include_str!("widget/index.html")),
+        "widget.js" => ("text/javascript; charset=utf-8", include_str!("widget/widget.js")),
+        "widget.css" => ("text/css; charset=utf-8", include_str!("widget/widget.css")),
+        _ => return None,
+    })
+}
+
+async fn widget_file_named(file: String) -> Response {
+    widget_file(&file).await
+}
+
+async fn widget_file(file: &str) -> Response {
+    match widget_asset(file) {
+        Some((content_type, body)) => (
+            [
+                (header::CONTENT_TYPE, content_type),
+                // Its own scripts and styles only, and nothing but this service to talk to.
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'self'; object-src 'none'; base-uri 'none'",
+                ),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                (header::REFERRER_POLICY, "no-referrer"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            body,
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn discovery() -> Json<Value> {
     Json(json!({"services": [
         {"hook": "patient-view", "id": "hmr-recognitions", "title": "检查检验结果互认提示",
          "description": "打开病历时提示本患者可互认的检查检验结果数量"},
+        {"hook": "order-select", "id": "hmr-order-select", "title": "开单互认提示",
+         "description": "选择检查检验项目时提示该项目已有的可互认结果（精准查询）"},
         {"hook": "order-sign", "id": "hmr-order-check", "title": "处方保存互认校验",
          "description": "签署医嘱时逐条提示重复的检查检验，互认或选择不互认原因"}
     ]}))
@@ -200,8 +341,12 @@ async fn hook(
 ) -> Answer {
     let context = request.get("context").cloned().unwrap_or(Value::Null);
     let who = s.who(&context).await?;
+    if caller.session.is_some() {
+        return Err(forbidden("a widget session calls the JSON API only"));
+    }
     let cards = match id.as_str() {
-        "hmr-recognitions" => badge(&s, &who, caller.0.as_deref().unwrap_or("cds-hooks")).await,
+        "hmr-recognitions" => badge(&s, &who, caller.workstation("cds-hooks")).await,
+        "hmr-order-select" => order_select(&s, &who, &context).await?,
         "hmr-order-check" => order_sign(&s, &who, &context).await?,
         other => {
             return Err((
@@ -218,7 +363,8 @@ async fn badge(s: &Service, who: &Who, workstation: &str) -> Vec<Value> {
     let answer = match s.list(who, workstation).await {
         Ok(answer) => answer,
         Err(e) => {
-            tracing::warn!(error = %e, "badge not available");
+            // The SQLSTATE only: a database message may quote the patient.
+            tracing::warn!(sqlstate = ?e.code().map(|c| c.code()), "badge not available");
             return vec![];
         }
     };
@@ -241,14 +387,23 @@ async fn badge(s: &Service, who: &Who, workstation: &str) -> Vec<Value> {
 /// order-sign: the draft orders (ServiceRequests) checked as a prescription; a card per
 /// duplicate. The card's uuid carries the check and the order, so the feedback can record
 /// the decision.
-async fn order_sign(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
+/// The draft `ServiceRequest`s of a hook's context as hmr's orders `{order_id, item_code,
+/// type}`; `selected`: only those named in `context.selections` (order-select).
+fn draft_orders(context: &Value, selected: bool) -> Vec<Value> {
+    let selections: Vec<&str> = context["selections"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
     let entries = context["draftOrders"]["entry"].as_array().cloned().unwrap_or_default();
-    let orders: Vec<Value> = entries
+    entries
         .iter()
         .map(|e| &e["resource"])
         .filter(|r| r["resourceType"] == "ServiceRequest")
         .filter_map(|r| {
             let id = r["id"].as_str()?;
+            if selected && !selections.contains(&format!("ServiceRequest/{id}").as_str()) {
+                return None;
+            }
             let code = r["code"]["coding"].as_array()?.first()?["code"].as_str()?;
             // 检验 (laboratory) or 检查 (imaging and the rest), by the request's category.
             let lab = r["category"].as_array().is_some_and(|c| {
@@ -257,7 +412,57 @@ async fn order_sign(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value
             });
             Some(json!({"order_id": id, "item_code": code, "type": if lab { "lab" } else { "exam" }}))
         })
-        .collect();
+        .collect()
+}
+
+/// order-select: for each newly selected order, the recognisable results of its item (the
+/// precise query) as an information card; the decision itself comes at sign.
+async fn order_select(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
+    if !context["selections"].is_array() {
+        return Err(bad("context.selections is required"));
+    }
+    let mut cards = Vec::new();
+    for order in draft_orders(context, true) {
+        let filter = json!({"id_type": who.id_type, "id_no": who.id_no, "item_codes": [order["item_code"]],
+                            "type": order["type"]});
+        let answer: Value = match s.db.query_one("SELECT hmr_query_recognitions($1)", &[&filter]).await {
+            Ok(row) => row.get(0),
+            Err(e) => {
+                tracing::warn!(sqlstate = ?e.code().map(|c| c.code()), "precise query not available");
+                continue;
+            }
+        };
+        let items = answer["items"].as_array().cloned().unwrap_or_default();
+        let Some(newest) = items.first() else { continue };
+        let item = newest["item_name"].as_str().unwrap_or_default();
+        let detail: Vec<String> = items
+            .iter()
+            .map(|i| {
+                format!(
+                    "- {} {} {}",
+                    i["org_name"].as_str().unwrap_or_default(),
+                    i["reported_at"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .get(..10)
+                        .unwrap_or_default(),
+                    i["item_name"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        cards.push(json!({
+            "uuid": uuid::Uuid::new_v4().to_string(),
+            "summary": format!("{item}：已有 {} 份可互认结果", items.len()),
+            "detail": format!("有效期内的结果：\n{}\n签署时可选择互认，不重复检查。", detail.join("\n")),
+            "indicator": "info",
+            "source": {"label": SOURCE},
+        }));
+    }
+    Ok(cards)
+}
+
+async fn order_sign(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
+    let orders = draft_orders(context, false);
     if orders.is_empty() {
         return Ok(vec![]);
     }
@@ -272,7 +477,7 @@ async fn order_sign(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value
     {
         Ok(row) => row.get(0),
         Err(e) => {
-            tracing::warn!(error = %e, "prescription check not available");
+            tracing::warn!(sqlstate = ?e.code().map(|c| c.code()), "prescription check not available");
             return Ok(vec![]);
         }
     };
@@ -313,7 +518,16 @@ async fn order_sign(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value
 
 /// The doctor's choice on a card: the suggestion taken is 互认; dismissing the card with a
 /// reason is 不互认 with that reason (06: the comment is its text).
-async fn feedback(State(s): State<Arc<Service>>, Path(_id): Path<String>, Json(body): Json<Value>) -> Answer {
+async fn feedback(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(_id): Path<String>,
+    Json(body): Json<Value>,
+) -> Answer {
+    if caller.session.is_some() {
+        return Err(forbidden("a widget session calls the JSON API only"));
+    }
+    let workstation = caller.workstation("cds-hooks");
     let items = body["feedback"].as_array().cloned().unwrap_or_default();
     if items.is_empty() {
         return Err(bad("feedback is required"));
@@ -325,15 +539,18 @@ async fn feedback(State(s): State<Arc<Service>>, Path(_id): Path<String>, Json(b
         };
         let result = match f["outcome"].as_str() {
             Some("accepted") => {
-                s.db.query_one("SELECT hmr_record_decision($1, $2, true)", &[&check_id, &order_id])
-                    .await
+                s.db.query_one(
+                    "SELECT hmr_record_decision($1, $2, true, workstation => $3)",
+                    &[&check_id, &order_id, &workstation],
+                )
+                .await
             }
             Some("overridden") => {
                 let code = f["overrideReason"]["reason"]["code"].as_str().unwrap_or("06");
                 let comment = f["overrideReason"]["userComment"].as_str();
                 s.db.query_one(
-                    "SELECT hmr_record_decision($1, $2, false, $3, $4)",
-                    &[&check_id, &order_id, &code, &comment],
+                    "SELECT hmr_record_decision($1, $2, false, $3, $4, workstation => $5)",
+                    &[&check_id, &order_id, &code, &comment, &workstation],
                 )
                 .await
             }
@@ -367,24 +584,34 @@ fn db_answer(e: tokio_postgres::Error) -> (StatusCode, Json<Value>) {
     }
 }
 
+fn forbidden(message: impl Into<String>) -> (StatusCode, Json<Value>) {
+    (StatusCode::FORBIDDEN, Json(json!({"error": message.into()})))
+}
+
 /// `?patient_id=&visit_no=&doctor_no=`: the badge (`hmr_list_recognitions`).
 async fn api_badge(
     State(s): State<Arc<Service>>,
     axum::Extension(caller): axum::Extension<Caller>,
-    Query(q): Query<std::collections::HashMap<String, String>>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Answer {
-    let workstation = caller.0.unwrap_or_else(|| "api".into());
-    let context = json!({
-        "patientId": q.get("patient_id"),
-        "encounterId": q.get("visit_no"),
-        "userId": q.get("doctor_no"),
-    });
+    let mut asked =
+        json!({"patient_id": q.get("patient_id"), "visit_no": q.get("visit_no"), "doctor_no": q.get("doctor_no")});
+    s.sessions.bind(&caller, &mut asked)?;
+    let context =
+        json!({"patientId": asked["patient_id"], "encounterId": asked["visit_no"], "userId": asked["doctor_no"]});
     let who = s.who(&context).await?;
-    Ok(Json(s.list(&who, &workstation).await.map_err(db_answer)?))
+    let answer = s.list(&who, caller.workstation("api")).await.map_err(db_answer)?;
+    s.sessions.remember(&caller, &answer);
+    Ok(Json(answer))
 }
 
 /// `{patient_id, doctor_no, …filter}`: the precise query (`hmr_query_recognitions`).
-async fn api_query(State(s): State<Arc<Service>>, Json(body): Json<Value>) -> Answer {
+async fn api_query(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(mut body): Json<Value>,
+) -> Answer {
+    s.sessions.bind(&caller, &mut body)?;
     let who = s
         .who(&json!({"patientId": body["patient_id"], "userId": body["doctor_no"]}))
         .await?;
@@ -392,19 +619,27 @@ async fn api_query(State(s): State<Arc<Service>>, Json(body): Json<Value>) -> An
     filter["id_type"] = json!(who.id_type);
     filter["id_no"] = json!(who.id_no);
     if let Some(f) = filter.as_object_mut() {
-        f.remove("patient_id");
-        f.remove("doctor_no");
+        for k in ["patient_id", "doctor_no", "visit_no"] {
+            f.remove(k);
+        }
     }
     let row =
         s.db.query_one("SELECT hmr_query_recognitions($1)", &[&filter])
             .await
             .map_err(db_answer)?;
-    Ok(Json(row.get(0)))
+    let answer: Value = row.get(0);
+    s.sessions.remember(&caller, &answer);
+    Ok(Json(answer))
 }
 
 /// `{patient_id, visit_no, doctor_no, visit_type?, orders: [{order_id, item_code, type}]}`:
 /// the prescription check (`hmr_check_prescription`).
-async fn api_check(State(s): State<Arc<Service>>, Json(body): Json<Value>) -> Answer {
+async fn api_check(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(mut body): Json<Value>,
+) -> Answer {
+    s.sessions.bind(&caller, &mut body)?;
     let who = s
         .who(&json!({"patientId": body["patient_id"], "encounterId": body["visit_no"], "userId": body["doctor_no"]}))
         .await?;
@@ -414,21 +649,37 @@ async fn api_check(State(s): State<Arc<Service>>, Json(body): Json<Value>) -> An
         s.db.query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
             .await
             .map_err(db_answer)?;
-    Ok(Json(row.get(0)))
+    let answer: Value = row.get(0);
+    s.sessions.remember(&caller, &answer);
+    Ok(Json(answer))
 }
 
 /// `{check_id, order_id, recognise, reason_code?, reason_text?}`: a decision
-/// (`hmr_record_decision`).
-async fn api_decide(State(s): State<Arc<Service>>, Json(body): Json<Value>) -> Answer {
+/// (`hmr_record_decision`), kept with the terminal's name.
+async fn api_decide(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(body): Json<Value>,
+) -> Answer {
     let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_string);
     let (Some(check), Some(order), Some(recognise)) = (text("check_id"), text("order_id"), body["recognise"].as_bool())
     else {
         return Err(bad("check_id, order_id and recognise are required"));
     };
+    if !s.sessions.allows(&caller, Seen::Check, &check) {
+        return Err(forbidden("this session did not make that check"));
+    }
     let row =
         s.db.query_one(
-            "SELECT hmr_record_decision($1, $2, $3, $4, $5)",
-            &[&check, &order, &recognise, &text("reason_code"), &text("reason_text")],
+            "SELECT hmr_record_decision($1, $2, $3, $4, $5, workstation => $6)",
+            &[
+                &check,
+                &order,
+                &recognise,
+                &text("reason_code"),
+                &text("reason_text"),
+                &caller.workstation("api"),
+            ],
         )
         .await
         .map_err(db_answer)?;
@@ -438,9 +689,13 @@ async fn api_decide(State(s): State<Arc<Service>>, Json(body): Json<Value>) -> A
 /// `?format=pdf|json`: a report recognised here (`hmr_download_report`).
 async fn api_report(
     State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(report_id): Path<String>,
-    Query(q): Query<std::collections::HashMap<String, String>>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    if !s.sessions.allows(&caller, Seen::Report, &report_id) {
+        return forbidden("this session was not shown that report").into_response();
+    }
     let format = q.get("format").map_or("pdf", String::as_str).to_string();
     match s
         .db
@@ -460,6 +715,186 @@ async fn api_report(
     }
 }
 
+/// `{patient_id, visit_no, doctor_no, visit_type?}` from a terminal (its JWT): a session for
+/// the widget, bound to that patient, visit and doctor, and the widget's address with it.
+async fn api_session(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(body): Json<Value>,
+) -> Answer {
+    if caller.session.is_some() {
+        return Err(forbidden("a session cannot open another"));
+    }
+    let text = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let who = s
+        .who(&json!({"patientId": body["patient_id"], "encounterId": body["visit_no"], "userId": body["doctor_no"]}))
+        .await?;
+    let visit_type = Some(text("visit_type"))
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "1".into());
+    let (token, expires) = s.sessions.open(Session {
+        terminal: caller.workstation("widget").to_string(),
+        patient_id: who.patient_id.clone(),
+        visit_no: who.visit_no.clone(),
+        doctor_no: who.doctor_no.clone(),
+        until: Instant::now(),
+        seen: HashSet::new(),
+    });
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query
+        .append_pair("patient_id", &who.patient_id)
+        .append_pair("visit_no", &who.visit_no)
+        .append_pair("doctor_no", &who.doctor_no)
+        .append_pair("visit_type", &visit_type);
+    if let Some(origin) = body["host_origin"].as_str() {
+        query.append_pair("host_origin", origin);
+    }
+    let expires_at = chrono::Utc::now() + chrono::Duration::from_std(expires).unwrap_or_default();
+    Ok(Json(json!({
+        "session": token,
+        "expires_at": expires_at.to_rfc3339(),
+        "widget": format!("/widget/?{}#session={token}", query.finish()),
+    })))
+}
+
+// ------------------------------------------------------------------ widget sessions
+
+/// What a session was shown, and so may act on.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Seen {
+    Check,
+    Report,
+}
+
+struct Session {
+    /// The terminal that opened it (recorded with its calls and decisions).
+    terminal: String,
+    patient_id: String,
+    visit_no: String,
+    doctor_no: String,
+    until: Instant,
+    seen: HashSet<(Seen, String)>,
+}
+
+/// Sessions live in the service's memory: a restart ends them, and the workstation opens a
+/// new one (as it does for every patient).
+struct Sessions {
+    lasts: Duration,
+    open: Mutex<HashMap<String, Session>>,
+}
+
+impl Sessions {
+    fn new(lasts: Duration) -> Sessions {
+        Sessions {
+            lasts,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn open(&self, mut session: Session) -> (String, Duration) {
+        use rand::RngCore as _;
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let token = hex::encode(bytes);
+        let now = Instant::now();
+        session.until = now + self.lasts;
+        let mut open = self.open.lock().expect("sessions");
+        open.retain(|_, s| s.until > now);
+        open.insert(token.clone(), session);
+        (token, self.lasts)
+    }
+
+    /// The terminal behind a live session.
+    fn terminal(&self, token: &str) -> Option<String> {
+        let open = self.open.lock().expect("sessions");
+        open.get(token)
+            .filter(|s| s.until > Instant::now())
+            .map(|s| s.terminal.clone())
+    }
+
+    /// A session's request is about its own patient, visit and doctor: missing fields are
+    /// filled in, other values refused.
+    fn bind(&self, caller: &Caller, body: &mut Value) -> Result<(), (StatusCode, Json<Value>)> {
+        let Some(token) = &caller.session else { return Ok(()) };
+        let open = self.open.lock().expect("sessions");
+        let session = open.get(token).ok_or_else(|| forbidden("the session has ended"))?;
+        for (field, value) in [
+            ("patient_id", &session.patient_id),
+            ("visit_no", &session.visit_no),
+            ("doctor_no", &session.doctor_no),
+        ] {
+            match body.get(field) {
+                None | Some(Value::Null) => body[field] = json!(value),
+                Some(v) if v.as_str() == Some(value.as_str()) => {}
+                Some(_) => return Err(forbidden(format!("this session is for another {field}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the checks and reports an answer showed the session.
+    fn remember(&self, caller: &Caller, answer: &Value) {
+        let Some(token) = &caller.session else { return };
+        let mut open = self.open.lock().expect("sessions");
+        let Some(session) = open.get_mut(token) else { return };
+        if let Some(check) = answer["check_id"].as_str() {
+            session.seen.insert((Seen::Check, check.to_string()));
+        }
+        let items = answer["items"].as_array().into_iter().flatten();
+        let matched = answer["matches"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|m| m["reports"].as_array().into_iter().flatten());
+        for report in items.chain(matched) {
+            if let Some(id) = report["report_id"].as_str() {
+                session.seen.insert((Seen::Report, id.to_string()));
+            }
+        }
+    }
+
+    /// May this caller act on `id`? Terminals may; a session only on what it was shown.
+    fn allows(&self, caller: &Caller, what: Seen, id: &str) -> bool {
+        let Some(token) = &caller.session else { return true };
+        let open = self.open.lock().expect("sessions");
+        open.get(token)
+            .is_some_and(|s| s.seen.contains(&(what, id.to_string())))
+    }
+}
+
+// ------------------------------------------------------------------ rate limits
+
+/// A token bucket per terminal: `burst` calls at once, then `per_minute`.
+pub struct RateLimits {
+    per_second: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimits {
+    pub fn new(per_minute: u32, burst: u32) -> RateLimits {
+        RateLimits {
+            per_second: f64::from(per_minute.max(1)) / 60.0,
+            burst: f64::from(burst.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one call from `key`'s budget, or says how long until the next one is allowed.
+    pub fn take(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().expect("rate buckets");
+        let (tokens, last) = buckets.entry(key.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
+        }
+    }
+}
+
 // ------------------------------------------------------------------ authentication
 
 /// The terminals allowed to call, and the `jti`s already used (until their token expires).
@@ -470,9 +905,20 @@ pub struct Auth {
     seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
-/// The calling terminal, once its token is verified (`None`: no terminals configured).
-#[derive(Clone)]
-pub struct Caller(pub Option<String>);
+/// The calling terminal, once its token or session is verified (`name` `None`: no terminals
+/// configured); `session`: the widget session it calls with.
+#[derive(Clone, Default)]
+pub struct Caller {
+    pub name: Option<String>,
+    pub session: Option<String>,
+}
+
+impl Caller {
+    /// The name recorded with its calls and decisions.
+    fn workstation<'a>(&'a self, otherwise: &'a str) -> &'a str {
+        self.name.as_deref().unwrap_or(otherwise)
+    }
+}
 
 impl Auth {
     pub fn new(cfg: &crate::config::ServeConfig) -> Result<Auth, WorkerError> {
@@ -566,33 +1012,49 @@ async fn authenticate(
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let open = request.method() == axum::http::Method::GET && request.uri().path() == "/cds-services";
-    if !s.auth.required() || open {
-        request.extensions_mut().insert(Caller(None));
+    let path = request.uri().path();
+    // The discovery and the widget's files hold no patient data.
+    let open = request.method() == axum::http::Method::GET && (path == "/cds-services" || path.starts_with("/widget"));
+    if open {
+        request.extensions_mut().insert(Caller::default());
         return next.run(request).await;
     }
-    let token = request
+    let refused = |why: String| (StatusCode::UNAUTHORIZED, Json(json!({"error": why}))).into_response();
+    let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let now = chrono::Utc::now().timestamp();
-    match token.map(|t| s.auth.verify(t, now)) {
-        Some(Ok(name)) => {
-            request.extensions_mut().insert(Caller(Some(name)));
-            next.run(request).await
-        }
-        Some(Err(why)) => (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": format!("token refused: {why}")})),
+        .map(str::to_string);
+    let caller = match authorization.as_deref().and_then(|v| v.split_once(' ')) {
+        Some(("Session", token)) => match s.sessions.terminal(token) {
+            Some(terminal) => Caller {
+                name: Some(terminal),
+                session: Some(token.to_string()),
+            },
+            None => return refused("the session is unknown or has ended: open a new one".into()),
+        },
+        Some(("Bearer", token)) if s.auth.required() => match s.auth.verify(token, chrono::Utc::now().timestamp()) {
+            Ok(name) => Caller {
+                name: Some(name),
+                session: None,
+            },
+            Err(why) => return refused(format!("token refused: {why}")),
+        },
+        _ if !s.auth.required() => Caller::default(),
+        _ => return refused("a Bearer token (CDS Hooks JWT, ES384) or a widget session is required".into()),
+    };
+    // Each terminal its own budget (one busy or broken terminal does not starve the others).
+    if let Err(wait) = s.limits.take(caller.workstation("-"), Instant::now()) {
+        let seconds = wait.as_secs() + 1;
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, seconds.to_string())],
+            Json(json!({"error": format!("too many calls from this terminal: try again in {seconds} s")})),
         )
-            .into_response(),
-        None => (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "a Bearer token (CDS Hooks JWT, ES384) is required"})),
-        )
-            .into_response(),
+            .into_response();
     }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
 }
 
 #[cfg(test)]
@@ -627,6 +1089,114 @@ mod tests {
     }
 
     #[test]
+    fn a_terminal_past_its_budget_waits_and_others_go_on() {
+        let limits = RateLimits::new(60, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(limits.take("ward-app", t0), Ok(()));
+        }
+        let wait = limits.take("ward-app", t0).unwrap_err();
+        assert!(
+            wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert_eq!(limits.take("clinic", t0), Ok(()), "another terminal has its own budget");
+        assert_eq!(
+            limits.take("ward-app", t0 + Duration::from_secs(1)),
+            Ok(()),
+            "one a second comes back"
+        );
+        assert!(limits.take("ward-app", t0 + Duration::from_secs(1)).is_err());
+        // Idle for long, it gets its burst back and no more.
+        let later = t0 + Duration::from_secs(3600);
+        for _ in 0..3 {
+            assert_eq!(limits.take("ward-app", later), Ok(()));
+        }
+        assert!(limits.take("ward-app", later).is_err());
+    }
+
+    #[test]
+    fn a_session_reaches_its_own_patient_and_what_it_was_shown_only() {
+        let sessions = Sessions::new(Duration::from_secs(60));
+        let (token, _) = sessions.open(Session {
+            terminal: "门诊医生站".into(),
+            patient_id: "P0001".into(),
+            visit_no: "MZ001".into(),
+            doctor_no: "D001".into(),
+            until: Instant::now(),
+            seen: HashSet::new(),
+        });
+        let caller = Caller {
+            name: sessions.terminal(&token),
+            session: Some(token.clone()),
+        };
+        assert_eq!(caller.name.as_deref(), Some("门诊医生站"));
+        let mut body = json!({"orders": []});
+        sessions.bind(&caller, &mut body).unwrap();
+        assert_eq!(
+            (body["patient_id"].as_str(), body["doctor_no"].as_str()),
+            (Some("P0001"), Some("D001"))
+        );
+        let mut other = json!({"patient_id": "P0002"});
+        assert_eq!(sessions.bind(&caller, &mut other).unwrap_err().0, StatusCode::FORBIDDEN);
+        assert!(!sessions.allows(&caller, Seen::Check, "C1"));
+        assert!(!sessions.allows(&caller, Seen::Report, "R1"));
+        sessions.remember(
+            &caller,
+            &json!({"check_id": "C1", "matches": [{"reports": [{"report_id": "R1"}]}]}),
+        );
+        sessions.remember(&caller, &json!({"items": [{"report_id": "R2"}]}));
+        assert!(sessions.allows(&caller, Seen::Check, "C1"));
+        assert!(
+            !sessions.allows(&caller, Seen::Report, "C1"),
+            "a check id is not a report id"
+        );
+        assert!(sessions.allows(&caller, Seen::Report, "R1") && sessions.allows(&caller, Seen::Report, "R2"));
+        let terminal = Caller {
+            name: Some("x".into()),
+            session: None,
+        };
+        assert!(
+            sessions.allows(&terminal, Seen::Report, "anything"),
+            "a terminal's own token"
+        );
+        assert_eq!(sessions.terminal("not-a-session"), None);
+        let ended = Sessions::new(Duration::ZERO);
+        let (token, _) = ended.open(Session {
+            terminal: "t".into(),
+            patient_id: "P".into(),
+            visit_no: String::new(),
+            doctor_no: "D".into(),
+            until: Instant::now(),
+            seen: HashSet::new(),
+        });
+        assert_eq!(ended.terminal(&token), None, "an ended session");
+    }
+
+    #[test]
+    fn only_loopback_without_tls_and_terminals() {
+        let mut cfg = crate::config::ServeConfig::default();
+        let local: SocketAddr = "127.0.0.1:8090".parse().unwrap();
+        let wide: SocketAddr = "0.0.0.0:8443".parse().unwrap();
+        assert!(listen_allowed(local, &cfg).is_ok());
+        assert!(listen_allowed(wide, &cfg).unwrap_err().contains("TLS"));
+        cfg.tls_cert = Some("/etc/hmr/serve.crt".into());
+        cfg.tls_key = Some("/etc/hmr/serve.key".into());
+        assert!(listen_allowed(wide, &cfg).unwrap_err().contains("terminals"));
+        cfg.terminals.push(crate::config::TerminalConfig {
+            iss: "a".into(),
+            name: "b".into(),
+            jwk: crate::config::Jwk {
+                kty: "EC".into(),
+                crv: "P-384".into(),
+                x: String::new(),
+                y: String::new(),
+            },
+        });
+        assert!(listen_allowed(wide, &cfg).is_ok());
+    }
+
+    #[test]
     fn only_a_fresh_token_of_a_known_terminal_for_this_service_passes() {
         let (pair, jwk) = key();
         let (other, _) = key();
@@ -637,6 +1207,7 @@ mod tests {
                 name: "病区移动查房".into(),
                 jwk,
             }],
+            ..Default::default()
         };
         let auth = Auth::new(&cfg).unwrap();
         let now = 1_800_000_000;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use hmr_e2e::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 fn rss_peak_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -348,10 +348,6 @@ async fn sql_overhead() -> Result<()> {
     let visit = json!({"id_type": "01", "id_no": "441302198003151233", "patient_id": "P0001", "visit_type": "1",
                        "visit_no": "MZ001", "doctor_no": "D001", "dept_code": "0301"});
     let orders = json!([{"order_id": "B1", "item_code": "JY0001", "type": "lab"}]);
-    let pct = |mut v: Vec<f64>, p: f64| {
-        v.sort_by(f64::total_cmp);
-        v[((v.len() - 1) as f64 * p) as usize]
-    };
     let time_sql = |sql: &'static str| {
         let his = &his;
         let (visit, orders) = (visit.clone(), orders.clone());
@@ -376,73 +372,7 @@ async fn sql_overhead() -> Result<()> {
         "SELECT hmr_list_recognitions('01', '441302198003151233', 'MZ001', 'D001', '0301', use_cache => false)",
     )
     .await?;
-    // The simulator's own time: the same requests straight from this process, token cached.
-    let http = reqwest::Client::new();
-    let token_req = hmr_protocol::paths::token(&hmr_protocol::TokenRequest::Password {
-        username: "hz1".into(),
-        password: "hz1-secret".into(),
-        scope: hmr_protocol::Scope::Recognition,
-    });
-    let tok: serde_json::Value = http
-        .post(format!("{}{}", sim.base, token_req.path))
-        .header("X-Org-Code", ORG_CODE)
-        .header("X-Request-Id", uuid::Uuid::new_v4().to_string())
-        .header("Content-Type", "application/json")
-        .body(token_req.body)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = tok["data"]["accessToken"].as_str().unwrap_or_default().to_string();
-    let mut direct_check = Vec::new();
-    let mut direct_list = Vec::new();
-    let check_req = hmr_protocol::paths::prescription_check(&hmr_protocol::PrescriptionCheck {
-        id_type: "01".into(),
-        id_no: "441302198003151233".into(),
-        patient_id: "P0001".into(),
-        visit_type: "1".into(),
-        visit_no: "MZ001".into(),
-        doctor_no: "D001".into(),
-        dept_code: "0301".into(),
-        orders: vec![hmr_protocol::CheckOrder {
-            order_id: "B1".into(),
-            local_item_code: "JY0001".into(),
-            data_code: "JY0001".into(),
-            report_type: hmr_protocol::ReportType::Lab,
-        }],
-    });
-    let list_req = hmr_protocol::paths::list_recognitions(&hmr_protocol::ListQuery {
-        id_type: "01".into(),
-        id_no: "441302198003151233".into(),
-        visit_no: "MZ001".into(),
-        doctor_no: "D001".into(),
-        dept_code: "0301".into(),
-        kind: "all".into(),
-    });
-    for i in 0..320 {
-        for (req, out) in [(&check_req, &mut direct_check), (&list_req, &mut direct_list)] {
-            let t = Instant::now();
-            let mut b = http
-                .request(
-                    if req.method == hmr_protocol::paths::Method::Get {
-                        reqwest::Method::GET
-                    } else {
-                        reqwest::Method::POST
-                    },
-                    format!("{}{}", sim.base, req.path),
-                )
-                .header("X-Org-Code", ORG_CODE)
-                .header("X-Request-Id", uuid::Uuid::new_v4().to_string())
-                .bearer_auth(&token);
-            if req.method != hmr_protocol::paths::Method::Get {
-                b = b.header("Content-Type", "application/json").body(req.body.clone());
-            }
-            b.send().await?.bytes().await?;
-            if i >= 20 {
-                out.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-        }
-    }
+    let (direct_check, direct_list) = platform_alone(&sim).await?;
     println!("| call | SQL p50 ms | SQL p99 ms | platform alone p50 ms | p99 ms | overhead p50 ms |\n|---|---|---|---|---|---|");
     for (name, sql, direct) in [
         ("hmr_check_prescription", check, direct_check),
@@ -615,6 +545,174 @@ async fn tokens() -> Result<()> {
     Ok(())
 }
 
+/// The simulator's own time: the check and list requests straight from this process, token
+/// cached; 300 of each after 20 warm-up calls.
+async fn platform_alone(sim: &Sim) -> Result<(Vec<f64>, Vec<f64>)> {
+    let http = reqwest::Client::new();
+    let token_req = hmr_protocol::paths::token(&hmr_protocol::TokenRequest::Password {
+        username: "hz1".into(),
+        password: "hz1-secret".into(),
+        scope: hmr_protocol::Scope::Recognition,
+    });
+    let tok: serde_json::Value = http
+        .post(format!("{}{}", sim.base, token_req.path))
+        .header("X-Org-Code", ORG_CODE)
+        .header("X-Request-Id", uuid::Uuid::new_v4().to_string())
+        .header("Content-Type", "application/json")
+        .body(token_req.body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = tok["data"]["accessToken"].as_str().unwrap_or_default().to_string();
+    let mut direct_check = Vec::new();
+    let mut direct_list = Vec::new();
+    let check_req = hmr_protocol::paths::prescription_check(&hmr_protocol::PrescriptionCheck {
+        id_type: "01".into(),
+        id_no: "441302198003151233".into(),
+        patient_id: "P0001".into(),
+        visit_type: "1".into(),
+        visit_no: "MZ001".into(),
+        doctor_no: "D001".into(),
+        dept_code: "0301".into(),
+        orders: vec![hmr_protocol::CheckOrder {
+            order_id: "B1".into(),
+            local_item_code: "JY0001".into(),
+            data_code: "JY0001".into(),
+            report_type: hmr_protocol::ReportType::Lab,
+        }],
+    });
+    let list_req = hmr_protocol::paths::list_recognitions(&hmr_protocol::ListQuery {
+        id_type: "01".into(),
+        id_no: "441302198003151233".into(),
+        visit_no: "MZ001".into(),
+        doctor_no: "D001".into(),
+        dept_code: "0301".into(),
+        kind: "all".into(),
+    });
+    for i in 0..320 {
+        for (req, out) in [(&check_req, &mut direct_check), (&list_req, &mut direct_list)] {
+            let t = Instant::now();
+            let mut b = http
+                .request(
+                    if req.method == hmr_protocol::paths::Method::Get {
+                        reqwest::Method::GET
+                    } else {
+                        reqwest::Method::POST
+                    },
+                    format!("{}{}", sim.base, req.path),
+                )
+                .header("X-Org-Code", ORG_CODE)
+                .header("X-Request-Id", uuid::Uuid::new_v4().to_string())
+                .bearer_auth(&token);
+            if req.method != hmr_protocol::paths::Method::Get {
+                b = b.header("Content-Type", "application/json").body(req.body.clone());
+            }
+            b.send().await?.bytes().await?;
+            if i >= 20 {
+                out.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    Ok((direct_check, direct_list))
+}
+
+fn pct(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p) as usize]
+}
+
+/// `hmr-bench hooks`: a CDS Hooks call through `hmr-worker serve` (a terminal's JWT verified,
+/// the context mapped, the SQL function, the answer as cards) against the same SQL call and the
+/// platform alone.
+async fn hooks() -> Result<()> {
+    let terminal = Terminal::new("bench", "https://hmr.bench/cds-services");
+    let w = Workstations::start(
+        &[("441302198003151233", "1980-03-15", "W-CBC-1", "JY0001", 1)],
+        &WorkerOptions {
+            extra_config: Some(terminal.config("bench", "rate_per_minute = 1000000\nburst = 100000")),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let s = serve(&w, None).await?;
+    let sign_context = json!({"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001",
+        "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {
+            "resourceType": "ServiceRequest", "id": "B1", "status": "draft", "intent": "order",
+            "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "108252007"}]}],
+            "code": {"coding": [{"system": "urn:hmr:item", "code": "JY0001"}]}}}]}});
+    let view_context = json!({"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001"});
+    let visit = json!({"id_type": "01", "id_no": "441302198003151233", "patient_id": "P0001", "visit_type": "1",
+                       "visit_no": "MZ001", "doctor_no": "D001", "dept_code": "0301"});
+    let orders = json!([{"order_id": "B1", "item_code": "JY0001", "type": "lab"}]);
+    let (mut sign, mut view, mut sql_check, mut sql_list) = (vec![], vec![], vec![], vec![]);
+    for i in 0..320 {
+        // Tokens are signed before the clock starts: the terminal's work, not the service's.
+        let (t1, t2) = (terminal.token(), terminal.token());
+        let t = Instant::now();
+        let r = s
+            .http
+            .post(format!("{}/cds-services/hmr-order-check", s.base))
+            .bearer_auth(t1)
+            .json(&json!({"hook": "order-sign", "hookInstance": uuid::Uuid::new_v4().to_string(), "context": sign_context}))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "order-sign {}", r.status());
+        let cards: Value = r.json().await?;
+        anyhow::ensure!(cards["cards"].as_array().map(Vec::len) == Some(1), "{cards}");
+        let d_sign = t.elapsed();
+        let t = Instant::now();
+        let r = s
+            .http
+            .post(format!("{}/cds-services/hmr-recognitions", s.base))
+            .bearer_auth(t2)
+            .json(&json!({"hook": "patient-view", "hookInstance": uuid::Uuid::new_v4().to_string(), "context": view_context}))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "patient-view {}", r.status());
+        r.bytes().await?;
+        let d_view = t.elapsed();
+        let t = Instant::now();
+        w.his
+            .query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
+            .await?;
+        let d_sql_check = t.elapsed();
+        let t = Instant::now();
+        w.his
+            .query_one(
+                "SELECT hmr_list_recognitions('01', '441302198003151233', 'MZ001', 'D001', '0301', use_cache => false)",
+                &[],
+            )
+            .await?;
+        let d_sql_list = t.elapsed();
+        if i >= 20 {
+            for (v, d) in [
+                (&mut sign, d_sign),
+                (&mut view, d_view),
+                (&mut sql_check, d_sql_check),
+                (&mut sql_list, d_sql_list),
+            ] {
+                v.push(d.as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    let (direct_check, direct_list) = platform_alone(&w.sim).await?;
+    println!("| hook | hook p50 ms | hook p99 ms | same SQL call p50 ms | platform alone p50 ms | overhead over the platform p50 ms | over the SQL call p50 ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, hook, sql, direct) in [
+        ("order-sign (hmr_check_prescription)", sign, sql_check, direct_check),
+        ("patient-view (hmr_list_recognitions)", view, sql_list, direct_list),
+    ] {
+        let (h50, h99, s50, d50) = (pct(hook.clone(), 0.5), pct(hook, 0.99), pct(sql, 0.5), pct(direct, 0.5));
+        println!(
+            "| {name} | {h50:.2} | {h99:.2} | {s50:.2} | {d50:.2} | **{:.2}** | {:.2} |",
+            h50 - d50,
+            h50 - s50
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -630,6 +728,9 @@ fn main() -> Result<()> {
         }
         if what == "tokens" || what == "all" {
             tokens().await?;
+        }
+        if what == "hooks" || what == "all" {
+            hooks().await?;
         }
         if what == "backlog" || what == "all" {
             backlog().await?;
