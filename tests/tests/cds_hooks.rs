@@ -28,7 +28,11 @@ fn draft_orders(orders: &[(&str, &str)]) -> Value {
 async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result<()> {
     let w = Workstations::start(
         &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
-        &WorkerOptions::default(),
+        // No terminals: nothing checked, loopback only (a rehearsal on this machine).
+        &WorkerOptions {
+            extra_config: Some("[serve]\nanonymous = true\n".into()),
+            ..Default::default()
+        },
     )
     .await?;
     let s = serve(&w, None).await?;
@@ -452,6 +456,31 @@ async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()>
         .send()
         .await?;
     assert_eq!(nested.status().as_u16(), 403, "a session opens no other");
+    // A body that is not an object is refused, and the session (and every other) still works.
+    let not_object = with(http.post(format!("{}/api/check", s.base)))
+        .json(&json!([]))
+        .send()
+        .await?;
+    assert_eq!(not_object.status().as_u16(), 400);
+    // Its own check and decision: allowed, kept with the terminal that opened the session.
+    let own: Value = with(http.post(format!("{}/api/check", s.base)))
+        .json(&json!({"orders": [{"order_id": "S1", "item_code": "JY0001", "type": "lab"}]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(own["duplicate"], true, "{own}");
+    let decided = with(http.post(format!("{}/api/decide", s.base)))
+        .json(&json!({"check_id": own["check_id"], "order_id": "S1", "recognise": false, "reason_code": "03"}))
+        .send()
+        .await?;
+    assert!(decided.status().is_success(), "{}", decided.text().await?);
+    let kept: Option<String> = w
+        .his
+        .query_one("SELECT workstation FROM hmr.decisions WHERE order_id = 'S1'", &[])
+        .await?
+        .get(0);
+    assert_eq!(kept.as_deref(), Some("病区移动查房"));
     let unknown = http
         .get(format!("{}/api/badge", s.base))
         .header("Authorization", "Session 00ff")
@@ -506,7 +535,7 @@ async fn over_tls_each_terminal_within_its_rate() -> Result<()> {
         .timeout(Duration::from_secs(5))
         .send()
         .await;
-    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    assert!(plain.is_err(), "answered in clear: {plain:?}");
     // A burst of 3, then one call per 10 s: the fourth at once is refused with Retry-After.
     let mut statuses = vec![];
     let mut retry_after = None;
@@ -521,5 +550,20 @@ async fn over_tls_each_terminal_within_its_rate() -> Result<()> {
     assert!(retry_after.is_some_and(|s| (1..=10).contains(&s)), "{retry_after:?}");
     // Another terminal has its own budget.
     assert_eq!(badge(&quiet).await?.status().as_u16(), 200);
+    // The database crashes and comes back: the service answers again without a restart of
+    // its own (its connections are replaced), and while it is down it says so (503).
+    w.cluster.fail()?;
+    let down = badge(&quiet).await?;
+    assert_eq!(down.status().as_u16(), 503);
+    let said: Value = down.json().await?;
+    assert_eq!(
+        said["error"], "数据库暂不可用，请稍后重试",
+        "no database message: {said}"
+    );
+    w.cluster.start_again()?;
+    wait_until(Duration::from_secs(30), "serve answering after the restart", || async {
+        Ok(badge(&quiet).await?.status().as_u16() == 200)
+    })
+    .await?;
     Ok(())
 }

@@ -59,6 +59,10 @@ pub struct ServeConfig {
     pub burst: u32,
     /// How long a widget session (`POST /api/sessions`) lasts, in minutes (a shift).
     pub session_minutes: u32,
+    /// No terminals, nothing checked: for a rehearsal or the demo, on loopback only.
+    pub anonymous: bool,
+    /// Origins of the workstation pages that may frame the widget (CSP `frame-ancestors`).
+    pub embed_origins: Vec<String>,
 }
 
 impl Default for ServeConfig {
@@ -71,6 +75,8 @@ impl Default for ServeConfig {
             rate_per_minute: 600,
             burst: 60,
             session_minutes: 480,
+            anonymous: false,
+            embed_origins: Vec::new(),
         }
     }
 }

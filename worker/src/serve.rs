@@ -43,7 +43,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
 
 use crate::error::WorkerError;
 
@@ -52,33 +53,76 @@ const SOURCE: &str = "检查检验结果互认平台";
 const REASON_SYSTEM: &str = "urn:hmr:decline-reason";
 
 struct Service {
-    db: Client,
+    pool: deadpool_postgres::Pool,
     auth: Auth,
     limits: RateLimits,
     sessions: Sessions,
-    /// Views the identifiers are looked up in (`hmr.kinds.source_view`).
-    patient_view: String,
-    staff_view: String,
+    /// The lookup of a hook's patient and doctor in the source views (`hmr.kinds.source_view`).
+    who_sql: String,
+    /// CSP `frame-ancestors` of the widget's pages.
+    frame_ancestors: String,
 }
 
-/// Where the service may listen: loopback always; any other address only over TLS and with
-/// terminals to authenticate (patients' data never crosses a network in clear or to anyone).
+/// Why the database did not answer: no connection to be had, or the statement failed.
+#[derive(Debug)]
+enum DbError {
+    Pool(String),
+    Sql(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::Sql(e)
+    }
+}
+
+impl DbError {
+    fn sqlstate(&self) -> Option<&str> {
+        match self {
+            DbError::Sql(e) => e.code().map(|c| c.code()),
+            DbError::Pool(_) => None,
+        }
+    }
+}
+
+/// Where the service may listen, and who may call: terminals with their JWTs, or nobody but
+/// this machine (`anonymous = true`, for a rehearsal or the demo: loopback only). A
+/// non-loopback address needs TLS as well (patients' data never crosses a network in clear).
 pub fn listen_allowed(listen: SocketAddr, cfg: &crate::config::ServeConfig) -> Result<(), String> {
+    match (cfg.terminals.is_empty(), cfg.anonymous) {
+        (true, false) => {
+            return Err(
+                "[serve] lists no terminals: add [[serve.terminals]] (or anonymous = true for a \
+                        rehearsal on this machine only)"
+                    .into(),
+            )
+        }
+        (false, true) => return Err("[serve] anonymous = true and terminals: choose one".into()),
+        (false, false) if cfg.audience.is_none() => {
+            return Err("[serve] audience is required with terminals (the aud of their tokens)".into())
+        }
+        _ => {}
+    }
     if listen.ip().is_loopback() {
         return Ok(());
+    }
+    if cfg.anonymous {
+        return Err(format!(
+            "serve without terminals (anonymous) listens on loopback only, not {listen}"
+        ));
     }
     if cfg.tls_cert.is_none() || cfg.tls_key.is_none() {
         return Err(format!(
             "serve listens on {listen} only with TLS: set [serve] tls_cert and tls_key, or listen on loopback behind a TLS proxy"
         ));
     }
-    if cfg.terminals.is_empty() {
-        return Err(format!(
-            "serve listens on {listen} only with [[serve.terminals]] to authenticate its callers"
-        ));
-    }
     Ok(())
 }
+
+/// Connections served at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 256;
+/// Connections the service keeps to the database.
+const DB_CONNECTIONS: usize = 4;
 
 pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConfig) -> Result<(), WorkerError> {
     listen_allowed(listen, serve).map_err(WorkerError::Config)?;
@@ -90,30 +134,53 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
         _ => None,
     };
     let auth = Auth::new(serve)?;
-    let (db, connection) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let view = |kind: &'static str| {
-        let db = &db;
-        async move {
-            let row = db
-                .query_one(
-                    "SELECT coalesce(to_regclass(source_view)::text, source_view) FROM hmr.kinds WHERE kind = $1",
-                    &[&kind],
-                )
-                .await?;
-            Ok::<String, WorkerError>(row.get(0))
-        }
-    };
-    let (patient_view, staff_view) = (view("patient").await?, view("staff").await?);
+    let pg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| WorkerError::Config(format!("database.url: {e}")))?;
+    let manager = deadpool_postgres::Manager::from_config(
+        pg,
+        NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(DB_CONNECTIONS)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| WorkerError::Config(format!("database pool: {e}")))?;
+    let db = pool
+        .get()
+        .await
+        .map_err(|e| WorkerError::Config(format!("cannot connect to the database: {e}")))?;
+    let mut views = Vec::new();
+    for kind in ["patient", "staff"] {
+        let row = db
+            .query_one(
+                "SELECT to_regclass(source_view)::text FROM hmr.kinds WHERE kind = $1",
+                &[&kind],
+            )
+            .await?;
+        views.push(row.get::<_, Option<String>>(0).ok_or_else(|| {
+            WorkerError::Config(format!("the {kind} source view (hmr.kinds.source_view) does not exist"))
+        })?);
+    }
+    drop(db);
+    let who_sql = format!(
+        "SELECT p.id_type::text, p.id_no::text,
+                (SELECT s.dept_code::text FROM {staff} s WHERE s.staff_no::text = $2 LIMIT 1)
+           FROM {patient} p WHERE p.patient_id::text = $1 LIMIT 1",
+        patient = views[0],
+        staff = views[1]
+    );
     let service = Arc::new(Service {
-        db,
+        pool,
         auth,
         limits: RateLimits::new(serve.rate_per_minute, serve.burst),
         sessions: Sessions::new(Duration::from_secs(u64::from(serve.session_minutes) * 60)),
-        patient_view,
-        staff_view,
+        who_sql,
+        frame_ancestors: frame_ancestors(&serve.embed_origins)?,
     });
     let app = Router::new()
         .route("/cds-services", get(discovery))
@@ -125,28 +192,24 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
         .route("/api/decide", post(api_decide))
         .route("/api/reports/{report_id}", get(api_report))
         .route("/api/sessions", post(api_session))
+        .route("/widget", get(widget_root))
         .route(
-            "/widget",
-            get(|| async { axum::response::Redirect::permanent("/widget/") }),
+            "/widget/",
+            get(|State(s): State<Arc<Service>>| widget_file(s, "index.html".into())),
         )
-        .route("/widget/", get(|| widget_file("index.html")))
         .route(
             "/widget/{file}",
-            get(|Path(file): Path<String>| widget_file_named(file)),
+            get(|State(s): State<Arc<Service>>, Path(file): Path<String>| widget_file(s, file)),
         )
         .layer(axum::middleware::from_fn_with_state(service.clone(), authenticate))
         .with_state(service);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| WorkerError::Config(format!("cannot listen on {listen}: {e}")))?;
-    let Some(tls) = tls else {
-        tracing::info!(%listen, "serving CDS Hooks over plain HTTP on loopback");
-        return axum::serve(listener, app)
-            .await
-            .map_err(|e| WorkerError::Config(format!("serving: {e}")));
-    };
-    tracing::info!(%listen, "serving CDS Hooks over TLS");
+    tracing::info!(%listen, tls = tls.is_some(), "serving CDS Hooks, the JSON API and the widget");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = slots.clone().acquire_owned().await.expect("never closed");
         let (tcp, _peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -158,19 +221,52 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
         };
         let (tls, app) = (tls.clone(), app.clone());
         tokio::spawn(async move {
-            // A client that never finishes its handshake holds nothing for long.
-            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await else {
-                return;
-            };
+            let _slot = slot;
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            // A client that sends nothing (or dribbles its headers) holds nothing for long, and
+            // no connection lives longer than CONNECTION_LIFETIME: clients reconnect.
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            let served = match tls {
+                Some(tls) => {
+                    let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await else {
+                        return;
+                    };
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    tokio::time::timeout(CONNECTION_LIFETIME, http.serve_connection(io, service)).await
+                }
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    tokio::time::timeout(CONNECTION_LIFETIME, http.serve_connection(io, service)).await
+                }
+            };
+            let _ = served;
         });
     }
 }
 
-/// The TLS side of the listener (rustls, TLS 1.2 and 1.3, HTTP/1.1) from PEM files.
+/// The longest a connection is kept (keep-alive included).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+
+/// The widget may be framed by this service's pages and the configured workstation origins.
+fn frame_ancestors(origins: &[String]) -> Result<String, WorkerError> {
+    let mut policy = String::from("'self'");
+    for origin in origins {
+        let ok = (origin.starts_with("https://") || origin.starts_with("http://"))
+            && !origin.contains([' ', ';', ',', '\'', '"']);
+        if !ok {
+            return Err(WorkerError::Config(format!(
+                "[serve] embed_origins: {origin:?} is not an origin like https://his.example"
+            )));
+        }
+        policy.push(' ');
+        policy.push_str(origin);
+    }
+    Ok(policy)
+}
+
+/// TLS for the listener (rustls, TLS 1.2 and 1.3, HTTP/1.1) from PEM files.
 fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor, WorkerError> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -207,23 +303,31 @@ fn widget_asset(file: &str) -> Option<(&'static str, &'static str)> {
     })
 }
 
-async fn widget_file_named(file: String) -> Response {
-    widget_file(&file).await
+/// `/widget?…` → `/widget/?…` (relative addresses in the page need the slash).
+async fn widget_root(axum::extract::RawQuery(query): axum::extract::RawQuery) -> axum::response::Redirect {
+    axum::response::Redirect::permanent(&match query {
+        Some(q) => format!("/widget/?{q}"),
+        None => "/widget/".into(),
+    })
 }
 
-async fn widget_file(file: &str) -> Response {
-    match widget_asset(file) {
+async fn widget_file(s: Arc<Service>, file: String) -> Response {
+    match widget_asset(&file) {
         Some((content_type, body)) => (
             [
-                (header::CONTENT_TYPE, content_type),
-                // Its own scripts and styles only, and nothing but this service to talk to.
+                (header::CONTENT_TYPE, content_type.to_string()),
+                // Its own scripts and styles only, nothing but this service to talk to, and
+                // framed only by the workstations configured.
                 (
                     header::CONTENT_SECURITY_POLICY,
-                    "default-src 'self'; object-src 'none'; base-uri 'none'",
+                    format!(
+                        "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors {}",
+                        s.frame_ancestors
+                    ),
                 ),
-                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-                (header::REFERRER_POLICY, "no-referrer"),
-                (header::CACHE_CONTROL, "no-cache"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+                (header::REFERRER_POLICY, "no-referrer".to_string()),
+                (header::CACHE_CONTROL, "no-cache".to_string()),
             ],
             body,
         )
@@ -268,47 +372,42 @@ impl Service {
             .map(|u| u.rsplit('/').next().unwrap_or_default().to_string())
             .ok_or_else(|| bad("context.userId is required"))?;
         let visit_no = text("encounterId").unwrap_or_default();
-        let patient = self
-            .db
-            .query_opt(
-                &format!(
-                    "SELECT id_type::text, id_no::text FROM {} WHERE patient_id::text = $1 LIMIT 1",
-                    self.patient_view
-                ),
-                &[&patient_id],
-            )
+        // One statement: the patient's identity and the doctor's department (a doctor not in
+        // the staff view has none; the platform's check then names no department).
+        let row = self
+            .opt(&self.who_sql, &[&patient_id, &doctor_no])
             .await
             .map_err(db_answer)?
             .ok_or_else(|| bad(format!("patient {patient_id} is not in the HIS")))?;
-        let dept_code: String = self
-            .db
-            .query_opt(
-                &format!(
-                    "SELECT dept_code::text FROM {} WHERE staff_no::text = $1 LIMIT 1",
-                    self.staff_view
-                ),
-                &[&doctor_no],
-            )
-            .await
-            .map_err(db_answer)?
-            .map(|r| r.get(0))
-            .unwrap_or_default();
+        let dept_code: Option<String> = row.get(2);
         Ok(Who {
             patient_id,
-            id_type: patient.get(0),
-            id_no: patient.get(1),
+            id_type: row.get(0),
+            id_no: row.get(1),
             visit_no,
             doctor_no,
-            dept_code,
+            dept_code: dept_code.unwrap_or_default(),
         })
+    }
+
+    /// One row of a statement prepared once per connection, on a connection of the pool.
+    async fn one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, DbError> {
+        let db = self.pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?;
+        let statement = db.prepare_cached(sql).await?;
+        Ok(db.query_one(&statement, params).await?)
+    }
+
+    async fn opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, DbError> {
+        let db = self.pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?;
+        let statement = db.prepare_cached(sql).await?;
+        Ok(db.query_opt(&statement, params).await?)
     }
 
     /// The badge for `who`, as `hmr_list_recognitions` answers it (kept in `hmr.list_log` with
     /// the calling `workstation`).
-    async fn list(&self, who: &Who, workstation: &str) -> Result<Value, tokio_postgres::Error> {
+    async fn list(&self, who: &Who, workstation: &str) -> Result<Value, DbError> {
         let row = self
-            .db
-            .query_one(
+            .one(
                 "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => $6)",
                 &[
                     &who.id_type,
@@ -339,11 +438,11 @@ async fn hook(
     Path(id): Path<String>,
     Json(request): Json<Value>,
 ) -> Answer {
-    let context = request.get("context").cloned().unwrap_or(Value::Null);
-    let who = s.who(&context).await?;
     if caller.session.is_some() {
         return Err(forbidden("a widget session calls the JSON API only"));
     }
+    let context = request.get("context").cloned().unwrap_or(Value::Null);
+    let who = s.who(&context).await?;
     let cards = match id.as_str() {
         "hmr-recognitions" => badge(&s, &who, caller.workstation("cds-hooks")).await,
         "hmr-order-select" => order_select(&s, &who, &context).await?,
@@ -364,7 +463,7 @@ async fn badge(s: &Service, who: &Who, workstation: &str) -> Vec<Value> {
         Ok(answer) => answer,
         Err(e) => {
             // The SQLSTATE only: a database message may quote the patient.
-            tracing::warn!(sqlstate = ?e.code().map(|c| c.code()), "badge not available");
+            tracing::warn!(sqlstate = ?e.sqlstate(), "badge not available");
             return vec![];
         }
     };
@@ -425,10 +524,10 @@ async fn order_select(s: &Service, who: &Who, context: &Value) -> Result<Vec<Val
     for order in draft_orders(context, true) {
         let filter = json!({"id_type": who.id_type, "id_no": who.id_no, "item_codes": [order["item_code"]],
                             "type": order["type"]});
-        let answer: Value = match s.db.query_one("SELECT hmr_query_recognitions($1)", &[&filter]).await {
+        let answer: Value = match s.one("SELECT hmr_query_recognitions($1)", &[&filter]).await {
             Ok(row) => row.get(0),
             Err(e) => {
-                tracing::warn!(sqlstate = ?e.code().map(|c| c.code()), "precise query not available");
+                tracing::warn!(sqlstate = ?e.sqlstate(), "precise query not available");
                 continue;
             }
         };
@@ -468,8 +567,7 @@ async fn order_sign(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value
     }
     let visit = who.visit("1");
     let answer: Value = match s
-        .db
-        .query_one(
+        .one(
             "SELECT hmr_check_prescription($1, $2)",
             &[&visit, &Value::Array(orders)],
         )
@@ -477,7 +575,7 @@ async fn order_sign(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value
     {
         Ok(row) => row.get(0),
         Err(e) => {
-            tracing::warn!(sqlstate = ?e.code().map(|c| c.code()), "prescription check not available");
+            tracing::warn!(sqlstate = ?e.sqlstate(), "prescription check not available");
             return Ok(vec![]);
         }
     };
@@ -539,7 +637,7 @@ async fn feedback(
         };
         let result = match f["outcome"].as_str() {
             Some("accepted") => {
-                s.db.query_one(
+                s.one(
                     "SELECT hmr_record_decision($1, $2, true, workstation => $3)",
                     &[&check_id, &order_id, &workstation],
                 )
@@ -548,7 +646,7 @@ async fn feedback(
             Some("overridden") => {
                 let code = f["overrideReason"]["reason"]["code"].as_str().unwrap_or("06");
                 let comment = f["overrideReason"]["userComment"].as_str();
-                s.db.query_one(
+                s.one(
                     "SELECT hmr_record_decision($1, $2, false, $3, $4, workstation => $5)",
                     &[&check_id, &order_id, &code, &comment, &workstation],
                 )
@@ -557,11 +655,7 @@ async fn feedback(
             _ => return Err(bad("outcome is accepted or overridden")),
         };
         if let Err(e) = result {
-            let message = e
-                .as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string());
-            return Err((StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": message}))));
+            return Err(db_answer(e));
         }
     }
     Ok(Json(json!({})))
@@ -569,19 +663,39 @@ async fn feedback(
 
 // ------------------------------------------------------------------ the plain JSON API
 
-/// A database error as the terminal sees it: the SQLSTATE and the (Chinese) message.
-fn db_answer(e: tokio_postgres::Error) -> (StatusCode, Json<Value>) {
-    match e.as_db_error() {
-        Some(d) => {
-            let status = if d.code().code().starts_with("HM") || d.code().code() == "22023" {
-                StatusCode::UNPROCESSABLE_ENTITY
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            (status, Json(json!({"sqlstate": d.code().code(), "error": d.message()})))
-        }
-        None => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))),
+/// A database error as the terminal sees it: hmr's own refusals (HMxxx, 22023) with their
+/// Chinese message, written for the doctor; anything else with its SQLSTATE only (a database
+/// message may quote a patient or name the HIS's tables).
+fn db_answer(e: DbError) -> (StatusCode, Json<Value>) {
+    match &e {
+        DbError::Sql(sql) => match sql.as_db_error() {
+            Some(d) if d.code().code().starts_with("HM") || d.code().code() == "22023" => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"sqlstate": d.code().code(), "error": d.message()})),
+            ),
+            Some(d) => {
+                tracing::warn!(sqlstate = d.code().code(), "database refused a call");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"sqlstate": d.code().code(), "error": "数据库暂不可用，请稍后重试"})),
+                )
+            }
+            None => unavailable(&e),
+        },
+        DbError::Pool(_) => unavailable(&e),
     }
+}
+
+fn unavailable(e: &DbError) -> (StatusCode, Json<Value>) {
+    match e {
+        // A connection's failure (no patient data in it).
+        DbError::Pool(why) => tracing::warn!(error = %why, "no database connection"),
+        DbError::Sql(_) => tracing::warn!("the database connection failed"),
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "数据库暂不可用，请稍后重试"})),
+    )
 }
 
 fn forbidden(message: impl Into<String>) -> (StatusCode, Json<Value>) {
@@ -623,10 +737,10 @@ async fn api_query(
             f.remove(k);
         }
     }
-    let row =
-        s.db.query_one("SELECT hmr_query_recognitions($1)", &[&filter])
-            .await
-            .map_err(db_answer)?;
+    let row = s
+        .one("SELECT hmr_query_recognitions($1)", &[&filter])
+        .await
+        .map_err(db_answer)?;
     let answer: Value = row.get(0);
     s.sessions.remember(&caller, &answer);
     Ok(Json(answer))
@@ -645,10 +759,10 @@ async fn api_check(
         .await?;
     let visit = who.visit(body["visit_type"].as_str().unwrap_or("1"));
     let orders = body.get("orders").cloned().ok_or_else(|| bad("orders is required"))?;
-    let row =
-        s.db.query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
-            .await
-            .map_err(db_answer)?;
+    let row = s
+        .one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
+        .await
+        .map_err(db_answer)?;
     let answer: Value = row.get(0);
     s.sessions.remember(&caller, &answer);
     Ok(Json(answer))
@@ -669,8 +783,8 @@ async fn api_decide(
     if !s.sessions.allows(&caller, Seen::Check, &check) {
         return Err(forbidden("this session did not make that check"));
     }
-    let row =
-        s.db.query_one(
+    let row = s
+        .one(
             "SELECT hmr_record_decision($1, $2, $3, $4, $5, workstation => $6)",
             &[
                 &check,
@@ -698,8 +812,7 @@ async fn api_report(
     }
     let format = q.get("format").map_or("pdf", String::as_str).to_string();
     match s
-        .db
-        .query_one("SELECT hmr_download_report($1, $2)", &[&report_id, &format])
+        .one("SELECT hmr_download_report($1, $2)", &[&report_id, &format])
         .await
     {
         Ok(row) => {
@@ -737,6 +850,7 @@ async fn api_session(
         patient_id: who.patient_id.clone(),
         visit_no: who.visit_no.clone(),
         doctor_no: who.doctor_no.clone(),
+        visit_type: visit_type.clone(),
         until: Instant::now(),
         seen: HashSet::new(),
     });
@@ -772,6 +886,7 @@ struct Session {
     patient_id: String,
     visit_no: String,
     doctor_no: String,
+    visit_type: String,
     until: Instant,
     seen: HashSet<(Seen, String)>,
 }
@@ -806,25 +921,31 @@ impl Sessions {
 
     /// The terminal behind a live session.
     fn terminal(&self, token: &str) -> Option<String> {
-        let open = self.open.lock().expect("sessions");
-        open.get(token)
-            .filter(|s| s.until > Instant::now())
-            .map(|s| s.terminal.clone())
+        let now = Instant::now();
+        let mut open = self.open.lock().expect("sessions");
+        open.retain(|_, s| s.until > now);
+        open.get(token).map(|s| s.terminal.clone())
     }
 
     /// A session's request is about its own patient, visit and doctor: missing fields are
     /// filled in, other values refused.
     fn bind(&self, caller: &Caller, body: &mut Value) -> Result<(), (StatusCode, Json<Value>)> {
         let Some(token) = &caller.session else { return Ok(()) };
+        let Some(fields) = body.as_object_mut() else {
+            return Err(bad("the request is a JSON object"));
+        };
         let open = self.open.lock().expect("sessions");
         let session = open.get(token).ok_or_else(|| forbidden("the session has ended"))?;
         for (field, value) in [
             ("patient_id", &session.patient_id),
             ("visit_no", &session.visit_no),
             ("doctor_no", &session.doctor_no),
+            ("visit_type", &session.visit_type),
         ] {
-            match body.get(field) {
-                None | Some(Value::Null) => body[field] = json!(value),
+            match fields.get(field) {
+                None | Some(Value::Null) => {
+                    fields.insert(field.into(), json!(value));
+                }
                 Some(v) if v.as_str() == Some(value.as_str()) => {}
                 Some(_) => return Err(forbidden(format!("this session is for another {field}"))),
             }
@@ -897,6 +1018,9 @@ impl RateLimits {
 
 // ------------------------------------------------------------------ authentication
 
+/// The longest a terminal's token may live, in seconds (CDS Hooks: five minutes).
+const MAX_TOKEN_LIFE: i64 = 300;
+
 /// The terminals allowed to call, and the `jti`s already used (until their token expires).
 pub struct Auth {
     audience: Option<String>,
@@ -911,6 +1035,16 @@ pub struct Auth {
 pub struct Caller {
     pub name: Option<String>,
     pub session: Option<String>,
+}
+
+/// Whose rate budget a call takes: a terminal's (by `iss`), a widget session's own (one browser
+/// cannot spend its terminal's), or the one of an anonymous service.
+fn rate_key(iss: Option<&str>, session: Option<&str>) -> String {
+    match (iss, session) {
+        (_, Some(token)) => format!("session:{token}"),
+        (Some(iss), None) => format!("terminal:{iss}"),
+        (None, None) => "anonymous".into(),
+    }
 }
 
 impl Caller {
@@ -941,7 +1075,12 @@ impl Auth {
             let mut point = vec![4u8];
             point.extend(coord(&t.jwk.x)?);
             point.extend(coord(&t.jwk.y)?);
-            terminals.insert(t.iss.clone(), (t.name.clone(), point));
+            if terminals.insert(t.iss.clone(), (t.name.clone(), point)).is_some() {
+                return Err(WorkerError::Config(format!(
+                    "serve.terminals: iss {} is listed twice",
+                    t.iss
+                )));
+            }
         }
         Ok(Auth {
             audience: cfg.audience.clone(),
@@ -952,6 +1091,17 @@ impl Auth {
 
     pub fn required(&self) -> bool {
         !self.terminals.is_empty()
+    }
+
+    /// The configured terminal a token claims to come from, before anything is verified (so
+    /// that a terminal's rate budget is taken before the signature is checked).
+    pub fn claimed<'a>(&'a self, token: &str) -> Option<&'a str> {
+        use base64::Engine as _;
+        let payload = token.split('.').nth(1)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+        let claims: Value = serde_json::from_slice(&bytes).ok()?;
+        let iss = claims["iss"].as_str()?;
+        self.terminals.get_key_value(iss).map(|(k, _)| k.as_str())
     }
 
     /// The terminal's name, or why the token is refused.
@@ -977,7 +1127,7 @@ impl Auth {
             .get(iss)
             .ok_or_else(|| format!("unknown terminal {iss}"))?;
         let signature = b64.decode(sig).map_err(|_| "signature not base64url".to_string())?;
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P384_SHA384_FIXED, key)
+        aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED, key)
             .verify(format!("{h}.{p}").as_bytes(), &signature)
             .map_err(|_| "bad signature".to_string())?;
         if let Some(aud) = &self.audience {
@@ -993,6 +1143,10 @@ impl Auth {
         let exp = claims["exp"].as_i64().ok_or("no exp")?;
         if exp <= now {
             return Err("expired".into());
+        }
+        // CDS Hooks: a token lives at most five minutes (and its jti is remembered that long).
+        if exp > now + MAX_TOKEN_LIFE + 60 {
+            return Err("exp more than 5 minutes ahead".into());
         }
         if claims["iat"].as_i64().is_none_or(|iat| iat > now + 60) {
             return Err("iat missing or in the future".into());
@@ -1013,7 +1167,7 @@ async fn authenticate(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    // The discovery and the widget's files hold no patient data.
+    // The discovery and the widget's three files hold no patient data.
     let open = request.method() == axum::http::Method::GET && (path == "/cds-services" || path.starts_with("/widget"));
     if open {
         request.extensions_mut().insert(Caller::default());
@@ -1025,34 +1179,58 @@ async fn authenticate(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let over_budget = |key: String| match s.limits.take(&key, Instant::now()) {
+        Ok(()) => None,
+        Err(wait) => {
+            let seconds = wait.as_secs() + 1;
+            Some(
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, seconds.to_string())],
+                    Json(json!({"error": format!("too many calls from this terminal: try again in {seconds} s")})),
+                )
+                    .into_response(),
+            )
+        }
+    };
     let caller = match authorization.as_deref().and_then(|v| v.split_once(' ')) {
         Some(("Session", token)) => match s.sessions.terminal(token) {
-            Some(terminal) => Caller {
-                name: Some(terminal),
-                session: Some(token.to_string()),
-            },
+            Some(terminal) => {
+                if let Some(answer) = over_budget(rate_key(None, Some(token))) {
+                    return answer;
+                }
+                Caller {
+                    name: Some(terminal),
+                    session: Some(token.to_string()),
+                }
+            }
             None => return refused("the session is unknown or has ended: open a new one".into()),
         },
-        Some(("Bearer", token)) if s.auth.required() => match s.auth.verify(token, chrono::Utc::now().timestamp()) {
-            Ok(name) => Caller {
-                name: Some(name),
-                session: None,
-            },
-            Err(why) => return refused(format!("token refused: {why}")),
-        },
-        _ if !s.auth.required() => Caller::default(),
+        Some(("Bearer", token)) if s.auth.required() => {
+            // Budget first, by the terminal the token names: a flood of forged tokens costs
+            // that terminal's budget, not a signature check each.
+            let Some(iss) = s.auth.claimed(token) else {
+                return refused("token refused: not a token of a configured terminal".into());
+            };
+            if let Some(answer) = over_budget(rate_key(Some(iss), None)) {
+                return answer;
+            }
+            match s.auth.verify(token, chrono::Utc::now().timestamp()) {
+                Ok(name) => Caller {
+                    name: Some(name),
+                    session: None,
+                },
+                Err(why) => return refused(format!("token refused: {why}")),
+            }
+        }
+        _ if !s.auth.required() => {
+            if let Some(answer) = over_budget(rate_key(None, None)) {
+                return answer;
+            }
+            Caller::default()
+        }
         _ => return refused("a Bearer token (CDS Hooks JWT, ES384) or a widget session is required".into()),
     };
-    // Each terminal its own budget (one busy or broken terminal does not starve the others).
-    if let Err(wait) = s.limits.take(caller.workstation("-"), Instant::now()) {
-        let seconds = wait.as_secs() + 1;
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, seconds.to_string())],
-            Json(json!({"error": format!("too many calls from this terminal: try again in {seconds} s")})),
-        )
-            .into_response();
-    }
     request.extensions_mut().insert(caller);
     next.run(request).await
 }
@@ -1123,6 +1301,7 @@ mod tests {
             patient_id: "P0001".into(),
             visit_no: "MZ001".into(),
             doctor_no: "D001".into(),
+            visit_type: "1".into(),
             until: Instant::now(),
             seen: HashSet::new(),
         });
@@ -1139,6 +1318,17 @@ mod tests {
         );
         let mut other = json!({"patient_id": "P0002"});
         assert_eq!(sessions.bind(&caller, &mut other).unwrap_err().0, StatusCode::FORBIDDEN);
+        let mut inpatient = json!({"visit_type": "3"});
+        assert_eq!(
+            sessions.bind(&caller, &mut inpatient).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
+        // Not an object: refused, and the sessions still work (no lock poisoned).
+        assert_eq!(
+            sessions.bind(&caller, &mut json!([])).unwrap_err().0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(sessions.terminal(&token).as_deref(), Some("门诊医生站"));
         assert!(!sessions.allows(&caller, Seen::Check, "C1"));
         assert!(!sessions.allows(&caller, Seen::Report, "R1"));
         sessions.remember(
@@ -1167,6 +1357,7 @@ mod tests {
             patient_id: "P".into(),
             visit_no: String::new(),
             doctor_no: "D".into(),
+            visit_type: "1".into(),
             until: Instant::now(),
             seen: HashSet::new(),
         });
@@ -1174,15 +1365,22 @@ mod tests {
     }
 
     #[test]
-    fn only_loopback_without_tls_and_terminals() {
+    fn terminals_or_anonymous_on_loopback_and_tls_beyond() {
         let mut cfg = crate::config::ServeConfig::default();
         let local: SocketAddr = "127.0.0.1:8090".parse().unwrap();
         let wide: SocketAddr = "0.0.0.0:8443".parse().unwrap();
-        assert!(listen_allowed(local, &cfg).is_ok());
-        assert!(listen_allowed(wide, &cfg).unwrap_err().contains("TLS"));
+        assert!(
+            listen_allowed(local, &cfg).unwrap_err().contains("no terminals"),
+            "nobody to let in"
+        );
+        cfg.anonymous = true;
+        assert!(listen_allowed(local, &cfg).is_ok(), "a rehearsal on this machine");
         cfg.tls_cert = Some("/etc/hmr/serve.crt".into());
         cfg.tls_key = Some("/etc/hmr/serve.key".into());
-        assert!(listen_allowed(wide, &cfg).unwrap_err().contains("terminals"));
+        assert!(
+            listen_allowed(wide, &cfg).unwrap_err().contains("loopback only"),
+            "anonymous, even with TLS"
+        );
         cfg.terminals.push(crate::config::TerminalConfig {
             iss: "a".into(),
             name: "b".into(),
@@ -1193,7 +1391,22 @@ mod tests {
                 y: String::new(),
             },
         });
+        assert!(listen_allowed(local, &cfg).unwrap_err().contains("choose one"));
+        cfg.anonymous = false;
+        assert!(listen_allowed(wide, &cfg).unwrap_err().contains("audience"));
+        cfg.audience = Some("https://hmr.example".into());
         assert!(listen_allowed(wide, &cfg).is_ok());
+        cfg.tls_key = None;
+        assert!(listen_allowed(wide, &cfg).unwrap_err().contains("TLS"));
+        assert!(listen_allowed(local, &cfg).is_ok(), "loopback behind a TLS proxy");
+    }
+
+    #[test]
+    fn a_session_has_its_own_budget_and_a_terminal_is_known_by_its_iss() {
+        assert_eq!(rate_key(Some("ward-app"), None), "terminal:ward-app");
+        assert_eq!(rate_key(Some("ward-app"), Some("t1")), "session:t1");
+        assert_ne!(rate_key(None, Some("t1")), rate_key(None, Some("t2")));
+        assert_eq!(rate_key(None, None), "anonymous");
     }
 
     #[test]
@@ -1246,6 +1459,17 @@ mod tests {
             .verify(&token(&pair, stranger, "ES384"), now)
             .unwrap_err()
             .contains("unknown"));
+        let mut long_lived = claims("h");
+        long_lived["exp"] = json!(now + 3600);
+        assert!(auth
+            .verify(&token(&pair, long_lived, "ES384"), now)
+            .unwrap_err()
+            .contains("5 minutes"));
+        assert_eq!(auth.claimed(&token(&other, claims("i"), "ES384")), Some("ward-app"));
+        let mut stranger = claims("j");
+        stranger["iss"] = json!("someone");
+        assert_eq!(auth.claimed(&token(&pair, stranger, "ES384")), None);
+        assert_eq!(auth.claimed("junk"), None);
         let t = token(&pair, claims("g"), "ES384");
         let tampered = t.replacen('.', ".e30", 1);
         assert!(auth.verify(&tampered, now).is_err(), "a changed payload");

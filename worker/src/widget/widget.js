@@ -47,6 +47,10 @@
     return '';
   }
   const session = readSession();
+  // The token leaves the address bar (and the history) once read.
+  if (session && window.history && typeof window.history.replaceState === 'function') {
+    window.history.replaceState(null, '', window.location.pathname + window.location.search);
+  }
 
   /** The embedding page's origin (`host_origin`), normalised; '' when absent or invalid. */
   function readHostOrigin() {
