@@ -251,6 +251,20 @@ fn fetch_token(settings: &Settings, deadline: Instant) -> Result<(String, Durati
     Ok((answer.access_token, Duration::from_secs(answer.expires_in)))
 }
 
+/// The backend's one HTTP agent: its connections to the platform stay open between calls, so
+/// a doctor's check does not pay a TCP (and TLS) handshake each time. Never follows a
+/// redirect: a 3xx is not the platform's answer, and following it would send the request
+/// (identity numbers, the token) to another host.
+fn agent() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::AgentBuilder::new()
+            .redirects(0)
+            .max_idle_connections_per_host(2)
+            .build()
+    })
+}
+
 fn send(
     settings: &Settings,
     request: &Request,
@@ -262,29 +276,39 @@ fn send(
     if left.is_zero() {
         return Err(CallError::Unavailable("timeout".into()));
     }
-    // Never follow a redirect: a 3xx is not the platform's answer, and following it would
-    // send the request (identity numbers, the token) to another host.
-    let agent = ureq::AgentBuilder::new().timeout(left).redirects(0).build();
     let url = format!("{}{}", settings.base_url.trim_end_matches('/'), request.path);
-    let mut req = agent
-        .request(request.method.as_str(), &url)
-        .set(HEADER_ORG_CODE, &settings.org_code)
-        .set(HEADER_REQUEST_ID, request_id);
-    if let Some(t) = token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    if let Some(ct) = &request.content_type {
-        req = req.set("Content-Type", ct);
-    }
-    for (k, v) in &request.headers {
-        req = req.set(k, v);
-    }
-    let result = if request.method == paths::Method::Get {
-        req.call()
-    } else {
-        req.send_bytes(&request.body)
+    let attempt = |agent: &ureq::Agent, left: Duration| {
+        let mut req = agent
+            .request(request.method.as_str(), &url)
+            .timeout(left)
+            .set(HEADER_ORG_CODE, &settings.org_code)
+            .set(HEADER_REQUEST_ID, request_id);
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        if let Some(ct) = &request.content_type {
+            req = req.set("Content-Type", ct);
+        }
+        for (k, v) in &request.headers {
+            req = req.set(k, v);
+        }
+        if request.method == paths::Method::Get {
+            req.call().map_err(Box::new)
+        } else {
+            req.send_bytes(&request.body).map_err(Box::new)
+        }
     };
-    let response = match result {
+    let mut result = attempt(agent(), left);
+    if matches!(&result, Err(e) if matches!(**e, ureq::Error::Transport(_))) {
+        // A kept connection the platform closed meanwhile fails like this: once more on a new
+        // connection, with the same request id (the platform takes it as the same request).
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !left.is_zero() {
+            let fresh = ureq::AgentBuilder::new().redirects(0).max_idle_connections(0).build();
+            result = attempt(&fresh, left);
+        }
+    }
+    let response = match result.map_err(|e| *e) {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
         Err(ureq::Error::Transport(t)) => return Err(CallError::Unavailable(format!("{:?}", t.kind()))),

@@ -1276,6 +1276,8 @@ pub struct Serve {
     pub base: String,
     /// A client for it (trusting the test's certificate with TLS).
     pub http: reqwest::Client,
+    /// What it logged (stderr).
+    pub log: PathBuf,
 }
 
 impl Drop for Serve {
@@ -1330,6 +1332,7 @@ pub async fn serve(w: &Workstations, tls_root: Option<&Path>) -> Result<Serve> {
         child,
         base: format!("{scheme}://127.0.0.1:{port}"),
         http: http.build()?,
+        log: config_path.with_file_name("serve.log"),
     };
     wait_until(Duration::from_secs(20), "the CDS service", || async {
         Ok(s.http.get(format!("{}/cds-services", s.base)).send().await.is_ok())

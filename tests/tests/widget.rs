@@ -288,6 +288,12 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
         json!("报告已下载"),
     )
     .await?;
+    // Nothing about the patient in the service's log (with its warnings on).
+    let log = std::fs::read_to_string(&s.log)?;
+    assert!(log.contains("serving"), "the log is the service's: {log}");
+    for secret in [P0001_ID, "陈志明", "P0001", "术前复查"] {
+        assert!(!log.contains(secret), "{secret} in the log: {log}");
+    }
     println!("screenshots: {}", shots.display());
     c.close().await?;
     Ok(())

@@ -219,6 +219,8 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
                 continue;
             }
         };
+        // Answers go out whole, not held back for the previous segment's acknowledgement.
+        let _ = tcp.set_nodelay(true);
         let (tls, app) = (tls.clone(), app.clone());
         tokio::spawn(async move {
             let _slot = slot;
