@@ -1066,6 +1066,11 @@ impl Bouncer {
 
 impl Drop for Bouncer {
     fn drop(&mut self) {
+        // The child is `runuser`: killing it leaves pgbouncer running, so stop pgbouncer by
+        // its pid file first.
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
