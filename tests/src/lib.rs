@@ -825,6 +825,19 @@ pub async fn load_sample_data(his: &Client) -> Result<()> {
     Ok(())
 }
 
+/// Waits until the worker has kept `report_id`, recognised here (`hmr.retained_reports`).
+pub async fn wait_report_kept(his: &Client, report_id: &str) -> Result<()> {
+    wait_until(Duration::from_secs(30), "the recognised report kept", || async {
+        Ok(count(
+            his,
+            &format!("SELECT count(*) FROM hmr.retained_reports WHERE report_id = '{report_id}'"),
+        )
+        .await?
+            >= 1)
+    })
+    .await
+}
+
 pub async fn count(his: &Client, sql: &str) -> Result<i64> {
     Ok(his.query_one(sql, &[]).await?.get(0))
 }

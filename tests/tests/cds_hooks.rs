@@ -276,15 +276,7 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
         .query_one("SELECT report_id FROM hmr.decisions WHERE order_id = 'SR1'", &[])
         .await?
         .get(0);
-    wait_until(Duration::from_secs(30), "the recognised report kept", || async {
-        Ok(count(
-            &w.his,
-            &format!("SELECT count(*) FROM hmr.retained_reports WHERE report_id = '{report_id}'"),
-        )
-        .await?
-            >= 1)
-    })
-    .await?;
+    wait_report_kept(&w.his, &report_id).await?;
     let pdf = reqwest::get(format!("{}/api/reports/{report_id}?format=pdf", s.base)).await?;
     assert_eq!(pdf.headers()["content-type"], "application/pdf");
     assert!(pdf.bytes().await?.starts_with(b"%PDF-"));

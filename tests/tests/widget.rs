@@ -264,15 +264,7 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
     assert_eq!(saved["saved"], true, "{saved}");
 
     // The recognised report, downloaded from the list once the worker has kept it.
-    wait_until(Duration::from_secs(30), "the recognised report kept", || async {
-        Ok(count(
-            &w.his,
-            &format!("SELECT count(*) FROM hmr.retained_reports WHERE report_id = '{report_id}'"),
-        )
-        .await?
-            >= 1)
-    })
-    .await?;
+    wait_report_kept(&w.his, &report_id).await?;
     let before = count(&w.his, "SELECT count(*) FROM hmr.download_log").await?;
     c.find(Locator::Css("#hmr-list button.download"))
         .await?

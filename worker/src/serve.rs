@@ -224,28 +224,31 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
         let (tls, app) = (tls.clone(), app.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            // A client that sends nothing (or dribbles its headers) holds nothing for long, and
-            // no connection lives longer than CONNECTION_LIFETIME: clients reconnect.
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            let served = match tls {
+            match tls {
                 Some(tls) => {
-                    let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await else {
-                        return;
-                    };
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    tokio::time::timeout(CONNECTION_LIFETIME, http.serve_connection(io, service)).await
+                    // A client that never finishes its handshake holds nothing for long.
+                    if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                        serve_connection(stream, app).await;
+                    }
                 }
-                None => {
-                    let io = hyper_util::rt::TokioIo::new(tcp);
-                    tokio::time::timeout(CONNECTION_LIFETIME, http.serve_connection(io, service)).await
-                }
-            };
-            let _ = served;
+                None => serve_connection(tcp, app).await,
+            }
         });
     }
+}
+
+/// One connection, plain or TLS: a client that sends nothing (or dribbles its headers) holds
+/// nothing for long, and no connection lives longer than CONNECTION_LIFETIME (clients reconnect).
+async fn serve_connection<I>(io: I, app: Router)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
 }
 
 /// The longest a connection is kept (keep-alive included).
@@ -422,6 +425,17 @@ impl Service {
             )
             .await?;
         Ok(row.get(0))
+    }
+}
+
+impl Service {
+    /// `who` for the JSON API's field names (`patient_id`, `visit_no`, `doctor_no`).
+    async fn who_of(&self, body: &Value) -> Result<Who, (StatusCode, Json<Value>)> {
+        self.who(
+            &json!({"patientId": body["patient_id"], "encounterId": body["visit_no"],
+                         "userId": body["doctor_no"]}),
+        )
+        .await
     }
 }
 
@@ -713,9 +727,7 @@ async fn api_badge(
     let mut asked =
         json!({"patient_id": q.get("patient_id"), "visit_no": q.get("visit_no"), "doctor_no": q.get("doctor_no")});
     s.sessions.bind(&caller, &mut asked)?;
-    let context =
-        json!({"patientId": asked["patient_id"], "encounterId": asked["visit_no"], "userId": asked["doctor_no"]});
-    let who = s.who(&context).await?;
+    let who = s.who_of(&asked).await?;
     let answer = s.list(&who, caller.workstation("api")).await.map_err(db_answer)?;
     s.sessions.remember(&caller, &answer);
     Ok(Json(answer))
@@ -728,9 +740,7 @@ async fn api_query(
     Json(mut body): Json<Value>,
 ) -> Answer {
     s.sessions.bind(&caller, &mut body)?;
-    let who = s
-        .who(&json!({"patientId": body["patient_id"], "userId": body["doctor_no"]}))
-        .await?;
+    let who = s.who_of(&body).await?;
     let mut filter = body.clone();
     filter["id_type"] = json!(who.id_type);
     filter["id_no"] = json!(who.id_no);
@@ -756,9 +766,7 @@ async fn api_check(
     Json(mut body): Json<Value>,
 ) -> Answer {
     s.sessions.bind(&caller, &mut body)?;
-    let who = s
-        .who(&json!({"patientId": body["patient_id"], "encounterId": body["visit_no"], "userId": body["doctor_no"]}))
-        .await?;
+    let who = s.who_of(&body).await?;
     let visit = who.visit(body["visit_type"].as_str().unwrap_or("1"));
     let orders = body.get("orders").cloned().ok_or_else(|| bad("orders is required"))?;
     let row = s
@@ -841,9 +849,7 @@ async fn api_session(
         return Err(forbidden("a session cannot open another"));
     }
     let text = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-    let who = s
-        .who(&json!({"patientId": body["patient_id"], "encounterId": body["visit_no"], "userId": body["doctor_no"]}))
-        .await?;
+    let who = s.who_of(&body).await?;
     let visit_type = Some(text("visit_type"))
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "1".into());
