@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 mod capture;
 mod catalog;
 mod gucs;
+mod plans;
 mod platform;
 mod recognition;
 mod shared;

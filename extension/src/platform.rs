@@ -14,6 +14,7 @@ use hmr_protocol::{classify_answer, sign, Outcome, Scope, TokenAnswer, TokenRequ
 use pgrx::prelude::*;
 use sha2::Digest;
 
+use crate::plans;
 use crate::shared::{self, SharedPlatform, TokenWait};
 
 /// The platform settings (`hmr.platform`), read by SECURITY DEFINER code only.
@@ -31,17 +32,17 @@ pub struct Settings {
     pub timeout_ms: u64,
 }
 
+const SETTINGS_SQL: &str =
+    "SELECT p.base_url, p.org_code, p.auth, coalesce(p.username, ''), coalesce(p.password, ''), \
+            coalesce(p.app_id, ''), coalesce(p.app_secret, ''), p.sign_alg, \
+            (SELECT e.platform_timeout_ms FROM hmr.effective_policy e)::int8 \
+       FROM hmr.platform p";
+
 impl Settings {
     pub fn load() -> Option<Settings> {
         Spi::connect(|client| {
-            let rows = client.select(
-                "SELECT p.base_url, p.org_code, p.auth, coalesce(p.username, ''), coalesce(p.password, ''), \
-                        coalesce(p.app_id, ''), coalesce(p.app_secret, ''), p.sign_alg, \
-                        (SELECT e.platform_timeout_ms FROM hmr.effective_policy e)::int8 \
-                   FROM hmr.platform p",
-                None,
-                &[],
-            )?;
+            let plan = plans::plan(client, SETTINGS_SQL, &[], plans::Access::Read)?;
+            let rows = client.select(&*plan, None, &[])?;
             let mut found = None;
             for row in rows {
                 let get = |i: usize| row.get::<String>(i).ok().flatten().unwrap_or_default();
@@ -109,13 +110,7 @@ pub fn call(settings: &Settings, request: Request) -> Result<Vec<u8>, CallError>
             wait.as_secs_f64().ceil()
         )));
     }
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("hmr-platform-call".into())
-        .spawn(move || {
-            let _ = tx.send(exchange(shared, &settings, &request, deadline));
-        })
-        .map_err(|e| CallError::Unavailable(format!("cannot start the call: {e}")))?;
+    let rx = off_thread(Box::new(move || exchange(shared, &settings, &request, deadline)))?;
     loop {
         match rx.recv_timeout(Duration::from_micros(500)) {
             Ok(result) => return result,
@@ -135,6 +130,62 @@ pub fn call(settings: &Settings, request: Request) -> Result<Vec<u8>, CallError>
             }
         }
     }
+}
+
+type Work = Box<dyn FnOnce() -> Answer + Send>;
+type Answer = Result<Vec<u8>, CallError>;
+type Reply = mpsc::Receiver<Answer>;
+/// A call for the call thread: the work, and where its answer goes.
+type Job = (Work, mpsc::Sender<Answer>);
+
+/// The backend's call thread, kept between calls (starting a thread per call cost ~80 µs
+/// here, BENCHMARKS.md §4). `idle` is set before each answer is sent, so a call that has its
+/// answer finds the thread free for the next one.
+struct CallThread {
+    work: mpsc::Sender<Job>,
+    idle: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+thread_local! {
+    static CALL_THREAD: std::cell::RefCell<Option<CallThread>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `work` on the call thread, or on a new one when it is still busy with a call the
+/// backend gave up on (a timeout, a cancel): a new call never waits behind an old one. The
+/// busy thread ends once its call does.
+fn off_thread(work: Work) -> Result<Reply, CallError> {
+    use std::sync::atomic::Ordering;
+    let (reply, answer) = mpsc::channel();
+    CALL_THREAD.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let mut work = work;
+        if let Some(t) = kept.as_ref() {
+            if t.idle.swap(false, Ordering::AcqRel) {
+                match t.work.send((work, reply.clone())) {
+                    Ok(()) => return Ok(answer),
+                    // The thread is gone (it panicked): start another.
+                    Err(mpsc::SendError((w, _))) => work = w,
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let idle = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = idle.clone();
+        std::thread::Builder::new()
+            .name("hmr-platform-call".into())
+            .spawn(move || {
+                for (work, reply) in rx {
+                    let result = work();
+                    flag.store(true, Ordering::Release);
+                    let _ = reply.send(result);
+                }
+            })
+            .map_err(|e| CallError::Unavailable(format!("cannot start the call: {e}")))?;
+        tx.send((work, reply))
+            .map_err(|_| CallError::Unavailable("the call thread ended at once".into()))?;
+        *kept = Some(CallThread { work: tx, idle });
+        Ok(answer)
+    })
 }
 
 /// The HTTP exchange, on the call's own thread: token (cached), request, one refresh on 401.

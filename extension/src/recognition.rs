@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use sha2::Digest;
 
 use crate::gucs;
+use crate::plans::{self, Access};
 use crate::platform::{call, CallError, Settings};
 
 fn item_json(i: &RecognitionItem) -> Value {
@@ -75,14 +76,18 @@ fn opt_text(v: &Value, name: &str) -> Option<String> {
 /// catalog pass as they are). A database error is an error, never "not in the catalog":
 /// that would let an order go unchecked.
 fn map_item(kind: &str, local: &str) -> Option<String> {
-    Spi::get_one_with_args::<String>(
-        "SELECT coalesce(
-                  (SELECT m.data_code FROM hmr.item_map m
-                    WHERE m.type OPERATOR(pg_catalog.=) $1 AND m.local_code OPERATOR(pg_catalog.=) $2),
-                  (SELECT c.data_code FROM hmr.catalog c
-                    WHERE c.type OPERATOR(pg_catalog.=) $1 AND c.data_code OPERATOR(pg_catalog.=) $2))",
-        &[kind.into(), local.into()],
-    )
+    const SQL: &str = "SELECT coalesce(
+              (SELECT m.data_code FROM hmr.item_map m
+                WHERE m.type OPERATOR(pg_catalog.=) $1 AND m.local_code OPERATOR(pg_catalog.=) $2),
+              (SELECT c.data_code FROM hmr.catalog c
+                WHERE c.type OPERATOR(pg_catalog.=) $1 AND c.data_code OPERATOR(pg_catalog.=) $2))";
+    Spi::connect(|client| {
+        let plan = plans::plan(client, SQL, &[plans::TEXT, plans::TEXT], Access::Read)?;
+        client
+            .select(&*plan, None, &[kind.into(), local.into()])?
+            .first()
+            .get_one::<String>()
+    })
     .unwrap_or_else(|e| error!("hmr: cannot map item {local:?} through hmr.item_map: {e}"))
 }
 
@@ -125,10 +130,16 @@ fn list_recognitions_json(
     let read_only = standby || unsafe { pg_sys::XactReadOnly };
     let ttl = if standby { 0 } else { gucs::LIST_CACHE_SECONDS.get() };
     if use_cache && ttl > 0 {
-        if let Ok(Some(JsonB(hit))) = Spi::get_one_with_args::<JsonB>(
-            "SELECT answer FROM hmr.list_cache WHERE cache_key = $1 AND expires_at > pg_catalog.clock_timestamp()",
-            &[cache_key.as_str().into()],
-        ) {
+        const SQL: &str = "SELECT answer FROM hmr.list_cache
+             WHERE cache_key OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp()";
+        let hit = Spi::connect(|client| {
+            let plan = plans::plan(client, SQL, &[plans::TEXT], Access::Read)?;
+            client
+                .select(&*plan, None, &[cache_key.as_str().into()])?
+                .first()
+                .get_one::<JsonB>()
+        });
+        if let Ok(Some(JsonB(hit))) = hit {
             log_list_call(&query, workstation, &hit, true, read_only);
             return JsonB(hit);
         }
@@ -151,15 +162,23 @@ fn list_recognitions_json(
         Err(CallError::Unavailable(reason) | CallError::NotFound(reason)) => with_empty_list(unavailable(&reason)),
     };
     if answer["status"] == "ok" && ttl > 0 && !read_only {
-        let _ = Spi::run_with_args(
-            "INSERT INTO hmr.list_cache VALUES ($1, $2, pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => $3))
-             ON CONFLICT (cache_key) DO UPDATE SET answer = EXCLUDED.answer, expires_at = EXCLUDED.expires_at",
-            &[
-                cache_key.as_str().into(),
-                JsonB(answer.clone()).into(),
-                f64::from(ttl).into(),
-            ],
-        );
+        const SQL: &str = "INSERT INTO hmr.list_cache
+             VALUES ($1, $2, pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $3))
+             ON CONFLICT (cache_key) DO UPDATE SET answer = EXCLUDED.answer, expires_at = EXCLUDED.expires_at";
+        let _ = Spi::connect_mut(|client| {
+            let plan = plans::plan(client, SQL, &[plans::TEXT, plans::JSONB, plans::FLOAT8], Access::Write)?;
+            client
+                .update(
+                    &*plan,
+                    None,
+                    &[
+                        cache_key.as_str().into(),
+                        JsonB(answer.clone()).into(),
+                        f64::from(ttl).into(),
+                    ],
+                )
+                .map(drop)
+        });
     }
     log_list_call(&query, workstation, &answer, false, read_only);
     JsonB(answer)
@@ -173,21 +192,35 @@ fn log_list_call(query: &ListQuery, workstation: &str, answer: &Value, cached: b
     }
     let status = answer["status"].as_str().unwrap_or("unavailable");
     let shown = answer["count"].as_i64().map(|n| n as i32);
-    let _ = Spi::run_with_args(
+    const SQL: &str =
         "INSERT INTO hmr.list_log (doctor_no, dept_code, visit_no, id_no_masked, kind, shown, status, cached, workstation)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF(pg_catalog.left($9, 32), ''))",
-        &[
-            query.doctor_no.as_str().into(),
-            query.dept_code.as_str().into(),
-            query.visit_no.as_str().into(),
-            hmr_protocol::mask::id_no(&query.id_no).as_str().into(),
-            query.kind.as_str().into(),
-            shown.into(),
-            status.into(),
-            cached.into(),
-            workstation.into(),
-        ],
-    );
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF(pg_catalog.left($9, 32), ''))";
+    use plans::{BOOL, INT4, TEXT};
+    let _ = Spi::connect_mut(|client| {
+        let plan = plans::plan(
+            client,
+            SQL,
+            &[TEXT, TEXT, TEXT, TEXT, TEXT, INT4, TEXT, BOOL, TEXT],
+            Access::Write,
+        )?;
+        client
+            .update(
+                &*plan,
+                None,
+                &[
+                    query.doctor_no.as_str().into(),
+                    query.dept_code.as_str().into(),
+                    query.visit_no.as_str().into(),
+                    hmr_protocol::mask::id_no(&query.id_no).as_str().into(),
+                    query.kind.as_str().into(),
+                    shown.into(),
+                    status.into(),
+                    cached.into(),
+                    workstation.into(),
+                ],
+            )
+            .map(drop)
+    });
 }
 
 /// A date alone (`2026-12-01`) means the whole day in UTC+8: from its first second, to its
@@ -508,33 +541,18 @@ const RECORD_CHECK_SQL: &str =
                   ON CONFLICT (check_id) DO NOTHING)
      SELECT r.rec FROM r";
 
-thread_local! {
-    static RECORD_PLAN: std::cell::RefCell<Option<pgrx::spi::OwnedPreparedStatement>> =
-        const { std::cell::RefCell::new(None) };
-}
-
 /// Records a check in hmr.checks (this transaction) and in its file (whatever becomes of
 /// this transaction), so a decision can be taken from any connection.
 fn record_check(row: &CheckRow) {
     // One round trip: a lock held until this transaction ends (the worker leaves the check's
     // file alone meanwhile: it would otherwise wait on this transaction's uncommitted row),
     // the row with its time and user, and the record back for the file.
-    // Planned once per backend (a doctor waits on this path).
     let record = Spi::connect_mut(|client| {
-        if RECORD_PLAN.with(|p| p.borrow().is_none()) {
-            let plan = client
-                .prepare_mut(RECORD_CHECK_SQL, &[pgrx::PgOid::BuiltIn(pgrx::PgBuiltInOids::JSONBOID)])?
-                .keep();
-            RECORD_PLAN.with(|p| *p.borrow_mut() = Some(plan));
-        }
-        RECORD_PLAN.with(|p| {
-            let plan = p.borrow();
-            let plan = plan.as_ref().expect("prepared above");
-            client
-                .update(plan, None, &[JsonB(check_record(row)).into()])?
-                .first()
-                .get_one::<JsonB>()
-        })
+        let plan = plans::plan(client, RECORD_CHECK_SQL, &[plans::JSONB], Access::Write)?;
+        client
+            .update(&*plan, None, &[JsonB(check_record(row)).into()])?
+            .first()
+            .get_one::<JsonB>()
     })
     .unwrap_or_else(|e: pgrx::spi::Error| error!("hmr: cannot record the check: {e}"))
     .map(|j| j.0)

@@ -423,7 +423,11 @@ async fn a_hanging_platform_answers_unavailable_in_time_and_calls_are_cancellabl
         .batch_execute("SELECT hmr.set_policy(gate_on_unavailable => 'allow')")
         .await?;
 
-    // pg_cancel_backend ends a waiting call at once.
+    // pg_cancel_backend ends a waiting call at once. Only the check hangs now, so another
+    // call can show it does not wait behind the cancelled one.
+    s.sim
+        .faults(json!({"hang": true, "path_prefix": "/api/v1/prescriptions/check"}))
+        .await?;
     s.his
         .batch_execute("SELECT hmr.set_policy(platform_timeout_ms => 30000)")
         .await?;
@@ -433,17 +437,12 @@ async fn a_hanging_platform_answers_unavailable_in_time_and_calls_are_cancellabl
         let his = s.cluster.connect("his").await?;
         let (visit, lines) = (visit.clone(), lines.clone());
         async move {
-            let pid: i32 = his
-                .query_one("SELECT pg_backend_pid()", &[])
-                .await
-                .map(|r| r.get(0))
-                .unwrap_or(0);
             let started = Instant::now();
             let r = his
                 .query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &lines])
                 .await;
             (
-                pid,
+                his,
                 started,
                 Instant::now(),
                 r.err()
@@ -460,7 +459,7 @@ async fn a_hanging_platform_answers_unavailable_in_time_and_calls_are_cancellabl
     let target: i32 = admin.query_one(find, &[&pid]).await?.get(0);
     admin.execute("SELECT pg_cancel_backend($1)", &[&target]).await?;
     let cancelled_at = Instant::now();
-    let (_, _, ended, code) = call.await?;
+    let (cancelled, _, ended, code) = call.await?;
     let reaction = ended.duration_since(cancelled_at);
     assert_eq!(code.as_deref(), Some("57014"), "query_canceled");
     // Far below the 30 s timeout: the wait honours the cancel. (Its speed, ~1 ms on an idle
@@ -469,6 +468,22 @@ async fn a_hanging_platform_answers_unavailable_in_time_and_calls_are_cancellabl
     println!(
         "pg_cancel_backend: the call ended {} ms after the cancel",
         reaction.as_millis()
+    );
+    // The backend's call thread is still waiting out the cancelled request (30 s): the next
+    // call on that connection runs on a thread of its own and answers at once.
+    let t = Instant::now();
+    let next: Value = cancelled
+        .query_one(
+            "SELECT hmr_list_recognitions('01', '441302198003151233', 'MZ001', 'D001', '0301', use_cache => false)",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(next["status"], "ok", "{next}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "waited behind the cancelled call: {:?}",
+        t.elapsed()
     );
 
     // statement_timeout too.

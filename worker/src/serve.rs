@@ -57,8 +57,9 @@ struct Service {
     auth: Auth,
     limits: RateLimits,
     sessions: Sessions,
-    /// The lookup of a hook's patient and doctor in the source views (`hmr.kinds.source_view`).
-    who_sql: String,
+    /// The patient and the doctor's department from the source views (`hmr.kinds.source_view`):
+    /// alone, and folded into the badge and the check, so those take one round trip.
+    statements: Statements,
     /// CSP `frame-ancestors` of the widget's pages.
     frame_ancestors: String,
 }
@@ -167,19 +168,13 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
         })?);
     }
     drop(db);
-    let who_sql = format!(
-        "SELECT p.id_type::text, p.id_no::text,
-                (SELECT s.dept_code::text FROM {staff} s WHERE s.staff_no::text = $2 LIMIT 1)
-           FROM {patient} p WHERE p.patient_id::text = $1 LIMIT 1",
-        patient = views[0],
-        staff = views[1]
-    );
+    let statements = Statements::new(&views[0], &views[1]);
     let service = Arc::new(Service {
         pool,
         auth,
         limits: RateLimits::new(serve.rate_per_minute, serve.burst),
         sessions: Sessions::new(Duration::from_secs(u64::from(serve.session_minutes) * 60)),
-        who_sql,
+        statements,
         frame_ancestors: frame_ancestors(&serve.embed_origins)?,
     });
     let app = Router::new()
@@ -359,39 +354,99 @@ fn bad(message: impl Into<String>) -> (StatusCode, Json<Value>) {
 
 type Answer = Result<Json<Value>, (StatusCode, Json<Value>)>;
 
-/// The HIS identifiers behind a hook's context.
+/// What a call names: the patient, the visit and the doctor, as the HIS knows them (a hook's
+/// context, the JSON API's fields). Nothing is looked up yet.
+struct Ask {
+    patient_id: String,
+    visit_no: String,
+    doctor_no: String,
+}
+
+impl Ask {
+    /// From a hook's context (`patientId`, `encounterId`, `userId` as `Practitioner/<id>`).
+    fn from_context(context: &Value) -> Result<Ask, (StatusCode, Json<Value>)> {
+        let text = |k: &str| context.get(k).and_then(Value::as_str).map(str::to_string);
+        let patient_id = text("patientId").ok_or_else(|| bad("context.patientId is required"))?;
+        let doctor_no = text("userId")
+            .map(|u| u.rsplit('/').next().unwrap_or_default().to_string())
+            .ok_or_else(|| bad("context.userId is required"))?;
+        Ok(Ask {
+            patient_id,
+            visit_no: text("encounterId").unwrap_or_default(),
+            doctor_no,
+        })
+    }
+
+    /// From the JSON API's field names (`patient_id`, `visit_no`, `doctor_no`).
+    fn from_body(body: &Value) -> Result<Ask, (StatusCode, Json<Value>)> {
+        Ask::from_context(
+            &json!({"patientId": body["patient_id"], "encounterId": body["visit_no"],
+                                  "userId": body["doctor_no"]}),
+        )
+    }
+
+    fn unknown(&self) -> (StatusCode, Json<Value>) {
+        bad(format!("patient {} is not in the HIS", self.patient_id))
+    }
+}
+
+/// The HIS identifiers behind a call, looked up.
 struct Who {
     patient_id: String,
     id_type: String,
     id_no: String,
     visit_no: String,
     doctor_no: String,
-    dept_code: String,
+}
+
+/// The statements that look up a call's patient (its identity) and, for the badge and the
+/// check, its doctor (the department; a doctor not in the staff view has none, and the
+/// platform's check then names none). The badge's and the check's functions run inside the
+/// lookup, only for a patient the HIS has: one round trip instead of two, on the path a
+/// doctor waits on (BENCHMARKS.md §6).
+struct Statements {
+    who: String,
+    list: String,
+    check: String,
+}
+
+impl Statements {
+    fn new(patient: &str, staff: &str) -> Statements {
+        let dept = format!(
+            "coalesce((SELECT s.dept_code::text FROM {staff} s WHERE s.staff_no::text = $2::text LIMIT 1), '')"
+        );
+        let from = format!("FROM {patient} p WHERE p.patient_id::text = $1::text LIMIT 1");
+        Statements {
+            who: format!("SELECT p.id_type::text, p.id_no::text {from}"),
+            list: format!(
+                "SELECT hmr_list_recognitions(p.id_type::text, p.id_no::text, $3::text, $2::text, {dept},
+                                              workstation => $4::text) {from}"
+            ),
+            check: format!(
+                "SELECT hmr_check_prescription(
+                          jsonb_build_object('id_type', p.id_type::text, 'id_no', p.id_no::text,
+                                             'patient_id', $1::text, 'visit_type', $3::text,
+                                             'visit_no', $4::text, 'doctor_no', $2::text,
+                                             'dept_code', {dept}),
+                          $5::jsonb) {from}"
+            ),
+        }
+    }
 }
 
 impl Service {
-    async fn who(&self, context: &Value) -> Result<Who, (StatusCode, Json<Value>)> {
-        let text = |k: &str| context.get(k).and_then(Value::as_str).map(str::to_string);
-        let patient_id = text("patientId").ok_or_else(|| bad("context.patientId is required"))?;
-        let doctor_no = text("userId")
-            .map(|u| u.rsplit('/').next().unwrap_or_default().to_string())
-            .ok_or_else(|| bad("context.userId is required"))?;
-        let visit_no = text("encounterId").unwrap_or_default();
-        // One statement: the patient's identity and the doctor's department (a doctor not in
-        // the staff view has none; the platform's check then names no department).
+    async fn who(&self, ask: &Ask) -> Result<Who, (StatusCode, Json<Value>)> {
         let row = self
-            .opt(&self.who_sql, &[&patient_id, &doctor_no])
+            .opt(&self.statements.who, &[&ask.patient_id])
             .await
             .map_err(db_answer)?
-            .ok_or_else(|| bad(format!("patient {patient_id} is not in the HIS")))?;
-        let dept_code: Option<String> = row.get(2);
+            .ok_or_else(|| ask.unknown())?;
         Ok(Who {
-            patient_id,
+            patient_id: ask.patient_id.clone(),
             id_type: row.get(0),
             id_no: row.get(1),
-            visit_no,
-            doctor_no,
-            dept_code: dept_code.unwrap_or_default(),
+            visit_no: ask.visit_no.clone(),
+            doctor_no: ask.doctor_no.clone(),
         })
     }
 
@@ -408,43 +463,28 @@ impl Service {
         Ok(db.query_opt(&statement, params).await?)
     }
 
-    /// The badge for `who`, as `hmr_list_recognitions` answers it (kept in `hmr.list_log` with
-    /// the calling `workstation`).
-    async fn list(&self, who: &Who, workstation: &str) -> Result<Value, DbError> {
+    /// The badge, as `hmr_list_recognitions` answers it (kept in `hmr.list_log` with the
+    /// calling `workstation`); None for a patient the HIS does not have.
+    async fn list(&self, ask: &Ask, workstation: &str) -> Result<Option<Value>, DbError> {
         let row = self
-            .one(
-                "SELECT hmr_list_recognitions($1, $2, $3, $4, $5, workstation => $6)",
-                &[
-                    &who.id_type,
-                    &who.id_no,
-                    &who.visit_no,
-                    &who.doctor_no,
-                    &who.dept_code,
-                    &workstation,
-                ],
+            .opt(
+                &self.statements.list,
+                &[&ask.patient_id, &ask.doctor_no, &ask.visit_no, &workstation],
             )
             .await?;
-        Ok(row.get(0))
+        Ok(row.map(|r| r.get(0)))
     }
-}
 
-impl Service {
-    /// `who` for the JSON API's field names (`patient_id`, `visit_no`, `doctor_no`).
-    async fn who_of(&self, body: &Value) -> Result<Who, (StatusCode, Json<Value>)> {
-        self.who(
-            &json!({"patientId": body["patient_id"], "encounterId": body["visit_no"],
-                         "userId": body["doctor_no"]}),
-        )
-        .await
-    }
-}
-
-impl Who {
-    /// The `visit` argument of `hmr_check_prescription`.
-    fn visit(&self, visit_type: &str) -> Value {
-        json!({"id_type": self.id_type, "id_no": self.id_no, "patient_id": self.patient_id,
-               "visit_type": visit_type, "visit_no": self.visit_no, "doctor_no": self.doctor_no,
-               "dept_code": self.dept_code})
+    /// The prescription check (`hmr_check_prescription`); None for a patient the HIS does
+    /// not have.
+    async fn check(&self, ask: &Ask, visit_type: &str, orders: &Value) -> Result<Option<Value>, DbError> {
+        let row = self
+            .opt(
+                &self.statements.check,
+                &[&ask.patient_id, &ask.doctor_no, &visit_type, &ask.visit_no, orders],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
     }
 }
 
@@ -458,11 +498,11 @@ async fn hook(
         return Err(forbidden("a widget session calls the JSON API only"));
     }
     let context = request.get("context").cloned().unwrap_or(Value::Null);
-    let who = s.who(&context).await?;
+    let ask = Ask::from_context(&context)?;
     let cards = match id.as_str() {
-        "hmr-recognitions" => badge(&s, &who, caller.workstation("cds-hooks")).await,
-        "hmr-order-select" => order_select(&s, &who, &context).await?,
-        "hmr-order-check" => order_sign(&s, &who, &context).await?,
+        "hmr-recognitions" => badge(&s, &ask, caller.workstation("cds-hooks")).await?,
+        "hmr-order-select" => order_select(&s, &s.who(&ask).await?, &context).await?,
+        "hmr-order-check" => order_sign(&s, &ask, &context).await?,
         other => {
             return Err((
                 StatusCode::NOT_FOUND,
@@ -474,18 +514,19 @@ async fn hook(
 }
 
 /// patient-view: the badge. A platform that cannot be asked gives no card (care goes on).
-async fn badge(s: &Service, who: &Who, workstation: &str) -> Vec<Value> {
-    let answer = match s.list(who, workstation).await {
-        Ok(answer) => answer,
+async fn badge(s: &Service, ask: &Ask, workstation: &str) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
+    let answer = match s.list(ask, workstation).await {
+        Ok(Some(answer)) => answer,
+        Ok(None) => return Err(ask.unknown()),
         Err(e) => {
             // The SQLSTATE only: a database message may quote the patient.
             tracing::warn!(sqlstate = ?e.sqlstate(), "badge not available");
-            return vec![];
+            return Ok(vec![]);
         }
     };
     let count = answer["count"].as_i64().unwrap_or(0);
     if answer["status"] != "ok" || count == 0 {
-        return vec![];
+        return Ok(vec![]);
     }
     let mut card = json!({
         "uuid": uuid::Uuid::new_v4().to_string(),
@@ -496,7 +537,7 @@ async fn badge(s: &Service, who: &Who, workstation: &str) -> Vec<Value> {
     if let Some(url) = answer["url"].as_str() {
         card["links"] = json!([{"label": "查看可互认结果", "url": url, "type": "absolute"}]);
     }
-    vec![card]
+    Ok(vec![card])
 }
 
 /// order-sign: the draft orders (ServiceRequests) checked as a prescription; a card per
@@ -576,20 +617,14 @@ async fn order_select(s: &Service, who: &Who, context: &Value) -> Result<Vec<Val
     Ok(cards)
 }
 
-async fn order_sign(s: &Service, who: &Who, context: &Value) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
+async fn order_sign(s: &Service, ask: &Ask, context: &Value) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
     let orders = draft_orders(context, false);
     if orders.is_empty() {
         return Ok(vec![]);
     }
-    let visit = who.visit("1");
-    let answer: Value = match s
-        .one(
-            "SELECT hmr_check_prescription($1, $2)",
-            &[&visit, &Value::Array(orders)],
-        )
-        .await
-    {
-        Ok(row) => row.get(0),
+    let answer: Value = match s.check(ask, "1", &Value::Array(orders)).await {
+        Ok(Some(answer)) => answer,
+        Ok(None) => return Err(ask.unknown()),
         Err(e) => {
             tracing::warn!(sqlstate = ?e.sqlstate(), "prescription check not available");
             return Ok(vec![]);
@@ -727,8 +762,12 @@ async fn api_badge(
     let mut asked =
         json!({"patient_id": q.get("patient_id"), "visit_no": q.get("visit_no"), "doctor_no": q.get("doctor_no")});
     s.sessions.bind(&caller, &mut asked)?;
-    let who = s.who_of(&asked).await?;
-    let answer = s.list(&who, caller.workstation("api")).await.map_err(db_answer)?;
+    let ask = Ask::from_body(&asked)?;
+    let answer = s
+        .list(&ask, caller.workstation("api"))
+        .await
+        .map_err(db_answer)?
+        .ok_or_else(|| ask.unknown())?;
     s.sessions.remember(&caller, &answer);
     Ok(Json(answer))
 }
@@ -740,7 +779,7 @@ async fn api_query(
     Json(mut body): Json<Value>,
 ) -> Answer {
     s.sessions.bind(&caller, &mut body)?;
-    let who = s.who_of(&body).await?;
+    let who = s.who(&Ask::from_body(&body)?).await?;
     let mut filter = body.clone();
     filter["id_type"] = json!(who.id_type);
     filter["id_no"] = json!(who.id_no);
@@ -766,14 +805,13 @@ async fn api_check(
     Json(mut body): Json<Value>,
 ) -> Answer {
     s.sessions.bind(&caller, &mut body)?;
-    let who = s.who_of(&body).await?;
-    let visit = who.visit(body["visit_type"].as_str().unwrap_or("1"));
-    let orders = body.get("orders").cloned().ok_or_else(|| bad("orders is required"))?;
-    let row = s
-        .one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
+    let ask = Ask::from_body(&body)?;
+    let orders = body.get("orders").ok_or_else(|| bad("orders is required"))?;
+    let answer = s
+        .check(&ask, body["visit_type"].as_str().unwrap_or("1"), orders)
         .await
-        .map_err(db_answer)?;
-    let answer: Value = row.get(0);
+        .map_err(db_answer)?
+        .ok_or_else(|| ask.unknown())?;
     s.sessions.remember(&caller, &answer);
     Ok(Json(answer))
 }
@@ -849,7 +887,7 @@ async fn api_session(
         return Err(forbidden("a session cannot open another"));
     }
     let text = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-    let who = s.who_of(&body).await?;
+    let who = s.who(&Ask::from_body(&body)?).await?;
     let visit_type = Some(text("visit_type"))
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "1".into());

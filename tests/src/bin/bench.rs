@@ -348,12 +348,19 @@ async fn sql_overhead() -> Result<()> {
     let visit = json!({"id_type": "01", "id_no": "441302198003151233", "patient_id": "P0001", "visit_type": "1",
                        "visit_no": "MZ001", "doctor_no": "D001", "dept_code": "0301"});
     let orders = json!([{"order_id": "B1", "item_code": "JY0001", "type": "lab"}]);
+    // HMR_BENCH_CALLS lengthens the run and HMR_BENCH_PID names a file that gets the
+    // backend's pid, for a profiler to attach to (`perf record -p`).
+    let calls = env_count("HMR_BENCH_CALLS", 300) as usize + 20;
+    if let Ok(path) = std::env::var("HMR_BENCH_PID") {
+        let pid: i32 = his.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+        std::fs::write(path, pid.to_string())?;
+    }
     let time_sql = |sql: &'static str| {
         let his = &his;
         let (visit, orders) = (visit.clone(), orders.clone());
         async move {
             let mut v = Vec::new();
-            for i in 0..320 {
+            for i in 0..calls {
                 let t = Instant::now();
                 if sql.contains("check") {
                     his.query_one(sql, &[&visit, &orders]).await?;
