@@ -72,23 +72,36 @@ fn opt_text(v: &Value, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Local item code → platform data code, through `hmr.item_map` (and codes already in the
-/// catalog pass as they are). A database error is an error, never "not in the catalog":
-/// that would let an order go unchecked.
-fn map_item(kind: &str, local: &str) -> Option<String> {
+/// Local item codes → platform data codes, through `hmr.item_map` (and codes already in the
+/// catalog pass as they are), in the order asked, in one statement. A database error is an
+/// error, never "not in the catalog": that would let an order go unchecked.
+fn map_items(asked: &[(&str, &str)]) -> Vec<Option<String>> {
+    // The pairs go as one JSON array: an array parameter would be planned afresh on every
+    // call (PostgreSQL prefers a plan for the array's known length to the kept one).
     const SQL: &str = "SELECT coalesce(
               (SELECT m.data_code FROM hmr.item_map m
-                WHERE m.type OPERATOR(pg_catalog.=) $1 AND m.local_code OPERATOR(pg_catalog.=) $2),
+                WHERE m.type OPERATOR(pg_catalog.=) (o.x OPERATOR(pg_catalog.->>) 0)
+                  AND m.local_code OPERATOR(pg_catalog.=) (o.x OPERATOR(pg_catalog.->>) 1)),
               (SELECT c.data_code FROM hmr.catalog c
-                WHERE c.type OPERATOR(pg_catalog.=) $1 AND c.data_code OPERATOR(pg_catalog.=) $2))";
+                WHERE c.type OPERATOR(pg_catalog.=) (o.x OPERATOR(pg_catalog.->>) 0)
+                  AND c.data_code OPERATOR(pg_catalog.=) (o.x OPERATOR(pg_catalog.->>) 1)))
+         FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS o(x, n)
+        ORDER BY o.n";
+    if asked.is_empty() {
+        return vec![];
+    }
+    let pairs = json!(asked
+        .iter()
+        .map(|(kind, local)| json!([kind, local]))
+        .collect::<Vec<_>>());
     Spi::connect(|client| {
-        let plan = plans::plan(client, SQL, &[plans::TEXT, plans::TEXT], Access::Read)?;
+        let plan = plans::plan(client, SQL, &[plans::JSONB], Access::Read)?;
         client
-            .select(&*plan, None, &[kind.into(), local.into()])?
-            .first()
-            .get_one::<String>()
+            .select(&*plan, None, &[JsonB(pairs).into()])?
+            .map(|row| row.get::<String>(1))
+            .collect::<Result<Vec<_>, _>>()
     })
-    .unwrap_or_else(|e| error!("hmr: cannot map item {local:?} through hmr.item_map: {e}"))
+    .unwrap_or_else(|e| error!("hmr: cannot map items through hmr.item_map: {e}"))
 }
 
 fn settings_or(reason: &str) -> Result<Settings, Value> {
@@ -253,7 +266,7 @@ fn catalog_orders(orders: Value) -> Vec<CheckOrder> {
     let Value::Array(order_list) = orders else {
         bad_argument("hmr: orders must be a JSON array".into())
     };
-    let mut checked = Vec::new();
+    let mut asked = Vec::new();
     for o in &order_list {
         let order_id = text_arg(o, "order_id", "orders[]");
         let local = text_arg(o, "item_code", "orders[]");
@@ -261,16 +274,21 @@ fn catalog_orders(orders: Value) -> Vec<CheckOrder> {
         let Some(report_type) = ReportType::parse(&kind) else {
             bad_argument(format!("hmr: orders[].type must be lab or exam, not {kind:?}"))
         };
-        if let Some(data_code) = map_item(&kind, &local) {
-            checked.push(CheckOrder {
+        asked.push((order_id, local, kind, report_type));
+    }
+    let codes = map_items(&asked.iter().map(|a| (a.2.as_str(), a.1.as_str())).collect::<Vec<_>>());
+    asked
+        .into_iter()
+        .zip(codes)
+        .filter_map(|((order_id, local, _, report_type), code)| {
+            code.map(|data_code| CheckOrder {
                 order_id,
                 local_item_code: local,
                 data_code,
                 report_type,
-            });
-        }
-    }
-    checked
+            })
+        })
+        .collect()
 }
 
 /// The ordering step (seed 18.2/19.2): while the doctor orders, the precise query
@@ -374,7 +392,8 @@ fn query_recognitions_json(filter: JsonB) -> JsonB {
                 Some("exam") => &["exam"],
                 _ => &["lab", "exam"],
             };
-            data_codes.extend(types.iter().filter_map(|t| map_item(t, local)));
+            let asked: Vec<(&str, &str)> = types.iter().map(|t| (*t, local)).collect();
+            data_codes.extend(map_items(&asked).into_iter().flatten());
         }
         if data_codes.is_empty() {
             // Local items outside the catalog can never be recognised: nothing to ask.
@@ -531,32 +550,64 @@ fn insert_check(record: &Value) {
         .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"));
 }
 
+/// A check's row: a lock held until this transaction ends (the worker leaves the check's
+/// file alone meanwhile: it would otherwise wait on this transaction's uncommitted row), and
+/// the row, its columns as parameters (no record built and parsed on the doctor's path).
 const RECORD_CHECK_SQL: &str =
-    "WITH l AS (SELECT pg_catalog.pg_advisory_xact_lock_shared(716684, pg_catalog.hashtext($1 OPERATOR(pg_catalog.->>) 'check_id'))),
-          r AS (SELECT $1 OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(
-                         'checked_at', pg_catalog.clock_timestamp(), 'checked_by', session_user) AS rec
-                  FROM l),
-          ins AS (INSERT INTO hmr.checks
-                  SELECT * FROM pg_catalog.jsonb_populate_record(NULL::hmr.checks, (SELECT r.rec FROM r))
-                  ON CONFLICT (check_id) DO NOTHING)
-     SELECT r.rec FROM r";
+    "INSERT INTO hmr.checks (check_id, status, patient_id, id_type, id_no_masked, visit_type, visit_no,
+                             doctor_no, dept_code, orders, matches, url, reason, checked_at, checked_by)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+            $14::pg_catalog.timestamptz, $15
+       FROM (SELECT pg_catalog.pg_advisory_xact_lock_shared(716684, pg_catalog.hashtext($1))) l
+     ON CONFLICT (check_id) DO NOTHING";
+
+/// The session's user (`session_user`), as `hmr.checks.checked_by` keeps it.
+fn session_user_name() -> String {
+    // SAFETY: the session user exists while its session runs; the name is copied at once.
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false);
+        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
 
 /// Records a check in hmr.checks (this transaction) and in its file (whatever becomes of
 /// this transaction), so a decision can be taken from any connection.
 fn record_check(row: &CheckRow) {
-    // One round trip: a lock held until this transaction ends (the worker leaves the check's
-    // file alone meanwhile: it would otherwise wait on this transaction's uncommitted row),
-    // the row with its time and user, and the record back for the file.
-    let record = Spi::connect_mut(|client| {
-        let plan = plans::plan(client, RECORD_CHECK_SQL, &[plans::JSONB], Access::Write)?;
+    let mut record = check_record(row);
+    record["checked_at"] = json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    record["checked_by"] = json!(session_user_name());
+    let text = |k: &str| record[k].as_str();
+    Spi::connect_mut(|client| {
+        use plans::{JSONB, TEXT};
+        let types = [
+            TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, JSONB, JSONB, TEXT, TEXT, TEXT, TEXT,
+        ];
+        let plan = plans::plan(client, RECORD_CHECK_SQL, &types, Access::Write)?;
         client
-            .update(&*plan, None, &[JsonB(check_record(row)).into()])?
-            .first()
-            .get_one::<JsonB>()
+            .update(
+                &*plan,
+                None,
+                &[
+                    text("check_id").into(),
+                    text("status").into(),
+                    text("patient_id").into(),
+                    text("id_type").into(),
+                    text("id_no_masked").into(),
+                    text("visit_type").into(),
+                    text("visit_no").into(),
+                    text("doctor_no").into(),
+                    text("dept_code").into(),
+                    JsonB(row.orders.clone()).into(),
+                    JsonB(row.matches.clone()).into(),
+                    text("url").into(),
+                    text("reason").into(),
+                    text("checked_at").into(),
+                    text("checked_by").into(),
+                ],
+            )
+            .map(drop)
     })
-    .unwrap_or_else(|e: pgrx::spi::Error| error!("hmr: cannot record the check: {e}"))
-    .map(|j| j.0)
-    .unwrap_or(Value::Null);
+    .unwrap_or_else(|e: pgrx::spi::Error| error!("hmr: cannot record the check: {e}"));
     if safe_id(&row.check_id) {
         // Written to its file only if this (sub)transaction aborts (a refused save): a
         // committed check is in the table, and creating a file on the doctor's path costs

@@ -375,6 +375,9 @@ async fn sql_overhead() -> Result<()> {
         }
     };
     let check = time_sql("SELECT hmr_check_prescription($1, $2)").await?;
+    // What any statement costs here (the client, the round trip, a transaction): the floor.
+    let floor = time_sql("SELECT 1").await?;
+    println!("a trivial statement (SELECT 1): p50 {:.2} ms", pct(floor, 0.5));
     let list = time_sql(
         "SELECT hmr_list_recognitions('01', '441302198003151233', 'MZ001', 'D001', '0301', use_cache => false)",
     )
