@@ -1363,19 +1363,36 @@ pub async fn serve(w: &Workstations, tls_root: Option<&Path>) -> Result<Serve> {
 /// A terminal of `hmr-worker serve`: its P-384 key, the `[serve]` configuration naming it,
 /// and CDS Hooks JWTs (ES384) signed with it.
 pub struct Terminal {
-    pair: ring::signature::EcdsaKeyPair,
+    key: TerminalKey,
     pub iss: String,
     pub audience: String,
 }
 
+/// How a terminal signs: ES384 (P-384) or RS384 (RSA 2048), the two CDS Hooks recommends.
+enum TerminalKey {
+    Es384(ring::signature::EcdsaKeyPair),
+    Rs384(aws_lc_rs::signature::RsaKeyPair),
+}
+
 impl Terminal {
+    /// A terminal signing ES384.
     pub fn new(iss: &str, audience: &str) -> Terminal {
         use ring::signature::{EcdsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng).expect("key");
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref(), &rng).expect("key");
         Terminal {
-            pair,
+            key: TerminalKey::Es384(pair),
+            iss: iss.into(),
+            audience: audience.into(),
+        }
+    }
+
+    /// A terminal signing RS384 (an RSA key of 2048 bits).
+    pub fn rsa(iss: &str, audience: &str) -> Terminal {
+        let pair = aws_lc_rs::signature::RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("key");
+        Terminal {
+            key: TerminalKey::Rs384(pair),
             iss: iss.into(),
             audience: audience.into(),
         }
@@ -1393,15 +1410,30 @@ impl Terminal {
     /// This terminal as a `[[serve.terminals]]` entry (its public key as a JWK).
     pub fn entry(&self, name: &str) -> String {
         use base64::Engine as _;
-        use ring::signature::KeyPair as _;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let public = self.pair.public_key().as_ref();
+        let jwk = match &self.key {
+            TerminalKey::Es384(pair) => {
+                use ring::signature::KeyPair as _;
+                let public = pair.public_key().as_ref();
+                format!(
+                    "{{ kty = \"EC\", crv = \"P-384\", x = \"{}\", y = \"{}\" }}",
+                    b64.encode(&public[1..49]),
+                    b64.encode(&public[49..])
+                )
+            }
+            TerminalKey::Rs384(pair) => {
+                use aws_lc_rs::signature::KeyPair as _;
+                let public = pair.public_key();
+                format!(
+                    "{{ kty = \"RSA\", n = \"{}\", e = \"{}\" }}",
+                    b64.encode(public.modulus().big_endian_without_leading_zero()),
+                    b64.encode(public.exponent().big_endian_without_leading_zero())
+                )
+            }
+        };
         format!(
-            "\n[[serve.terminals]]\niss = \"{}\"\nname = \"{name}\"\n\
-             jwk = {{ kty = \"EC\", crv = \"P-384\", x = \"{}\", y = \"{}\" }}\n",
-            self.iss,
-            b64.encode(&public[1..49]),
-            b64.encode(&public[49..])
+            "\n[[serve.terminals]]\niss = \"{}\"\nname = \"{name}\"\njwk = {jwk}\n",
+            self.iss
         )
     }
 
@@ -1418,13 +1450,32 @@ impl Terminal {
     pub fn sign(&self, claims: &Value) -> String {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let h = b64.encode(json!({"alg": "ES384", "typ": "JWT"}).to_string());
+        let alg = match self.key {
+            TerminalKey::Es384(_) => "ES384",
+            TerminalKey::Rs384(_) => "RS384",
+        };
+        let h = b64.encode(json!({"alg": alg, "typ": "JWT"}).to_string());
         let p = b64.encode(claims.to_string());
-        let sig = self
-            .pair
-            .sign(&ring::rand::SystemRandom::new(), format!("{h}.{p}").as_bytes())
-            .expect("sign");
-        format!("{h}.{p}.{}", b64.encode(sig.as_ref()))
+        let message = format!("{h}.{p}");
+        let sig = match &self.key {
+            TerminalKey::Es384(pair) => pair
+                .sign(&ring::rand::SystemRandom::new(), message.as_bytes())
+                .expect("sign")
+                .as_ref()
+                .to_vec(),
+            TerminalKey::Rs384(pair) => {
+                let mut sig = vec![0; pair.public_modulus_len()];
+                pair.sign(
+                    &aws_lc_rs::signature::RSA_PKCS1_SHA384,
+                    &aws_lc_rs::rand::SystemRandom::new(),
+                    message.as_bytes(),
+                    &mut sig,
+                )
+                .expect("sign");
+                sig
+            }
+        };
+        format!("{message}.{}", b64.encode(sig))
     }
 }
 

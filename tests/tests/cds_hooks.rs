@@ -287,21 +287,22 @@ fn uuid_like(n: u32) -> String {
     format!("d1577c69-dfbe-44ad-ba6d-3e05e953b{n:03}")
 }
 
-/// With terminals configured, every call but the discovery needs a CDS Hooks JWT (ES384) of
-/// one of them; the terminal's name is recorded with its badge calls and its decisions; a
-/// replayed or forged token is refused. A widget session a terminal opens reaches its own
+/// With terminals configured, every call but the discovery needs a CDS Hooks JWT (ES384, or
+/// RS384 from a terminal with an RSA key) of one of them; the terminal's name is recorded
+/// with its badge calls and its decisions; a replayed or forged token is refused. A widget session a terminal opens reaches its own
 /// patient, checks and reports only.
 #[tokio::test(flavor = "multi_thread")]
 async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()> {
     let audience = "https://hmr.hospital.example/cds-services";
     let ward = Terminal::new("ward-app", audience);
+    let emr = Terminal::rsa("web-emr", audience);
     let w = Workstations::start(
         &[
             (P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1),
             (P0002_ID, "1992-11-08", "W-CBC-2", "JY0001", 1),
         ],
         &WorkerOptions {
-            extra_config: Some(ward.config("病区移动查房", "")),
+            extra_config: Some(ward.config("病区移动查房", "") + &emr.entry("门诊电子病历")),
             ..Default::default()
         },
     )
@@ -338,6 +339,17 @@ async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()>
         count(
             &w.his,
             "SELECT count(*) FROM hmr.list_log WHERE workstation = '病区移动查房'"
+        )
+        .await?,
+        1
+    );
+    // A terminal with an RSA key signs RS384, and is served as itself.
+    let rs = http.post(&url).bearer_auth(emr.token()).json(&request).send().await?;
+    assert!(rs.status().is_success(), "{}", rs.text().await?);
+    assert_eq!(
+        count(
+            &w.his,
+            "SELECT count(*) FROM hmr.list_log WHERE workstation = '门诊电子病历'"
         )
         .await?,
         1

@@ -42,7 +42,7 @@ pub struct Config {
 
 /// `hmr-worker serve`: the terminals allowed to call it. With none configured every call is
 /// accepted (and the service listens on loopback only); with terminals, every call but the
-/// discovery needs a CDS Hooks JWT (ES384) signed by one of them.
+/// discovery needs a CDS Hooks JWT (ES384 or RS384) signed by one of them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
@@ -81,7 +81,8 @@ impl Default for ServeConfig {
     }
 }
 
-/// One terminal: its `iss` and its public key as a JWK (EC P-384).
+/// One terminal: its `iss` and its public key as a JWK: EC P-384 (its tokens are ES384) or
+/// RSA of 2048 bits or more (RS384), the two algorithms CDS Hooks recommends.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TerminalConfig {
@@ -91,12 +92,20 @@ pub struct TerminalConfig {
     pub jwk: Jwk,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A public JWK (RFC 7517): `kty` EC with `crv`, `x`, `y`, or `kty` RSA with `n`, `e`.
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct Jwk {
     pub kty: String,
-    pub crv: String,
-    pub x: String,
-    pub y: String,
+    #[serde(default)]
+    pub crv: Option<String>,
+    #[serde(default)]
+    pub x: Option<String>,
+    #[serde(default)]
+    pub y: Option<String>,
+    #[serde(default)]
+    pub n: Option<String>,
+    #[serde(default)]
+    pub e: Option<String>,
 }
 
 /// Report PDFs: the source's own (a `pdf` bytea or `pdf_path` column), else rendered.

@@ -637,10 +637,14 @@ fn pct(mut v: Vec<f64>, p: f64) -> f64 {
 /// platform alone.
 async fn hooks() -> Result<()> {
     let terminal = Terminal::new("bench", "https://hmr.bench/cds-services");
+    // The same calls from a terminal that signs RS384 (an RSA signature checks ~10× faster).
+    let rsa = Terminal::rsa("bench-rsa", "https://hmr.bench/cds-services");
     let mut w = Workstations::start(
         &[("441302198003151233", "1980-03-15", "W-CBC-1", "JY0001", 1)],
         &WorkerOptions {
-            extra_config: Some(terminal.config("bench", "rate_per_minute = 1000000\nburst = 100000")),
+            extra_config: Some(
+                terminal.config("bench", "rate_per_minute = 1000000\nburst = 100000") + &rsa.entry("bench-rsa"),
+            ),
             ..Default::default()
         },
     )
@@ -664,6 +668,7 @@ async fn hooks() -> Result<()> {
     let orders = json!([{"order_id": "B1", "item_code": "JY0001", "type": "lab"}]);
     let (mut sign, mut view, mut sql_check, mut sql_list) = (vec![], vec![], vec![], vec![]);
     let (mut api_check, mut role_check) = (vec![], vec![]);
+    let (mut sign_rs, mut view_rs) = (vec![], vec![]);
     // The same check as serve's database login (a HIS role) and through the plain JSON API.
     let as_serve = w.cluster.connect_as("his", "serve_app").await?;
     for i in 0..320 {
@@ -721,7 +726,32 @@ async fn hooks() -> Result<()> {
         anyhow::ensure!(r.status().is_success(), "api/check {}", r.status());
         r.bytes().await?;
         let d_api = t.elapsed();
+        let (t1, t2) = (rsa.token(), rsa.token());
+        let t = Instant::now();
+        let r = s
+            .http
+            .post(format!("{}/cds-services/hmr-order-check", s.base))
+            .bearer_auth(t1)
+            .json(&json!({"hook": "order-sign", "hookInstance": uuid::Uuid::new_v4().to_string(), "context": sign_context}))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "order-sign (RS384) {}", r.status());
+        r.bytes().await?;
+        let d_sign_rs = t.elapsed();
+        let t = Instant::now();
+        let r = s
+            .http
+            .post(format!("{}/cds-services/hmr-recognitions", s.base))
+            .bearer_auth(t2)
+            .json(&json!({"hook": "patient-view", "hookInstance": uuid::Uuid::new_v4().to_string(), "context": view_context}))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "patient-view (RS384) {}", r.status());
+        r.bytes().await?;
+        let d_view_rs = t.elapsed();
         if i >= 20 {
+            sign_rs.push(d_sign_rs.as_secs_f64() * 1000.0);
+            view_rs.push(d_view_rs.as_secs_f64() * 1000.0);
             role_check.push(d_role.as_secs_f64() * 1000.0);
             api_check.push(d_api.as_secs_f64() * 1000.0);
             for (v, d) in [
@@ -743,8 +773,20 @@ async fn hooks() -> Result<()> {
     println!("| hook | hook p50 ms | hook p99 ms | same SQL call p50 ms | platform alone p50 ms | overhead over the platform p50 ms | over the SQL call p50 ms |");
     println!("|---|---|---|---|---|---|---|");
     for (name, hook, sql, direct) in [
-        ("order-sign (hmr_check_prescription)", sign, sql_check, direct_check),
-        ("patient-view (hmr_list_recognitions)", view, sql_list, direct_list),
+        (
+            "order-sign (hmr_check_prescription), ES384",
+            sign,
+            sql_check.clone(),
+            direct_check.clone(),
+        ),
+        (
+            "patient-view (hmr_list_recognitions), ES384",
+            view,
+            sql_list.clone(),
+            direct_list.clone(),
+        ),
+        ("order-sign, RS384", sign_rs, sql_check, direct_check),
+        ("patient-view, RS384", view_rs, sql_list, direct_list),
     ] {
         let (h50, h99, s50, d50) = (pct(hook.clone(), 0.5), pct(hook, 0.99), pct(sql, 0.5), pct(direct, 0.5));
         println!(
