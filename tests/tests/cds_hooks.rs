@@ -499,19 +499,26 @@ async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()>
     Ok(())
 }
 
-/// Over TLS (rustls, the test's own certificate), and each terminal within its own budget.
+/// Over TLS (rustls, the test's own certificate), and each terminal within its own budget;
+/// forged tokens spend the budget of the terminal they name before any signature is checked;
+/// only the configured workstation origins may frame the widget.
 #[tokio::test(flavor = "multi_thread")]
 async fn over_tls_each_terminal_within_its_rate() -> Result<()> {
     let dir = unique_dir("serve-tls");
     let (ca, cert, key) = test_certificates(&dir)?;
     let audience = "https://127.0.0.1/cds-services";
     let (busy, quiet) = (Terminal::new("busy", audience), Terminal::new("quiet", audience));
+    let (flooded, night) = (Terminal::new("flooded", audience), Terminal::new("night", audience));
     let more = format!(
-        "tls_cert = \"{}\"\ntls_key = \"{}\"\nrate_per_minute = 6\nburst = 3",
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\nrate_per_minute = 6\nburst = 3\n\
+         embed_origins = [\"https://his.hospital.example\"]",
         cert.display(),
         key.display()
     );
-    let config = busy.config("急诊移动端", &more) + &quiet.entry("体检中心");
+    let config = busy.config("急诊移动端", &more)
+        + &quiet.entry("体检中心")
+        + &flooded.entry("住院医生站")
+        + &night.entry("夜间急诊");
     let w = Workstations::start(
         &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
         &WorkerOptions {
@@ -554,10 +561,34 @@ async fn over_tls_each_terminal_within_its_rate() -> Result<()> {
     assert!(retry_after.is_some_and(|s| (1..=10).contains(&s)), "{retry_after:?}");
     // Another terminal has its own budget.
     assert_eq!(badge(&quiet).await?.status().as_u16(), 200);
+    // Tokens forged in another terminal's name (another key): refused, and each takes that
+    // terminal's budget before its signature is checked, so a flood costs no signature checks
+    // beyond the budget (then 429, the genuine terminal included, until the budget refills).
+    let forger = Terminal::new("flooded", audience);
+    let mut forged = vec![];
+    for _ in 0..4 {
+        forged.push(badge(&forger).await?.status().as_u16());
+    }
+    assert_eq!(forged, [401, 401, 401, 429]);
+    assert_eq!(badge(&flooded).await?.status().as_u16(), 429);
+    assert_eq!(badge(&quiet).await?.status().as_u16(), 200, "the others go on");
+    // The widget's pages may be framed by the hospital's workstation origins only.
+    let page = s.http.get(format!("{}/widget/", s.base)).send().await?;
+    let csp = page
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        csp.contains("frame-ancestors 'self' https://his.hospital.example"),
+        "{csp}"
+    );
+    assert!(csp.contains("default-src 'self'"), "{csp}");
     // The database crashes and comes back: the service answers again without a restart of
     // its own (its connections are replaced), and while it is down it says so (503).
     w.cluster.fail()?;
-    let down = badge(&quiet).await?;
+    let down = badge(&night).await?;
     assert_eq!(down.status().as_u16(), 503);
     let said: Value = down.json().await?;
     assert_eq!(
@@ -566,7 +597,7 @@ async fn over_tls_each_terminal_within_its_rate() -> Result<()> {
     );
     w.cluster.start_again()?;
     wait_until(Duration::from_secs(30), "serve answering after the restart", || async {
-        Ok(badge(&quiet).await?.status().as_u16() == 200)
+        Ok(badge(&night).await?.status().as_u16() == 200)
     })
     .await?;
     Ok(())
