@@ -5,9 +5,12 @@
 CREATE FUNCTION public.hmr_list_recognitions(id_type text, id_no text, visit_no text, doctor_no text,
                                              dept_code text, kind text DEFAULT 'all',
                                              use_cache boolean DEFAULT true, workstation text DEFAULT NULL)
-RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT hmr.list_recognitions_json(id_type, id_no, visit_no, doctor_no, dept_code, kind, use_cache,
-                                      coalesce(workstation, ''))
+RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- PL/pgSQL, which keeps this plan for the session (an SQL function plans it on every call).
+    RETURN hmr.list_recognitions_json(id_type, id_no, visit_no, doctor_no, dept_code, kind, use_cache,
+                                      coalesce(workstation, ''));
+END
 $$;
 
 CREATE FUNCTION public.hmr_query_recognitions(filter jsonb)
@@ -23,10 +26,17 @@ RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_tem
     SELECT hmr.order_check_json(visit, orders)
 $$;
 
+-- The check the gate runs on every save. PL/pgSQL keeps its plans for the session (an SQL
+-- function would parse and plan its statements on every call); a standby refuses with HM016
+-- before anything is asked.
 CREATE FUNCTION public.hmr_check_prescription(visit jsonb, orders jsonb)
-RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT hmr.need_primary('互认校验');
-    SELECT hmr.check_prescription_json(visit, orders)
+RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_is_in_recovery() THEN
+        PERFORM hmr.need_primary('互认校验');
+    END IF;
+    RETURN hmr.check_prescription_json(visit, orders);
+END
 $$;
 
 -- Records the doctor's 互认 / 不互认 for one order of a check. `report_id` defaults to the

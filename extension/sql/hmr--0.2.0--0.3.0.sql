@@ -335,10 +335,17 @@ RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_tem
     SELECT hmr.order_check_json(visit, orders)
 $$;
 
+-- The check the gate runs on every save. PL/pgSQL keeps its plans for the session (an SQL
+-- function would parse and plan its statements on every call); a standby refuses with HM016
+-- before anything is asked.
 CREATE OR REPLACE FUNCTION public.hmr_check_prescription(visit jsonb, orders jsonb)
-RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT hmr.need_primary('互认校验');
-    SELECT hmr.check_prescription_json(visit, orders)
+RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_is_in_recovery() THEN
+        PERFORM hmr.need_primary('互认校验');
+    END IF;
+    RETURN hmr.check_prescription_json(visit, orders);
+END
 $$;
 
 -- 0.3.0: decisions keep the terminal they were taken at (a new last argument, workstation).
@@ -731,9 +738,12 @@ AS 'MODULE_PATHNAME', 'list_recognitions_json_wrapper';
 CREATE FUNCTION public.hmr_list_recognitions(id_type text, id_no text, visit_no text, doctor_no text,
                                              dept_code text, kind text DEFAULT 'all',
                                              use_cache boolean DEFAULT true, workstation text DEFAULT NULL)
-RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT hmr.list_recognitions_json(id_type, id_no, visit_no, doctor_no, dept_code, kind, use_cache,
-                                      coalesce(workstation, ''))
+RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- PL/pgSQL, which keeps this plan for the session (an SQL function plans it on every call).
+    RETURN hmr.list_recognitions_json(id_type, id_no, visit_no, doctor_no, dept_code, kind, use_cache,
+                                      coalesce(workstation, ''));
+END
 $$;
 REVOKE ALL ON FUNCTION hmr.list_recognitions_json(text, text, text, text, text, text, boolean, text),
                        public.hmr_list_recognitions(text, text, text, text, text, text, boolean, text) FROM PUBLIC;
