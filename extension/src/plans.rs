@@ -30,9 +30,9 @@ pub const BOOL: PgOid = PgOid::BuiltIn(PgBuiltInOids::BOOLOID);
 pub const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
 pub const FLOAT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::FLOAT8OID);
 
-/// A kept plan, borrowed out of this backend's store for one execution. It goes back when
-/// dropped; if the execution raised an error it is left aside instead (never freed while
-/// PostgreSQL unwinds), and the next call plans it afresh.
+/// A kept plan, borrowed out of this backend's store for one execution (so a statement that
+/// calls back into hmr cannot find the store borrowed). It goes back when dropped, also after
+/// an error: a kept plan stays valid through an abort, as PL/pgSQL's do.
 pub struct Plan {
     sql: &'static str,
     plan: ManuallyDrop<OwnedPreparedStatement>,
@@ -47,9 +47,6 @@ impl Deref for Plan {
 
 impl Drop for Plan {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            return;
-        }
         // SAFETY: taken once, here, and never used again.
         let plan = unsafe { ManuallyDrop::take(&mut self.plan) };
         PLANS.with(|p| p.borrow_mut().insert(self.sql, plan));

@@ -595,6 +595,18 @@ async fn over_tls_each_terminal_within_its_rate() -> Result<()> {
         said["error"], "数据库暂不可用，请稍后重试",
         "no database message: {said}"
     );
+    // A hook says so too: no cards would read as "no duplicates".
+    let hook = s
+        .http
+        .post(format!("{}/cds-services/hmr-recognitions", s.base))
+        .bearer_auth(night.token())
+        .json(
+            &json!({"hook": "patient-view", "hookInstance": "d0d0d0d0-0000-4000-8000-000000000001",
+                      "context": {"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001"}}),
+        )
+        .send()
+        .await?;
+    assert_eq!(hook.status().as_u16(), 503, "{}", hook.text().await?);
     w.cluster.start_again()?;
     wait_until(Duration::from_secs(30), "serve answering after the restart", || async {
         Ok(badge(&night).await?.status().as_u16() == 200)

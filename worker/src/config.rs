@@ -82,7 +82,7 @@ impl Default for ServeConfig {
 }
 
 /// One terminal: its `iss` and its public key as a JWK: EC P-384 (its tokens are ES384) or
-/// RSA of 2048 bits or more (RS384), the two algorithms CDS Hooks recommends.
+/// RSA of 2048 to 8192 bits (RS384), the two algorithms CDS Hooks recommends.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TerminalConfig {

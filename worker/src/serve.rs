@@ -84,6 +84,15 @@ impl DbError {
             DbError::Pool(_) => None,
         }
     }
+
+    /// The recognition function refused this call (a data problem: HMxxx, class 22), as
+    /// opposed to the service's database failing (no connection, a missing grant or view). A
+    /// hook answers the first with no cards (care goes on) and the second with an error, so a
+    /// broken service never reads as "no duplicates".
+    fn refused_by_function(&self) -> bool {
+        self.sqlstate()
+            .is_some_and(|c| c.starts_with("HM") || c.starts_with("22"))
+    }
 }
 
 /// Where the service may listen, and who may call: terminals with their JWTs, or nobody but
@@ -415,7 +424,11 @@ impl Statements {
         let dept = format!(
             "coalesce((SELECT s.dept_code::text FROM {staff} s WHERE s.staff_no::text = $2::text LIMIT 1), '')"
         );
-        let from = format!("FROM {patient} p WHERE p.patient_id::text = $1::text LIMIT 1");
+        // A patient without an identity number cannot be asked about: as if unknown.
+        let from = format!(
+            "FROM {patient} p WHERE p.patient_id::text = $1::text
+               AND p.id_type IS NOT NULL AND p.id_no IS NOT NULL LIMIT 1"
+        );
         Statements {
             who: format!("SELECT p.id_type::text, p.id_no::text {from}"),
             list: format!(
@@ -443,8 +456,8 @@ impl Service {
             .ok_or_else(|| ask.unknown())?;
         Ok(Who {
             patient_id: ask.patient_id.clone(),
-            id_type: row.get(0),
-            id_no: row.get(1),
+            id_type: row.try_get(0).map_err(|e| db_answer(e.into()))?,
+            id_no: row.try_get(1).map_err(|e| db_answer(e.into()))?,
             visit_no: ask.visit_no.clone(),
             doctor_no: ask.doctor_no.clone(),
         })
@@ -472,7 +485,7 @@ impl Service {
                 &[&ask.patient_id, &ask.doctor_no, &ask.visit_no, &workstation],
             )
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
     /// The prescription check (`hmr_check_prescription`); None for a patient the HIS does
@@ -484,7 +497,7 @@ impl Service {
                 &[&ask.patient_id, &ask.doctor_no, &visit_type, &ask.visit_no, orders],
             )
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 }
 
@@ -518,11 +531,12 @@ async fn badge(s: &Service, ask: &Ask, workstation: &str) -> Result<Vec<Value>, 
     let answer = match s.list(ask, workstation).await {
         Ok(Some(answer)) => answer,
         Ok(None) => return Err(ask.unknown()),
-        Err(e) => {
+        Err(e) if e.refused_by_function() => {
             // The SQLSTATE only: a database message may quote the patient.
             tracing::warn!(sqlstate = ?e.sqlstate(), "badge not available");
             return Ok(vec![]);
         }
+        Err(e) => return Err(db_answer(e)),
     };
     let count = answer["count"].as_i64().unwrap_or(0);
     if answer["status"] != "ok" || count == 0 {
@@ -625,10 +639,11 @@ async fn order_sign(s: &Service, ask: &Ask, context: &Value) -> Result<Vec<Value
     let answer: Value = match s.check(ask, "1", &Value::Array(orders)).await {
         Ok(Some(answer)) => answer,
         Ok(None) => return Err(ask.unknown()),
-        Err(e) => {
+        Err(e) if e.refused_by_function() => {
             tracing::warn!(sqlstate = ?e.sqlstate(), "prescription check not available");
             return Ok(vec![]);
         }
+        Err(e) => return Err(db_answer(e)),
     };
     let check_id = answer["check_id"].as_str().unwrap_or_default().to_string();
     let reasons: Vec<Value> = hmr_protocol::DECLINE_REASONS
@@ -1106,10 +1121,18 @@ impl TerminalKey {
             ("RSA", None) => {
                 let n = field(&jwk.n, "n")?;
                 let e = field(&jwk.e, "e")?;
-                // 2048 to 8192 bits, as the verification accepts them.
-                let bits = n.iter().skip_while(|b| **b == 0).count() * 8;
-                if !(2048..=8192).contains(&bits) {
+                // 2048 to 8192 bits and an odd exponent of at most 32 bits, as the verification
+                // accepts them (a key it would refuse is refused now, not at every call).
+                let bits = |v: &[u8]| {
+                    let v: Vec<u8> = v.iter().copied().skip_while(|b| *b == 0).collect();
+                    v.first()
+                        .map_or(0, |first| 8 * (v.len() - 1) + (8 - first.leading_zeros() as usize))
+                };
+                if !(2048..=8192).contains(&bits(&n)) {
                     return Err(bad("an RSA key must have 2048 to 8192 bits"));
+                }
+                if !(2..=32).contains(&bits(&e)) || e.last().is_none_or(|b| b % 2 == 0) {
+                    return Err(bad("an RSA key's exponent must be odd, 3 or more, at most 32 bits"));
                 }
                 Ok(TerminalKey::Rs384 { n, e })
             }
@@ -1663,6 +1686,14 @@ mod tests {
         let mut weak = cfg.clone();
         weak.terminals[0].jwk = small;
         assert!(Auth::new(&weak).err().unwrap().to_string().contains("2048"));
+        // 2047 bits: 256 bytes, the first below 0x80.
+        let mut short = [0xffu8; 256];
+        short[0] = 0x7f;
+        weak.terminals[0].jwk.n = Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(short));
+        assert!(Auth::new(&weak).err().unwrap().to_string().contains("2048"));
+        let mut even = cfg.clone();
+        even.terminals[0].jwk.e = Some("AQAA".into());
+        assert!(Auth::new(&even).err().unwrap().to_string().contains("exponent"));
         let mut odd = cfg.clone();
         odd.terminals[0].jwk.kty = "OKP".into();
         assert!(Auth::new(&odd).is_err());
