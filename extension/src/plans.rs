@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
 
-use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
+use pgrx::datum::DatumWithOid;
+use pgrx::spi::{OwnedPreparedStatement, Spi, SpiClient, SpiResult, SpiTupleTable};
 use pgrx::{PgBuiltInOids, PgOid};
 
 thread_local! {
@@ -18,7 +19,7 @@ thread_local! {
 /// What a statement does: a read runs on the calling query's snapshot (read-only SPI), a
 /// write with its own command id.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Access {
+enum Access {
     Read,
     Write,
 }
@@ -33,7 +34,7 @@ pub const FLOAT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::FLOAT8OID);
 /// A kept plan, borrowed out of this backend's store for one execution (so a statement that
 /// calls back into hmr cannot find the store borrowed). It goes back when dropped, also after
 /// an error: a kept plan stays valid through an abort, as PL/pgSQL's do.
-pub struct Plan {
+struct Plan {
     sql: &'static str,
     plan: ManuallyDrop<OwnedPreparedStatement>,
 }
@@ -53,8 +54,29 @@ impl Drop for Plan {
     }
 }
 
+/// Runs the read `sql` (parameters of `types`) with `args`, and hands its rows to `rows`.
+pub fn read<T>(
+    sql: &'static str,
+    types: &[PgOid],
+    args: &[DatumWithOid<'_>],
+    rows: impl FnOnce(SpiTupleTable<'_>) -> SpiResult<T>,
+) -> SpiResult<T> {
+    Spi::connect(|client| {
+        let plan = plan(client, sql, types, Access::Read)?;
+        rows(client.select(&*plan, None, args)?)
+    })
+}
+
+/// Runs the write `sql` (parameters of `types`) with `args`.
+pub fn write(sql: &'static str, types: &[PgOid], args: &[DatumWithOid<'_>]) -> SpiResult<()> {
+    Spi::connect_mut(|client| {
+        let plan = plan(client, sql, types, Access::Write)?;
+        client.update(&*plan, None, args).map(drop)
+    })
+}
+
 /// The plan of `sql` (with parameters of `types`), planned on first use in this backend.
-pub fn plan(client: &SpiClient<'_>, sql: &'static str, types: &[PgOid], access: Access) -> SpiResult<Plan> {
+fn plan(client: &SpiClient<'_>, sql: &'static str, types: &[PgOid], access: Access) -> SpiResult<Plan> {
     let kept = PLANS.with(|p| p.borrow_mut().remove(sql));
     let plan = match kept {
         Some(plan) => plan,

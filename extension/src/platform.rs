@@ -40,9 +40,7 @@ const SETTINGS_SQL: &str =
 
 impl Settings {
     pub fn load() -> Option<Settings> {
-        Spi::connect(|client| {
-            let plan = plans::plan(client, SETTINGS_SQL, &[], plans::Access::Read)?;
-            let rows = client.select(&*plan, None, &[])?;
+        plans::read(SETTINGS_SQL, &[], &[], |rows| {
             let mut found = None;
             for row in rows {
                 let get = |i: usize| row.get::<String>(i).ok().flatten().unwrap_or_default();
@@ -302,18 +300,18 @@ fn fetch_token(settings: &Settings, deadline: Instant) -> Result<(String, Durati
     Ok((answer.access_token, Duration::from_secs(answer.expires_in)))
 }
 
+/// Every agent that talks to the platform: it never follows a redirect (a 3xx is not the
+/// platform's answer, and following it would send the request, identity numbers and the
+/// token, to another host).
+fn agent_builder() -> ureq::AgentBuilder {
+    ureq::AgentBuilder::new().redirects(0)
+}
+
 /// The backend's one HTTP agent: its connections to the platform stay open between calls, so
-/// a doctor's check does not pay a TCP (and TLS) handshake each time. Never follows a
-/// redirect: a 3xx is not the platform's answer, and following it would send the request
-/// (identity numbers, the token) to another host.
+/// a doctor's check does not pay a TCP (and TLS) handshake each time.
 fn agent() -> &'static ureq::Agent {
     static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
-    AGENT.get_or_init(|| {
-        ureq::AgentBuilder::new()
-            .redirects(0)
-            .max_idle_connections_per_host(2)
-            .build()
-    })
+    AGENT.get_or_init(|| agent_builder().max_idle_connections_per_host(2).build())
 }
 
 fn send(
@@ -355,7 +353,7 @@ fn send(
         // connection, with the same request id (the platform takes it as the same request).
         let left = deadline.saturating_duration_since(Instant::now());
         if !left.is_zero() {
-            let fresh = ureq::AgentBuilder::new().redirects(0).max_idle_connections(0).build();
+            let fresh = agent_builder().max_idle_connections(0).build();
             result = attempt(&fresh, left);
         }
     }

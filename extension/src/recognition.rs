@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use sha2::Digest;
 
 use crate::gucs;
-use crate::plans::{self, Access};
+use crate::plans;
 use crate::platform::{call, CallError, Settings};
 
 fn item_json(i: &RecognitionItem) -> Value {
@@ -94,12 +94,8 @@ fn map_items(asked: &[(&str, &str)]) -> Vec<Option<String>> {
         .iter()
         .map(|(kind, local)| json!([kind, local]))
         .collect::<Vec<_>>());
-    Spi::connect(|client| {
-        let plan = plans::plan(client, SQL, &[plans::JSONB], Access::Read)?;
-        client
-            .select(&*plan, None, &[JsonB(pairs).into()])?
-            .map(|row| row.get::<String>(1))
-            .collect::<Result<Vec<_>, _>>()
+    plans::read(SQL, &[plans::JSONB], &[JsonB(pairs).into()], |rows| {
+        rows.map(|row| row.get::<String>(1)).collect::<Result<Vec<_>, _>>()
     })
     .unwrap_or_else(|e| error!("hmr: cannot map items through hmr.item_map: {e}"))
 }
@@ -145,12 +141,8 @@ fn list_recognitions_json(
     if use_cache && ttl > 0 {
         const SQL: &str = "SELECT answer FROM hmr.list_cache
              WHERE cache_key OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp()";
-        let hit = Spi::connect(|client| {
-            let plan = plans::plan(client, SQL, &[plans::TEXT], Access::Read)?;
-            client
-                .select(&*plan, None, &[cache_key.as_str().into()])?
-                .first()
-                .get_one::<JsonB>()
+        let hit = plans::read(SQL, &[plans::TEXT], &[cache_key.as_str().into()], |rows| {
+            rows.first().get_one::<JsonB>()
         });
         if let Ok(Some(JsonB(hit))) = hit {
             log_list_call(&query, workstation, &hit, true, read_only);
@@ -178,20 +170,15 @@ fn list_recognitions_json(
         const SQL: &str = "INSERT INTO hmr.list_cache
              VALUES ($1, $2, pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $3))
              ON CONFLICT (cache_key) DO UPDATE SET answer = EXCLUDED.answer, expires_at = EXCLUDED.expires_at";
-        let _ = Spi::connect_mut(|client| {
-            let plan = plans::plan(client, SQL, &[plans::TEXT, plans::JSONB, plans::FLOAT8], Access::Write)?;
-            client
-                .update(
-                    &*plan,
-                    None,
-                    &[
-                        cache_key.as_str().into(),
-                        JsonB(answer.clone()).into(),
-                        f64::from(ttl).into(),
-                    ],
-                )
-                .map(drop)
-        });
+        let _ = plans::write(
+            SQL,
+            &[plans::TEXT, plans::JSONB, plans::FLOAT8],
+            &[
+                cache_key.as_str().into(),
+                JsonB(answer.clone()).into(),
+                f64::from(ttl).into(),
+            ],
+        );
     }
     log_list_call(&query, workstation, &answer, false, read_only);
     JsonB(answer)
@@ -209,31 +196,21 @@ fn log_list_call(query: &ListQuery, workstation: &str, answer: &Value, cached: b
         "INSERT INTO hmr.list_log (doctor_no, dept_code, visit_no, id_no_masked, kind, shown, status, cached, workstation)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF(pg_catalog.left($9, 32), ''))";
     use plans::{BOOL, INT4, TEXT};
-    let _ = Spi::connect_mut(|client| {
-        let plan = plans::plan(
-            client,
-            SQL,
-            &[TEXT, TEXT, TEXT, TEXT, TEXT, INT4, TEXT, BOOL, TEXT],
-            Access::Write,
-        )?;
-        client
-            .update(
-                &*plan,
-                None,
-                &[
-                    query.doctor_no.as_str().into(),
-                    query.dept_code.as_str().into(),
-                    query.visit_no.as_str().into(),
-                    hmr_protocol::mask::id_no(&query.id_no).as_str().into(),
-                    query.kind.as_str().into(),
-                    shown.into(),
-                    status.into(),
-                    cached.into(),
-                    workstation.into(),
-                ],
-            )
-            .map(drop)
-    });
+    let _ = plans::write(
+        SQL,
+        &[TEXT, TEXT, TEXT, TEXT, TEXT, INT4, TEXT, BOOL, TEXT],
+        &[
+            query.doctor_no.as_str().into(),
+            query.dept_code.as_str().into(),
+            query.visit_no.as_str().into(),
+            hmr_protocol::mask::id_no(&query.id_no).as_str().into(),
+            query.kind.as_str().into(),
+            shown.into(),
+            status.into(),
+            cached.into(),
+            workstation.into(),
+        ],
+    );
 }
 
 /// A date alone (`2026-12-01`) means the whole day in UTC+8: from its first second, to its
@@ -577,37 +554,31 @@ fn record_check(row: &CheckRow) {
     record["checked_at"] = json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
     record["checked_by"] = json!(session_user_name());
     let text = |k: &str| record[k].as_str();
-    Spi::connect_mut(|client| {
-        use plans::{JSONB, TEXT};
-        let types = [
+    use plans::{JSONB, TEXT};
+    plans::write(
+        RECORD_CHECK_SQL,
+        &[
             TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, JSONB, JSONB, TEXT, TEXT, TEXT, TEXT,
-        ];
-        let plan = plans::plan(client, RECORD_CHECK_SQL, &types, Access::Write)?;
-        client
-            .update(
-                &*plan,
-                None,
-                &[
-                    text("check_id").into(),
-                    text("status").into(),
-                    text("patient_id").into(),
-                    text("id_type").into(),
-                    text("id_no_masked").into(),
-                    text("visit_type").into(),
-                    text("visit_no").into(),
-                    text("doctor_no").into(),
-                    text("dept_code").into(),
-                    JsonB(row.orders.clone()).into(),
-                    JsonB(row.matches.clone()).into(),
-                    text("url").into(),
-                    text("reason").into(),
-                    text("checked_at").into(),
-                    text("checked_by").into(),
-                ],
-            )
-            .map(drop)
-    })
-    .unwrap_or_else(|e: pgrx::spi::Error| error!("hmr: cannot record the check: {e}"));
+        ],
+        &[
+            text("check_id").into(),
+            text("status").into(),
+            text("patient_id").into(),
+            text("id_type").into(),
+            text("id_no_masked").into(),
+            text("visit_type").into(),
+            text("visit_no").into(),
+            text("doctor_no").into(),
+            text("dept_code").into(),
+            JsonB(row.orders.clone()).into(),
+            JsonB(row.matches.clone()).into(),
+            text("url").into(),
+            text("reason").into(),
+            text("checked_at").into(),
+            text("checked_by").into(),
+        ],
+    )
+    .unwrap_or_else(|e| error!("hmr: cannot record the check: {e}"));
     if safe_id(&row.check_id) {
         // Written to its file only if this (sub)transaction aborts (a refused save): a
         // committed check is in the table, and creating a file on the doctor's path costs

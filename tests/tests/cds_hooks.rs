@@ -595,11 +595,12 @@ async fn over_tls_each_terminal_within_its_rate() -> Result<()> {
         said["error"], "数据库暂不可用，请稍后重试",
         "no database message: {said}"
     );
-    // A hook says so too: no cards would read as "no duplicates".
+    // A hook says so too: no cards would read as "no duplicates". (By `quiet`, whose last
+    // call of its burst this is: `night` keeps its budget for the wait below.)
     let hook = s
         .http
         .post(format!("{}/cds-services/hmr-recognitions", s.base))
-        .bearer_auth(night.token())
+        .bearer_auth(quiet.token())
         .json(
             &json!({"hook": "patient-view", "hookInstance": "d0d0d0d0-0000-4000-8000-000000000001",
                       "context": {"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001"}}),

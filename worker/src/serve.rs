@@ -526,17 +526,30 @@ async fn hook(
     Ok(Json(json!({"cards": cards})))
 }
 
-/// patient-view: the badge. A platform that cannot be asked gives no card (care goes on).
-async fn badge(s: &Service, ask: &Ask, workstation: &str) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
-    let answer = match s.list(ask, workstation).await {
-        Ok(Some(answer)) => answer,
-        Ok(None) => return Err(ask.unknown()),
+/// What a hook makes of its SQL function's answer: the answer; `None` when the function
+/// refused the call (no cards: care goes on); an error for a patient the HIS does not have or
+/// a failing database.
+fn hook_answer(
+    result: Result<Option<Value>, DbError>,
+    ask: &Ask,
+    what: &str,
+) -> Result<Option<Value>, (StatusCode, Json<Value>)> {
+    match result {
+        Ok(Some(answer)) => Ok(Some(answer)),
+        Ok(None) => Err(ask.unknown()),
         Err(e) if e.refused_by_function() => {
             // The SQLSTATE only: a database message may quote the patient.
-            tracing::warn!(sqlstate = ?e.sqlstate(), "badge not available");
-            return Ok(vec![]);
+            tracing::warn!(sqlstate = ?e.sqlstate(), "{what} not available");
+            Ok(None)
         }
-        Err(e) => return Err(db_answer(e)),
+        Err(e) => Err(db_answer(e)),
+    }
+}
+
+/// patient-view: the badge. A platform that cannot be asked gives no card (care goes on).
+async fn badge(s: &Service, ask: &Ask, workstation: &str) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
+    let Some(answer) = hook_answer(s.list(ask, workstation).await, ask, "badge")? else {
+        return Ok(vec![]);
     };
     let count = answer["count"].as_i64().unwrap_or(0);
     if answer["status"] != "ok" || count == 0 {
@@ -636,14 +649,9 @@ async fn order_sign(s: &Service, ask: &Ask, context: &Value) -> Result<Vec<Value
     if orders.is_empty() {
         return Ok(vec![]);
     }
-    let answer: Value = match s.check(ask, "1", &Value::Array(orders)).await {
-        Ok(Some(answer)) => answer,
-        Ok(None) => return Err(ask.unknown()),
-        Err(e) if e.refused_by_function() => {
-            tracing::warn!(sqlstate = ?e.sqlstate(), "prescription check not available");
-            return Ok(vec![]);
-        }
-        Err(e) => return Err(db_answer(e)),
+    let checked = s.check(ask, "1", &Value::Array(orders)).await;
+    let Some(answer) = hook_answer(checked, ask, "prescription check")? else {
+        return Ok(vec![]);
     };
     let check_id = answer["check_id"].as_str().unwrap_or_default().to_string();
     let reasons: Vec<Value> = hmr_protocol::DECLINE_REASONS

@@ -671,32 +671,23 @@ async fn hooks() -> Result<()> {
     let (mut sign_rs, mut view_rs) = (vec![], vec![]);
     // The same check as serve's database login (a HIS role) and through the plain JSON API.
     let as_serve = w.cluster.connect_as("his", "serve_app").await?;
+    // One hook call, timed from the request to the whole answer; `token` is signed before the
+    // clock starts (the terminal's work, not the service's).
+    let hook = |service: &'static str, hook: &'static str, context: &Value, token: String| {
+        let request = json!({"hook": hook, "hookInstance": uuid::Uuid::new_v4().to_string(), "context": context});
+        let (http, url) = (s.http.clone(), format!("{}/cds-services/{service}", s.base));
+        async move {
+            let t = Instant::now();
+            let r = http.post(url).bearer_auth(token).json(&request).send().await?;
+            anyhow::ensure!(r.status().is_success(), "{hook} {}", r.status());
+            let answer: Value = r.json().await?;
+            anyhow::Ok((t.elapsed(), answer))
+        }
+    };
     for i in 0..320 {
-        // Tokens are signed before the clock starts: the terminal's work, not the service's.
-        let (t1, t2) = (terminal.token(), terminal.token());
-        let t = Instant::now();
-        let r = s
-            .http
-            .post(format!("{}/cds-services/hmr-order-check", s.base))
-            .bearer_auth(t1)
-            .json(&json!({"hook": "order-sign", "hookInstance": uuid::Uuid::new_v4().to_string(), "context": sign_context}))
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "order-sign {}", r.status());
-        let cards: Value = r.json().await?;
+        let (d_sign, cards) = hook("hmr-order-check", "order-sign", &sign_context, terminal.token()).await?;
         anyhow::ensure!(cards["cards"].as_array().map(Vec::len) == Some(1), "{cards}");
-        let d_sign = t.elapsed();
-        let t = Instant::now();
-        let r = s
-            .http
-            .post(format!("{}/cds-services/hmr-recognitions", s.base))
-            .bearer_auth(t2)
-            .json(&json!({"hook": "patient-view", "hookInstance": uuid::Uuid::new_v4().to_string(), "context": view_context}))
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "patient-view {}", r.status());
-        r.bytes().await?;
-        let d_view = t.elapsed();
+        let (d_view, _) = hook("hmr-recognitions", "patient-view", &view_context, terminal.token()).await?;
         let t = Instant::now();
         w.his
             .query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
@@ -726,29 +717,9 @@ async fn hooks() -> Result<()> {
         anyhow::ensure!(r.status().is_success(), "api/check {}", r.status());
         r.bytes().await?;
         let d_api = t.elapsed();
-        let (t1, t2) = (rsa.token(), rsa.token());
-        let t = Instant::now();
-        let r = s
-            .http
-            .post(format!("{}/cds-services/hmr-order-check", s.base))
-            .bearer_auth(t1)
-            .json(&json!({"hook": "order-sign", "hookInstance": uuid::Uuid::new_v4().to_string(), "context": sign_context}))
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "order-sign (RS384) {}", r.status());
-        r.bytes().await?;
-        let d_sign_rs = t.elapsed();
-        let t = Instant::now();
-        let r = s
-            .http
-            .post(format!("{}/cds-services/hmr-recognitions", s.base))
-            .bearer_auth(t2)
-            .json(&json!({"hook": "patient-view", "hookInstance": uuid::Uuid::new_v4().to_string(), "context": view_context}))
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "patient-view (RS384) {}", r.status());
-        r.bytes().await?;
-        let d_view_rs = t.elapsed();
+        let (d_sign_rs, cards) = hook("hmr-order-check", "order-sign", &sign_context, rsa.token()).await?;
+        anyhow::ensure!(cards["cards"].as_array().map(Vec::len) == Some(1), "{cards}");
+        let (d_view_rs, _) = hook("hmr-recognitions", "patient-view", &view_context, rsa.token()).await?;
         if i >= 20 {
             sign_rs.push(d_sign_rs.as_secs_f64() * 1000.0);
             view_rs.push(d_view_rs.as_secs_f64() * 1000.0);
