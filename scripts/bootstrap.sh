@@ -8,7 +8,8 @@ PGRX_VERSION=0.18.1
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config libssl-dev sudo
               poppler-utils fonts-wqy-microhei curl pgbouncer shellcheck
-              mariadb-server postgresql-15-mysql-fdw chromium chromium-driver openssl)
+              mariadb-server postgresql-15-mysql-fdw chromium chromium-driver openssl
+              postgresql-15-pgq3 bc)
 
 log() { printf '[bootstrap] %s\n' "$*"; }
 

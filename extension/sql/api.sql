@@ -325,7 +325,7 @@ GRANT UPDATE (refused_at, refused_reason) ON hmr.checks TO hmr_worker;
 GRANT SET ON PARAMETER log_parameter_max_length TO hmr_worker;
 GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_history(interval, integer),
                           hmr.backfill_start(text, timestamptz), hmr.backfill_page(bigint, integer),
-                          hmr.capture(), hmr.ingest(), hmr.worker_sleeping(), hmr.wake_workers(),
+                          hmr.capture(), hmr.ingest(), hmr.ingest_captured(), hmr.worker_sleeping(), hmr.wake_workers(),
                           hmr.note_rate_limit(float8), hmr.ingest_kept(),
                           hmr.claim(text, text[], integer, float8, boolean, float8)
       TO hmr_worker, hmr_admin;

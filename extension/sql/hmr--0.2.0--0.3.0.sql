@@ -750,3 +750,61 @@ REVOKE ALL ON FUNCTION hmr.list_recognitions_json(text, text, text, text, text, 
 GRANT EXECUTE ON FUNCTION hmr.list_recognitions_json(text, text, text, text, text, text, boolean, text) TO hmr_admin;
 GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, text, text, boolean, text)
       TO hmr_his, hmr_admin;
+
+-- A report and its results written in one transaction are one upload, not one per row:
+-- hmr.ingest merges events of a record that an earlier pending event already carries.
+-- Moves hmr.captured into the outbox in id order, merging redundant events: the worker reads
+-- a record's current state after it claims an event, so a later event of the same record adds
+-- nothing while an earlier one is pending and not yet read into a frozen plan. A LIS that
+-- writes a report and its 30 results in one transaction makes 31 events and one upload.
+-- Merged events go to the history (outcome 'merged', detail names the event that carries
+-- them): every captured event is accounted for. Returns the number of events taken.
+CREATE FUNCTION hmr.ingest_captured() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH moved AS (DELETE FROM hmr.captured RETURNING *),
+    m AS (
+        SELECT moved.*,
+               coalesce((SELECT min(o.id) FROM hmr.outbox o
+                          WHERE o.kind = moved.kind AND o.key = moved.key
+                            AND o.state = 'pending' AND o.plan IS NULL),
+                        min(moved.id) OVER (PARTITION BY moved.kind, moved.key)) AS carrier
+          FROM moved),
+    merged AS (
+        INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)
+        SELECT id, kind, key, op, xid, created_at, 'merged', 0, 'into ' || carrier
+          FROM m WHERE id <> carrier),
+    kept AS (
+        INSERT INTO hmr.outbox (id, kind, key, op, xid, created_at)
+        SELECT id, kind, key, op, xid, created_at FROM m WHERE id = carrier ORDER BY id)
+    SELECT count(*) INTO n FROM m;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION hmr.ingest() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(7166846871) THEN
+        RETURN 0;
+    END IF;
+    n := hmr.ingest_captured();
+    IF pg_relation_size('hmr.captured') > 1048576 THEN
+        BEGIN
+            LOCK TABLE hmr.captured IN ACCESS EXCLUSIVE MODE NOWAIT;
+            -- Rows committed since the move above: no writer is left, so these are all.
+            n := n + hmr.ingest_captured();
+            TRUNCATE hmr.captured;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL; -- a HIS transaction is capturing: next time
+        END;
+    END IF;
+    RETURN n;
+END
+$$;
+REVOKE ALL ON FUNCTION hmr.ingest_captured() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hmr.ingest_captured() TO hmr_worker, hmr_admin;

@@ -226,28 +226,51 @@ CREATE FUNCTION hmr.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '
 -- 1 MB it is emptied with TRUNCATE instead (PgQ's rotation, in one table), but only when no
 -- HIS transaction is writing it at that instant (NOWAIT): capture never waits on a worker for
 -- longer than this transaction.
+-- Moves hmr.captured into the outbox in id order, merging redundant events: the worker reads
+-- a record's current state after it claims an event, so a later event of the same record adds
+-- nothing while an earlier one is pending and not yet read into a frozen plan. A LIS that
+-- writes a report and its 30 results in one transaction makes 31 events and one upload.
+-- Merged events go to the history (outcome 'merged', detail names the event that carries
+-- them): every captured event is accounted for. Returns the number of events taken.
+CREATE FUNCTION hmr.ingest_captured() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH moved AS (DELETE FROM hmr.captured RETURNING *),
+    m AS (
+        SELECT moved.*,
+               coalesce((SELECT min(o.id) FROM hmr.outbox o
+                          WHERE o.kind = moved.kind AND o.key = moved.key
+                            AND o.state = 'pending' AND o.plan IS NULL),
+                        min(moved.id) OVER (PARTITION BY moved.kind, moved.key)) AS carrier
+          FROM moved),
+    merged AS (
+        INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)
+        SELECT id, kind, key, op, xid, created_at, 'merged', 0, 'into ' || carrier
+          FROM m WHERE id <> carrier),
+    kept AS (
+        INSERT INTO hmr.outbox (id, kind, key, op, xid, created_at)
+        SELECT id, kind, key, op, xid, created_at FROM m WHERE id = carrier ORDER BY id)
+    SELECT count(*) INTO n FROM m;
+    RETURN n;
+END
+$$;
+
 CREATE FUNCTION hmr.ingest() RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     n integer;
-    more integer;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(7166846871) THEN
         RETURN 0;
     END IF;
-    WITH moved AS (DELETE FROM hmr.captured RETURNING *)
-    INSERT INTO hmr.outbox (id, kind, key, op, xid, created_at)
-    SELECT id, kind, key, op, xid, created_at FROM moved ORDER BY id;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    n := hmr.ingest_captured();
     IF pg_relation_size('hmr.captured') > 1048576 THEN
         BEGIN
             LOCK TABLE hmr.captured IN ACCESS EXCLUSIVE MODE NOWAIT;
             -- Rows committed since the move above: no writer is left, so these are all.
-            WITH moved AS (DELETE FROM hmr.captured RETURNING *)
-            INSERT INTO hmr.outbox (id, kind, key, op, xid, created_at)
-            SELECT id, kind, key, op, xid, created_at FROM moved ORDER BY id;
-            GET DIAGNOSTICS more = ROW_COUNT;
-            n := n + more;
+            n := n + hmr.ingest_captured();
             TRUNCATE hmr.captured;
         EXCEPTION WHEN lock_not_available THEN
             NULL; -- a HIS transaction is capturing: next time

@@ -188,16 +188,73 @@ mod tests {
         let events = Spi::get_one::<String>("SELECT string_agg(key || op::text, ' ' ORDER BY id) FROM hmr.outbox")
             .unwrap()
             .unwrap();
-        // One id sequence: the hand-enqueued event sits between the captured ones.
-        assert_eq!(events, "1I 2I 3I 9S 2U");
+        // One id sequence: the hand-enqueued event sits between the captured ones; 2's update
+        // rides on its pending insert (the worker reads the row as it is when it claims it).
+        assert_eq!(events, "1I 2I 3I 9S");
+        assert!(by_hand > 0);
+        assert_eq!(
+            Spi::get_one::<String>("SELECT key || op::text || ' ' || outcome FROM hmr.outbox_history").unwrap(),
+            Some("2U merged".into())
+        );
+        assert_eq!(Spi::get_one::<i64>("SELECT pending FROM hmr.status").unwrap(), Some(4));
+    }
+
+    #[pg_test]
+    fn ingest_merges_only_into_an_event_not_yet_read() {
+        Spi::run("CREATE TABLE rep_merge (no text, seq int)").unwrap();
+        Spi::run("SELECT hmr.watch('lab_report', 'rep_merge', 'no')").unwrap();
+        // A report and its five results in one transaction: one event, five merged into it.
+        Spi::run("INSERT INTO rep_merge SELECT 'R1', g FROM generate_series(0, 5) g").unwrap();
+        assert_eq!(Spi::get_one::<i32>("SELECT hmr.ingest()").unwrap(), Some(6));
+        let carrier = Spi::get_one::<i64>("SELECT id FROM hmr.outbox WHERE key = 'R1'")
+            .unwrap()
+            .unwrap();
         assert_eq!(
             Spi::get_one::<i64>(&format!(
-                "SELECT count(*) FROM hmr.outbox WHERE id > {by_hand} AND key = '2'"
+                "SELECT count(*) FROM hmr.outbox_history WHERE key = 'R1' AND outcome = 'merged' AND detail = 'into {carrier}'"
             ))
             .unwrap(),
+            Some(5)
+        );
+        // Still pending and unread: a later correction rides on it too.
+        Spi::run("UPDATE rep_merge SET seq = seq WHERE seq = 1").unwrap();
+        Spi::run("SELECT hmr.ingest()").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.outbox WHERE key = 'R1'").unwrap(),
             Some(1)
         );
-        assert_eq!(Spi::get_one::<i64>("SELECT pending FROM hmr.status").unwrap(), Some(5));
+        // Claimed (the worker may have read the row already): the next change is an event of
+        // its own, which waits for the claimed one.
+        Spi::run(&format!("UPDATE hmr.outbox SET state = 'claimed' WHERE id = {carrier}")).unwrap();
+        Spi::run("UPDATE rep_merge SET seq = seq WHERE seq = 2").unwrap();
+        Spi::run("SELECT hmr.ingest()").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.outbox WHERE key = 'R1'").unwrap(),
+            Some(2)
+        );
+        // Pending again but with a frozen plan (its requests were built from an earlier read):
+        // not merged into either.
+        Spi::run(&format!("DELETE FROM hmr.outbox WHERE key = 'R1' AND id <> {carrier}")).unwrap();
+        Spi::run(&format!(
+            "UPDATE hmr.outbox SET state = 'pending', plan = '{{}}' WHERE id = {carrier}"
+        ))
+        .unwrap();
+        Spi::run("UPDATE rep_merge SET seq = seq WHERE seq = 3").unwrap();
+        Spi::run("SELECT hmr.ingest()").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.outbox WHERE key = 'R1'").unwrap(),
+            Some(2)
+        );
+        // Quarantined: a new change is a new event (it may be the fix).
+        Spi::run("INSERT INTO rep_merge VALUES ('R2', 0)").unwrap();
+        Spi::run("SELECT hmr.ingest()").unwrap();
+        Spi::run("UPDATE hmr.outbox SET state = 'quarantined' WHERE key = 'R2'").unwrap();
+        Spi::run("UPDATE rep_merge SET seq = 1 WHERE no = 'R2'").unwrap();
+        Spi::run("SELECT hmr.ingest()").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.outbox WHERE key = 'R2'").unwrap(),
+            Some(2)
+        );
     }
 
     #[pg_test]

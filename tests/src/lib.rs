@@ -485,6 +485,19 @@ impl Sim {
             .await?)
     }
 
+    /// A control endpoint's raw answer (a stored PDF).
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?
+            .to_vec())
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
         let text = self
             .http
@@ -1002,6 +1015,7 @@ impl<'a> OtherHospital<'a> {
     }
 }
 pub mod faults;
+pub mod figures;
 
 /// PgBouncer in transaction pooling mode in front of a cluster (unix socket only), as HIS
 /// application servers use it: consecutive transactions of one client may run on different
