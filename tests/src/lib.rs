@@ -255,8 +255,11 @@ impl Cluster {
     fn pg_ctl_start(&self) -> Result<()> {
         // HMR_E2E_MAX_CONNECTIONS: for benchmarks with hundreds of sessions.
         let max_connections = std::env::var("HMR_E2E_MAX_CONNECTIONS").unwrap_or_else(|_| "50".into());
+        // HMR_E2E_PG_OPTIONS: more server options, for profiling (e.g. `-c
+        // shared_preload_libraries=pg_stat_statements`).
+        let extra = std::env::var("HMR_E2E_PG_OPTIONS").unwrap_or_default();
         let opts = format!(
-            "-p {} -k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections={max_connections}",
+            "-p {} -k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections={max_connections} {extra}",
             self.port,
             self.dir.display()
         );

@@ -197,6 +197,15 @@ impl Store {
         Ok(self.client.query(&statement, params).await?)
     }
 
+    /// A batch's read of the hospital's views, planned for this call rather than kept: a kept
+    /// plan is made from the statistics of its moment, and one made while a table was nearly
+    /// empty (a go-live, a bulk load) scanned the whole table for every key until autovacuum
+    /// analysed it again — 0.9 s per batch of reports in the backlog benchmark (#26). Planning
+    /// costs about 1 ms, once per batch.
+    async fn query_planned(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, WorkerError> {
+        Ok(self.client.query(sql, params).await?)
+    }
+
     async fn query_one_cached(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, WorkerError> {
         let statement = self.statement(sql).await?;
         Ok(self.client.query_one(&statement, params).await?)
@@ -268,7 +277,7 @@ impl Store {
             "SELECT v.{key}::text, to_jsonb(v) FROM {} v WHERE v.{key}::text = ANY($1)",
             src.relation
         );
-        let rows = self.query_cached(&sql, &[&keys]).await?;
+        let rows = self.query_planned(&sql, &[&keys]).await?;
         Ok(rows
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, Value>(1)))
@@ -304,7 +313,7 @@ impl Store {
             key = quote_ident(&src.key_column),
         );
         let mut inputs = HashMap::new();
-        for r in self.query_cached(&sql, &[&keys, &kind.as_str()]).await? {
+        for r in self.query_planned(&sql, &[&keys, &kind.as_str()]).await? {
             let items: Option<Value> = r.get(2);
             let version: Option<i32> = r.get(3);
             inputs.insert(
@@ -352,7 +361,7 @@ impl Store {
                 picks = picks.join(", "),
                 relation = src.relation
             );
-            match self.query_cached(&sql, &[&keys]).await {
+            match self.query_planned(&sql, &[&keys]).await {
                 Ok(rows) => Some(rows),
                 Err(e) => {
                     tracing::warn!(%kind, error = %e, "names for rendered PDFs not read; codes are printed");

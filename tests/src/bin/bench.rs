@@ -87,7 +87,8 @@ fn env_count(name: &str, default: i64) -> i64 {
 async fn all_finished(his: &tokio_postgres::Client) -> Result<bool> {
     Ok(count(
         his,
-        "SELECT (SELECT count(*) FROM hmr.outbox) + (SELECT count(*) FROM hmr.captured)",
+        // Not a count: polled while a drain runs, it must not cost the drain what it measures.
+        "SELECT count(*) FROM (SELECT 1 FROM hmr.outbox UNION ALL SELECT 1 FROM hmr.captured LIMIT 1) x",
     )
     .await?
         == 0)
