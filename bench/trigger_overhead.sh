@@ -114,17 +114,25 @@ for v in $variants; do
   done
   echo "| $v$cells |"
 done
-# The headline figures for scripts/bench.sh's guard: hmr's INSERT ratio to no trigger, and to
-# the cheapest other variant (PgQ or the plain PL/pgSQL outbox; pgmq when it ran).
+# The headline figures for scripts/bench.sh's guard: hmr's INSERT latency over no trigger's and
+# over the cheapest other variant's (PgQ or the plain PL/pgSQL outbox; pgmq when it ran), each
+# the median of per-round ratios (the two runs of a ratio are back to back, so a machine that
+# slows down between rounds moves both).
 if [ -n "${HMR_BENCH_FIGURES:-}" ]; then
-  ratio() { local l l0; l=$(echo "${lat[insert,$1]}" | median); l0=$(echo "${lat[insert,$2]}" | median); echo "$l / $l0" | bc -l; }
+  # ratio A B: the median over rounds of A's INSERT latency divided by B's.
+  ratio() {
+    paste -d/ <(echo "${lat[insert,$1]}" | tr ' ' '\n' | grep -v '^$') \
+              <(echo "${lat[insert,$2]}" | tr ' ' '\n' | grep -v '^$') | bc -l | median
+  }
   cheapest=
   for v in $variants; do
     case $v in none|hmr) continue;; esac
     if [ -z "$cheapest" ] || [ "$(echo "$(ratio "$v" none) < $(ratio "$cheapest" none)" | bc -l)" = 1 ]; then cheapest=$v; fi
   done
   printf 'capture_insert_ratio\t%s\n' "$(ratio hmr none)" >> "$HMR_BENCH_FIGURES"
-  [ -n "$cheapest" ] && printf 'capture_vs_cheapest_other\t%s\n' "$(ratio hmr "$cheapest")" >> "$HMR_BENCH_FIGURES"
+  if [ -n "$cheapest" ]; then
+    printf 'capture_vs_cheapest_other\t%s\n' "$(ratio hmr "$cheapest")" >> "$HMR_BENCH_FIGURES"
+  fi
 fi
 echo "(synchronous_commit=$sync, fsync=$fsync, pgbench -c 2 -j 2 -T $secs, median of $rounds interleaved rounds;" \
   "one transaction = one single-row INSERT or UPDATE = one event${pgmq_sql:+; pgmq: $pgmq_sql})"
