@@ -43,7 +43,7 @@ bench=target/release/hmr-bench
 
 # Sizes: the full run is BENCHMARKS.md's; the smoke run keeps every scenario, smaller.
 if $smoke; then
-  trigger=(3 5 off); export PGMQ_SQL=/nonexistent   # pgmq is a peer for the full run only
+  trigger=(2 7 off); export PGMQ_SQL=/nonexistent   # pgmq is a peer for the full run only
   export HMR_BENCH_PATIENTS=20000 HMR_BENCH_REPORTS=3000
   export HMR_BENCH_SECS=20 HMR_BENCH_SECS_1000=15
   export HMR_BENCH_CALLS=200 HMR_BENCH_ROUNDS=100 HMR_BENCH_BACKLOG=60000

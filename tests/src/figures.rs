@@ -233,7 +233,7 @@ pub struct Verdict {
 /// listed as missing (a scenario that did not run is a failure of the guard, not a pass).
 pub fn judge(measured: &[(String, f64)]) -> Verdict {
     let mut table = String::from(
-        "| figure | measured | goal | CI threshold (half the goal) | goal | guard |\n|---|---|---|---|---|---|\n",
+        "| figure | measured | goal | CI threshold (half the goal) | goal met | guard |\n|---|---|---|---|---|---|\n",
     );
     let (mut failed, mut missing) = (Vec::new(), Vec::new());
     for s in SPECS {
