@@ -25,9 +25,10 @@ done
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD 2>/dev/null || commit="$commit+changes"
 day=$(date -u +%Y-%m-%d)
-mode=full; $smoke && mode=smoke
+mode=full; suffix=; flag=
+if $smoke; then mode=smoke; suffix=-smoke; flag=' --smoke'; fi
 mkdir -p bench/results
-[ -n "$out" ] || out="bench/results/$day-${commit%%+*}$($smoke && echo -smoke).md"
+[ -n "$out" ] || out="bench/results/$day-${commit%%+*}$suffix.md"
 work=$(mktemp -d /tmp/hmr-bench.XXXXXX)
 figures=$work/figures.tsv; : > "$figures"
 export HMR_BENCH_FIGURES=$figures
@@ -82,7 +83,7 @@ guard=$("$bench" guard "$figures") || verdict=$?
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- machine: $cpu, $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB; $(. /etc/os-release && echo "$PRETTY_NAME"), $("$PG_BIN/postgres" --version)"
   echo "- \`SELECT 1\` floor (a prepare and an execute through the bench's client): p50 ${floor:-?} ms"
-  echo "- command: scripts/bench.sh$($smoke && echo ' --smoke'); sizes: patients $HMR_BENCH_PATIENTS, reports $HMR_BENCH_REPORTS," \
+  echo "- command: scripts/bench.sh$flag; sizes: patients $HMR_BENCH_PATIENTS, reports $HMR_BENCH_REPORTS," \
        "latency ${HMR_BENCH_SECS} s at 300/s and ${HMR_BENCH_SECS_1000} s at 1,000/s, backlog $HMR_BENCH_BACKLOG events," \
        "trigger rounds ${trigger[*]}; $((SECONDS - started)) s in all"
   echo

@@ -125,13 +125,16 @@ impl Store {
         client
             .batch_execute(&format!(
                 "SET application_name = 'hmr-worker'; SET TimeZone = {}; LISTEN hmr_outbox;
-                 SET synchronous_commit = on",
+                 SET synchronous_commit = on; SET jit = off",
                 quote_literal(timezone)
             ))
             .await?;
         // (synchronous_commit: a plan must be on disk before its first request leaves. Where
         // the server commits asynchronously, a crash could otherwise forget a plan already
-        // sent, and the rebuilt one would go under the same request id with another body.)
+        // sent, and the rebuilt one would go under the same request id with another body.
+        // jit: a batch's read of 2,000 reports costs enough to cross jit_above_cost, and
+        // compiling it took 300 of its 460 ms, every batch (#26); these statements never run
+        // long enough to win it back.)
         // Our statements carry patients' data as parameters (frozen reports, source rows): keep
         // them out of the server log even where slow statements are logged.
         if let Err(e) = client.batch_execute("SET log_parameter_max_length = 0").await {
@@ -284,7 +287,9 @@ impl Store {
             .collect())
     }
 
-    /// What a batch of reports needs, in one round trip: each report's source row, its items
+    /// What a batch of reports needs, in one round trip (hmr.delivered is probed by key for
+    /// each report, LATERAL … LIMIT 1: joined, a plan from statistics of a nearly empty table
+    /// scanned every delivered record for every report, 470 ms a batch after a backfill; #26): each report's source row, its items
     /// (in `seq` order when the view has one), what the platform holds of it, and whether
     /// the platform holds its patient.
     pub async fn report_inputs(
@@ -307,8 +312,10 @@ impl Store {
                FROM unnest($1::text[]) AS k(key)
                LEFT JOIN LATERAL (SELECT to_jsonb(v) AS row FROM {relation} v
                                    WHERE v.{key}::text = k.key LIMIT 1) r ON true
-               LEFT JOIN hmr.delivered d ON d.kind = $2 AND d.key = k.key
-               LEFT JOIN hmr.delivered p ON p.kind = 'patient' AND p.key = r.row ->> 'patient_id'",
+               LEFT JOIN LATERAL (SELECT d.version, d.content_hash, d.revoked FROM hmr.delivered d
+                                   WHERE d.kind = $2 AND d.key = k.key LIMIT 1) d ON true
+               LEFT JOIN LATERAL (SELECT p.key FROM hmr.delivered p
+                                   WHERE p.kind = 'patient' AND p.key = r.row ->> 'patient_id' LIMIT 1) p ON true",
             relation = src.relation,
             key = quote_ident(&src.key_column),
         );
@@ -609,8 +616,10 @@ impl Store {
     }
 
     pub async fn delivered(&self, kind: Kind, keys: &[String]) -> Result<HashMap<String, Delivered>, WorkerError> {
+        // Planned per call: hmr.delivered grows from empty at go-live (a backfill fills it in
+        // minutes), and a kept plan from then would scan it for every batch.
         let rows = self
-            .query_cached(
+            .query_planned(
                 "SELECT key, version, content_hash, revoked FROM hmr.delivered WHERE kind = $1 AND key = ANY($2)",
                 &[&kind.as_str(), &keys],
             )
