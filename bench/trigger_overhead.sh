@@ -116,18 +116,15 @@ for v in $variants; do
 done
 # The headline figures for scripts/bench.sh's guard: hmr's INSERT latency over no trigger's and
 # over the cheapest other variant's (PgQ or the plain PL/pgSQL outbox; pgmq when it ran), each
-# the median of per-round ratios (the two runs of a ratio are back to back, so a machine that
-# slows down between rounds moves both).
+# variant by its best round: another tenant of the machine only ever adds time, so the fastest
+# round is the closest to what the code costs (a run of the same variant varies by ±20% here).
 if [ -n "${HMR_BENCH_FIGURES:-}" ]; then
-  # ratio A B: the median over rounds of A's INSERT latency divided by B's.
-  ratio() {
-    paste -d/ <(echo "${lat[insert,$1]}" | tr ' ' '\n' | grep -v '^$') \
-              <(echo "${lat[insert,$2]}" | tr ' ' '\n' | grep -v '^$') | bc -l | median
-  }
+  best() { echo "${lat[insert,$1]}" | tr ' ' '\n' | grep -v '^$' | sort -g | head -1; }
+  ratio() { echo "$(best "$1") / $(best "$2")" | bc -l; }
   cheapest=
   for v in $variants; do
     case $v in none|hmr) continue;; esac
-    if [ -z "$cheapest" ] || [ "$(echo "$(ratio "$v" none) < $(ratio "$cheapest" none)" | bc -l)" = 1 ]; then cheapest=$v; fi
+    if [ -z "$cheapest" ] || [ "$(echo "$(best "$v") < $(best "$cheapest")" | bc -l)" = 1 ]; then cheapest=$v; fi
   done
   printf 'capture_insert_ratio\t%s\n' "$(ratio hmr none)" >> "$HMR_BENCH_FIGURES"
   if [ -n "$cheapest" ]; then
