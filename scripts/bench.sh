@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every headline figure of BENCHMARKS.md in one command, with release builds:
-#   scripts/bench.sh            the full sizes (about 25 minutes; the backlog is 1,000,000 events)
+#   scripts/bench.sh            the full sizes (about 15 minutes; the backlog is 1,000,000 events)
 #   scripts/bench.sh --smoke    each scenario at a reduced size (a few minutes): what CI runs
 #   scripts/bench.sh --no-build skip the release build (after a build in the same tree)
 # Writes a results file (bench/results/<date>-<commit>[-smoke].md, or --out FILE) with the

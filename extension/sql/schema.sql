@@ -190,7 +190,7 @@ CREATE TABLE hmr.outbox_history (
     xid          xid8 NOT NULL,
     created_at   timestamptz NOT NULL,
     finished_at  timestamptz NOT NULL DEFAULT now(),
-    -- delivered | unchanged | skipped | discarded
+    -- delivered | unchanged | skipped | discarded | superseded | merged
     outcome      text NOT NULL,
     version      integer,
     attempts     integer NOT NULL,
@@ -227,11 +227,15 @@ CREATE FUNCTION hmr.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '
 -- HIS transaction is writing it at that instant (NOWAIT): capture never waits on a worker for
 -- longer than this transaction.
 -- Moves hmr.captured into the outbox in id order, merging redundant events: the worker reads
--- a record's current state after it claims an event, so a later event of the same record adds
--- nothing while an earlier one is pending and not yet read into a frozen plan. A LIS that
--- writes a report and its 30 results in one transaction makes 31 events and one upload.
--- Merged events go to the history (outcome 'merged', detail names the event that carries
--- them): every captured event is accounted for. Returns the number of events taken.
+-- a record's current state after it claims an event, so the record's newest event carries
+-- every change committed before its claim. A captured event is merged into the record's newest
+-- outbox event when that one is pending and not yet read into a frozen plan; otherwise the
+-- events of one record in this batch keep only the newest (which waits behind any earlier
+-- event in flight). Never into an older event: one released from quarantine while a later one
+-- is in flight would deliver the change and then be superseded by the later, staler one. A
+-- LIS that writes a report and its 30 results in one transaction makes 31 events and one
+-- upload. Merged events go to the history (outcome 'merged', detail names the event that
+-- carries them): every captured event is accounted for. Returns the number of events taken.
 CREATE FUNCTION hmr.ingest_captured() RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -240,10 +244,11 @@ BEGIN
     WITH moved AS (DELETE FROM hmr.captured RETURNING *),
     m AS (
         SELECT moved.*,
-               coalesce((SELECT min(o.id) FROM hmr.outbox o
+               coalesce((SELECT CASE WHEN o.state = 'pending' AND o.plan IS NULL THEN o.id END
+                           FROM hmr.outbox o
                           WHERE o.kind = moved.kind AND o.key = moved.key
-                            AND o.state = 'pending' AND o.plan IS NULL),
-                        min(moved.id) OVER (PARTITION BY moved.kind, moved.key)) AS carrier
+                          ORDER BY o.id DESC LIMIT 1),
+                        max(moved.id) OVER (PARTITION BY moved.kind, moved.key)) AS carrier
           FROM moved),
     merged AS (
         INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)

@@ -188,13 +188,20 @@ mod tests {
         let events = Spi::get_one::<String>("SELECT string_agg(key || op::text, ' ' ORDER BY id) FROM hmr.outbox")
             .unwrap()
             .unwrap();
-        // One id sequence: the hand-enqueued event sits between the captured ones; 2's update
-        // rides on its pending insert (the worker reads the row as it is when it claims it).
-        assert_eq!(events, "1I 2I 3I 9S");
-        assert!(by_hand > 0);
+        // One id sequence: the hand-enqueued event sits between the captured ones; 2's insert
+        // rides on its update, the newest event of the record (the worker reads the row as it
+        // is when it claims it).
+        assert_eq!(events, "1I 3I 9S 2U");
+        assert_eq!(
+            Spi::get_one::<i64>(&format!(
+                "SELECT count(*) FROM hmr.outbox WHERE id > {by_hand} AND key = '2'"
+            ))
+            .unwrap(),
+            Some(1)
+        );
         assert_eq!(
             Spi::get_one::<String>("SELECT key || op::text || ' ' || outcome FROM hmr.outbox_history").unwrap(),
-            Some("2U merged".into())
+            Some("2I merged".into())
         );
         assert_eq!(Spi::get_one::<i64>("SELECT pending FROM hmr.status").unwrap(), Some(4));
     }
@@ -244,6 +251,33 @@ mod tests {
         assert_eq!(
             Spi::get_one::<i64>("SELECT count(*) FROM hmr.outbox WHERE key = 'R1'").unwrap(),
             Some(2)
+        );
+        // Never into an older event: R3's first event is quarantined, its next one is in flight
+        // (claimed, then frozen and rescheduled), and the first is released to pending again
+        // (retried, or its patient arrived). A change now must follow the newest event, not ride
+        // on the older one, which would deliver it first and then be superseded by the staler
+        // newer one.
+        Spi::run("INSERT INTO rep_merge VALUES ('R3', 0)").unwrap();
+        Spi::run("SELECT hmr.ingest()").unwrap();
+        Spi::run("UPDATE hmr.outbox SET state = 'quarantined' WHERE key = 'R3'").unwrap();
+        Spi::run("UPDATE rep_merge SET seq = 1 WHERE no = 'R3'").unwrap();
+        Spi::run("SELECT hmr.ingest()").unwrap();
+        Spi::run("UPDATE hmr.outbox SET state = 'pending', plan = '{}' WHERE key = 'R3' AND state = 'pending'")
+            .unwrap();
+        Spi::run(
+            "UPDATE hmr.outbox SET state = 'pending', plan = NULL, generation = generation + 1 WHERE key = 'R3' AND state = 'quarantined'",
+        )
+        .unwrap();
+        Spi::run("UPDATE rep_merge SET seq = 2 WHERE no = 'R3'").unwrap();
+        Spi::run("SELECT hmr.ingest()").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.outbox WHERE key = 'R3'").unwrap(),
+            Some(3),
+            "the change is an event of its own, after the one in flight"
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM hmr.outbox_history WHERE key = 'R3'").unwrap(),
+            Some(0)
         );
         // Quarantined: a new change is a new event (it may be the fix).
         Spi::run("INSERT INTO rep_merge VALUES ('R2', 0)").unwrap();

@@ -96,7 +96,7 @@ impl Outcome {
         row(&mut t, "events committed", self.events_committed.to_string());
         row(
             &mut t,
-            "events delivered (incl. unchanged)",
+            "events finished (delivered, unchanged, merged, …)",
             self.events_delivered.to_string(),
         );
         row(&mut t, "lost (must be 0)", self.lost.len().to_string());

@@ -92,11 +92,11 @@ async fn approval_uploads_once_after_its_patient() -> Result<()> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    // The touch's two events in one transaction: the first compared and not sent, the second
-    // merged into it (the worker read the report as the transaction left it).
+    // The touch's two events in one transaction: the first merged into the second, which was
+    // compared and not sent (the worker read the report as the transaction left it).
     assert_eq!(
         outcomes,
-        ["unchanged", "merged"],
+        ["merged", "unchanged"],
         "both events of the touch accounted for"
     );
 
