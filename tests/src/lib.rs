@@ -477,28 +477,23 @@ impl Sim {
         })
     }
 
-    pub async fn get(&self, path: &str) -> Result<Value> {
+    /// A successful answer to `GET path`.
+    async fn get_ok(&self, path: &str) -> Result<reqwest::Response> {
         Ok(self
             .http
             .get(format!("{}{path}", self.base))
             .send()
             .await?
-            .error_for_status()?
-            .json()
-            .await?)
+            .error_for_status()?)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        Ok(self.get_ok(path).await?.json().await?)
     }
 
     /// A control endpoint's raw answer (a stored PDF).
     pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
-        Ok(self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?
-            .to_vec())
+        Ok(self.get_ok(path).await?.bytes().await?.to_vec())
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
