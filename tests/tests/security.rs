@@ -67,6 +67,10 @@ async fn each_role_can_do_its_job_and_nothing_more() -> Result<()> {
         "retrying is the admin's"
     );
     assert!(denied(his.query("SELECT hmr.fetch_report('x', 'pdf')", &[]).await));
+    // Moving captured events (and merging them into the history) is the worker's.
+    for sql in ["SELECT hmr.ingest()", "SELECT hmr.ingest_captured()"] {
+        assert!(denied(his.query(sql, &[]).await), "{sql}");
+    }
 
     // The admin: configures and looks, but cannot read the credentials back.
     let admin = cluster.connect_as("his", "admin_app").await?;
