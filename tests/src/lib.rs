@@ -323,7 +323,10 @@ impl Cluster {
         Ok(replica)
     }
 
-    /// `pg_ctl stop -m immediate`: the server is gone, as when its machine fails.
+    /// `pg_ctl stop -m immediate`: the server is gone, as when its machine fails. The clusters
+    /// run with `synchronous_commit = off`, so a transaction committed moments before may be
+    /// gone after the restart, as on such a real server: setup a test relies on after the
+    /// crash commits with `synchronous_commit = on`.
     pub fn fail(&self) -> Result<()> {
         self.pg_ctl(&["-m", "immediate", "stop"])
     }
@@ -1324,13 +1327,18 @@ impl Drop for Serve {
 pub async fn serve(w: &Workstations, tls_root: Option<&Path>) -> Result<Serve> {
     w.his
         .batch_execute(
-            "DO $$ BEGIN
+            // Durable before it returns: the throwaway clusters commit asynchronously, and a
+            // test that crashes the cluster (`Cluster::fail`) moments after serve starts lost
+            // this role under load; serve then met "role does not exist" for good.
+            "BEGIN; SET LOCAL synchronous_commit = on;
+             DO $$ BEGIN
                  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'serve_app') THEN
                      CREATE ROLE serve_app LOGIN IN ROLE hmr_his;
                  END IF;
              END $$;
              GRANT USAGE ON SCHEMA hmr_src TO serve_app;
-             GRANT SELECT ON hmr_src.patient, hmr_src.staff TO serve_app;",
+             GRANT SELECT ON hmr_src.patient, hmr_src.staff TO serve_app;
+             COMMIT;",
         )
         .await?;
     let config = std::fs::read_to_string(&w.worker.config_path)?;

@@ -465,13 +465,13 @@ impl Service {
 
     /// One row of a statement prepared once per connection, on a connection of the pool.
     async fn one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, DbError> {
-        let db = self.pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?;
+        let db = self.pool.get().await.map_err(pool_error)?;
         let statement = db.prepare_cached(sql).await?;
         Ok(db.query_one(&statement, params).await?)
     }
 
     async fn opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, DbError> {
-        let db = self.pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?;
+        let db = self.pool.get().await.map_err(pool_error)?;
         let statement = db.prepare_cached(sql).await?;
         Ok(db.query_opt(&statement, params).await?)
     }
@@ -758,6 +758,22 @@ fn db_answer(e: DbError) -> (StatusCode, Json<Value>) {
         },
         DbError::Pool(_) => unavailable(&e),
     }
+}
+
+/// Why the pool has no connection to give, with the server's SQLSTATE and message when it
+/// refused one (a connection's refusal names no patient).
+fn pool_error(e: deadpool_postgres::PoolError) -> DbError {
+    let why = match &e {
+        deadpool_postgres::PoolError::Backend(b) => match b.as_db_error() {
+            Some(d) => format!("{e}: {} {}", d.code().code(), d.message()),
+            None => format!(
+                "{e}: {}",
+                std::error::Error::source(b).map(|s| s.to_string()).unwrap_or_default()
+            ),
+        },
+        _ => e.to_string(),
+    };
+    DbError::Pool(why)
 }
 
 fn unavailable(e: &DbError) -> (StatusCode, Json<Value>) {
