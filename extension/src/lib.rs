@@ -1,6 +1,7 @@
 //! `hmr`: the hospital side of the city test-result mutual-recognition platform, inside the
-//! HIS database. Capture (outbox + trigger), DBA helpers and the quarantine live in
-//! `sql/schema.sql`; Rust holds what must agree with the worker: the contract's validation.
+//! HIS database. Most of it is SQL, one file per concern in `sql/` (the order below); Rust
+//! holds what must agree with the worker (the contract's validation), the capture trigger's
+//! wake-up, and the calls to the platform from SQL (`recognition.rs`, `platform.rs`).
 
 use pgrx::prelude::*;
 
@@ -15,8 +16,40 @@ mod sources;
 
 ::pgrx::pg_module_magic!(name, version);
 
-extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/api.sql", name = "api", finalize);
+// The SQL, one file per concern (pg_graphql's way), run by CREATE EXTENSION in this order:
+// each file names the one before it. Up to polling.sql no file needs the library's functions;
+// recognition.sql and operations.sql name the Rust functions their SQL functions and views call
+// (pgrx puts them after those); grants.sql runs last.
+extension_sql_file!("../sql/sources.sql", name = "sources", bootstrap);
+extension_sql_file!("../sql/outbox.sql", name = "outbox", requires = ["sources"]);
+extension_sql_file!("../sql/backfill.sql", name = "backfill", requires = ["outbox"]);
+extension_sql_file!("../sql/catalog.sql", name = "catalog", requires = ["backfill"]);
+extension_sql_file!("../sql/polling.sql", name = "polling", requires = ["catalog"]);
+extension_sql_file!(
+    "../sql/recognition.sql",
+    name = "recognition",
+    requires = [
+        "polling",
+        capture::wake_workers,
+        recognition::list_recognitions_json,
+        recognition::query_recognitions_json,
+        recognition::order_check_json,
+        recognition::check_prescription_json,
+        recognition::ensure_check,
+        recognition::decision_problem,
+        recognition::page_decisions_json,
+        recognition::fetch_report,
+    ]
+);
+extension_sql_file!("../sql/gate.sql", name = "gate", requires = ["recognition"]);
+extension_sql_file!(
+    "../sql/operations.sql",
+    name = "operations",
+    requires = ["gate", gucs::setting_of, sources::check_sources]
+);
+extension_sql_file!("../sql/statistics.sql", name = "statistics", requires = ["operations"]);
+extension_sql_file!("../sql/dump.sql", name = "dump", requires = ["statistics"]);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -1,5 +1,5 @@
 //! The recognition services as SQL functions (the public `hmr_*` wrappers are in
-//! `sql/api.sql`). Answers are JSON in the hospital side's own snake_case words; the
+//! `sql/recognition.sql`). Answers are JSON in the hospital side's own snake_case words; the
 //! platform's field names stay in the protocol crate.
 
 use std::collections::HashMap;

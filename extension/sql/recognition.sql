@@ -1,0 +1,367 @@
+-- Recognition (互认服务): the platform's settings, checks, prompts, decisions, kept reports,
+-- downloads; then the public hmr_* functions HIS stored procedures call (they call the Rust
+-- functions of extension/src/recognition.rs, hence this file's place after them).
+
+-- How SQL functions reach the platform. One row; readable only by the extension's owner:
+-- the functions that use it are SECURITY DEFINER. Set it with hmr.configure_platform().
+CREATE TABLE hmr.platform (
+    id          boolean PRIMARY KEY DEFAULT true CHECK (id),
+    base_url    text NOT NULL,
+    org_code    text NOT NULL,
+    auth        text NOT NULL DEFAULT 'password' CHECK (auth IN ('password', 'signature')),
+    username    text,
+    password    text,
+    app_id      text,
+    app_secret  text,
+    sign_alg    text NOT NULL DEFAULT 'HMAC-SHA256' CHECK (sign_alg IN ('HMAC-SHA256', 'HMAC-SM3'))
+);
+REVOKE ALL ON hmr.platform FROM PUBLIC;
+
+CREATE FUNCTION hmr.configure_platform(base_url text, org_code text, username text DEFAULT NULL,
+                                       password text DEFAULT NULL, app_id text DEFAULT NULL,
+                                       app_secret text DEFAULT NULL, auth text DEFAULT 'password',
+                                       sign_alg text DEFAULT 'HMAC-SHA256')
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT hmr.org_code_valid(org_code) THEN
+        RAISE EXCEPTION 'hmr: % is not a valid 统一社会信用代码', org_code USING ERRCODE = 'HM012';
+    END IF;
+    INSERT INTO hmr.platform VALUES (true, base_url, org_code, auth, username, password, app_id, app_secret, sign_alg)
+    ON CONFLICT (id) DO UPDATE SET base_url = EXCLUDED.base_url, org_code = EXCLUDED.org_code, auth = EXCLUDED.auth,
+        username = EXCLUDED.username, password = EXCLUDED.password, app_id = EXCLUDED.app_id,
+        app_secret = EXCLUDED.app_secret, sign_alg = EXCLUDED.sign_alg;
+END
+$$;
+
+-- Every prescription check, kept (the gate's own check is rolled back with the refused
+-- save; hmr_record_decision() keeps it then). `status` ok or unavailable (skipped check).
+CREATE TABLE hmr.checks (
+    check_id     text PRIMARY KEY,
+    status       text NOT NULL,
+    patient_id   text,
+    id_type      text,
+    id_no_masked text,
+    visit_type   text,
+    visit_no     text,
+    doctor_no    text,
+    dept_code    text,
+    orders       jsonb NOT NULL,
+    matches      jsonb NOT NULL DEFAULT '[]',
+    url          text,
+    checked_at   timestamptz NOT NULL DEFAULT now(),
+    checked_by   text NOT NULL DEFAULT session_user,
+    -- why the platform was not asked (unavailable) or did not check (unchecked: a data
+    -- problem such as a patient not uploaded yet; the save is not stopped for it)
+    reason       text,
+    -- the platform refused the check's decisions (409: the report was revoked, superseded or
+    -- expired since the check): they no longer count; the next save asks again
+    refused_at     timestamptz,
+    refused_reason text
+);
+
+-- Every prompt (提醒): a save the gate refused because a duplicate had no decision. Kept
+-- whatever becomes of the refused transaction (written outside it first, see
+-- hmr.keep_prompt), so the hospital can count how often doctors were warned.
+CREATE TABLE hmr.prompts (
+    check_id     text NOT NULL REFERENCES hmr.checks,
+    prompted_at  timestamptz NOT NULL,
+    -- the matches still without a decision when the save was refused
+    undecided    jsonb NOT NULL,
+    prompted_by  text NOT NULL,
+    PRIMARY KEY (check_id, prompted_at)
+);
+
+-- 互认 / 不互认 decisions: an audit trail nobody edits (UPDATE and DELETE refused for all).
+-- The newest decision of an order counts until the check's decisions are sent.
+CREATE SEQUENCE hmr.decision_id_seq;
+CREATE TABLE hmr.decisions (
+    id           bigint PRIMARY KEY DEFAULT nextval('hmr.decision_id_seq'),
+    check_id     text NOT NULL REFERENCES hmr.checks,
+    order_id     text NOT NULL,
+    report_id    text NOT NULL,
+    recognise    boolean NOT NULL,
+    reason_code  text,
+    reason_text  text,
+    doctor_no    text NOT NULL,
+    dept_code    text NOT NULL,
+    decided_at   timestamptz NOT NULL DEFAULT now(),
+    recorded_by  text NOT NULL DEFAULT session_user,
+    -- his (recorded through hmr_record_decision) or page (taken on the platform's page,
+    -- learnt from it: not uploaded again)
+    source       text NOT NULL DEFAULT 'his' CHECK (source IN ('his', 'page')),
+    -- the terminal the doctor decided at (hmr_record_decision's workstation; serve: the
+    -- authenticated terminal's name)
+    workstation  text
+);
+CREATE INDEX decisions_order_idx ON hmr.decisions (order_id);
+CREATE INDEX decisions_check_idx ON hmr.decisions (check_id);
+
+CREATE FUNCTION hmr.refuse_edit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'hmr: % is an audit trail: rows are never changed or deleted', TG_TABLE_NAME
+        USING ERRCODE = 'HM030';
+END
+$$;
+CREATE TRIGGER decisions_append_only BEFORE UPDATE OR DELETE ON hmr.decisions
+    FOR EACH ROW EXECUTE FUNCTION hmr.refuse_edit();
+
+CREATE VIEW hmr.current_decisions AS
+SELECT DISTINCT ON (check_id, order_id) *
+FROM hmr.decisions
+ORDER BY check_id, order_id, id DESC;
+
+-- Per order: what the doctor decided and whether the platform has it, so the HIS marks a
+-- recognised (互认) order not to be performed. Decisions of a check the platform refused
+-- do not count.
+CREATE VIEW hmr.order_recognitions AS
+SELECT d.order_id, d.check_id, d.report_id, d.recognise AS recognised, d.reason_code, d.reason_text,
+       d.doctor_no, d.dept_code, d.decided_at,
+       EXISTS (SELECT 1 FROM hmr.delivered v WHERE v.kind = 'decision' AND v.key = d.check_id) AS delivered
+FROM hmr.current_decisions d
+JOIN hmr.checks c ON c.check_id = d.check_id AND c.refused_at IS NULL;
+
+-- Prompts with who, where, whom, and what followed: decided (a decision for every order
+-- prompted, on this or a later check), saved without (a later save went through without the
+-- check: platform unavailable or not checking), abandoned (nothing within a day), open.
+CREATE VIEW hmr.prompt_log AS
+SELECT p.check_id, p.prompted_at,
+       CASE c.visit_type WHEN '3' THEN 'inpatient' WHEN '4' THEN 'physical-exam' ELSE 'outpatient-emergency' END
+           AS workstation,
+       c.doctor_no, c.dept_code, c.patient_id, c.id_no_masked, c.orders, p.undecided,
+       CASE
+         WHEN NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p.undecided) m
+                           WHERE NOT EXISTS (SELECT 1 FROM hmr.decisions d
+                                              WHERE d.order_id = m->>'order_id' AND d.decided_at >= p.prompted_at))
+           THEN 'decided'
+         WHEN EXISTS (SELECT 1 FROM hmr.checks l, jsonb_array_elements(p.undecided) m
+                       WHERE l.checked_at > p.prompted_at AND l.status IN ('unavailable', 'unchecked')
+                         AND l.orders @> jsonb_build_array(jsonb_build_object('order_id', m->>'order_id')))
+           THEN 'saved without'
+         WHEN p.prompted_at < now() - interval '1 day' THEN 'abandoned'
+         ELSE 'open'
+       END AS followed
+FROM hmr.prompts p JOIN hmr.checks c USING (check_id);
+
+-- Reports of other hospitals recognised here, downloaded and kept.
+CREATE TABLE hmr.retained_reports (
+    report_id   text NOT NULL,
+    format      text NOT NULL CHECK (format IN ('pdf', 'json')),
+    bytes       bytea NOT NULL,
+    sha256      text NOT NULL,
+    source_org  text,
+    check_id    text,
+    fetched_at  timestamptz NOT NULL DEFAULT now(),
+    fetched_by  text NOT NULL DEFAULT session_user,
+    -- the worker asks again on a schedule (worker.recheck_kept_secs): a report revoked at its
+    -- source since is never handed out as valid (hmr_download_report: HM009)
+    rechecked_at  timestamptz,
+    revoked_at    timestamptz,
+    revoked_note  text,
+    PRIMARY KEY (report_id, format)
+);
+
+-- Who read which kept report, when (for the hospital's auditors).
+CREATE SEQUENCE hmr.download_log_id_seq;
+CREATE TABLE hmr.download_log (
+    id         bigint PRIMARY KEY DEFAULT nextval('hmr.download_log_id_seq'),
+    report_id  text NOT NULL,
+    format     text NOT NULL,
+    source     text NOT NULL,          -- kept | platform
+    read_by    text NOT NULL DEFAULT session_user,
+    read_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE TRIGGER download_log_append_only BEFORE UPDATE OR DELETE ON hmr.download_log
+    FOR EACH ROW EXECUTE FUNCTION hmr.refuse_edit();
+
+-- Short-lived answers of the list, so a workstation that polls does not flood the platform.
+CREATE UNLOGGED TABLE hmr.list_cache (
+    cache_key   text PRIMARY KEY,
+    answer      jsonb NOT NULL,
+    expires_at  timestamptz NOT NULL
+);
+
+-- The public SQL API: hmr_* functions in schema public, so HIS stored procedures call them
+-- without a schema prefix. They run as the extension's owner (SECURITY DEFINER, pinned
+-- search_path): HIS roles need no rights on hmr's tables.
+
+CREATE FUNCTION public.hmr_list_recognitions(id_type text, id_no text, visit_no text, doctor_no text,
+                                             dept_code text, kind text DEFAULT 'all',
+                                             use_cache boolean DEFAULT true, workstation text DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- PL/pgSQL, which keeps this plan for the session (an SQL function plans it on every call).
+    RETURN hmr.list_recognitions_json(id_type, id_no, visit_no, doctor_no, dept_code, kind, use_cache,
+                                      coalesce(workstation, ''));
+END
+$$;
+
+CREATE FUNCTION public.hmr_query_recognitions(filter jsonb)
+RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.query_recognitions_json(filter)
+$$;
+
+-- The ordering step: is what the doctor is ordering a duplicate? {status, duplicate, url,
+-- matches}; when duplicate, the workstation opens `url` and the doctor answers before going on.
+CREATE FUNCTION public.hmr_check_order(visit jsonb, orders jsonb)
+RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.need_primary('互认校验');
+    SELECT hmr.order_check_json(visit, orders)
+$$;
+
+-- The check the gate runs on every save. PL/pgSQL keeps its plans for the session (an SQL
+-- function would parse and plan its statements on every call); a standby refuses with HM016
+-- before anything is asked.
+CREATE FUNCTION public.hmr_check_prescription(visit jsonb, orders jsonb)
+RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_is_in_recovery() THEN
+        PERFORM hmr.need_primary('互认校验');
+    END IF;
+    RETURN hmr.check_prescription_json(visit, orders);
+END
+$$;
+
+-- Records the doctor's 互认 / 不互认 for one order of a check. `report_id` defaults to the
+-- newest matching report; `doctor_no`/`dept_code` to the check's; `workstation` names the
+-- terminal the doctor decided at (kept, cut to 32 characters). Once every matched order
+-- of the check has a decision, the decisions go to the platform through the outbox.
+CREATE FUNCTION public.hmr_record_decision(check_id text, order_id text, recognise boolean,
+                                           reason_code text DEFAULT NULL, reason_text text DEFAULT NULL,
+                                           report_id text DEFAULT NULL, doctor_no text DEFAULT NULL,
+                                           dept_code text DEFAULT NULL, workstation text DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c hmr.checks;
+    m jsonb;
+    rid text;
+    problem text;
+    matched integer;
+    decided integer;
+    new_id bigint;
+    p_check alias FOR $1;
+    p_order alias FOR $2;
+BEGIN
+    PERFORM hmr.need_primary('记录互认结果');
+    IF NOT hmr.ensure_check(p_check) THEN
+        RAISE EXCEPTION '找不到互认校验记录 %，请重新保存处方以重新校验', p_check
+            USING ERRCODE = 'HM003', HINT = 'check_id comes from hmr_check_prescription() or the DETAIL of HM001.';
+    END IF;
+    -- One decision of a check at a time (several doctors' sessions, a pool): the last one
+    -- to complete the check sees every other and queues the upload exactly once.
+    SELECT * INTO c FROM hmr.checks k WHERE k.check_id = p_check FOR UPDATE;
+    IF c.refused_at IS NOT NULL THEN
+        RAISE EXCEPTION '互认平台拒绝了该处方的互认结果（%），请重新保存处方以重新校验', c.refused_reason
+            USING ERRCODE = 'HM015', HINT = 'Save the prescription again: a fresh check lists what is recognisable now.';
+    END IF;
+    SELECT x INTO m FROM jsonb_array_elements(c.matches) x WHERE x->>'order_id' = p_order;
+    IF m IS NULL THEN
+        RAISE EXCEPTION '医嘱 % 没有可互认的报告，无需选择', p_order USING ERRCODE = 'HM003';
+    END IF;
+    rid := coalesce(report_id, m->'reports'->0->>'report_id');
+    IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(m->'reports') x WHERE x->>'report_id' = rid) THEN
+        RAISE EXCEPTION '报告 % 不在医嘱 % 的可互认报告中', rid, p_order USING ERRCODE = 'HM003';
+    END IF;
+    problem := hmr.decision_problem(recognise, reason_code, reason_text);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', problem
+            USING ERRCODE = 'HM004',
+                  HINT = '01 病情变化，原结果难以反映当前病情; 02 结果在疾病发展中变化较快; 03 手术、输血等重大医疗措施前; '
+                         '04 急诊、急救; 05 司法、伤残、病退等鉴定; 06 其他情形确需复查 (reason_text required)';
+    END IF;
+    IF EXISTS (SELECT 1 FROM hmr.delivered d WHERE d.kind = 'decision' AND d.key = p_check)
+       OR EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = 'decision' AND o.key = p_check AND o.plan IS NOT NULL) THEN
+        IF EXISTS (SELECT 1 FROM hmr.current_decisions d
+                    WHERE d.check_id = p_check AND d.order_id = p_order AND d.report_id = rid
+                      AND d.recognise = hmr_record_decision.recognise
+                      AND d.reason_code IS NOT DISTINCT FROM hmr_record_decision.reason_code) THEN
+            RETURN jsonb_build_object('check_id', p_check, 'order_id', p_order, 'report_id', rid,
+                                      'recognise', recognise, 'complete', true, 'already_sent', true);
+        END IF;
+        RAISE EXCEPTION '该处方的互认结果已上传，不能更改' USING ERRCODE = 'HM005';
+    END IF;
+    INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text, doctor_no, dept_code,
+                               workstation)
+    VALUES (p_check, p_order, rid, recognise, nullif(trim(reason_code), ''), nullif(trim(reason_text), ''),
+            coalesce(hmr_record_decision.doctor_no, c.doctor_no), coalesce(hmr_record_decision.dept_code, c.dept_code),
+            left(nullif(trim(hmr_record_decision.workstation), ''), 32))
+    RETURNING id INTO new_id;
+    SELECT jsonb_array_length(c.matches) INTO matched;
+    SELECT count(DISTINCT d.order_id) INTO decided FROM hmr.decisions d WHERE d.check_id = p_check;
+    IF decided >= matched AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = 'decision' AND o.key = p_check) THEN
+        INSERT INTO hmr.outbox (kind, key, op) VALUES ('decision', p_check, 'I');
+        PERFORM hmr.wake_workers();
+    END IF;
+    RETURN jsonb_build_object('decision_id', new_id, 'check_id', p_check, 'order_id', p_order, 'report_id', rid,
+                              'recognise', recognise, 'complete', decided >= matched);
+END
+$$;
+
+-- Decisions taken on the platform's page for a check (the HIS polls this while the page is
+-- open): {status, complete, decisions [{order_id, report_id, recognise, …, source}], recorded}.
+CREATE FUNCTION public.hmr_page_decisions(check_id text)
+RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT hmr.need_primary('记录互认结果');
+    SELECT hmr.page_decisions_json(check_id)
+$$;
+
+-- What became of one order: recognised (互认, with the report: do not perform it), declined
+-- (不互认), or no decision; and whether the platform has the decision.
+CREATE FUNCTION public.hmr_order_recognition(order_id text)
+RETURNS jsonb LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(
+        (SELECT jsonb_build_object('order_id', r.order_id,
+                                   'decision', CASE WHEN r.recognised THEN 'recognised' ELSE 'declined' END,
+                                   'report_id', r.report_id, 'check_id', r.check_id,
+                                   'reason_code', r.reason_code, 'decided_at', r.decided_at,
+                                   'delivered', r.delivered)
+           FROM hmr.order_recognitions r WHERE r.order_id = $1
+          ORDER BY r.decided_at DESC LIMIT 1),
+        jsonb_build_object('order_id', $1, 'decision', 'none'))
+$$;
+
+-- A report recognised here: the kept copy, or fetched now when the decision has reached
+-- the platform but the worker has not kept it yet. Every read is logged.
+CREATE FUNCTION public.hmr_download_report(report_id text, format text DEFAULT 'pdf')
+RETURNS bytea LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    kept bytea;
+    revoked timestamptz;
+    note text;
+    chk text;
+    p_report alias FOR $1;
+    p_format alias FOR $2;
+BEGIN
+    -- Every read is logged: a standby cannot.
+    PERFORM hmr.need_primary('下载互认报告');
+    IF p_format NOT IN ('pdf', 'json') THEN
+        RAISE EXCEPTION 'hmr: format must be pdf or json' USING ERRCODE = '22023';
+    END IF;
+    SELECT r.bytes, r.revoked_at, r.revoked_note INTO kept, revoked, note
+      FROM hmr.retained_reports r WHERE r.report_id = p_report AND r.format = p_format;
+    IF revoked IS NOT NULL THEN
+        INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'refused: revoked');
+        RAISE EXCEPTION '报告 % 已被出具医院撤销（%），不能再作为互认依据', p_report,
+                        to_char(revoked AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI')
+            USING ERRCODE = 'HM009', DETAIL = format('revoked_at %s; %s', revoked, note),
+                  HINT = 'Re-order the test, or choose another recognisable report.';
+    END IF;
+    IF FOUND THEN
+        INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'kept');
+        RETURN kept;
+    END IF;
+    SELECT d.check_id INTO chk FROM hmr.order_recognitions d WHERE d.report_id = p_report AND d.recognised LIMIT 1;
+    IF chk IS NULL THEN
+        RAISE EXCEPTION '报告 % 未被本院互认，不能下载', p_report USING ERRCODE = 'HM006';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM hmr.delivered d WHERE d.kind = 'decision' AND d.key = chk) THEN
+        RAISE EXCEPTION '互认结果尚在上传途中，报告暂不能下载，请稍后再试' USING ERRCODE = 'HM007',
+            DETAIL = format('check %s: the decision is in the outbox; the worker keeps the report once it is delivered', chk);
+    END IF;
+    kept := hmr.fetch_report(p_report, p_format);
+    IF kept IS NULL THEN
+        RAISE EXCEPTION '互认平台暂不可用，报告暂不能下载' USING ERRCODE = 'HM008';
+    END IF;
+    INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'platform');
+    RETURN kept;
+END
+$$;
