@@ -1253,15 +1253,82 @@ fn frozen_requests_round_trip() {
     });
 }
 
+/// What `frozen_request_garbage_is_an_error` hands the parser.
+#[derive(Debug, Clone)]
+enum FrozenInput {
+    /// Bytes that are not a frozen request at all (hostile platform answers, random bytes).
+    Garbage(Vec<u8>),
+    /// A frozen request whose `body` member was replaced by `junk`.
+    Body {
+        request: Request,
+        junk: Value,
+        bytes: Vec<u8>,
+    },
+}
+
+/// The body a frozen `body` member stands for, by the frozen format (`t:` then the text, or
+/// `x:` then hex); `None` when `junk` is no such string and the request must not parse.
+fn frozen_body(junk: &Value) -> Option<Vec<u8>> {
+    let s = junk.as_str()?;
+    if let Some(text) = s.strip_prefix("t:") {
+        Some(text.as_bytes().to_vec())
+    } else if let Some(hex) = s.strip_prefix("x:") {
+        hex::decode(hex).ok()
+    } else {
+        None
+    }
+}
+
+/// Whether `bytes` could even be shaped like a frozen request: a JSON object naming a
+/// `method`, or a JSON array (serde's sequence form of a struct) starting with a method.
+/// `hostile_body` makes such bytes only by a fluke; they are not asserted on.
+fn shaped_like_request(bytes: &[u8]) -> bool {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => m.contains_key("method"),
+        Ok(Value::Array(a)) => a
+            .first()
+            .and_then(Value::as_str)
+            .is_some_and(|m| ["Get", "Post", "Put"].contains(&m)),
+        _ => false,
+    }
+}
+
 #[test]
 fn frozen_request_garbage_is_an_error() {
-    let frozen = (request_strategy(), json_value()).prop_map(|(r, junk)| {
-        let mut v = serde_json::to_value(&r).unwrap();
-        v["body"] = junk;
-        serde_json::to_vec(&v).unwrap()
+    // Junk bodies: any JSON (a string only rarely has a right prefix), and strings that
+    // nearly or exactly follow the frozen format, so both answers are exercised.
+    let junk = prop_oneof![
+        3 => json_value(),
+        1 => ("(t:|x:|T:|X:|:|)", prop_oneof![any::<String>(), "[0-9a-fA-F]{0,41}", "[0-9a-fA-Fg-z]{0,8}"])
+            .prop_map(|(p, s)| Value::String(format!("{p}{s}"))),
+    ];
+    let frozen = (request_strategy(), junk).prop_map(|(request, junk)| {
+        let mut v = serde_json::to_value(&request).unwrap();
+        v["body"] = junk.clone();
+        let bytes = serde_json::to_vec(&v).unwrap();
+        FrozenInput::Body { request, junk, bytes }
     });
-    check("request_garbage", 400, prop_oneof![hostile_body(), frozen], |bytes| {
-        let _ = serde_json::from_slice::<Request>(&bytes);
+    let garbage = hostile_body().prop_map(FrozenInput::Garbage);
+    check("request_garbage", 400, prop_oneof![garbage, frozen], |input| {
+        match input {
+            FrozenInput::Garbage(bytes) => {
+                if !shaped_like_request(&bytes) {
+                    let parsed = serde_json::from_slice::<Request>(&bytes);
+                    prop_assert!(parsed.is_err(), "garbage parsed as a frozen request: {parsed:?}");
+                }
+            }
+            FrozenInput::Body { request, junk, bytes } => {
+                let parsed = serde_json::from_slice::<Request>(&bytes);
+                match (frozen_body(&junk), parsed) {
+                    (None, Err(_)) => {}
+                    (Some(body), Ok(got)) => prop_assert_eq!(got, Request { body, ..request }),
+                    (None, Ok(got)) => prop_assert!(false, "junk body {junk:?} parsed as {got:?}"),
+                    (Some(body), Err(e)) => {
+                        prop_assert!(false, "valid frozen body {junk:?} ({body:?}) refused: {e}")
+                    }
+                }
+            }
+        }
         Ok(())
     });
 }
