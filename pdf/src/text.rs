@@ -152,10 +152,13 @@ mod tests {
 
     #[test]
     fn wraps_cjk_latin_and_punctuation() {
-        let Ok(data) = std::fs::read(crate::DEFAULT_FONT) else {
-            eprintln!("skipped: no {}", crate::DEFAULT_FONT);
-            return;
-        };
+        let data = std::fs::read(crate::DEFAULT_FONT).unwrap_or_else(|e| {
+            panic!(
+                "cannot read {}: {e}; install the Debian/Ubuntu package fonts-wqy-microhei \
+                 (scripts/bootstrap.sh installs it)",
+                crate::DEFAULT_FONT
+            )
+        });
         let e = engine(&data);
         let w = e.width("检", 10.0);
         assert!(w > 8.0 && w <= 10.5, "CJK advance about 1em, got {w}");
