@@ -1,0 +1,169 @@
+//! The JSON API for terminals that do not speak CDS Hooks (docs/openapi.yaml).
+
+use super::*;
+
+/// `?patient_id=&visit_no=&doctor_no=`: the badge (`hmr_list_recognitions`).
+pub(super) async fn api_badge(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Answer {
+    let mut asked =
+        json!({"patient_id": q.get("patient_id"), "visit_no": q.get("visit_no"), "doctor_no": q.get("doctor_no")});
+    s.sessions.bind(&caller, &mut asked)?;
+    let ask = Ask::from_body(&asked)?;
+    let answer = s
+        .list(&ask, caller.workstation("api"))
+        .await
+        .map_err(db_answer)?
+        .ok_or_else(|| ask.unknown())?;
+    s.sessions.remember(&caller, &answer);
+    Ok(Json(answer))
+}
+
+/// `{patient_id, doctor_no, …filter}`: the precise query (`hmr_query_recognitions`).
+pub(super) async fn api_query(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(mut body): Json<Value>,
+) -> Answer {
+    s.sessions.bind(&caller, &mut body)?;
+    let who = s.who(&Ask::from_body(&body)?).await?;
+    let mut filter = body.clone();
+    filter["id_type"] = json!(who.id_type);
+    filter["id_no"] = json!(who.id_no);
+    if let Some(f) = filter.as_object_mut() {
+        for k in ["patient_id", "doctor_no", "visit_no"] {
+            f.remove(k);
+        }
+    }
+    let row = s
+        .one("SELECT hmr_query_recognitions($1)", &[&filter])
+        .await
+        .map_err(db_answer)?;
+    let answer: Value = row.get(0);
+    s.sessions.remember(&caller, &answer);
+    Ok(Json(answer))
+}
+
+/// `{patient_id, visit_no, doctor_no, visit_type?, orders: [{order_id, item_code, type}]}`:
+/// the prescription check (`hmr_check_prescription`).
+pub(super) async fn api_check(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(mut body): Json<Value>,
+) -> Answer {
+    s.sessions.bind(&caller, &mut body)?;
+    let ask = Ask::from_body(&body)?;
+    let orders = body.get("orders").ok_or_else(|| bad("orders is required"))?;
+    let answer = s
+        .check(&ask, body["visit_type"].as_str().unwrap_or("1"), orders)
+        .await
+        .map_err(db_answer)?
+        .ok_or_else(|| ask.unknown())?;
+    s.sessions.remember(&caller, &answer);
+    Ok(Json(answer))
+}
+
+/// `{check_id, order_id, recognise, reason_code?, reason_text?}`: a decision
+/// (`hmr_record_decision`), kept with the terminal's name.
+pub(super) async fn api_decide(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(body): Json<Value>,
+) -> Answer {
+    let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_string);
+    let (Some(check), Some(order), Some(recognise)) = (text("check_id"), text("order_id"), body["recognise"].as_bool())
+    else {
+        return Err(bad("check_id, order_id and recognise are required"));
+    };
+    if !s.sessions.allows(&caller, Seen::Check, &check) {
+        return Err(forbidden("this session did not make that check"));
+    }
+    let row = s
+        .one(
+            "SELECT hmr_record_decision($1, $2, $3, $4, $5, workstation => $6)",
+            &[
+                &check,
+                &order,
+                &recognise,
+                &text("reason_code"),
+                &text("reason_text"),
+                &caller.workstation("api"),
+            ],
+        )
+        .await
+        .map_err(db_answer)?;
+    Ok(Json(row.get(0)))
+}
+
+/// `?format=pdf|json`: a report recognised here (`hmr_download_report`).
+pub(super) async fn api_report(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(report_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if !s.sessions.allows(&caller, Seen::Report, &report_id) {
+        return forbidden("this session was not shown that report").into_response();
+    }
+    let format = q.get("format").map_or("pdf", String::as_str).to_string();
+    match s
+        .one("SELECT hmr_download_report($1, $2)", &[&report_id, &format])
+        .await
+    {
+        Ok(row) => {
+            let bytes: Vec<u8> = row.get(0);
+            let content_type = if format == "json" {
+                "application/json"
+            } else {
+                "application/pdf"
+            };
+            ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
+        }
+        Err(e) => db_answer(e).into_response(),
+    }
+}
+
+/// `{patient_id, visit_no, doctor_no, visit_type?}` from a terminal (its JWT): a session for
+/// the widget, bound to that patient, visit and doctor, and the widget's address with it.
+pub(super) async fn api_session(
+    State(s): State<Arc<Service>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(body): Json<Value>,
+) -> Answer {
+    if caller.session.is_some() {
+        return Err(forbidden("a session cannot open another"));
+    }
+    let text = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let who = s.who(&Ask::from_body(&body)?).await?;
+    let visit_type = Some(text("visit_type"))
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "1".into());
+    let (token, expires) = s.sessions.open(Session {
+        terminal: caller.workstation("widget").to_string(),
+        patient_id: who.patient_id.clone(),
+        visit_no: who.visit_no.clone(),
+        doctor_no: who.doctor_no.clone(),
+        visit_type: visit_type.clone(),
+        until: Instant::now(),
+        seen: HashSet::new(),
+    });
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query
+        .append_pair("patient_id", &who.patient_id)
+        .append_pair("visit_no", &who.visit_no)
+        .append_pair("doctor_no", &who.doctor_no)
+        .append_pair("visit_type", &visit_type);
+    if let Some(origin) = body["host_origin"].as_str() {
+        query.append_pair("host_origin", origin);
+    }
+    let expires_at = chrono::Utc::now() + chrono::Duration::from_std(expires).unwrap_or_default();
+    Ok(Json(json!({
+        "session": token,
+        "expires_at": expires_at.to_rfc3339(),
+        "widget": format!("/widget/?{}#session={token}", query.finish()),
+    })))
+}
+
+// ------------------------------------------------------------------ widget sessions
