@@ -31,14 +31,14 @@ extension_sql_file!(
     requires = [
         "polling",
         capture::wake_workers,
-        recognition::list_recognitions_json,
-        recognition::query_recognitions_json,
-        recognition::order_check_json,
-        recognition::check_prescription_json,
-        recognition::ensure_check,
-        recognition::decision_problem,
-        recognition::page_decisions_json,
-        recognition::fetch_report,
+        recognition::calls::list_recognitions_json,
+        recognition::calls::query_recognitions_json,
+        recognition::calls::order_check_json,
+        recognition::calls::check_prescription_json,
+        recognition::kept::ensure_check,
+        recognition::page::decision_problem,
+        recognition::page::page_decisions_json,
+        recognition::kept::fetch_report,
     ]
 );
 extension_sql_file!("../sql/gate.sql", name = "gate", requires = ["recognition"]);
