@@ -1,10 +1,11 @@
 //! The values a template can print, by field name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
 
 use hmr_protocol::{ExamReport, LabItem, LabReport};
 
-use crate::template::Flags;
 use crate::Context;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,6 +413,19 @@ pub(crate) fn fill(text: &str, values: &Values, page: usize, pages: usize) -> St
     }
     out.push_str(rest);
     out
+}
+
+/// How a template marks abnormal and critical results (its `[flags]` table).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flags {
+    /// Mark per `abnormal_flag` code ("1" normal, "2" high, "3" low, "4" other).
+    pub abnormal: BTreeMap<String, String>,
+    /// Appended to an item's mark when the item is critical.
+    pub critical: String,
+    /// The `{critical}` field of an exam report flagged critical.
+    pub critical_report: String,
+    pub bold_abnormal: bool,
 }
 
 #[cfg(test)]

@@ -28,9 +28,10 @@ use hmr_protocol::{ExamReport, LabReport};
 use crate::render::{Frame, Geometry, ItemsTable, Sections};
 use crate::text::TextEngine;
 
+pub use crate::fields::Flags;
 pub use crate::template::{
-    Align, Column, ExamLayout, FieldGrid, FieldSpec, Flags, FontSizes, Footer, HeadingLine, LabLayout, PageSpec,
-    Section, Table, Template,
+    Align, Column, ExamLayout, FieldGrid, FieldSpec, FontSizes, Footer, HeadingLine, LabLayout, PageSpec, Section,
+    Table, Template,
 };
 
 /// WenQuanYi Micro Hei, from Debian's `fonts-wqy-microhei`.

@@ -1,10 +1,8 @@
 //! The report layout a hospital can edit: a TOML file, deep-merged over the builtin one.
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 
-use crate::fields::{self, Kind};
+use crate::fields::{self, Flags, Kind};
 use crate::PdfError;
 
 const BUILTIN_LAB: &str = include_str!("../templates/lab-report.toml");
@@ -42,18 +40,6 @@ pub struct FontSizes {
     pub section_label: f32,
     pub body: f32,
     pub footer: f32,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Flags {
-    /// Mark per `abnormal_flag` code ("1" normal, "2" high, "3" low, "4" other).
-    pub abnormal: BTreeMap<String, String>,
-    /// Appended to an item's mark when the item is critical.
-    pub critical: String,
-    /// The `{critical}` field of an exam report flagged critical.
-    pub critical_report: String,
-    pub bold_abnormal: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

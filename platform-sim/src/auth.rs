@@ -7,8 +7,8 @@ use hmr_protocol::{Scope, TokenAnswer, TokenRequest};
 use rand::RngCore;
 use serde_json::Value;
 
-use crate::api::{Answer, Trace};
 use crate::error::SimError;
+use crate::handler::{Answer, Trace};
 use crate::journal::Effect;
 use crate::state::{State, TokenInfo};
 use crate::{wire, OrgConfig, SimConfig};

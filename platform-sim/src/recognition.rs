@@ -11,8 +11,8 @@ use hmr_protocol::{
 };
 use serde::Deserialize;
 
-use crate::api::{Answer, Call};
 use crate::error::SimError;
+use crate::handler::{Answer, Call};
 use crate::journal::Effect;
 use crate::state::{Check, DecisionRecord, DownloadRecord, HeldReport, ReportId, State, Ticket};
 use crate::{wire, SimConfig};

@@ -6,8 +6,8 @@ use hmr_protocol::{validate, Batch, BatchAnswer, FieldError, RecordResult, Recor
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::api::{Answer, Call};
 use crate::error::SimError;
+use crate::handler::{Answer, Call};
 use crate::journal::Effect;
 use crate::state::{OrgData, State};
 use crate::wire;

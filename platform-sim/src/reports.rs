@@ -3,8 +3,8 @@
 use hmr_protocol::paths::HEADER_CONTENT_SHA256;
 use hmr_protocol::{validate, FieldError, ReportType, Revoke};
 
-use crate::api::{Answer, Call};
 use crate::error::SimError;
+use crate::handler::{Answer, Call};
 use crate::journal::Effect;
 use crate::state::{HeldVersion, ReportBody, State, StoredPdf};
 use crate::{wire, SimConfig};

@@ -552,18 +552,9 @@ impl Drainer {
                 message,
                 errors,
             } => {
-                let first = errors
-                    .first()
-                    .cloned()
-                    .unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
-                let column = source::column_for_field(event.kind.as_str(), &first.field);
-                tracing::warn!(kind = %event.kind, event = event.id, status, %code, field = %column, reason = %first.reason, "quarantined");
-                self.store
-                    .quarantine(
-                        event.id,
-                        &Quarantine::new(column, &first.reason, format!("HTTP {status} {code} {message}")),
-                    )
-                    .await?;
+                let q = Quarantine::refused(event.kind, status, &code, &message, &errors);
+                tracing::warn!(kind = %event.kind, event = event.id, status, %code, field = %q.field, reason = %q.reason, "quarantined");
+                self.store.quarantine(event.id, &q).await?;
                 Ok(Step::Quarantined)
             }
         }
@@ -768,15 +759,7 @@ impl Drainer {
                 message,
                 errors,
             } => {
-                let first = errors
-                    .first()
-                    .cloned()
-                    .unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
-                let q = Quarantine::new(
-                    source::column_for_field(kind.as_str(), &first.field),
-                    &first.reason,
-                    format!("HTTP {status} {code} {message}"),
-                );
+                let q = Quarantine::refused(kind, status, &code, &message, &errors);
                 for event_id in event_ids {
                     self.store.quarantine(event_id, &q).await?;
                 }

@@ -9,13 +9,11 @@
 use chrono::{DateTime, FixedOffset};
 use hmr_protocol::paths::{self, Request};
 use hmr_protocol::{
-    source, validate, Decisions, Department, ExamReport, Kind, LabReport, Patient, ProtocolError, ReportType, Revoke,
-    Staff,
+    source, validate, Decisions, Department, ExamReport, FieldError, Kind, LabReport, Patient, ProtocolError,
+    ReportType, Revoke, Staff,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-
-use crate::store::{Delivered, Revocation};
 
 /// The frozen requests of one event, and what the platform holds once they succeed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +112,22 @@ impl Ending {
     }
 }
 
+/// What the platform holds of a record, as far as we know (`hmr.delivered`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivered {
+    pub version: i32,
+    pub content_hash: String,
+    pub revoked: bool,
+}
+
+/// What the source says of an un-audit.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct Revocation {
+    pub reason: Option<String>,
+    pub operator_no: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
 /// An event parked for the DBA: the column (or platform field) and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quarantine {
@@ -152,6 +166,20 @@ impl Quarantine {
             message: message.into(),
             waits_for: None,
         }
+    }
+
+    /// The platform's permanent refusal of a `kind` upload, for the DBA: its first field error
+    /// named as the source view's column, and the whole answer as the message.
+    pub fn refused(kind: Kind, status: u16, code: &str, message: &str, errors: &[FieldError]) -> Quarantine {
+        let first = errors
+            .first()
+            .cloned()
+            .unwrap_or_else(|| FieldError::new("", format!("http-{status}")));
+        Quarantine::new(
+            hmr_protocol::source::column_for_field(kind.as_str(), &first.field),
+            first.reason,
+            format!("HTTP {status} {code} {message}"),
+        )
     }
 }
 

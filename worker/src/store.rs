@@ -16,6 +16,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 use hmr_protocol::Kind;
 
 use crate::error::WorkerError;
+pub use crate::plan::{Delivered, Revocation};
 
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -28,13 +29,6 @@ pub struct Event {
     /// The frozen PDF body, when the plan has one (`Plan::pdf_step`).
     pub plan_pdf: Option<Vec<u8>>,
     pub step: i32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Delivered {
-    pub version: i32,
-    pub content_hash: String,
-    pub revoked: bool,
 }
 
 /// How an event ends.
@@ -86,14 +80,6 @@ pub struct PdfNames {
     pub patients: HashMap<String, (Option<String>, Option<String>)>,
     pub departments: HashMap<String, String>,
     pub staff: HashMap<String, String>,
-}
-
-/// What the source says of an un-audit.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-pub struct Revocation {
-    pub reason: Option<String>,
-    pub operator_no: Option<String>,
-    pub revoked_at: Option<String>,
 }
 
 impl Store {
