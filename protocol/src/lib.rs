@@ -4,6 +4,7 @@
 //! this crate alone. It does no I/O; the worker, the extension and the simulator
 //! call it.
 
+pub mod answers;
 pub mod checks;
 pub mod envelope;
 pub mod kind;

@@ -48,24 +48,26 @@ pub(super) fn list_recognitions_json(
             return JsonB(hit);
         }
     }
-    let settings = match settings_or("hmr.platform is not configured") {
-        Ok(s) => s,
-        Err(v) => return JsonB(with_empty_list(v)),
+    let Some(settings) = Settings::load() else {
+        return answer(&ListResult::unavailable("hmr.platform is not configured"));
     };
-    let answer = match call(&settings, paths::list_recognitions(&query)) {
+    let result = match call(&settings, paths::list_recognitions(&query)) {
         Ok(body) => match parse_data::<ListAnswer>(&body) {
-            Ok(a) => json!({
-                "status": "ok",
-                "count": a.count,
-                "url": a.url,
-                "items": a.items.iter().map(item_json).collect::<Vec<_>>(),
-            }),
-            Err(e) => with_empty_list(unavailable(&format!("unreadable answer: {e}"))),
+            Ok(a) => ListResult {
+                status: CallStatus::Ok,
+                reason: None,
+                count: a.count,
+                url: Some(a.url),
+                items: a.items.iter().map(item_json).collect(),
+            },
+            Err(e) => ListResult::unavailable(format!("unreadable answer: {e}")),
         },
         Err(CallError::Refused { status, message }) => refused(status, &message),
-        Err(CallError::Unavailable(reason) | CallError::NotFound(reason)) => with_empty_list(unavailable(&reason)),
+        Err(CallError::Unavailable(reason) | CallError::NotFound(reason)) => ListResult::unavailable(reason),
     };
-    if answer["status"] == "ok" && ttl > 0 && !read_only {
+    let ok = result.status == CallStatus::Ok;
+    let answer = serde_json::to_value(&result).expect("answers serialize");
+    if ok && ttl > 0 && !read_only {
         const SQL: &str = "INSERT INTO hmr.list_cache
              VALUES ($1, $2, pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $3))
              ON CONFLICT (cache_key) DO UPDATE SET answer = EXCLUDED.answer, expires_at = EXCLUDED.expires_at";
@@ -128,13 +130,6 @@ pub(super) fn whole_day(value: &str, end: bool) -> String {
     }
 }
 
-pub(super) fn with_empty_list(mut v: Value) -> Value {
-    v["count"] = json!(0);
-    v["url"] = Value::Null;
-    v["items"] = json!([]);
-    v
-}
-
 /// The orders of a call (`[{order_id, item_code, type}]`) whose items are in the catalog
 /// (mapped through `hmr.item_map`): items outside it can never be recognised, so they are
 /// not asked about.
@@ -176,9 +171,15 @@ pub(super) fn catalog_orders(orders: Value) -> Vec<CheckOrder> {
 pub(super) fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
     let visit = visit.0;
     let wanted = catalog_orders(orders.0);
-    let empty = json!({"status": "ok", "duplicate": false, "url": null, "matches": []});
+    let none = |status, reason| OrderCheckResult {
+        status,
+        reason,
+        duplicate: false,
+        url: None,
+        matches: vec![],
+    };
     if wanted.is_empty() {
-        return JsonB(empty);
+        return answer(&none(CallStatus::Ok, None));
     }
     let id_type = text_arg(&visit, "id_type", "visit");
     let id_no = hmr_protocol::checks::normalise_id_no(&text_arg(&visit, "id_no", "visit"));
@@ -194,10 +195,10 @@ pub(super) fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
         kind: None,
     };
     let Some(settings) = Settings::load() else {
-        return JsonB(
-            json!({"status": "unavailable", "reason": "hmr.platform is not configured",
-                            "duplicate": false, "url": null, "matches": []}),
-        );
+        return answer(&none(
+            CallStatus::Unavailable,
+            Some("hmr.platform is not configured".into()),
+        ));
     };
     let items = match call(&settings, paths::precise_query(&query)).and_then(|body| {
         parse_data::<ItemsAnswer>(&body).map_err(|e| CallError::Unavailable(format!("unreadable answer: {e}")))
@@ -205,28 +206,27 @@ pub(super) fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
         Ok(a) => a.items,
         Err(e) => {
             let (status, reason) = e.status_and_reason();
-            return JsonB(
-                json!({"status": status, "reason": reason, "duplicate": false, "url": null,
-                                "matches": []}),
-            );
+            return answer(&none(call_status(status), Some(reason)));
         }
     };
-    let matches: Vec<Value> = wanted
+    let matches: Vec<OrderMatch> = wanted
         .iter()
         .filter_map(|o| {
-            let reports: Vec<Value> = items
+            let reports: Vec<ReportSummary> = items
                 .iter()
                 .filter(|i| i.data_code == o.data_code)
                 .map(item_json)
                 .collect();
-            (!reports.is_empty()).then(|| {
-                json!({"order_id": o.order_id, "item_code": o.local_item_code, "data_code": o.data_code,
-                       "reports": reports})
+            (!reports.is_empty()).then(|| OrderMatch {
+                order_id: o.order_id.clone(),
+                item_code: Some(o.local_item_code.clone()),
+                data_code: o.data_code.clone(),
+                reports,
             })
         })
         .collect();
     if matches.is_empty() {
-        return JsonB(empty);
+        return answer(&none(CallStatus::Ok, None));
     }
     // The page to force open: the list's URL for this patient (a one-time ticket).
     let list = ListQuery {
@@ -241,7 +241,13 @@ pub(super) fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
         .ok()
         .and_then(|body| parse_data::<ListAnswer>(&body).ok())
         .map(|a| a.url);
-    JsonB(json!({"status": "ok", "duplicate": true, "url": url, "matches": matches}))
+    answer(&OrderCheckResult {
+        status: CallStatus::Ok,
+        reason: None,
+        duplicate: true,
+        url,
+        matches,
+    })
 }
 
 /// 精准互认信息: by organisation, item (local codes are mapped), date range.
@@ -273,7 +279,11 @@ pub(super) fn query_recognitions_json(filter: JsonB) -> JsonB {
         }
         if data_codes.is_empty() {
             // Local items outside the catalog can never be recognised: nothing to ask.
-            return JsonB(json!({"status": "ok", "items": []}));
+            return answer(&QueryResult {
+                status: CallStatus::Ok,
+                reason: None,
+                items: vec![],
+            });
         }
     }
     let query = PreciseQuery {
@@ -287,22 +297,25 @@ pub(super) fn query_recognitions_json(filter: JsonB) -> JsonB {
         to: opt_text(&f, "to").map(|d| whole_day(&d, true)),
         kind,
     };
-    let settings = match settings_or("hmr.platform is not configured") {
-        Ok(s) => s,
-        Err(mut v) => {
-            v["items"] = json!([]);
-            return JsonB(v);
-        }
+    let unavailable = |reason: String| QueryResult {
+        status: CallStatus::Unavailable,
+        reason: Some(reason),
+        items: vec![],
     };
-    JsonB(match call(&settings, paths::precise_query(&query)) {
+    let Some(settings) = Settings::load() else {
+        return answer(&unavailable("hmr.platform is not configured".into()));
+    };
+    answer(&match call(&settings, paths::precise_query(&query)) {
         Ok(body) => match parse_data::<ItemsAnswer>(&body) {
-            Ok(a) => json!({"status": "ok", "items": a.items.iter().map(item_json).collect::<Vec<_>>()}),
-            Err(e) => json!({"status": "unavailable", "reason": format!("unreadable answer: {e}"), "items": []}),
+            Ok(a) => QueryResult {
+                status: CallStatus::Ok,
+                reason: None,
+                items: a.items.iter().map(item_json).collect(),
+            },
+            Err(e) => unavailable(format!("unreadable answer: {e}")),
         },
         Err(CallError::Refused { status, message }) => refused(status, &message),
-        Err(CallError::Unavailable(reason) | CallError::NotFound(reason)) => {
-            json!({"status": "unavailable", "reason": reason, "items": []})
-        }
+        Err(CallError::Unavailable(reason) | CallError::NotFound(reason)) => unavailable(reason),
     })
 }
 
@@ -317,7 +330,14 @@ pub(super) fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
         .map(|o| (o.order_id.clone(), o.local_item_code.clone()))
         .collect();
     if checked.is_empty() {
-        return JsonB(json!({"status": "ok", "duplicate": false, "check_id": null, "url": null, "matches": []}));
+        return answer(&PrescriptionCheckResult {
+            status: CallStatus::Ok,
+            reason: None,
+            duplicate: false,
+            check_id: None,
+            url: None,
+            matches: vec![],
+        });
     }
     let request = PrescriptionCheck {
         id_type: text_arg(&visit, "id_type", "visit"),
@@ -345,16 +365,17 @@ pub(super) fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
         parse_data::<CheckAnswer>(&body).map_err(|e| CallError::Unavailable(format!("unreadable answer: {e}")))
     }) {
         Ok(a) => {
-            let matches = json!(a
+            let matches: Vec<OrderMatch> = a
                 .matches
                 .iter()
-                .map(|m| json!({
-                    "order_id": m.order_id,
-                    "data_code": m.data_code,
-                    "item_code": local_of.get(&m.order_id),
-                    "reports": m.reports.iter().map(item_json).collect::<Vec<_>>(),
-                }))
-                .collect::<Vec<_>>());
+                .map(|m| OrderMatch {
+                    order_id: m.order_id.clone(),
+                    data_code: m.data_code.clone(),
+                    item_code: local_of.get(&m.order_id).cloned(),
+                    reports: m.reports.iter().map(item_json).collect(),
+                })
+                .collect();
+            let matches = serde_json::to_value(matches).expect("answers serialize");
             CheckRow {
                 check_id: a.check_id,
                 status: "ok",
@@ -378,17 +399,15 @@ pub(super) fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
         }
     };
     record_check(&row);
-    let mut answer = json!({
-        "status": row.status,
-        "duplicate": row.matches.as_array().is_some_and(|m| !m.is_empty()),
-        "check_id": row.check_id,
-        "url": row.url,
-        "matches": row.matches,
-    });
-    if let Some(reason) = &row.reason {
-        answer["reason"] = json!(reason);
-    }
-    JsonB(answer)
+    let matches: Vec<OrderMatch> = serde_json::from_value(row.matches).expect("the matches built above");
+    answer(&PrescriptionCheckResult {
+        status: call_status(row.status),
+        reason: row.reason,
+        duplicate: !matches.is_empty(),
+        check_id: Some(row.check_id),
+        url: row.url,
+        matches,
+    })
 }
 
 pub(super) fn not_checked(status: &'static str, reason: String, visit: Value, orders: Value) -> CheckRow {

@@ -9,6 +9,10 @@
 
 use std::collections::HashMap;
 
+use hmr_protocol::answers::{
+    CallStatus, ListResult, OrderCheckResult, OrderMatch, PageDecision, PageDecisionsResult, PrescriptionCheckResult,
+    QueryResult, ReportSummary,
+};
 use hmr_protocol::envelope::parse_data;
 use hmr_protocol::{
     paths, CheckAnswer, CheckDecisions, CheckOrder, DecisionSource, ItemsAnswer, ListAnswer, ListQuery, PreciseQuery,
@@ -23,23 +27,9 @@ use crate::gucs;
 use crate::plans;
 use crate::platform::{call, CallError, Settings};
 
-fn item_json(i: &RecognitionItem) -> Value {
-    json!({
-        "report_id": i.report_id,
-        "type": i.report_type.as_str(),
-        "org_code": i.org_code,
-        "org_name": i.org_name,
-        "report_no": i.report_no,
-        "version": i.version,
-        "data_code": i.data_code,
-        "item_name": i.item_name,
-        "reported_at": i.reported_at,
-        "valid_until": i.valid_until,
-    })
-}
-
-fn unavailable(reason: &str) -> Value {
-    json!({"status": "unavailable", "reason": reason})
+/// A report as the hospital's answers show it.
+fn item_json(i: &RecognitionItem) -> ReportSummary {
+    ReportSummary::from(i)
 }
 
 fn bad_argument(message: String) -> ! {
@@ -105,10 +95,6 @@ fn map_items(asked: &[(&str, &str)]) -> Vec<Option<String>> {
     .unwrap_or_else(|e| error!("hmr: cannot map items through hmr.item_map: {e}"))
 }
 
-fn settings_or(reason: &str) -> Result<Settings, Value> {
-    Settings::load().ok_or_else(|| unavailable(reason))
-}
-
 fn now_text() -> String {
     Spi::get_one::<String>("SELECT pg_catalog.clock_timestamp()::text")
         .ok()
@@ -170,5 +156,19 @@ mod tests {
     #[pg_test]
     fn ids_are_masked() {
         assert_eq!(super::mask_id("441302198003151233"), "4413**********1233");
+    }
+}
+
+/// An answer as the SQL functions return it.
+fn answer<T: serde::Serialize>(a: &T) -> JsonB {
+    JsonB(serde_json::to_value(a).expect("answers serialize"))
+}
+
+/// A check's status word (`hmr.checks.status`: `ok`, `unavailable`, `unchecked`).
+fn call_status(status: &str) -> CallStatus {
+    match status {
+        "ok" => CallStatus::Ok,
+        "unavailable" => CallStatus::Unavailable,
+        _ => CallStatus::Unchecked,
     }
 }

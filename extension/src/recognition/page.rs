@@ -52,6 +52,18 @@ pub(super) fn learn_check(settings: &Settings, check_id: &str) -> Result<(CheckD
     Ok((answer, recorded))
 }
 
+/// The check's decisions could not be learnt.
+pub(super) fn failed(status: CallStatus, reason: String) -> PageDecisionsResult {
+    PageDecisionsResult {
+        status,
+        reason: Some(reason),
+        check_id: None,
+        complete: None,
+        recorded: None,
+        decisions: None,
+    }
+}
+
 /// 互认页面操作结果: what the doctor decided on the platform's page for this check, recorded
 /// here (the HIS polls it while the page is open).
 #[pg_extern(security_definer)]
@@ -61,24 +73,37 @@ pub(super) fn page_decisions_json(check_id: &str) -> JsonB {
         bad_argument(format!("hmr: unknown check {check_id}"));
     }
     let Some(settings) = Settings::load() else {
-        return JsonB(json!({"status": "unavailable", "reason": "hmr.platform is not configured"}));
+        return answer(&failed(
+            CallStatus::Unavailable,
+            "hmr.platform is not configured".into(),
+        ));
     };
-    JsonB(match learn_check(&settings, check_id) {
-        Ok((a, recorded)) => json!({
-            "status": "ok",
-            "check_id": check_id,
-            "complete": a.complete,
-            "recorded": recorded,
-            "decisions": a.decisions.iter().map(|d| json!({
-                "order_id": d.order_id, "report_id": d.report_id, "recognise": d.recognise,
-                "reason_code": d.reason_code, "reason_text": d.reason_text, "doctor_no": d.doctor_no,
-                "decided_at": d.decided_at,
-                "source": if d.source == DecisionSource::Page { "page" } else { "upload" },
-            })).collect::<Vec<_>>(),
-        }),
+    answer(&match learn_check(&settings, check_id) {
+        Ok((a, recorded)) => PageDecisionsResult {
+            status: CallStatus::Ok,
+            reason: None,
+            check_id: Some(check_id.to_string()),
+            complete: Some(a.complete),
+            recorded: Some(recorded),
+            decisions: Some(
+                a.decisions
+                    .into_iter()
+                    .map(|d| PageDecision {
+                        order_id: d.order_id,
+                        report_id: d.report_id,
+                        recognise: d.recognise,
+                        reason_code: d.reason_code,
+                        reason_text: d.reason_text,
+                        doctor_no: d.doctor_no,
+                        decided_at: d.decided_at,
+                        source: d.source,
+                    })
+                    .collect(),
+            ),
+        },
         Err(e) => {
             let (status, reason) = e.status_and_reason();
-            json!({"status": status, "reason": reason})
+            failed(call_status(status), reason)
         }
     })
 }

@@ -18,7 +18,7 @@ pub(super) async fn api_badge(
         .map_err(db_answer)?
         .ok_or_else(|| ask.unknown())?;
     s.sessions.remember(&caller, &answer);
-    Ok(Json(answer))
+    Ok(Json(json_of(&answer)))
 }
 
 /// `{patient_id, doctor_no, …filter}`: the precise query (`hmr_query_recognitions`).
@@ -37,13 +37,9 @@ pub(super) async fn api_query(
             f.remove(k);
         }
     }
-    let row = s
-        .one("SELECT hmr_query_recognitions($1)", &[&filter])
-        .await
-        .map_err(db_answer)?;
-    let answer: Value = row.get(0);
+    let answer = s.query(&filter).await.map_err(db_answer)?;
     s.sessions.remember(&caller, &answer);
-    Ok(Json(answer))
+    Ok(Json(json_of(&answer)))
 }
 
 /// `{patient_id, visit_no, doctor_no, visit_type?, orders: [{order_id, item_code, type}]}`:
@@ -62,7 +58,12 @@ pub(super) async fn api_check(
         .map_err(db_answer)?
         .ok_or_else(|| ask.unknown())?;
     s.sessions.remember(&caller, &answer);
-    Ok(Json(answer))
+    Ok(Json(json_of(&answer)))
+}
+
+/// An answer as JSON, as the SQL function gave it.
+fn json_of(answer: &impl serde::Serialize) -> Value {
+    serde_json::to_value(answer).expect("answers serialize")
 }
 
 /// `{check_id, order_id, recognise, reason_code?, reason_text?}`: a decision

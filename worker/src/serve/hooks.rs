@@ -1,6 +1,7 @@
 //! CDS Hooks: discovery, the hooks (patient-view, order-select, order-sign) and feedback.
 
 use super::*;
+use hmr_protocol::answers::CallStatus;
 
 pub(super) async fn discovery() -> Json<Value> {
     Json(json!({"services": [
@@ -41,11 +42,11 @@ pub(super) async fn hook(
 /// What a hook makes of its SQL function's answer: the answer; `None` when the function
 /// refused the call (no cards: care goes on); an error for a patient the HIS does not have or
 /// a failing database.
-pub(super) fn hook_answer(
-    result: Result<Option<Value>, DbError>,
+pub(super) fn hook_answer<T>(
+    result: Result<Option<T>, DbError>,
     ask: &Ask,
     what: &str,
-) -> Result<Option<Value>, (StatusCode, Json<Value>)> {
+) -> Result<Option<T>, (StatusCode, Json<Value>)> {
     match result {
         Ok(Some(answer)) => Ok(Some(answer)),
         Ok(None) => Err(ask.unknown()),
@@ -63,8 +64,8 @@ pub(super) async fn badge(s: &Service, ask: &Ask, workstation: &str) -> Result<V
     let Some(answer) = hook_answer(s.list(ask, workstation).await, ask, "badge")? else {
         return Ok(vec![]);
     };
-    let count = answer["count"].as_i64().unwrap_or(0);
-    if answer["status"] != "ok" || count == 0 {
+    let count = answer.count;
+    if answer.status != CallStatus::Ok || count == 0 {
         return Ok(vec![]);
     }
     let mut card = json!({
@@ -73,15 +74,12 @@ pub(super) async fn badge(s: &Service, ask: &Ask, workstation: &str) -> Result<V
         "indicator": "info",
         "source": {"label": SOURCE},
     });
-    if let Some(url) = answer["url"].as_str() {
+    if let Some(url) = &answer.url {
         card["links"] = json!([{"label": "查看可互认结果", "url": url, "type": "absolute"}]);
     }
     Ok(vec![card])
 }
 
-/// order-sign: the draft orders (ServiceRequests) checked as a prescription; a card per
-/// duplicate. The card's uuid carries the check and the order, so the feedback can record
-/// the decision.
 /// The draft `ServiceRequest`s of a hook's context as hmr's orders `{order_id, item_code,
 /// type}`; `selected`: only those named in `context.selections` (order-select).
 pub(super) fn draft_orders(context: &Value, selected: bool) -> Vec<Value> {
@@ -124,28 +122,24 @@ pub(super) async fn order_select(
     for order in draft_orders(context, true) {
         let filter = json!({"id_type": who.id_type, "id_no": who.id_no, "item_codes": [order["item_code"]],
                             "type": order["type"]});
-        let answer: Value = match s.one("SELECT hmr_query_recognitions($1)", &[&filter]).await {
-            Ok(row) => row.get(0),
+        let answer = match s.query(&filter).await {
+            Ok(answer) => answer,
             Err(e) => {
                 tracing::warn!(sqlstate = ?e.sqlstate(), "precise query not available");
                 continue;
             }
         };
-        let items = answer["items"].as_array().cloned().unwrap_or_default();
+        let items = answer.items;
         let Some(newest) = items.first() else { continue };
-        let item = newest["item_name"].as_str().unwrap_or_default();
+        let item = &newest.item_name;
         let detail: Vec<String> = items
             .iter()
             .map(|i| {
                 format!(
                     "- {} {} {}",
-                    i["org_name"].as_str().unwrap_or_default(),
-                    i["reported_at"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .get(..10)
-                        .unwrap_or_default(),
-                    i["item_name"].as_str().unwrap_or_default()
+                    i.org_name,
+                    i.reported_at.get(..10).unwrap_or_default(),
+                    i.item_name
                 )
             })
             .collect();
@@ -160,6 +154,9 @@ pub(super) async fn order_select(
     Ok(cards)
 }
 
+/// order-sign: the draft orders (ServiceRequests) checked as a prescription; a card per
+/// duplicate. The card's uuid carries the check and the order, so the feedback can record
+/// the decision.
 pub(super) async fn order_sign(
     s: &Service,
     ask: &Ask,
@@ -173,18 +170,16 @@ pub(super) async fn order_sign(
     let Some(answer) = hook_answer(checked, ask, "prescription check")? else {
         return Ok(vec![]);
     };
-    let check_id = answer["check_id"].as_str().unwrap_or_default().to_string();
+    let check_id = answer.check_id.clone().unwrap_or_default();
     let reasons: Vec<Value> = hmr_protocol::DECLINE_REASONS
         .iter()
         .map(|(code, display)| json!({"system": REASON_SYSTEM, "code": code, "display": display}))
         .collect();
     let mut cards = Vec::new();
-    for m in answer["matches"].as_array().cloned().unwrap_or_default() {
-        let order = m["order_id"].as_str().unwrap_or_default();
-        let report = &m["reports"][0];
-        let item = report["item_name"].as_str().unwrap_or_default();
-        let org = report["org_name"].as_str().unwrap_or_default();
-        let at = report["reported_at"].as_str().unwrap_or_default();
+    for m in &answer.matches {
+        let order = &m.order_id;
+        let Some(report) = m.reports.first() else { continue };
+        let (item, org, at) = (&report.item_name, &report.org_name, &report.reported_at);
         let mut card = json!({
             "uuid": format!("{check_id}|{order}"),
             "summary": format!("{item}：{org}已有可互认结果"),
@@ -200,7 +195,7 @@ pub(super) async fn order_sign(
             }],
             "overrideReasons": reasons,
         });
-        if let Some(url) = answer["url"].as_str() {
+        if let Some(url) = &answer.url {
             card["links"] = json!([{"label": "互认平台页面", "url": url, "type": "absolute"}]);
         }
         cards.push(card);

@@ -52,6 +52,8 @@ use serde_json::{json, Value};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use hmr_protocol::answers::{ListResult, PrescriptionCheckResult, QueryResult};
+
 use crate::error::WorkerError;
 
 const SOURCE: &str = "检查检验结果互认平台";
@@ -75,6 +77,8 @@ struct Service {
 enum DbError {
     Pool(String),
     Sql(tokio_postgres::Error),
+    /// The SQL function answered JSON this build cannot read (an extension of another version).
+    Answer(String),
 }
 
 impl From<tokio_postgres::Error> for DbError {
@@ -87,7 +91,7 @@ impl DbError {
     fn sqlstate(&self) -> Option<&str> {
         match self {
             DbError::Sql(e) => e.code().map(|c| c.code()),
-            DbError::Pool(_) => None,
+            DbError::Pool(_) | DbError::Answer(_) => None,
         }
     }
 
@@ -386,27 +390,43 @@ impl Service {
 
     /// The badge, as `hmr_list_recognitions` answers it (kept in `hmr.list_log` with the
     /// calling `workstation`); None for a patient the HIS does not have.
-    async fn list(&self, ask: &Ask, workstation: &str) -> Result<Option<Value>, DbError> {
+    async fn list(&self, ask: &Ask, workstation: &str) -> Result<Option<ListResult>, DbError> {
         let row = self
             .opt(
                 &self.statements.list,
                 &[&ask.patient_id, &ask.doctor_no, &ask.visit_no, &workstation],
             )
             .await?;
-        Ok(row.map(|r| r.try_get(0)).transpose()?)
+        row.map(|r| typed(r.try_get(0)?)).transpose()
     }
 
     /// The prescription check (`hmr_check_prescription`); None for a patient the HIS does
     /// not have.
-    async fn check(&self, ask: &Ask, visit_type: &str, orders: &Value) -> Result<Option<Value>, DbError> {
+    async fn check(
+        &self,
+        ask: &Ask,
+        visit_type: &str,
+        orders: &Value,
+    ) -> Result<Option<PrescriptionCheckResult>, DbError> {
         let row = self
             .opt(
                 &self.statements.check,
                 &[&ask.patient_id, &ask.doctor_no, &visit_type, &ask.visit_no, orders],
             )
             .await?;
-        Ok(row.map(|r| r.try_get(0)).transpose()?)
+        row.map(|r| typed(r.try_get(0)?)).transpose()
     }
+
+    /// The precise query (`hmr_query_recognitions`) for a filter naming the patient.
+    async fn query(&self, filter: &Value) -> Result<QueryResult, DbError> {
+        let row = self.one("SELECT hmr_query_recognitions($1)", &[filter]).await?;
+        typed(row.try_get(0)?)
+    }
+}
+
+/// A SQL function's answer as its type (`hmr_protocol::answers`).
+fn typed<T: serde::de::DeserializeOwned>(answer: Value) -> Result<T, DbError> {
+    serde_json::from_value(answer).map_err(|e| DbError::Answer(e.to_string()))
 }
 
 /// A database error as the terminal sees it: hmr's own refusals (HMxxx, 22023) with their
@@ -428,7 +448,7 @@ fn db_answer(e: DbError) -> (StatusCode, Json<Value>) {
             }
             None => unavailable(&e),
         },
-        DbError::Pool(_) => unavailable(&e),
+        DbError::Pool(_) | DbError::Answer(_) => unavailable(&e),
     }
 }
 
@@ -453,6 +473,9 @@ fn unavailable(e: &DbError) -> (StatusCode, Json<Value>) {
         // A connection's failure (no patient data in it).
         DbError::Pool(why) => tracing::warn!(error = %why, "no database connection"),
         DbError::Sql(_) => tracing::warn!("the database connection failed"),
+        DbError::Answer(why) => {
+            tracing::error!(error = %why, "a recognition function answered what this serve cannot read (extension and worker of different versions?)")
+        }
     }
     (
         StatusCode::SERVICE_UNAVAILABLE,

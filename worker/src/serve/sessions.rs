@@ -83,23 +83,15 @@ impl Sessions {
     }
 
     /// Keeps the checks and reports an answer showed the session.
-    pub(super) fn remember(&self, caller: &Caller, answer: &Value) {
+    pub(super) fn remember(&self, caller: &Caller, answer: &impl hmr_protocol::answers::Shown) {
         let Some(token) = &caller.session else { return };
         let mut open = self.open.lock().expect("sessions");
         let Some(session) = open.get_mut(token) else { return };
-        if let Some(check) = answer["check_id"].as_str() {
+        if let Some(check) = answer.check_id() {
             session.seen.insert((Seen::Check, check.to_string()));
         }
-        let items = answer["items"].as_array().into_iter().flatten();
-        let matched = answer["matches"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|m| m["reports"].as_array().into_iter().flatten());
-        for report in items.chain(matched) {
-            if let Some(id) = report["report_id"].as_str() {
-                session.seen.insert((Seen::Report, id.to_string()));
-            }
+        for id in answer.report_ids() {
+            session.seen.insert((Seen::Report, id.to_string()));
         }
     }
 

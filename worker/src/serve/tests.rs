@@ -93,11 +93,42 @@ fn a_session_reaches_its_own_patient_and_what_it_was_shown_only() {
     assert_eq!(sessions.terminal(&token).as_deref(), Some("门诊医生站"));
     assert!(!sessions.allows(&caller, Seen::Check, "C1"));
     assert!(!sessions.allows(&caller, Seen::Report, "R1"));
+    let report = |id: &str| hmr_protocol::answers::ReportSummary {
+        report_id: id.into(),
+        report_type: hmr_protocol::ReportType::Lab,
+        org_code: "O".into(),
+        org_name: "其他医院".into(),
+        report_no: id.into(),
+        version: 1,
+        data_code: "JY0001".into(),
+        item_name: "血常规".into(),
+        reported_at: "2026-12-01T08:00:00+08:00".into(),
+        valid_until: "2026-12-08T08:00:00+08:00".into(),
+    };
     sessions.remember(
         &caller,
-        &json!({"check_id": "C1", "matches": [{"reports": [{"report_id": "R1"}]}]}),
+        &hmr_protocol::answers::PrescriptionCheckResult {
+            status: hmr_protocol::answers::CallStatus::Ok,
+            reason: None,
+            duplicate: true,
+            check_id: Some("C1".into()),
+            url: None,
+            matches: vec![hmr_protocol::answers::OrderMatch {
+                order_id: "O1".into(),
+                item_code: Some("CBC".into()),
+                data_code: "JY0001".into(),
+                reports: vec![report("R1")],
+            }],
+        },
     );
-    sessions.remember(&caller, &json!({"items": [{"report_id": "R2"}]}));
+    sessions.remember(
+        &caller,
+        &hmr_protocol::answers::QueryResult {
+            status: hmr_protocol::answers::CallStatus::Ok,
+            reason: None,
+            items: vec![report("R2")],
+        },
+    );
     assert!(sessions.allows(&caller, Seen::Check, "C1"));
     assert!(
         !sessions.allows(&caller, Seen::Report, "C1"),
