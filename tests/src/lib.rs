@@ -603,10 +603,24 @@ impl Default for WorkerOptions {
     }
 }
 
+impl WorkerOptions {
+    /// These options with the worker's `/metrics` on a free loopback port, so a test can wait
+    /// on its drain loop (`Worker::wait_rounds`).
+    pub fn with_metrics(self) -> Result<WorkerOptions> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Ok(WorkerOptions {
+            metrics_listen: Some(format!("127.0.0.1:{port}")),
+            ..self
+        })
+    }
+}
+
 pub struct Worker {
     child: Child,
     pub log_path: PathBuf,
     pub config_path: PathBuf,
+    /// `http://…/metrics` when the options gave `metrics_listen`.
+    metrics_url: Option<String>,
 }
 
 impl Worker {
@@ -674,6 +688,7 @@ hospital_name = "惠州市第一人民医院"
             child: spawn_worker(&config_path, &log_path)?,
             log_path,
             config_path,
+            metrics_url: options.metrics_listen.as_ref().map(|m| format!("http://{m}/metrics")),
         };
         worker.ensure_running()?;
         Ok(worker)
@@ -716,6 +731,53 @@ hospital_name = "惠州市第一人民医院"
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Turns of the drain loop begun so far (`hmr_drain_rounds_total`, counted as each turn
+    /// starts); `None` while `/metrics` does not answer (not yet, or not within 2 s). Needs
+    /// `WorkerOptions::with_metrics`.
+    pub async fn rounds(&self) -> Result<Option<u64>> {
+        let url = self
+            .metrics_url
+            .as_deref()
+            .context("the worker has no /metrics: start it with WorkerOptions::with_metrics")?;
+        // A stopped worker accepts the connection (the kernel does) but never answers.
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        let Ok(text) = async { client.get(url).send().await?.error_for_status()?.text().await }.await else {
+            return Ok(None);
+        };
+        let rounds = text
+            .lines()
+            .find_map(|l| l.strip_prefix("hmr_drain_rounds_total "))
+            .with_context(|| format!("no hmr_drain_rounds_total in /metrics:\n{text}"))?;
+        Ok(Some(rounds.trim().parse()?))
+    }
+
+    /// Waits until the drain loop has begun `turns` more turns than it had begun when this is
+    /// called (the first answer of `/metrics` after the call). The turn under way then may have
+    /// looked before the caller's change; with `turns` ≥ 2 at least one whole turn began after
+    /// it (each turn claims and delivers everything due, and polls the sources when their
+    /// interval is up), so the worker has had its chance to act on the change.
+    pub async fn wait_rounds(&self, turns: u64) -> Result<()> {
+        let start = Instant::now();
+        let timeout = Duration::from_secs(30);
+        let mut base = None;
+        loop {
+            let now = self.rounds().await?;
+            match (base, now) {
+                (None, Some(n)) => base = Some(n),
+                (Some(b), Some(n)) if n >= b + turns => return Ok(()),
+                _ => {}
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "timed out after {timeout:?} waiting for {turns} turns of the worker's drain loop \
+                     (turns begun: first {base:?}, now {now:?}); the end of its log:\n{}",
+                    tail(&self.log(), 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -830,6 +892,33 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The database's clock now (`clock_timestamp()`).
+pub async fn db_clock(his: &Client) -> Result<std::time::SystemTime> {
+    Ok(his.query_one("SELECT clock_timestamp()", &[]).await?.get(0))
+}
+
+/// Waits until every enabled polled source was polled by a transaction that began after
+/// `since` (the database's clock, `db_clock`): that poll saw whatever was committed before.
+pub async fn wait_sources_polled_since(his: &Client, since: std::time::SystemTime) -> Result<()> {
+    wait_until(Duration::from_secs(30), "every enabled source polled again", || async {
+        let polled: Option<bool> = his
+            .query_one(
+                "SELECT bool_and(coalesce(polled_at > $1, false)) FROM hmr.polled_sources WHERE enabled",
+                &[&since],
+            )
+            .await?
+            .get(0);
+        Ok(polled.unwrap_or(true))
+    })
+    .await
 }
 
 /// Inserts the three sample patients and their draft reports.

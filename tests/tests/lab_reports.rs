@@ -38,8 +38,8 @@ async fn approval_uploads_once_after_its_patient() -> Result<()> {
         cluster: _cluster,
         his,
         sim,
-        worker: _worker,
-    } = Hospital::start(&WorkerOptions::default()).await?;
+        worker,
+    } = Hospital::start(&WorkerOptions::default().with_metrics()?).await?;
 
     approve(&his, "L20261126001").await?;
     wait_until(Duration::from_secs(20), "the report at the platform", || async {
@@ -79,7 +79,9 @@ async fn approval_uploads_once_after_its_patient() -> Result<()> {
     })
     .await?;
     let before = sim.requests().await?.len();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A whole turn of the worker after the drain: had the touch left anything to send, it
+    // went now.
+    worker.wait_rounds(2).await?;
     assert_eq!(uploads_of(&sim, "L20261126001").await?.len(), 1);
     assert_eq!(sim.requests().await?.len(), before);
     let outcomes: Vec<String> = his

@@ -395,9 +395,11 @@ async fn a_dump_restored_elsewhere_resends_nothing_and_keeps_every_decision() ->
     let options = WorkerOptions {
         database: Some("his2"),
         ..Default::default()
-    };
-    let _worker2 = Worker::start(&cluster, &sim, &options)?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    .with_metrics()?;
+    let worker2 = Worker::start(&cluster, &sim, &options)?;
+    // Its first whole turn (sources polled, kept reports rechecked, everything due claimed).
+    worker2.wait_rounds(2).await?;
     assert!(outbox_empty(&his2).await?);
     let sent: Vec<Value> = sim.requests().await?.into_iter().skip(requests_before).collect();
     assert!(

@@ -20,7 +20,7 @@ async fn world() -> Result<Workstations> {
             (P0001_ID, "1980-03-15", "W-LFT-2", "JY0004", 1),
             (P0003_ID, "1975-05-21", "W-CBC-3", "JY0001", 1),
         ],
-        &WorkerOptions::default(),
+        &WorkerOptions::default().with_metrics()?,
     )
     .await
 }
@@ -151,22 +151,33 @@ async fn two_doctors_deciding_one_check_at_once_send_it_once() -> Result<()> {
     let id = check["check_id"].as_str().unwrap_or_default().to_string();
     let s1 = w.cluster.connect("his").await?;
     let s2 = w.cluster.connect("his").await?;
-    // s1 decides and holds its transaction a moment; s2 decides the other order meanwhile.
-    let first = {
+    let s2_pid: i32 = s2.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    // s1 decides and keeps its transaction open; s2 decides the other order meanwhile.
+    s1.batch_execute(&format!("BEGIN; SELECT hmr_record_decision('{id}', 'C1', true);"))
+        .await?;
+    let second = {
         let id = id.clone();
         tokio::spawn(async move {
-            s1.batch_execute(&format!(
-                "BEGIN; SELECT hmr_record_decision('{id}', 'C1', true); SELECT pg_sleep(0.7); COMMIT;"
-            ))
-            .await
+            let row = s2
+                .query_one("SELECT hmr_record_decision($1, 'C2', false, '02')", &[&id])
+                .await?;
+            Ok::<Value, anyhow::Error>(row.get(0))
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let second: Value = s2
-        .query_one("SELECT hmr_record_decision($1, 'C2', false, '02')", &[&id])
-        .await?
-        .get(0);
-    first.await??;
+    // s1 commits only once s2's decision is under way: waiting for a lock (s1's), or done if
+    // it did not wait (then it could not see s1's uncommitted decision).
+    wait_until(Duration::from_secs(20), "the second decision under way", || async {
+        Ok(second.is_finished()
+            || count(
+                &w.his,
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {s2_pid} AND wait_event_type = 'Lock'"),
+            )
+            .await?
+                == 1)
+    })
+    .await?;
+    s1.batch_execute("COMMIT").await?;
+    let second = second.await??;
     assert_eq!(
         second["complete"], true,
         "the later decision sees the earlier: {second}"
@@ -419,7 +430,8 @@ async fn decisions_taken_on_the_platform_page_count() -> Result<()> {
         count(&w.his, "SELECT count(*) FROM hmr.decisions WHERE source = 'page'").await?,
         2
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A whole turn of the worker after the decisions: had they been queued, they went now.
+    w.worker.wait_rounds(2).await?;
     assert!(
         w.sim
             .requests_with("/api/v1/recognitions/decisions", "applied")

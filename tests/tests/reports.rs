@@ -543,7 +543,7 @@ async fn three_exam_systems_each_polled_by_its_own_source() -> Result<()> {
         "the union checks clean"
     );
     let sim = Sim::start()?;
-    let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
+    let worker = Worker::start(&cluster, &sim, &WorkerOptions::default().with_metrics()?)?;
     // One report per system; the endoscopy one audited two hours ago (its source waits an hour).
     endo.batch_execute(
         "INSERT INTO endo VALUES ('1', 'P0002', 'ES-GAS', '胃镜检查', '胃黏膜光滑。', '慢性浅表性胃炎。',
@@ -596,11 +596,15 @@ async fn three_exam_systems_each_polled_by_its_own_source() -> Result<()> {
          VALUES ('E9', 'P0001', 'CT', 'CT-HEAD', '头颅CT平扫', '未见异常。', '未见异常。', now(), now(), 'D001', 'F');",
     )
     .await?;
+    let disabled_at = db_clock(&his).await?;
     wait_until(Duration::from_secs(20), "the RIS report after the change", || {
         arrived("E9")
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The enabled sources polled after the change, and a whole turn of the worker to deliver
+    // what that poll found: the disabled source's report would be there by now.
+    wait_sources_polled_since(&his, disabled_at).await?;
+    worker.wait_rounds(2).await?;
     assert!(!arrived("US-2").await?, "the disabled source was not polled");
     his.batch_execute("UPDATE hmr.polled_sources SET enabled = true WHERE name = 'ultrasound'")
         .await?;
@@ -611,11 +615,15 @@ async fn three_exam_systems_each_polled_by_its_own_source() -> Result<()> {
 
     // Withdrawn in the ultrasound system: revoked; no other system's report is.
     his.batch_execute("DELETE FROM us.report WHERE no = '1'").await?;
+    let withdrawn_at = db_clock(&his).await?;
     wait_until(Duration::from_secs(20), "US-1 revoked", || async {
         Ok(history_of(&sim, EXAM, "US-1").await?.iter().any(|(s, _)| s == "revoke"))
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Every source polled after the withdrawal, and a whole turn of the worker to deliver
+    // what that poll found: a wrong revoke would be at the platform by now.
+    wait_sources_polled_since(&his, withdrawn_at).await?;
+    worker.wait_rounds(2).await?;
     for no in ["E8", "E9", "EN-1", "US-2"] {
         assert!(
             !history_of(&sim, EXAM, no).await?.iter().any(|(s, _)| s == "revoke"),
