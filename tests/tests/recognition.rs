@@ -19,7 +19,7 @@ async fn setup() -> Result<Workstations> {
             (P0001_ID, "1980-03-15", "W-CK-1", "JY0014", 5),
             (P0001_ID, "1980-03-15", "W-LFT-1", "JY0004", 1),
         ],
-        &WorkerOptions::default(),
+        &WorkerOptions::default().with_metrics()?,
     )
     .await?;
     OtherHospital::new(&s.sim).revoke_lab("W-LFT-1").await?;
@@ -314,12 +314,37 @@ async fn a_decision_made_while_the_platform_is_down_arrives_once() -> Result<()>
         .await?
         .get(0);
     assert_eq!(decided["complete"], true);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(s
-        .sim
-        .requests_with("/api/v1/recognitions/decisions", "applied")
-        .await?
-        .is_empty());
+    // The worker tries it while the platform is down (its token for the upload is refused),
+    // and the decision waits to be tried again: neither delivered nor quarantined.
+    let waiting = format!(
+        "SELECT count(*) FROM hmr.outbox
+          WHERE kind = 'decision' AND key = '{check_id}' AND state = 'pending'
+            AND attempts >= 1 AND last_error IS NOT NULL"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the decision tried and put back to wait",
+        || async { Ok(count(&s.his, &waiting).await? == 1) },
+    )
+    .await?;
+    assert!(
+        !s.sim.requests_with("/api/v1/", "fault").await?.is_empty(),
+        "the worker met the outage"
+    );
+    assert_eq!(
+        count(
+            &s.his,
+            &format!("SELECT count(*) FROM hmr.delivered WHERE kind = 'decision' AND key = '{check_id}'")
+        )
+        .await?,
+        0,
+        "delivered during the outage"
+    );
+    assert_eq!(
+        count(&s.his, "SELECT count(*) FROM hmr.outbox WHERE state = 'quarantined'").await?,
+        0,
+        "nothing quarantined by the outage"
+    );
     s.sim.clear_faults().await?;
     wait_until(Duration::from_secs(20), "the decision after the outage", || async {
         Ok(!s
@@ -329,7 +354,9 @@ async fn a_decision_made_while_the_platform_is_down_arrives_once() -> Result<()>
             .is_empty())
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Finished, and a whole turn of the worker after: a second upload would be there by now.
+    wait_until(Duration::from_secs(20), "an empty outbox", || outbox_empty(&s.his)).await?;
+    s.worker.wait_rounds(2).await?;
     let sent = s.sim.requests_with("/api/v1/recognitions/decisions", "applied").await?;
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0]["body"]["decisions"][0]["reasonCode"], "01");
