@@ -195,10 +195,33 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
     wait_for(&c, "document.getElementById('hmr-dialog').open", json!(true)).await?;
     assert_eq!(c.find_all(Locator::Css("fieldset.match")).await?.len(), 2);
     // It cannot be dismissed: Escape leaves it open; confirming needs every choice.
+    // Escapes that reached the page (after the widget's handlers), and close events (counted
+    // before the widget's own handler would open the dialog again), for the message.
+    c.execute(
+        "window.__escapes = 0; window.__closes = 0;
+         document.addEventListener('keydown', e => { if (e.key === 'Escape') window.__escapes += 1; });
+         window.addEventListener('close', () => { window.__closes += 1; }, true);
+         return true;",
+        vec![],
+    )
+    .await?;
     let escape = char::from(Key::Escape).to_string();
     c.active_element().await?.send_keys(&escape).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    wait_for(&c, "document.getElementById('hmr-dialog').open", json!(true)).await?;
+    // The page handled the Escape, and a task queued after it ran (a close event it queued).
+    wait_for(&c, "window.__escapes", json!(1)).await?;
+    c.execute_async("setTimeout(arguments[0], 0);", vec![]).await?;
+    // Then a bounded wait for the dialog to close, which must not come.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(1) {
+        let state = c
+            .execute(
+                "return {open: document.getElementById('hmr-dialog').open, closes: window.__closes};",
+                vec![],
+            )
+            .await?;
+        assert_eq!(state["open"], true, "Escape closed the dialog: {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let confirm = c.find(Locator::Id("hmr-confirm")).await?;
     assert!(confirm.attr("disabled").await?.is_some());
 
