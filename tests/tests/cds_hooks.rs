@@ -24,11 +24,11 @@ fn draft_orders(orders: &[(&str, &str)]) -> Value {
     })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result<()> {
+/// Our hospital with the other hospital's 血常规 for 陈志明, and `hmr-worker serve` with no
+/// terminals: nothing checked, loopback only (a rehearsal on this machine).
+async fn anonymous_serve() -> Result<(Workstations, Serve)> {
     let w = Workstations::start(
         &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
-        // No terminals: nothing checked, loopback only (a rehearsal on this machine).
         &WorkerOptions {
             extra_config: Some("[serve]\nanonymous = true\n".into()),
             ..Default::default()
@@ -36,6 +36,12 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
     )
     .await?;
     let s = serve(&w, None).await?;
+    Ok((w, s))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn discovery_and_patient_view_show_the_badge_as_a_card() -> Result<()> {
+    let (w, s) = anonymous_serve().await?;
     let http = s.http.clone();
 
     // Discovery.
@@ -78,6 +84,24 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
         .await?,
         1
     );
+
+    // A request without the patient is refused with a 4xx, not answered with empty cards.
+    let bad = http
+        .post(format!("{}/cds-services/hmr-recognitions", s.base))
+        .json(
+            &json!({"hook": "patient-view", "hookInstance": uuid_like(4), "context": {"userId": "Practitioner/D001"}}),
+        )
+        .send()
+        .await?;
+    assert_eq!(bad.status().as_u16(), 400);
+
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn order_select_cards_only_the_selected_order() -> Result<()> {
+    let (_w, s) = anonymous_serve().await?;
+    let http = s.http.clone();
 
     // order-select, shaped as the specification's example (hooks/order-select.md): the doctor
     // has two draft orders and has just selected one; a card for it only, information only.
@@ -126,8 +150,16 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
         .await?;
     assert_eq!(refused.status().as_u16(), 400);
 
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn order_sign_and_feedback_record_the_decision() -> Result<()> {
+    let (w, s) = anonymous_serve().await?;
+    let http = s.http.clone();
+
     // order-sign: one card for the duplicate, 互认 as the suggestion, the six 不互认 reasons.
-    let mut context = context.clone();
+    let mut context = json!({"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001"});
     context["draftOrders"] = draft_orders(&[("SR1", "JY0001"), ("SR2", "JY0005")]);
     let sign: Value = http
         .post(format!("{}/cds-services/hmr-order-check", s.base))
@@ -215,15 +247,23 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
         .map(|r| (r.get(0), r.get(1)))?;
     assert_eq!((recognise, reason.as_deref()), (false, Some("04")));
 
-    // A request without the patient is refused with a 4xx, not answered with empty cards.
-    let bad = http
-        .post(format!("{}/cds-services/hmr-recognitions", s.base))
-        .json(
-            &json!({"hook": "patient-view", "hookInstance": uuid_like(4), "context": {"userId": "Practitioner/D001"}}),
-        )
-        .send()
-        .await?;
-    assert_eq!(bad.status().as_u16(), 400);
+    // The report recognised through the CDS card, once the worker has kept it.
+    let report_id: String = w
+        .his
+        .query_one("SELECT report_id FROM hmr.decisions WHERE order_id = 'SR1'", &[])
+        .await?
+        .get(0);
+    wait_report_kept(&w.his, &report_id).await?;
+    let pdf = reqwest::get(format!("{}/api/reports/{report_id}?format=pdf", s.base)).await?;
+    assert_eq!(pdf.headers()["content-type"], "application/pdf");
+    assert!(pdf.bytes().await?.starts_with(b"%PDF-"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_plain_json_api_calls_the_same_functions() -> Result<()> {
+    let (_w, s) = anonymous_serve().await?;
+    let http = s.http.clone();
 
     // The plain JSON API (docs/openapi.yaml): the same functions.
     let badge: Value = reqwest::get(format!(
@@ -270,16 +310,6 @@ async fn cds_hooks_badge_order_sign_and_feedback_record_the_decision() -> Result
     assert_eq!(refused.status().as_u16(), 422);
     let refused: Value = refused.json().await?;
     assert_eq!(refused["sqlstate"], "HM003", "{refused}");
-    // The report recognised through the CDS card, once the worker has kept it.
-    let report_id: String = w
-        .his
-        .query_one("SELECT report_id FROM hmr.decisions WHERE order_id = 'SR1'", &[])
-        .await?
-        .get(0);
-    wait_report_kept(&w.his, &report_id).await?;
-    let pdf = reqwest::get(format!("{}/api/reports/{report_id}?format=pdf", s.base)).await?;
-    assert_eq!(pdf.headers()["content-type"], "application/pdf");
-    assert!(pdf.bytes().await?.starts_with(b"%PDF-"));
     Ok(())
 }
 
