@@ -34,19 +34,19 @@ pub const FLOAT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::FLOAT8OID);
 /// A kept plan, borrowed out of this backend's store for one execution (so a statement that
 /// calls back into hmr cannot find the store borrowed). It goes back when dropped, also after
 /// an error: a kept plan stays valid through an abort, as PL/pgSQL's do.
-struct Plan {
+struct Prepared {
     sql: &'static str,
     plan: ManuallyDrop<OwnedPreparedStatement>,
 }
 
-impl Deref for Plan {
+impl Deref for Prepared {
     type Target = OwnedPreparedStatement;
     fn deref(&self) -> &OwnedPreparedStatement {
         &self.plan
     }
 }
 
-impl Drop for Plan {
+impl Drop for Prepared {
     fn drop(&mut self) {
         // SAFETY: taken once, here, and never used again.
         let plan = unsafe { ManuallyDrop::take(&mut self.plan) };
@@ -76,7 +76,7 @@ pub fn write(sql: &'static str, types: &[PgOid], args: &[DatumWithOid<'_>]) -> S
 }
 
 /// The plan of `sql` (with parameters of `types`), planned on first use in this backend.
-fn plan(client: &SpiClient<'_>, sql: &'static str, types: &[PgOid], access: Access) -> SpiResult<Plan> {
+fn plan(client: &SpiClient<'_>, sql: &'static str, types: &[PgOid], access: Access) -> SpiResult<Prepared> {
     let kept = PLANS.with(|p| p.borrow_mut().remove(sql));
     let plan = match kept {
         Some(plan) => plan,
@@ -85,7 +85,7 @@ fn plan(client: &SpiClient<'_>, sql: &'static str, types: &[PgOid], access: Acce
             Access::Write => client.prepare_mut(sql, types)?.keep(),
         },
     };
-    Ok(Plan {
+    Ok(Prepared {
         sql,
         plan: ManuallyDrop::new(plan),
     })

@@ -130,11 +130,11 @@ pub fn call(settings: &Settings, request: Request) -> Result<Vec<u8>, CallError>
     }
 }
 
-type Work = Box<dyn FnOnce() -> Answer + Send>;
-type Answer = Result<Vec<u8>, CallError>;
-type Reply = mpsc::Receiver<Answer>;
+type Work = Box<dyn FnOnce() -> CallResult + Send>;
+type CallResult = Result<Vec<u8>, CallError>;
+type Reply = mpsc::Receiver<CallResult>;
 /// A call for the call thread: the work, and where its answer goes.
-type Job = (Work, mpsc::Sender<Answer>);
+type Job = (Work, mpsc::Sender<CallResult>);
 
 /// The backend's call thread, kept between calls (starting a thread per call cost ~80 µs
 /// here, BENCHMARKS.md §4). `idle` is set before each answer is sent, so a call that has its

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::error::SimError;
 use crate::faults::{Hostile, Injected};
-use crate::handler::{Answer, Call, Trace};
+use crate::handler::{Call, Rendered, Trace};
 use crate::journal::{body_summary, Effect, Entry};
 use crate::state::{Remembered, State};
 use crate::{auth, recognition, records, reports, wire, Sim, SimConfig};
@@ -78,7 +78,7 @@ impl Sim {
             Ok(b) => b,
             Err(_) => {
                 let e = SimError::TooLarge(format!("body over {READ_LIMIT} bytes"));
-                return self.finish(&parts, &Bytes::new(), trace, Answer::error(&e));
+                return self.finish(&parts, &Bytes::new(), trace, Rendered::error(&e));
             }
         };
         let hostile = match self.faults_for(parts.uri.path(), &org_header).await {
@@ -87,7 +87,7 @@ impl Sim {
         };
         if let Some(h) = hostile.as_ref().filter(|h| !h.processed()) {
             // A gateway or another server answered: the platform never saw the request.
-            let mut noted = Answer::injected(200);
+            let mut noted = Rendered::injected(200);
             noted.message = format!("hostile answer ({h:?}); not processed");
             let response = hostile_unprocessed(h, &parts);
             noted.status = response.status().as_u16();
@@ -109,7 +109,7 @@ impl Sim {
 
     /// Waits out hangs and latency; `Err` is the injected answer, `Ok` a hostile mode to
     /// apply (or none).
-    async fn faults_for(&self, path: &str, org: &str) -> Result<Option<Hostile>, Answer> {
+    async fn faults_for(&self, path: &str, org: &str) -> Result<Option<Hostile>, Rendered> {
         let mut changes = self.inner.fault_changes.subscribe();
         loop {
             let plan = {
@@ -120,7 +120,7 @@ impl Sim {
             if plan.hang {
                 // Held until the faults are replaced, cleared or reset.
                 if changes.changed().await.is_err() {
-                    return Err(Answer::injected(503));
+                    return Err(Rendered::injected(503));
                 }
                 continue;
             }
@@ -128,20 +128,20 @@ impl Sim {
                 tokio::time::sleep(std::time::Duration::from_millis(plan.latency_ms)).await;
             }
             return match plan.answer {
-                Some(Injected::Status(s)) => Err(Answer::injected(s)),
-                Some(Injected::RateLimited { retry_after_secs }) => Err(Answer::rate_limited(retry_after_secs)),
+                Some(Injected::Status(s)) => Err(Rendered::injected(s)),
+                Some(Injected::RateLimited { retry_after_secs }) => Err(Rendered::rate_limited(retry_after_secs)),
                 None => Ok(plan.hostile),
             };
         }
     }
 
-    fn finish(&self, parts: &Parts, body: &[u8], trace: Trace, answer: Answer) -> Response {
+    fn finish(&self, parts: &Parts, body: &[u8], trace: Trace, answer: Rendered) -> Response {
         self.record(parts, body, trace, &answer);
         answer.into_response()
     }
 
     /// Writes the call into the journal.
-    fn record(&self, parts: &Parts, body: &[u8], trace: Trace, answer: &Answer) {
+    fn record(&self, parts: &Parts, body: &[u8], trace: Trace, answer: &Rendered) {
         let content_type = wire::header(&parts.headers, header::CONTENT_TYPE.as_str());
         let mut st = self.lock();
         let entry = Entry {
@@ -199,7 +199,7 @@ fn hostile_unprocessed(h: &Hostile, parts: &Parts) -> Response {
 }
 
 /// The platform's real answer, spoilt on its way back.
-fn hostile_processed(h: &Hostile, answer: Answer) -> Response {
+fn hostile_processed(h: &Hostile, answer: Rendered) -> Response {
     let body = answer.body.clone();
     match h {
         Hostile::SlowBody => {
@@ -263,10 +263,10 @@ fn response_with(status: u16, content_type: &'static str, body: Body, length: Op
     response
 }
 
-fn handle(st: &mut State, cfg: &SimConfig, ep: &Endpoint, parts: &Parts, body: &[u8], trace: &mut Trace) -> Answer {
+fn handle(st: &mut State, cfg: &SimConfig, ep: &Endpoint, parts: &Parts, body: &[u8], trace: &mut Trace) -> Rendered {
     match checked(st, cfg, ep, parts, body, trace) {
         Ok(answer) => answer,
-        Err(e) => Answer::error(&e),
+        Err(e) => Rendered::error(&e),
     }
 }
 
@@ -278,7 +278,7 @@ fn checked(
     parts: &Parts,
     body: &[u8],
     trace: &mut Trace,
-) -> Result<Answer, SimError> {
+) -> Result<Rendered, SimError> {
     let headers = &parts.headers;
     let request_id = request_id(headers)?;
     trace.request_id = Some(request_id.clone());
@@ -301,7 +301,7 @@ fn checked(
     if let Some(held) = st.idempotency.get(&key) {
         if held.at + Duration::days(IDEMPOTENCY_DAYS) > now {
             if held.fingerprint == fingerprint {
-                return Ok(Answer::replay(held));
+                return Ok(Rendered::replay(held));
             }
             return Err(SimError::Conflict {
                 message: "X-Request-Id already used for a different request".into(),
@@ -317,7 +317,7 @@ fn checked(
         org: &org,
         now,
     };
-    let mut answer = dispatch(st, cfg, ep, &call).unwrap_or_else(|e| Answer::error(&e));
+    let mut answer = dispatch(st, cfg, ep, &call).unwrap_or_else(|e| Rendered::error(&e));
     if answer.status == 200 && answer.effect == Effect::Rejected {
         answer.effect = Effect::Unchanged;
     }
@@ -341,7 +341,7 @@ fn checked(
     Ok(answer)
 }
 
-fn dispatch(st: &mut State, cfg: &SimConfig, ep: &Endpoint, call: &Call) -> Result<Answer, SimError> {
+fn dispatch(st: &mut State, cfg: &SimConfig, ep: &Endpoint, call: &Call) -> Result<Rendered, SimError> {
     if ep.is_get() {
         if !call.body.is_empty() {
             return Err(SimError::invalid("body", "not-allowed"));

@@ -8,7 +8,7 @@ use rand::RngCore;
 use serde_json::Value;
 
 use crate::error::SimError;
-use crate::handler::{Answer, Trace};
+use crate::handler::{Rendered, Trace};
 use crate::journal::Effect;
 use crate::state::{State, TokenInfo};
 use crate::{wire, OrgConfig, SimConfig};
@@ -22,7 +22,7 @@ pub fn issue(
     body: &[u8],
     now: DateTime<FixedOffset>,
     trace: &mut Trace,
-) -> Result<Answer, SimError> {
+) -> Result<Rendered, SimError> {
     let value = wire::json_value(headers, body)?;
     precheck(&value)?;
     let request: TokenRequest = wire::typed(value)?;
@@ -67,7 +67,7 @@ pub fn issue(
         token_type: "Bearer".into(),
         expires_in: ttl,
     };
-    Ok(Answer::ok(
+    Ok(Rendered::ok(
         &answer,
         Effect::Auth,
         format!("token for {} issued, {ttl} s", scope.as_str()),

@@ -129,7 +129,7 @@ pub struct Faults {
 
 /// What the faults do to one call.
 #[derive(Debug, Default, PartialEq)]
-pub struct Plan {
+pub struct Injection {
     pub hang: bool,
     pub latency_ms: u64,
     pub answer: Option<Injected>,
@@ -163,10 +163,10 @@ impl Faults {
     }
 
     /// Decides, and counts down, what happens to one call of `org` on `path`.
-    pub fn plan(&mut self, path: &str, org: &str, now: DateTime<FixedOffset>) -> Plan {
-        let mut plan = Plan {
+    pub fn plan(&mut self, path: &str, org: &str, now: DateTime<FixedOffset>) -> Injection {
+        let mut plan = Injection {
             hang: self.hangs(path),
-            ..Plan::default()
+            ..Injection::default()
         };
         if plan.hang {
             return plan;

@@ -1,4 +1,4 @@
-//! What a contract endpoint's handler gets (`Call`) and gives (`Answer`), and what the journal
+//! What a contract endpoint's handler gets (`Call`) and gives (`Rendered`), and what the journal
 //! records of the caller (`Trace`): shared by the pipeline (`api.rs`) and the handlers
 //! (`auth.rs`, `records.rs`, `reports.rs`, `recognition.rs`), so neither imports the other.
 
@@ -18,7 +18,7 @@ use crate::state::Remembered;
 
 /// One answer, rendered, with what the journal says about it.
 #[derive(Debug, Clone)]
-pub struct Answer {
+pub struct Rendered {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Bytes,
@@ -28,10 +28,10 @@ pub struct Answer {
     pub results: Option<Vec<RecordResult>>,
 }
 
-impl Answer {
-    pub fn ok<T: Serialize>(data: &T, effect: Effect, message: impl Into<String>) -> Answer {
+impl Rendered {
+    pub fn ok<T: Serialize>(data: &T, effect: Effect, message: impl Into<String>) -> Rendered {
         let body = serde_json::to_vec(&Envelope::ok(data)).expect("answers serialize");
-        Answer {
+        Rendered {
             status: 200,
             content_type: CONTENT_JSON,
             body: body.into(),
@@ -43,12 +43,12 @@ impl Answer {
     }
 
     /// `200` with `data: null` (revoke, PDF).
-    pub fn done(effect: Effect, message: impl Into<String>) -> Answer {
-        Answer::ok(&Value::Null, effect, message)
+    pub fn done(effect: Effect, message: impl Into<String>) -> Rendered {
+        Rendered::ok(&Value::Null, effect, message)
     }
 
-    pub fn pdf(bytes: Bytes, message: impl Into<String>) -> Answer {
-        Answer {
+    pub fn pdf(bytes: Bytes, message: impl Into<String>) -> Rendered {
+        Rendered {
             status: 200,
             content_type: CONTENT_PDF,
             body: bytes,
@@ -59,22 +59,22 @@ impl Answer {
         }
     }
 
-    pub fn error(e: &SimError) -> Answer {
+    pub fn error(e: &SimError) -> Rendered {
         let status = e.status().as_u16();
         let errors = e.field_errors();
         // A 400 always carries `data.errors`; other codes only when there is something to name.
         let data = (status == 400 || !errors.is_empty()).then_some(ErrorData { errors });
-        Answer::envelope(status, data, e.detail(), Effect::Rejected)
+        Rendered::envelope(status, data, e.detail(), Effect::Rejected)
     }
 
     /// An injected status, in the envelope of that status.
-    pub fn injected(status: u16) -> Answer {
+    pub fn injected(status: u16) -> Rendered {
         let data = (status == 400).then(ErrorData::default);
-        Answer::envelope(status, data, "injected fault".into(), Effect::Fault)
+        Rendered::envelope(status, data, "injected fault".into(), Effect::Fault)
     }
 
-    pub fn rate_limited(retry_after_secs: u64) -> Answer {
-        let mut a = Answer::envelope(
+    pub fn rate_limited(retry_after_secs: u64) -> Rendered {
+        let mut a = Rendered::envelope(
             429,
             None::<ErrorData>,
             format!("retry after {retry_after_secs} s"),
@@ -84,7 +84,7 @@ impl Answer {
         a
     }
 
-    fn envelope<T: Serialize>(status: u16, data: Option<T>, detail: String, effect: Effect) -> Answer {
+    fn envelope<T: Serialize>(status: u16, data: Option<T>, detail: String, effect: Effect) -> Rendered {
         let (code, text) = code_for_status(status);
         let message = if detail.is_empty() {
             text.to_owned()
@@ -96,7 +96,7 @@ impl Answer {
             message: message.clone(),
             data,
         };
-        Answer {
+        Rendered {
             status,
             content_type: CONTENT_JSON,
             body: serde_json::to_vec(&envelope).expect("answers serialize").into(),
@@ -107,8 +107,8 @@ impl Answer {
         }
     }
 
-    pub(crate) fn replay(r: &Remembered) -> Answer {
-        Answer {
+    pub(crate) fn replay(r: &Remembered) -> Rendered {
+        Rendered {
             status: r.status,
             content_type: r.content_type,
             body: r.body.clone(),

@@ -298,7 +298,7 @@ async fn page_decide(
 /// Unknown paths get the envelope's 404 too.
 async fn not_found() -> Response {
     let e = SimError::NotFound("no such endpoint".into());
-    let mut r = handler::Answer::error(&e).into_response();
+    let mut r = handler::Rendered::error(&e).into_response();
     *r.status_mut() = StatusCode::NOT_FOUND;
     r
 }

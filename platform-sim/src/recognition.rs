@@ -12,7 +12,7 @@ use hmr_protocol::{
 use serde::Deserialize;
 
 use crate::error::SimError;
-use crate::handler::{Answer, Call};
+use crate::handler::{Call, Rendered};
 use crate::journal::Effect;
 use crate::state::{Check, DecisionRecord, DownloadRecord, HeldReport, ReportId, State, Ticket};
 use crate::{wire, SimConfig};
@@ -191,7 +191,7 @@ fn issue_ticket(
 }
 
 /// `GET /recognitions`: all six parameters required.
-pub fn list(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, SimError> {
+pub fn list(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Rendered, SimError> {
     let q: ListQuery = wire::typed(wire::query_value(call.query)?)?;
     let mut errors = vec![];
     person(&q.id_type, &q.id_no, &mut errors);
@@ -209,7 +209,7 @@ pub fn list(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, SimE
     let title = format!("互认信息列表 · 就诊 {}", q.visit_no);
     let url = issue_ticket(st, cfg, call.org, title, items.clone(), None);
     let message = format!("{} recognisable item(s)", items.len());
-    Ok(Answer::ok(
+    Ok(Rendered::ok(
         &ListAnswer {
             count: items.len(),
             url,
@@ -221,7 +221,7 @@ pub fn list(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, SimE
 }
 
 /// `POST /recognitions/query`: the recognisable items, filtered.
-pub fn query(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, SimError> {
+pub fn query(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Rendered, SimError> {
     let q: PreciseQuery = wire::typed(wire::json_value(call.headers, call.body)?)?;
     let mut errors = vec![];
     person(&q.id_type, &q.id_no, &mut errors);
@@ -249,11 +249,11 @@ pub fn query(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, Sim
         })
         .collect();
     let message = format!("{} item(s) match", items.len());
-    Ok(Answer::ok(&ItemsAnswer { items }, Effect::Unchanged, message))
+    Ok(Rendered::ok(&ItemsAnswer { items }, Effect::Unchanged, message))
 }
 
 /// `POST /prescriptions/check`: which orders repeat a recognisable result.
-pub fn check(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, SimError> {
+pub fn check(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Rendered, SimError> {
     let c: PrescriptionCheck = wire::typed(wire::json_value(call.headers, call.body)?)?;
     let mut errors = vec![];
     person(&c.id_type, &c.id_no, &mut errors);
@@ -355,11 +355,11 @@ pub fn check(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, Sim
         url,
         matches,
     };
-    Ok(Answer::ok(&answer, Effect::Applied, message))
+    Ok(Rendered::ok(&answer, Effect::Applied, message))
 }
 
 /// `POST /recognitions/decisions`: one decision per matched order of the check.
-pub fn decide(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, SimError> {
+pub fn decide(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Rendered, SimError> {
     let d: Decisions = wire::typed(wire::json_value(call.headers, call.body)?)?;
     validate::decisions(&d, &call.now)?;
     let Some(check) = st.checks.get(&d.check_id).filter(|c| c.org == call.org) else {
@@ -373,7 +373,7 @@ pub fn decide(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, Si
             v
         };
         return if sorted(&held.decisions) == sorted(&d.decisions) {
-            Ok(Answer::done(
+            Ok(Rendered::done(
                 Effect::Unchanged,
                 format!("check {}: same decisions held", d.check_id),
             ))
@@ -445,11 +445,11 @@ pub fn decide(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Answer, Si
     if let Some(check) = st.checks.get_mut(&d.check_id) {
         check.decided = Some(d);
     }
-    Ok(Answer::done(Effect::Applied, message))
+    Ok(Rendered::done(Effect::Applied, message))
 }
 
 /// `GET /reports/{reportId}/download?format=pdf|json`: only what this org recognised.
-pub fn download(st: &mut State, call: &Call, report_id: &str) -> Result<Answer, SimError> {
+pub fn download(st: &mut State, call: &Call, report_id: &str) -> Result<Rendered, SimError> {
     let q: DownloadQuery = wire::typed(wire::query_value(call.query)?)?;
     if q.format != "pdf" && q.format != "json" {
         return Err(SimError::invalid(
@@ -478,9 +478,9 @@ pub fn download(st: &mut State, call: &Call, report_id: &str) -> Result<Answer, 
         let Some(pdf) = &version.pdf else {
             return Err(SimError::NotFound(format!("{report_id}: no PDF uploaded")));
         };
-        Answer::pdf(pdf.bytes.clone(), format!("{report_id} PDF downloaded"))
+        Rendered::pdf(pdf.bytes.clone(), format!("{report_id} PDF downloaded"))
     } else {
-        Answer::ok(&version.body, Effect::Unchanged, format!("{report_id} JSON downloaded"))
+        Rendered::ok(&version.body, Effect::Unchanged, format!("{report_id} JSON downloaded"))
     };
     let at = format_time(&call.now);
     st.org_mut(call.org).downloads.push(DownloadRecord {
@@ -672,7 +672,7 @@ pub fn page_decide(st: &mut State, ticket: &str, form: &HashMap<String, String>)
 }
 
 /// `GET /prescriptions/checks/{checkId}` (§6): what is decided so far, on the page or uploaded.
-pub fn check_decisions(st: &State, call: &Call, check_id: &str) -> Result<Answer, SimError> {
+pub fn check_decisions(st: &State, call: &Call, check_id: &str) -> Result<Rendered, SimError> {
     if call.query.is_some_and(|q| !q.is_empty()) {
         return Err(SimError::invalid("query", "unknown-field"));
     }
@@ -709,7 +709,11 @@ pub fn check_decisions(st: &State, call: &Call, check_id: &str) -> Result<Answer
         complete: check.decided.is_some(),
         decisions,
     };
-    Ok(Answer::ok(&answer, Effect::Unchanged, format!("check {check_id} read")))
+    Ok(Rendered::ok(
+        &answer,
+        Effect::Unchanged,
+        format!("check {check_id} read"),
+    ))
 }
 
 fn esc(s: &str) -> String {

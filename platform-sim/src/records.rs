@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::SimError;
-use crate::handler::{Answer, Call};
+use crate::handler::{Call, Rendered};
 use crate::journal::Effect;
 use crate::state::{OrgData, State};
 use crate::wire;
@@ -20,7 +20,7 @@ enum Applied {
 
 type Outcome = Result<Applied, Vec<FieldError>>;
 
-pub fn patients(st: &mut State, call: &Call) -> Result<Answer, SimError> {
+pub fn patients(st: &mut State, call: &Call) -> Result<Rendered, SimError> {
     batch(st, call, "patients", |org, p: hmr_protocol::Patient, now| {
         validate::patient(&p, now)?;
         if let Some(held) = org.patients.get(&p.patient_id) {
@@ -33,7 +33,7 @@ pub fn patients(st: &mut State, call: &Call) -> Result<Answer, SimError> {
     })
 }
 
-pub fn departments(st: &mut State, call: &Call) -> Result<Answer, SimError> {
+pub fn departments(st: &mut State, call: &Call) -> Result<Rendered, SimError> {
     batch(st, call, "departments", |org, d: hmr_protocol::Department, now| {
         validate::department(&d, now)?;
         // Held already, or accepted earlier in this batch (records apply in order).
@@ -52,7 +52,7 @@ pub fn departments(st: &mut State, call: &Call) -> Result<Answer, SimError> {
     })
 }
 
-pub fn staff(st: &mut State, call: &Call) -> Result<Answer, SimError> {
+pub fn staff(st: &mut State, call: &Call) -> Result<Rendered, SimError> {
     batch(st, call, "staff", |org, s: hmr_protocol::Staff, now| {
         validate::staff(&s, now)?;
         if !org.departments.contains_key(&s.dept_code) {
@@ -75,7 +75,7 @@ fn batch<T: DeserializeOwned>(
     call: &Call,
     what: &str,
     mut apply: impl FnMut(&mut OrgData, T, &DateTime<FixedOffset>) -> Outcome,
-) -> Result<Answer, SimError> {
+) -> Result<Rendered, SimError> {
     let value = wire::json_value(call.headers, call.body)?;
     let batch: Batch<Value> = wire::typed(value)?;
     if batch.records.len() > MAX_BATCH {
@@ -115,7 +115,7 @@ fn batch<T: DeserializeOwned>(
     };
     let message = format!("{what}: {changed} applied, {unchanged} unchanged, {rejected} rejected");
     let answer = BatchAnswer { results };
-    let mut a = Answer::ok(&answer, effect, message);
+    let mut a = Rendered::ok(&answer, effect, message);
     a.results = Some(answer.results);
     Ok(a)
 }

@@ -4,12 +4,12 @@ use hmr_protocol::paths::HEADER_CONTENT_SHA256;
 use hmr_protocol::{validate, FieldError, ReportType, Revoke};
 
 use crate::error::SimError;
-use crate::handler::{Answer, Call};
+use crate::handler::{Call, Rendered};
 use crate::journal::Effect;
 use crate::state::{HeldVersion, ReportBody, State, StoredPdf};
 use crate::{wire, SimConfig};
 
-pub fn upload(st: &mut State, cfg: &SimConfig, call: &Call, kind: ReportType) -> Result<Answer, SimError> {
+pub fn upload(st: &mut State, cfg: &SimConfig, call: &Call, kind: ReportType) -> Result<Rendered, SimError> {
     let value = wire::json_value(call.headers, call.body)?;
     let body = match kind {
         ReportType::Lab => {
@@ -51,7 +51,7 @@ pub fn upload(st: &mut State, cfg: &SimConfig, call: &Call, kind: ReportType) ->
     match newest {
         Some(newest) if version <= newest => match held.versions.get(&version) {
             Some(same) if same.body == body => {
-                Ok(Answer::done(Effect::Unchanged, format!("{what}: same content held")))
+                Ok(Rendered::done(Effect::Unchanged, format!("{what}: same content held")))
             }
             Some(_) => Err(SimError::Conflict {
                 message: format!("{what} is held with other content; a correction needs a higher version"),
@@ -73,12 +73,15 @@ pub fn upload(st: &mut State, cfg: &SimConfig, call: &Call, kind: ReportType) ->
                     received_at: call.now,
                 },
             );
-            Ok(Answer::done(Effect::Applied, format!("{what} stored ({items} items)")))
+            Ok(Rendered::done(
+                Effect::Applied,
+                format!("{what} stored ({items} items)"),
+            ))
         }
     }
 }
 
-pub fn revoke(st: &mut State, call: &Call, kind: ReportType, report_no: &str) -> Result<Answer, SimError> {
+pub fn revoke(st: &mut State, call: &Call, kind: ReportType, report_no: &str) -> Result<Rendered, SimError> {
     let value = wire::json_value(call.headers, call.body)?;
     let r: Revoke = wire::typed(value)?;
     validate::revoke(&r, &call.now)?;
@@ -94,13 +97,19 @@ pub fn revoke(st: &mut State, call: &Call, kind: ReportType, report_no: &str) ->
         return Err(SimError::NotFound(format!("{what} not held")));
     };
     if v.revoked.is_some() {
-        return Ok(Answer::done(Effect::Unchanged, format!("{what} already revoked")));
+        return Ok(Rendered::done(Effect::Unchanged, format!("{what} already revoked")));
     }
     v.revoked = Some(r);
-    Ok(Answer::done(Effect::Applied, format!("{what} revoked")))
+    Ok(Rendered::done(Effect::Applied, format!("{what} revoked")))
 }
 
-pub fn pdf(st: &mut State, call: &Call, kind: ReportType, report_no: &str, version: &str) -> Result<Answer, SimError> {
+pub fn pdf(
+    st: &mut State,
+    call: &Call,
+    kind: ReportType,
+    report_no: &str,
+    version: &str,
+) -> Result<Rendered, SimError> {
     let sha256 = wire::pdf_checks(call.headers, call.body, HEADER_CONTENT_SHA256)?;
     let version: u32 = match version.parse() {
         Ok(v) if v >= 1 && !version.starts_with('+') => v,
@@ -122,7 +131,7 @@ pub fn pdf(st: &mut State, call: &Call, kind: ReportType, report_no: &str, versi
         return Err(SimError::conflict(format!("{what}: the version is revoked")));
     }
     match &v.pdf {
-        Some(held) if held.sha256 == sha256 => Ok(Answer::done(Effect::Unchanged, format!("{what}: same PDF held"))),
+        Some(held) if held.sha256 == sha256 => Ok(Rendered::done(Effect::Unchanged, format!("{what}: same PDF held"))),
         Some(_) => Err(SimError::conflict(format!(
             "{what}: another PDF is held; a correction is a new version"
         ))),
@@ -132,7 +141,7 @@ pub fn pdf(st: &mut State, call: &Call, kind: ReportType, report_no: &str, versi
                 bytes: axum::body::Bytes::copy_from_slice(call.body),
                 sha256,
             });
-            Ok(Answer::done(Effect::Applied, format!("{what} stored ({size} bytes)")))
+            Ok(Rendered::done(Effect::Applied, format!("{what} stored ({size} bytes)")))
         }
     }
 }

@@ -27,7 +27,10 @@ pub const FUTURE_SLACK_SECS: i64 = 300;
 
 pub const ID_TYPES: [&str; 5] = ["01", "02", "03", "04", "99"];
 pub const GENDER_CODES: [&str; 4] = ["0", "1", "2", "9"];
-pub const VISIT_TYPES: [&str; 4] = ["1", "2", "3", "4"];
+pub const VISIT_TYPES: [&str; 4] = [OUTPATIENT, "2", "3", "4"];
+/// Visit type 1, 门诊: what serve checks as when a terminal names none (CDS Hooks' order-sign
+/// carries no visit type).
+pub const OUTPATIENT: &str = "1";
 pub const ABNORMAL_FLAGS: [&str; 4] = ["1", "2", "3", "4"];
 pub const STATUS_CODES: [&str; 2] = ["0", "1"];
 pub const STAFF_ROLES: [&str; 5] = ["doctor", "technician", "nurse", "pharmacist", "other"];

@@ -15,7 +15,7 @@ use crate::*;
 
 /// How hard to push.
 #[derive(Clone, Debug)]
-pub struct Plan {
+pub struct Intensity {
     pub worker_kills: usize,
     pub db_restarts: usize,
     pub outage_503: Duration,
@@ -28,9 +28,9 @@ pub struct Plan {
     pub failover: bool,
 }
 
-impl Plan {
-    pub fn short() -> Plan {
-        Plan {
+impl Intensity {
+    pub fn short() -> Intensity {
+        Intensity {
             worker_kills: 4,
             db_restarts: 1,
             outage_503: Duration::from_secs(5),
@@ -41,8 +41,8 @@ impl Plan {
             failover: false,
         }
     }
-    pub fn long() -> Plan {
-        Plan {
+    pub fn long() -> Intensity {
+        Intensity {
             worker_kills: 20,
             db_restarts: 3,
             outage_503: Duration::from_secs(60),
@@ -312,7 +312,7 @@ async fn recovery(cluster: &Cluster, fault_end: std::time::SystemTime) -> Result
     }
 }
 
-pub async fn run(plan: Plan) -> Result<Outcome> {
+pub async fn run(plan: Intensity) -> Result<Outcome> {
     let started = Instant::now();
     let cluster = Cluster::start().await?;
     let his = cluster.connect("his").await?;

@@ -5,7 +5,7 @@ use anyhow::Result;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fault_suite_short_form() -> Result<()> {
-    let outcome = hmr_e2e::faults::run(hmr_e2e::faults::Plan::short()).await?;
+    let outcome = hmr_e2e::faults::run(hmr_e2e::faults::Intensity::short()).await?;
     println!("{}", outcome.table());
     assert!(outcome.lost.is_empty(), "lost: {:#?}", outcome.lost);
     assert!(

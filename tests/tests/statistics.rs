@@ -1,6 +1,6 @@
 //! 互认 statistics: a generated month of prompts and decisions, its expected figures computed
 //! here independently, against `hmr.recognition_stats` and `hmr.recognition_totals`; and the
-//! list calls (调阅/提醒) kept in `hmr.list_log`.
+//! list calls (调阅) kept in `hmr.list_log`.
 
 use std::collections::BTreeMap;
 
@@ -206,7 +206,7 @@ async fn a_generated_month_gives_the_figures_computed_independently() -> Result<
     Ok(())
 }
 
-/// Every badge/list call is kept (调阅/提醒): who, for whom (masked), what it showed, cached
+/// Every badge/list call is kept (调阅): who, for whom (masked), what it showed, cached
 /// or not; the month's list calls appear in the totals.
 #[tokio::test(flavor = "multi_thread")]
 async fn list_calls_are_kept_for_the_statistics() -> Result<()> {

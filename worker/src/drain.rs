@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::error::WorkerError;
 use crate::plan::{
-    self, Decision, Dependency, ItemCode, Master, MasterSend, Plan, Quarantine, Reference, ReportFacts, Rules,
+    self, Dependency, ItemCode, Master, MasterSend, Plan, Quarantine, Reference, ReportFacts, Rules, Verdict,
 };
 use crate::platform::Platform;
 use crate::store::{Delivered, Event, Finish, PdfNames, ReportInput, Store};
@@ -240,7 +240,7 @@ impl Drainer {
                     plan::report(facts, &rules)
                 };
                 let plan = match decision {
-                    Decision::Send(plan) => plan,
+                    Verdict::Send(plan) => plan,
                     other => return self.carry_out(&event, other).await,
                 };
                 let (frozen, pdf) = plan.freeze();
@@ -256,7 +256,7 @@ impl Drainer {
         for (index, request) in plan.requests.iter().enumerate().skip(event.step.max(0) as usize) {
             let id = plan.request_id(event.id, event.generation, index);
             let (outcome, answer) = self.platform.execute(request, id).await;
-            if let Some(Some((report_id, format))) = plan.keep.get(index) {
+            if let Some(Some((report_id, format))) = plan.retain.get(index) {
                 // A recognised report: keep what the platform gives; a missing file (404) or a
                 // refusal does not undo the delivered decision.
                 match outcome {
@@ -269,9 +269,9 @@ impl Drainer {
                         } else {
                             body
                         };
-                        self.store.keep_report(report_id, format, &bytes, &event.key).await?;
+                        self.store.retain_report(report_id, format, &bytes, &event.key).await?;
                     }
-                    Outcome::Retry { .. } | Outcome::RefreshToken => return self.not_done(&event, outcome).await,
+                    Outcome::Retry { .. } | Outcome::RefreshToken => return self.settle_failure(&event, outcome).await,
                     Outcome::MissingDependency { .. } | Outcome::Permanent { .. } => {
                         tracing::info!(report = %report_id, format = %format, "recognised report not downloadable");
                     }
@@ -285,7 +285,7 @@ impl Drainer {
                 // Remember progress between steps (data, then PDF): a retry starts at the PDF.
                 Outcome::Done if index + 1 < steps => self.store.save_step(event.id, index as i32 + 1).await?,
                 Outcome::Done => {}
-                other => return self.not_done(&event, other).await,
+                other => return self.settle_failure(&event, other).await,
             }
         }
         tracing::debug!(kind = %event.kind, key = %event.key, version = plan.version, "delivered");
@@ -379,16 +379,16 @@ impl Drainer {
     }
 
     /// Carries out a decision that sends nothing now.
-    async fn carry_out<S>(&self, event: &Event, decision: Decision<S>) -> Result<Step, WorkerError> {
+    async fn carry_out<S>(&self, event: &Event, decision: Verdict<S>) -> Result<Step, WorkerError> {
         match decision {
-            Decision::Send(_) => unreachable!("sent by the caller"),
-            Decision::Finish(ending, detail) => Ok(Step::Finished(self.finished(event, ending.as_str(), detail))),
-            Decision::Quarantine(q) => {
+            Verdict::Send(_) => unreachable!("sent by the caller"),
+            Verdict::Finish(ending, detail) => Ok(Step::Finished(self.finished(event, ending.as_str(), detail))),
+            Verdict::Quarantine(q) => {
                 tracing::warn!(kind = %event.kind, event = event.id, field = %q.field, reason = %q.reason, "quarantined");
                 self.store.quarantine(event.id, &q).await?;
                 Ok(Step::Quarantined)
             }
-            Decision::Wait(kind, key) => {
+            Verdict::Wait(kind, key) => {
                 self.store.ensure_enqueued(kind, &key).await?;
                 // Short first waits: the dependency is usually delivered within one round.
                 let delay = Duration::from_millis(100)
@@ -485,11 +485,11 @@ impl Drainer {
     /// platform says it lacks).
     async fn wait_for_dependency(&self, event: &Event, on: &Reference) -> Result<Step, WorkerError> {
         let state = self.dependency_state(on.kind, &on.key).await?;
-        let decision: Decision<()> = plan::dependency(on, state, event.attempts, &self.rules());
+        let decision: Verdict<()> = plan::dependency(on, state, event.attempts, &self.rules());
         self.carry_out(event, decision).await
     }
 
-    async fn not_done(&self, event: &Event, outcome: Outcome) -> Result<Step, WorkerError> {
+    async fn settle_failure(&self, event: &Event, outcome: Outcome) -> Result<Step, WorkerError> {
         match outcome {
             Outcome::Done => unreachable!("handled by the caller"),
             Outcome::Retry { after, reason } => {
@@ -571,15 +571,15 @@ impl Drainer {
 
     /// Asks again about kept reports of other hospitals: one revoked at its source since is
     /// marked, so `hmr_download_report` refuses it (HM009).
-    pub async fn recheck_kept(&self, every: Duration) -> Result<(), WorkerError> {
-        for report_id in self.store.kept_to_recheck(every, 50).await? {
+    pub async fn recheck_retained(&self, every: Duration) -> Result<(), WorkerError> {
+        for report_id in self.store.retained_to_recheck(every, 50).await? {
             // A GET is a new request each time (a reused id would replay the first answer).
             let (outcome, _) = self
                 .platform
                 .execute(&paths::download(&report_id, "json"), Uuid::new_v4())
                 .await;
             match outcome {
-                Outcome::Done => self.store.kept_rechecked(&report_id, None).await?,
+                Outcome::Done => self.store.retained_rechecked(&report_id, None).await?,
                 Outcome::Permanent {
                     status: 409,
                     message,
@@ -587,7 +587,7 @@ impl Drainer {
                     ..
                 } if errors.iter().any(|e| e.reason == "revoked") => {
                     tracing::warn!(report = %report_id, "a kept report was revoked at its source");
-                    self.store.kept_rechecked(&report_id, Some(&message)).await?;
+                    self.store.retained_rechecked(&report_id, Some(&message)).await?;
                 }
                 // Unavailable now, or refused otherwise: asked again next time.
                 _ => {}
@@ -644,8 +644,8 @@ impl Drainer {
                 .and_then(Master::depends_on)
                 .map(|on| states[&(on.kind, on.key)]);
             match plan::master(record, kind, held.get(&event.key), depends, event.attempts, &rules) {
-                Decision::Send(send) => to_send.push((event, send)),
-                Decision::Finish(ending, detail) => finished.push(self.finished(&event, ending.as_str(), detail)),
+                Verdict::Send(send) => to_send.push((event, send)),
+                Verdict::Finish(ending, detail) => finished.push(self.finished(&event, ending.as_str(), detail)),
                 other => {
                     self.carry_out(&event, other).await?;
                 }

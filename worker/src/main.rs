@@ -5,9 +5,9 @@ mod config;
 mod drain;
 mod error;
 mod metrics;
+mod monthly_report;
 mod plan;
 mod platform;
-mod report;
 mod serve;
 mod store;
 
@@ -102,14 +102,14 @@ fn main() -> anyhow::Result<()> {
                     out.is_some() || csv.is_some(),
                     "give --out report.html and/or --csv DIR"
                 );
-                let m = report::read(config.database.url.expose(), &month).await?;
+                let m = monthly_report::read(config.database.url.expose(), &month).await?;
                 if let Some(out) = out {
-                    report::register_font(std::path::Path::new(&config.pdf.font))?;
-                    std::fs::write(&out, report::html(&m, &config.pdf.hospital_name)?)?;
+                    monthly_report::register_font(std::path::Path::new(&config.pdf.font))?;
+                    std::fs::write(&out, monthly_report::html(&m, &config.pdf.hospital_name)?)?;
                     println!("{}", out.display());
                 }
                 if let Some(dir) = csv {
-                    report::csv(&m, &dir)?;
+                    monthly_report::csv(&m, &dir)?;
                     println!("{}", dir.display());
                 }
                 Ok(())
@@ -366,7 +366,7 @@ async fn drain_until_stopped(
             }
             if rechecked.is_none_or(|t: std::time::Instant| t.elapsed() >= recheck_every.min(Duration::from_secs(60))) {
                 rechecked = Some(std::time::Instant::now());
-                drainer.recheck_kept(recheck_every).await?;
+                drainer.recheck_retained(recheck_every).await?;
             }
             // Checks and prompts a refused save kept outside its transaction.
             store.ingest_kept().await?;

@@ -32,7 +32,7 @@ fn statistic_help(name: &str) -> &'static str {
     match name {
         "prompts_total" => "Duplicates a doctor was warned of (orders a refused save left undecided).",
         "decisions_total" => "Doctors' decisions that count, by outcome and 不互认 reason.",
-        "list_calls_total" => "Badge/list calls (调阅/提醒).",
+        "list_calls_total" => "Recognition list calls (调阅).",
         "uploads_total" => "Report uploads the platform accepted (versions and revokes).",
         "uploads_on_time_total" => "Report uploads accepted within 24 hours of the approval.",
         _ => "",

@@ -23,12 +23,12 @@ pub struct Plan {
     pub content_hash: String,
     pub revoked: bool,
     /// For download steps: the report id and format whose answer is kept.
-    #[serde(default)]
-    pub keep: Vec<Option<(String, String)>>,
+    #[serde(default, rename = "keep")]
+    pub retain: Vec<Option<(String, String)>>,
     /// How request ids are derived (`Plan::request_id`): 1 (from 0.3.0) includes what each step
     /// sends; 0, plans frozen by an older worker, event and step only.
-    #[serde(default)]
-    pub ids: u8,
+    #[serde(default, rename = "ids")]
+    pub id_scheme: u8,
 }
 
 /// Namespace of request ids: UUIDv5 of the event, its retry generation and the step.
@@ -45,7 +45,7 @@ impl Plan {
     /// after a failover that lost a frozen plan and reused its event's id (the sequence of an
     /// asynchronous replica lags the lost primary's).
     pub fn request_id(&self, event_id: i64, generation: i32, index: usize) -> uuid::Uuid {
-        if self.ids == 0 {
+        if self.id_scheme == 0 {
             return request_id(&format!("{event_id}:{generation}:{index}"));
         }
         let r = &self.requests[index];
@@ -186,7 +186,7 @@ impl Quarantine {
 /// What to do with one event. `S` is what is sent: a frozen `Plan` for reports and
 /// decisions, a record for master data (batched by the caller).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision<S> {
+pub enum Verdict<S> {
     Send(S),
     Finish(Ending, &'static str),
     Quarantine(Quarantine),
@@ -282,14 +282,14 @@ impl ReportFacts {
 
 /// A report: upload a new version (data, then PDF), revoke what the platform holds, or
 /// nothing.
-pub fn report(f: ReportFacts, rules: &Rules) -> Decision<Plan> {
+pub fn report(f: ReportFacts, rules: &Rules) -> Verdict<Plan> {
     let Some(report_type) = f.kind.report_type() else {
-        return Decision::Finish(Ending::Skipped, "not a report kind");
+        return Verdict::Finish(Ending::Skipped, "not a report kind");
     };
     let Some(mut row) = f.row else {
         return match f.held {
-            Some(h) if !h.revoked => Decision::Send(revoke_plan(report_type, &f.key, h, f.revocation, rules)),
-            _ => Decision::Finish(Ending::Skipped, "not in the source view, nothing held"),
+            Some(h) if !h.revoked => Verdict::Send(revoke_plan(report_type, &f.key, h, f.revocation, rules)),
+            _ => Verdict::Finish(Ending::Skipped, "not in the source view, nothing held"),
         };
     };
     if let ItemCode::Mapped(code) = &f.item_code {
@@ -307,14 +307,14 @@ pub fn report(f: ReportFacts, rules: &Rules) -> Decision<Plan> {
         rendered,
     } = match built {
         Ok(b) => b,
-        Err(e) => return Decision::Quarantine(invalid(f.kind, &e)),
+        Err(e) => return Verdict::Quarantine(invalid(f.kind, &e)),
     };
     if f.held.as_ref().is_some_and(|h| h.content_hash == hash && !h.revoked) {
-        return Decision::Finish(Ending::Unchanged, "same content as delivered");
+        return Verdict::Finish(Ending::Unchanged, "same content as delivered");
     }
     // Without its platform code no other hospital could ever recognise the result.
     if let ItemCode::Unmapped { local, hold: true } = &f.item_code {
-        return Decision::Quarantine(Quarantine {
+        return Verdict::Quarantine(Quarantine {
             field: "local_item_code".into(),
             reason: "unmapped".into(),
             message: format!(
@@ -336,7 +336,7 @@ pub fn report(f: ReportFacts, rules: &Rules) -> Decision<Plan> {
         (Some(bytes), _) => Some(bytes),
         (None, Some(Ok(bytes))) => Some(bytes),
         (None, Some(Err(e))) => {
-            return Decision::Quarantine(Quarantine {
+            return Verdict::Quarantine(Quarantine {
                 field: "pdf".into(),
                 reason: "render".into(),
                 message: format!("rendering the PDF failed: {e}"),
@@ -355,7 +355,7 @@ pub fn report(f: ReportFacts, rules: &Rules) -> Decision<Plan> {
             None
         };
         if let Some(reason) = reason {
-            return Decision::Quarantine(Quarantine {
+            return Verdict::Quarantine(Quarantine {
                 field: "pdf".into(),
                 reason: reason.into(),
                 message: "the source's PDF cannot be uploaded".into(),
@@ -364,13 +364,13 @@ pub fn report(f: ReportFacts, rules: &Rules) -> Decision<Plan> {
         }
         requests.push(paths::pdf(report_type, &f.key, version as u32, bytes));
     }
-    Decision::Send(Plan {
+    Verdict::Send(Plan {
         requests,
         version,
         content_hash: hash,
         revoked: false,
-        keep: vec![],
-        ids: 1,
+        retain: vec![],
+        id_scheme: 1,
     })
 }
 
@@ -443,18 +443,18 @@ fn revoke_plan(t: ReportType, key: &str, held: Delivered, said: Option<Revocatio
         version: held.version,
         content_hash: held.content_hash,
         revoked: true,
-        keep: vec![],
-        ids: 1,
+        retain: vec![],
+        id_scheme: 1,
     }
 }
 
 /// A record waiting for one it references: quarantined with it (released when that one is
 /// delivered), refused when it does not exist at all (released the same way once the DBA adds
 /// it), quarantined after too many waits, or waiting.
-pub fn dependency<S>(on: &Reference, state: Dependency, attempts: i32, rules: &Rules) -> Decision<S> {
+pub fn dependency<S>(on: &Reference, state: Dependency, attempts: i32, rules: &Rules) -> Verdict<S> {
     let Reference { kind, key, field } = on;
     let quarantine = |reason: &str, message: String| {
-        Decision::Quarantine(Quarantine {
+        Verdict::Quarantine(Quarantine {
             field: field.to_string(),
             reason: reason.into(),
             message,
@@ -462,7 +462,7 @@ pub fn dependency<S>(on: &Reference, state: Dependency, attempts: i32, rules: &R
         })
     };
     match state {
-        Dependency::Held => Decision::Wait(*kind, key.clone()),
+        Dependency::Held => Verdict::Wait(*kind, key.clone()),
         Dependency::Quarantined => quarantine(
             "dependency-quarantined",
             format!("waiting for {kind} {key}, which is quarantined: this goes by itself once that is fixed and delivered"),
@@ -475,7 +475,7 @@ pub fn dependency<S>(on: &Reference, state: Dependency, attempts: i32, rules: &R
             "dependency-not-delivered",
             format!("{kind} {key} has not reached the platform (is it in its source view?); this goes by itself once it is delivered"),
         ),
-        Dependency::Missing => Decision::Wait(*kind, key.clone()),
+        Dependency::Missing => Verdict::Wait(*kind, key.clone()),
     }
 }
 
@@ -496,28 +496,28 @@ pub fn invalid(kind: Kind, e: &ProtocolError) -> Quarantine {
 
 /// The decisions of a check, once every matched order has one; then the recognised
 /// reports' downloads (kept in `hmr.retained_reports`).
-pub fn decisions(decisions: Option<Decisions>, rules: &Rules) -> Decision<Plan> {
+pub fn decisions(decisions: Option<Decisions>, rules: &Rules) -> Verdict<Plan> {
     let Some(decisions) = decisions else {
-        return Decision::Finish(Ending::Skipped, "no decisions recorded");
+        return Verdict::Finish(Ending::Skipped, "no decisions recorded");
     };
     if let Err(errors) = validate::decisions(&decisions, &rules.now) {
-        return Decision::Quarantine(invalid(Kind::Decision, &ProtocolError::Invalid(errors)));
+        return Verdict::Quarantine(invalid(Kind::Decision, &ProtocolError::Invalid(errors)));
     }
     let mut requests = vec![paths::decisions(&decisions)];
-    let mut keep = vec![None];
+    let mut retain = vec![None];
     for d in decisions.decisions.iter().filter(|d| d.recognise) {
         for format in ["pdf", "json"] {
             requests.push(paths::download(&d.report_id, format));
-            keep.push(Some((d.report_id.clone(), format.to_string())));
+            retain.push(Some((d.report_id.clone(), format.to_string())));
         }
     }
-    Decision::Send(Plan {
+    Verdict::Send(Plan {
         requests,
         version: 1,
         content_hash: source::content_hash(&decisions),
         revoked: false,
-        keep,
-        ids: 1,
+        retain,
+        id_scheme: 1,
     })
 }
 
@@ -677,21 +677,21 @@ pub fn master(
     depends: Option<Dependency>,
     attempts: i32,
     rules: &Rules,
-) -> Decision<MasterSend> {
+) -> Verdict<MasterSend> {
     let record = match built {
         Ok(r) => r,
-        Err(e) => return Decision::Quarantine(invalid(kind, &e)),
+        Err(e) => return Verdict::Quarantine(invalid(kind, &e)),
     };
     let hash = record.hash();
     if held.is_some_and(|h| h.content_hash == hash) {
-        return Decision::Finish(Ending::Unchanged, "same content as delivered");
+        return Verdict::Finish(Ending::Unchanged, "same content as delivered");
     }
     if let (Some(on), Some(state)) = (record.depends_on(), depends) {
         if state != Dependency::Held {
             return dependency(&on, state, attempts, rules);
         }
     }
-    Decision::Send(MasterSend {
+    Verdict::Send(MasterSend {
         record,
         hash,
         version: held.map_or(1, |h| h.version + 1),
@@ -769,9 +769,9 @@ mod tests {
         })
     }
 
-    fn sent(d: Decision<Plan>) -> Plan {
+    fn sent(d: Verdict<Plan>) -> Plan {
         match d {
-            Decision::Send(p) => p,
+            Verdict::Send(p) => p,
             other => panic!("expected a plan, got {other:?}"),
         }
     }
@@ -805,7 +805,7 @@ mod tests {
         f.held = held(2, &hash, false);
         assert_eq!(
             report(f.clone(), &rules()),
-            Decision::Finish(Ending::Unchanged, "same content as delivered")
+            Verdict::Finish(Ending::Unchanged, "same content as delivered")
         );
         f.held = held(2, &hash, true);
         assert_eq!(sent(report(f, &rules())).version, 3, "re-audited after a revoke");
@@ -839,21 +839,21 @@ mod tests {
         f.held = held(2, "h", true);
         assert_eq!(
             report(f.clone(), &rules()),
-            Decision::Finish(Ending::Skipped, "not in the source view, nothing held"),
+            Verdict::Finish(Ending::Skipped, "not in the source view, nothing held"),
             "already revoked"
         );
         f.held = None;
-        assert!(matches!(report(f, &rules()), Decision::Finish(Ending::Skipped, _)));
+        assert!(matches!(report(f, &rules()), Verdict::Finish(Ending::Skipped, _)));
     }
 
     #[test]
     fn a_report_waits_for_its_patient_and_is_quarantined_with_a_quarantined_one() {
         let mut f = facts(Some(exam_row()));
         f.patient = Dependency::Missing;
-        assert_eq!(report(f.clone(), &rules()), Decision::Wait(Kind::Patient, "P1".into()));
+        assert_eq!(report(f.clone(), &rules()), Verdict::Wait(Kind::Patient, "P1".into()));
 
         f.attempts = 5;
-        let Decision::Quarantine(q) = report(f.clone(), &rules()) else {
+        let Verdict::Quarantine(q) = report(f.clone(), &rules()) else {
             panic!()
         };
         assert_eq!(
@@ -864,7 +864,7 @@ mod tests {
 
         f.attempts = 1;
         f.patient = Dependency::Quarantined;
-        let Decision::Quarantine(q) = report(f, &rules()) else {
+        let Verdict::Quarantine(q) = report(f, &rules()) else {
             panic!()
         };
         assert_eq!(q.reason, "dependency-quarantined");
@@ -881,7 +881,7 @@ mod tests {
         let mut f = facts(Some(exam_row()));
         f.held = held(1, &hash, false);
         f.patient = Dependency::Missing;
-        assert!(matches!(report(f, &rules()), Decision::Finish(Ending::Unchanged, _)));
+        assert!(matches!(report(f, &rules()), Verdict::Finish(Ending::Unchanged, _)));
     }
 
     #[test]
@@ -899,7 +899,7 @@ mod tests {
             local: "X-CHEST".into(),
             hold: true,
         };
-        let Decision::Quarantine(q) = report(f.clone(), &rules()) else {
+        let Verdict::Quarantine(q) = report(f.clone(), &rules()) else {
             panic!()
         };
         assert_eq!((q.field.as_str(), q.reason.as_str()), ("local_item_code", "unmapped"));
@@ -930,7 +930,7 @@ mod tests {
     fn an_invalid_report_is_quarantined_with_the_column_of_the_view() {
         let mut bad = exam_row();
         bad.insert("id_no".into(), json!("441302198003151234"));
-        let Decision::Quarantine(q) = report(facts(Some(bad)), &rules()) else {
+        let Verdict::Quarantine(q) = report(facts(Some(bad)), &rules()) else {
             panic!()
         };
         assert_eq!((q.field.as_str(), q.reason.as_str()), ("id_no", "checksum"));
@@ -943,7 +943,7 @@ mod tests {
 
         let mut missing = exam_row();
         missing.remove("auditor_no");
-        let Decision::Quarantine(q) = report(facts(Some(missing)), &rules()) else {
+        let Verdict::Quarantine(q) = report(facts(Some(missing)), &rules()) else {
             panic!()
         };
         assert_eq!((q.field.as_str(), q.reason.as_str()), ("auditor_no", "required"));
@@ -958,7 +958,7 @@ mod tests {
         assert_eq!(plan.pdf_step(), Some(1));
 
         f.source_pdf = Some(b"<html>".to_vec());
-        let Decision::Quarantine(q) = report(f.clone(), &rules()) else {
+        let Verdict::Quarantine(q) = report(f.clone(), &rules()) else {
             panic!()
         };
         assert_eq!((q.field.as_str(), q.reason.as_str()), ("pdf", "not-a-pdf"));
@@ -966,7 +966,7 @@ mod tests {
         let mut big = b"%PDF-".to_vec();
         big.resize(hmr_protocol::checks::MAX_PDF_BYTES + 1, b' ');
         f.source_pdf = Some(big);
-        let Decision::Quarantine(q) = report(f, &rules()) else {
+        let Verdict::Quarantine(q) = report(f, &rules()) else {
             panic!()
         };
         assert_eq!(q.reason, "too-large");
@@ -982,15 +982,15 @@ mod tests {
         ]);
         let r = rules();
         let built = || Master::build(Kind::Staff, &staff, &r.now, &[]);
-        let Decision::Send(s) = master(built(), Kind::Staff, None, Some(Dependency::Held), 1, &r) else {
+        let Verdict::Send(s) = master(built(), Kind::Staff, None, Some(Dependency::Held), 1, &r) else {
             panic!("{:?}", built())
         };
         assert_eq!(s.version, 1);
         assert_eq!(
             master(built(), Kind::Staff, None, Some(Dependency::Missing), 1, &r),
-            Decision::Wait(Kind::Department, "0301".into())
+            Verdict::Wait(Kind::Department, "0301".into())
         );
-        let Decision::Quarantine(q) = master(built(), Kind::Staff, None, Some(Dependency::Absent), 1, &r) else {
+        let Verdict::Quarantine(q) = master(built(), Kind::Staff, None, Some(Dependency::Absent), 1, &r) else {
             panic!()
         };
         assert_eq!(
@@ -1001,7 +1001,7 @@ mod tests {
                 Some(WaitsFor::Record(Kind::Department, "0301".into()))
             )
         );
-        let Decision::Quarantine(q) = master(built(), Kind::Staff, None, Some(Dependency::Quarantined), 1, &r) else {
+        let Verdict::Quarantine(q) = master(built(), Kind::Staff, None, Some(Dependency::Quarantined), 1, &r) else {
             panic!()
         };
         assert_eq!(
@@ -1011,10 +1011,10 @@ mod tests {
         let same = held(4, &s.hash, false);
         assert!(matches!(
             master(built(), Kind::Staff, same.as_ref(), Some(Dependency::Missing), 1, &r),
-            Decision::Finish(Ending::Unchanged, _)
+            Verdict::Finish(Ending::Unchanged, _)
         ));
         let other = held(4, "old", false);
-        let Decision::Send(s) = master(built(), Kind::Staff, other.as_ref(), Some(Dependency::Held), 1, &r) else {
+        let Verdict::Send(s) = master(built(), Kind::Staff, other.as_ref(), Some(Dependency::Held), 1, &r) else {
             panic!()
         };
         assert_eq!(s.version, 5);
@@ -1040,9 +1040,9 @@ mod tests {
         let child = || Ok(department("1001", Some("10")));
         assert_eq!(
             master(child(), Kind::Department, None, Some(Dependency::Missing), 1, &r),
-            Decision::Wait(Kind::Department, "10".into())
+            Verdict::Wait(Kind::Department, "10".into())
         );
-        let Decision::Quarantine(q) = master(child(), Kind::Department, None, Some(Dependency::Absent), 1, &r) else {
+        let Verdict::Quarantine(q) = master(child(), Kind::Department, None, Some(Dependency::Absent), 1, &r) else {
             panic!()
         };
         assert_eq!(
@@ -1055,7 +1055,7 @@ mod tests {
         );
         assert!(matches!(
             master(child(), Kind::Department, None, Some(Dependency::Held), 1, &r),
-            Decision::Send(_)
+            Verdict::Send(_)
         ));
         // A top-level department, or one naming itself, depends on nothing.
         assert_eq!(department("10", None).depends_on(), None);
@@ -1084,7 +1084,7 @@ mod tests {
     #[test]
     fn one_request_id_never_stands_for_two_requests() {
         let plan = sent(report(facts(Some(exam_row())), &rules()));
-        assert_eq!(plan.ids, 1);
+        assert_eq!(plan.id_scheme, 1);
         // Stable across retries (and a freeze/thaw).
         let (frozen, pdf) = plan.freeze();
         let thawed = Plan::thaw(&frozen, pdf.as_ref()).unwrap();
@@ -1098,7 +1098,10 @@ mod tests {
         assert_ne!(plan.request_id(7, 0, 0), plan.request_id(7, 1, 0));
         assert_ne!(plan.request_id(7, 0, 0), plan.request_id(8, 0, 0));
         // A plan frozen by an older worker keeps the ids it was sent under.
-        let old = Plan { ids: 0, ..plan.clone() };
+        let old = Plan {
+            id_scheme: 0,
+            ..plan.clone()
+        };
         assert_eq!(old.request_id(7, 0, 0), request_id("7:0:0"));
     }
 
@@ -1106,7 +1109,7 @@ mod tests {
     fn decisions_are_skipped_when_none_were_recorded() {
         assert_eq!(
             decisions(None, &rules()),
-            Decision::Finish(Ending::Skipped, "no decisions recorded")
+            Verdict::Finish(Ending::Skipped, "no decisions recorded")
         );
     }
 
@@ -1128,8 +1131,8 @@ mod tests {
             version: 1,
             content_hash: "h".into(),
             revoked: false,
-            keep: vec![],
-            ids: 1,
+            retain: vec![],
+            id_scheme: 1,
         };
         let (json, stored) = plan.freeze();
         assert_eq!(stored.as_deref(), Some(pdf.as_slice()));

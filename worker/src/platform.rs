@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 
 /// A raw answer.
 #[derive(Debug)]
-pub struct Answer {
+pub struct Response {
     pub status: u16,
     pub retry_after: Option<String>,
     /// Where a 3xx pointed (never followed).
@@ -70,7 +70,7 @@ impl Platform {
     }
 
     /// Sends one request with the given id; transport failures are errors, answers are not.
-    pub async fn send(&self, req: &Request, request_id: Uuid, token: Option<&str>) -> Result<Answer, WorkerError> {
+    pub async fn send(&self, req: &Request, request_id: Uuid, token: Option<&str>) -> Result<Response, WorkerError> {
         let url = format!("{}{}", self.config.base_url.trim_end_matches('/'), req.path);
         let method = match req.method {
             paths::Method::Get => reqwest::Method::GET,
@@ -119,7 +119,7 @@ impl Platform {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(Answer {
+        Ok(Response {
             status,
             retry_after,
             location,
@@ -128,7 +128,7 @@ impl Platform {
     }
 
     /// Sends with the scope's token, refreshing it once on 401, and says what to do next.
-    pub async fn execute(&self, req: &Request, request_id: Uuid) -> (Outcome, Option<Answer>) {
+    pub async fn execute(&self, req: &Request, request_id: Uuid) -> (Outcome, Option<Response>) {
         if let Some(wait) = self.paused() {
             return (
                 Outcome::Retry {

@@ -467,7 +467,7 @@ impl Store {
     }
 
     /// Keeps a recognised report downloaded from the platform.
-    pub async fn keep_report(
+    pub async fn retain_report(
         &self,
         report_id: &str,
         format: &str,
@@ -486,7 +486,7 @@ impl Store {
     }
 
     /// Kept reports not asked about for `every`, oldest first.
-    pub async fn kept_to_recheck(&self, every: Duration, limit: i64) -> Result<Vec<String>, WorkerError> {
+    pub async fn retained_to_recheck(&self, every: Duration, limit: i64) -> Result<Vec<String>, WorkerError> {
         Ok(self
             .query_cached(
                 "SELECT report_id FROM hmr.retained_reports
@@ -502,7 +502,7 @@ impl Store {
     }
 
     /// What the platform said of a kept report now: still valid, or revoked at its source.
-    pub async fn kept_rechecked(&self, report_id: &str, revoked: Option<&str>) -> Result<(), WorkerError> {
+    pub async fn retained_rechecked(&self, report_id: &str, revoked: Option<&str>) -> Result<(), WorkerError> {
         self.execute_cached(
             "UPDATE hmr.retained_reports
                 SET rechecked_at = now(),

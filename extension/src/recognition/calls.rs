@@ -85,7 +85,7 @@ pub(super) fn list_recognitions_json(
     JsonB(answer)
 }
 
-/// Keeps the call for the hospital's statistics (hmr.list_log: 调阅/提醒). Not on a standby or
+/// Keeps the call for the hospital's statistics (hmr.list_log: 调阅). Not on a standby or
 /// in a read-only transaction (a screen that only reads must keep working).
 pub(super) fn log_list_call(query: &ListQuery, workstation: &str, answer: &Value, cached: bool, read_only: bool) {
     if read_only {

@@ -21,7 +21,7 @@ pub(super) struct CheckRow {
 /// them into hmr.checks / hmr.prompts: `$PGDATA/hmr/{checks,prompts}/<check_id>.json`.
 /// A refused save rolls back everything it wrote in the database; these files stay (a check
 /// is needed by the decision, usually taken on another pooled connection).
-pub(super) fn kept_dir(what: &str) -> std::path::PathBuf {
+pub(super) fn spool_dir(what: &str) -> std::path::PathBuf {
     // SAFETY: DataDir is set by the postmaster before any backend runs and never changes.
     let data = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
     std::path::Path::new(&*data.to_string_lossy()).join("hmr").join(what)
@@ -45,9 +45,9 @@ thread_local! {
 /// Writes `value` as `<dir>/<id>.json`; `durable`: through a temporary file, renamed, fsync'd
 /// (prompts). A check file is written in place (one open and one write on the path a doctor
 /// waits on): a torn file after an OS crash fails to parse and is left aside by the ingest.
-pub(super) fn keep_file(what: &'static str, id: &str, value: &Value, durable: bool) -> std::io::Result<()> {
+pub(super) fn spool_file(what: &'static str, id: &str, value: &Value, durable: bool) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = kept_dir(what);
+    let dir = spool_dir(what);
     if !MADE.with(|m| m.borrow().contains(&what)) {
         std::fs::create_dir_all(&dir)?;
         MADE.with(|m| m.borrow_mut().push(what));
@@ -69,7 +69,7 @@ pub(super) fn read_file(what: &str, id: &str) -> Option<Value> {
     if !safe_id(id) {
         return None;
     }
-    let bytes = std::fs::read(kept_dir(what).join(format!("{id}.json"))).ok()?;
+    let bytes = std::fs::read(spool_dir(what).join(format!("{id}.json"))).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
@@ -194,12 +194,12 @@ pub(super) fn ensure_callbacks() {
 
 /// Writes the files of the pending checks `which` selects, and forgets them. Runs inside
 /// PostgreSQL's abort processing: nothing here may raise; a failure is only lost durability.
-pub(super) fn spill(which: impl Fn(pg_sys::SubTransactionId) -> bool) {
+pub(super) fn spool_aborted_checks(which: impl Fn(pg_sys::SubTransactionId) -> bool) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         PENDING.with(|p| {
             p.borrow_mut().retain(|(subid, id, record)| {
                 if which(*subid) {
-                    let _ = keep_file("checks", id, record, false);
+                    let _ = spool_file("checks", id, record, false);
                     false
                 } else {
                     true
@@ -211,7 +211,9 @@ pub(super) fn spill(which: impl Fn(pg_sys::SubTransactionId) -> bool) {
 
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => spill(|_| true),
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
+            spool_aborted_checks(|_| true)
+        }
         pg_sys::XactEvent::XACT_EVENT_COMMIT
         | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
         | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
@@ -228,7 +230,7 @@ unsafe extern "C-unwind" fn on_subxact(
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
-        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => spill(|subid| subid == my),
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => spool_aborted_checks(|subid| subid == my),
         pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
             let _ = std::panic::catch_unwind(|| {
                 PENDING.with(|p| {
@@ -282,7 +284,7 @@ pub(super) fn keep_prompt(check_id: &str, undecided: JsonB) -> bool {
     Spi::run_with_args(INSERT_PROMPT_SQL, &[JsonB(record.clone()).into()])
         .unwrap_or_else(|e| error!("hmr: cannot record the prompt: {e}"));
     let id = format!("{check_id}.{}", uuid::Uuid::new_v4().simple());
-    keep_file("prompts", &id, &record, true)
+    spool_file("prompts", &id, &record, true)
         .map(|_| true)
         .unwrap_or_else(|e| {
             warning!("hmr: cannot keep the prompt of check {check_id}: {e}");
@@ -306,7 +308,7 @@ pub(super) fn ingest_kept() -> i32 {
 pub(super) fn ingest(remove: bool) -> i32 {
     let mut inserted = 0;
     for what in ["checks", "prompts"] {
-        let Ok(entries) = std::fs::read_dir(kept_dir(what)) else {
+        let Ok(entries) = std::fs::read_dir(spool_dir(what)) else {
             continue;
         };
         for entry in entries.flatten() {
@@ -379,7 +381,7 @@ pub(super) fn fetch_report(report_id: &str, format: &str) -> Option<Vec<u8>> {
             } else {
                 body
             };
-            keep_report(report_id, format, &bytes);
+            retain_report(report_id, format, &bytes);
             Some(bytes)
         }
         Err(CallError::Refused { status: 403, .. }) => {
@@ -391,7 +393,7 @@ pub(super) fn fetch_report(report_id: &str, format: &str) -> Option<Vec<u8>> {
     }
 }
 
-pub(super) fn keep_report(report_id: &str, format: &str, bytes: &[u8]) {
+pub(super) fn retain_report(report_id: &str, format: &str, bytes: &[u8]) {
     let sha = hex::encode(sha2::Sha256::digest(bytes));
     let org = report_id.split(':').next().unwrap_or_default().to_string();
     Spi::run_with_args(

@@ -3,9 +3,9 @@
 fn main() -> anyhow::Result<()> {
     let long = std::env::args().any(|a| a == "--long");
     let plan = if long {
-        hmr_e2e::faults::Plan::long()
+        hmr_e2e::faults::Intensity::long()
     } else {
-        hmr_e2e::faults::Plan::short()
+        hmr_e2e::faults::Intensity::short()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let outcome = runtime.block_on(hmr_e2e::faults::run(plan.clone()))?;

@@ -3,11 +3,11 @@
 use super::*;
 
 /// `?patient_id=&visit_no=&doctor_no=`: the badge (`hmr_list_recognitions`).
-pub(super) async fn api_badge(
+pub(super) async fn api_list(
     State(s): State<Arc<Service>>,
     axum::Extension(caller): axum::Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
-) -> Answer {
+) -> Reply {
     let mut asked =
         json!({"patient_id": q.get("patient_id"), "visit_no": q.get("visit_no"), "doctor_no": q.get("doctor_no")});
     s.sessions.bind(&caller, &mut asked)?;
@@ -26,7 +26,7 @@ pub(super) async fn api_query(
     State(s): State<Arc<Service>>,
     axum::Extension(caller): axum::Extension<Caller>,
     Json(mut body): Json<Value>,
-) -> Answer {
+) -> Reply {
     s.sessions.bind(&caller, &mut body)?;
     let who = s.who(&Ask::from_body(&body)?).await?;
     let mut filter = body.clone();
@@ -48,12 +48,12 @@ pub(super) async fn api_check(
     State(s): State<Arc<Service>>,
     axum::Extension(caller): axum::Extension<Caller>,
     Json(mut body): Json<Value>,
-) -> Answer {
+) -> Reply {
     s.sessions.bind(&caller, &mut body)?;
     let ask = Ask::from_body(&body)?;
     let orders = body.get("orders").ok_or_else(|| bad("orders is required"))?;
     let answer = s
-        .check(&ask, body["visit_type"].as_str().unwrap_or("1"), orders)
+        .check(&ask, body["visit_type"].as_str().unwrap_or(OUTPATIENT), orders)
         .await
         .map_err(db_answer)?
         .ok_or_else(|| ask.unknown())?;
@@ -72,7 +72,7 @@ pub(super) async fn api_decide(
     State(s): State<Arc<Service>>,
     axum::Extension(caller): axum::Extension<Caller>,
     Json(body): Json<Value>,
-) -> Answer {
+) -> Reply {
     let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_string);
     let (Some(check), Some(order), Some(recognise)) = (text("check_id"), text("order_id"), body["recognise"].as_bool())
     else {
@@ -132,7 +132,7 @@ pub(super) async fn api_session(
     State(s): State<Arc<Service>>,
     axum::Extension(caller): axum::Extension<Caller>,
     Json(body): Json<Value>,
-) -> Answer {
+) -> Reply {
     if caller.session.is_some() {
         return Err(forbidden("a session cannot open another"));
     }
@@ -140,7 +140,7 @@ pub(super) async fn api_session(
     let who = s.who(&Ask::from_body(&body)?).await?;
     let visit_type = Some(text("visit_type"))
         .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "1".into());
+        .unwrap_or_else(|| OUTPATIENT.into());
     let (token, expires) = s.sessions.open(Session {
         terminal: caller.workstation("widget").to_string(),
         patient_id: who.patient_id.clone(),

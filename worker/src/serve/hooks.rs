@@ -19,14 +19,14 @@ pub(super) async fn hook(
     axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
     Json(request): Json<Value>,
-) -> Answer {
+) -> Reply {
     if caller.session.is_some() {
         return Err(forbidden("a widget session calls the JSON API only"));
     }
     let context = request.get("context").cloned().unwrap_or(Value::Null);
     let ask = Ask::from_context(&context)?;
     let cards = match id.as_str() {
-        "hmr-recognitions" => badge(&s, &ask, caller.workstation("cds-hooks")).await?,
+        "hmr-recognitions" => patient_view(&s, &ask, caller.workstation("cds-hooks")).await?,
         "hmr-order-select" => order_select(&s, &s.who(&ask).await?, &context).await?,
         "hmr-order-check" => order_sign(&s, &ask, &context).await?,
         other => {
@@ -60,7 +60,11 @@ pub(super) fn hook_answer<T>(
 }
 
 /// patient-view: the badge. A platform that cannot be asked gives no card (care goes on).
-pub(super) async fn badge(s: &Service, ask: &Ask, workstation: &str) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
+pub(super) async fn patient_view(
+    s: &Service,
+    ask: &Ask,
+    workstation: &str,
+) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
     let Some(answer) = hook_answer(s.list(ask, workstation).await, ask, "badge")? else {
         return Ok(vec![]);
     };
@@ -112,7 +116,7 @@ pub(super) fn draft_orders(context: &Value, selected: bool) -> Vec<Value> {
 /// precise query) as an information card; the decision itself comes at sign.
 pub(super) async fn order_select(
     s: &Service,
-    who: &Who,
+    who: &Visit,
     context: &Value,
 ) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
     if !context["selections"].is_array() {
@@ -166,7 +170,7 @@ pub(super) async fn order_sign(
     if orders.is_empty() {
         return Ok(vec![]);
     }
-    let checked = s.check(ask, "1", &Value::Array(orders)).await;
+    let checked = s.check(ask, OUTPATIENT, &Value::Array(orders)).await;
     let Some(answer) = hook_answer(checked, ask, "prescription check")? else {
         return Ok(vec![]);
     };
@@ -210,7 +214,7 @@ pub(super) async fn feedback(
     axum::Extension(caller): axum::Extension<Caller>,
     Path(_id): Path<String>,
     Json(body): Json<Value>,
-) -> Answer {
+) -> Reply {
     if caller.session.is_some() {
         return Err(forbidden("a widget session calls the JSON API only"));
     }

@@ -53,6 +53,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use hmr_protocol::answers::{ListResult, PrescriptionCheckResult, QueryResult};
+use hmr_protocol::checks::OUTPATIENT;
 
 use crate::error::WorkerError;
 
@@ -78,7 +79,7 @@ enum DbError {
     Pool(String),
     Sql(tokio_postgres::Error),
     /// The SQL function answered JSON this build cannot read (an extension of another version).
-    Answer(String),
+    Reply(String),
 }
 
 impl From<tokio_postgres::Error> for DbError {
@@ -91,7 +92,7 @@ impl DbError {
     fn sqlstate(&self) -> Option<&str> {
         match self {
             DbError::Sql(e) => e.code().map(|c| c.code()),
-            DbError::Pool(_) | DbError::Answer(_) => None,
+            DbError::Pool(_) | DbError::Reply(_) => None,
         }
     }
 
@@ -200,7 +201,7 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
         .route("/cds-services", get(discovery))
         .route("/cds-services/{id}", post(hook))
         .route("/cds-services/{id}/feedback", post(feedback))
-        .route("/api/badge", get(api_badge))
+        .route("/api/badge", get(api_list))
         .route("/api/query", post(api_query))
         .route("/api/check", post(api_check))
         .route("/api/decide", post(api_decide))
@@ -273,7 +274,7 @@ fn bad(message: impl Into<String>) -> (StatusCode, Json<Value>) {
     (StatusCode::BAD_REQUEST, Json(json!({"error": message.into()})))
 }
 
-type Answer = Result<Json<Value>, (StatusCode, Json<Value>)>;
+type Reply = Result<Json<Value>, (StatusCode, Json<Value>)>;
 
 /// What a call names: the patient, the visit and the doctor, as the HIS knows them (a hook's
 /// context, the JSON API's fields). Nothing is looked up yet.
@@ -312,7 +313,7 @@ impl Ask {
 }
 
 /// The HIS identifiers behind a call, looked up.
-struct Who {
+struct Visit {
     patient_id: String,
     id_type: String,
     id_no: String,
@@ -360,13 +361,13 @@ impl Statements {
 }
 
 impl Service {
-    async fn who(&self, ask: &Ask) -> Result<Who, (StatusCode, Json<Value>)> {
+    async fn who(&self, ask: &Ask) -> Result<Visit, (StatusCode, Json<Value>)> {
         let row = self
             .opt(&self.statements.who, &[&ask.patient_id])
             .await
             .map_err(db_answer)?
             .ok_or_else(|| ask.unknown())?;
-        Ok(Who {
+        Ok(Visit {
             patient_id: ask.patient_id.clone(),
             id_type: row.try_get(0).map_err(|e| db_answer(e.into()))?,
             id_no: row.try_get(1).map_err(|e| db_answer(e.into()))?,
@@ -426,7 +427,7 @@ impl Service {
 
 /// A SQL function's answer as its type (`hmr_protocol::answers`).
 fn typed<T: serde::de::DeserializeOwned>(answer: Value) -> Result<T, DbError> {
-    serde_json::from_value(answer).map_err(|e| DbError::Answer(e.to_string()))
+    serde_json::from_value(answer).map_err(|e| DbError::Reply(e.to_string()))
 }
 
 /// A database error as the terminal sees it: hmr's own refusals (HMxxx, 22023) with their
@@ -448,7 +449,7 @@ fn db_answer(e: DbError) -> (StatusCode, Json<Value>) {
             }
             None => unavailable(&e),
         },
-        DbError::Pool(_) | DbError::Answer(_) => unavailable(&e),
+        DbError::Pool(_) | DbError::Reply(_) => unavailable(&e),
     }
 }
 
@@ -473,7 +474,7 @@ fn unavailable(e: &DbError) -> (StatusCode, Json<Value>) {
         // A connection's failure (no patient data in it).
         DbError::Pool(why) => tracing::warn!(error = %why, "no database connection"),
         DbError::Sql(_) => tracing::warn!("the database connection failed"),
-        DbError::Answer(why) => {
+        DbError::Reply(why) => {
             tracing::error!(error = %why, "a recognition function answered what this serve cannot read (extension and worker of different versions?)")
         }
     }
