@@ -311,22 +311,8 @@ fn check_rows(parsed: Kind, view: &str, item_view: Option<&str>, canonical: &Sou
             extra.insert("items".into(), Value::Array(items.clone()));
         }
         let outcome: Result<(), ProtocolError> = match parsed {
-            Kind::Patient => canonical
-                .record(&row, extra)
-                .and_then(|p| validate::patient(&p, &now).map_err(ProtocolError::Invalid)),
-            Kind::Department => canonical
-                .record(&row, extra)
-                .and_then(|d| validate::department(&d, &now).map_err(ProtocolError::Invalid)),
-            Kind::Staff => canonical
-                .record(&row, extra)
-                .and_then(|s| validate::staff(&s, &now).map_err(ProtocolError::Invalid)),
-            Kind::LabReport => canonical
-                .record(&row, extra)
-                .and_then(|l| validate::lab_report(&l, &now).map_err(ProtocolError::Invalid)),
-            Kind::ExamReport => canonical
-                .record(&row, extra)
-                .and_then(|e| validate::exam_report(&e, &now).map_err(ProtocolError::Invalid)),
             Kind::Decision => Ok(()),
+            kind => source::Record::read(kind, &row, extra, &now).map(|_| ()),
         };
         match outcome {
             Ok(()) => {}

@@ -366,3 +366,62 @@ mod tests {
         assert_ne!(content_hash(&a), content_hash(&b));
     }
 }
+
+/// A record of one kind, read from its source row and valid for the platform.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Patient(crate::Patient),
+    Department(crate::Department),
+    Staff(crate::Staff),
+    LabReport(crate::LabReport),
+    ExamReport(crate::ExamReport),
+}
+
+impl Record {
+    /// Reads `row` (a source view's row) as a record of `kind` with the `extra` fields (a
+    /// report's `version` and `items`) and validates it: the one per-kind dispatch, used by
+    /// the worker before it sends and by `hmr.check_sources()` before anything is sent.
+    /// `Kind::Decision` has no source view: a shape error.
+    pub fn read(
+        kind: crate::Kind,
+        row: &Map<String, Value>,
+        extra: Map<String, Value>,
+        now: &chrono::DateTime<chrono::FixedOffset>,
+    ) -> Result<Record, ProtocolError> {
+        use crate::{validate, Kind};
+        let invalid = ProtocolError::Invalid;
+        Ok(match kind {
+            Kind::Patient => {
+                let r = PATIENT.record(row, extra)?;
+                validate::patient(&r, now).map_err(invalid)?;
+                Record::Patient(r)
+            }
+            Kind::Department => {
+                let r = DEPARTMENT.record(row, extra)?;
+                validate::department(&r, now).map_err(invalid)?;
+                Record::Department(r)
+            }
+            Kind::Staff => {
+                let r = STAFF.record(row, extra)?;
+                validate::staff(&r, now).map_err(invalid)?;
+                Record::Staff(r)
+            }
+            Kind::LabReport => {
+                let r = LAB_REPORT.record(row, extra)?;
+                validate::lab_report(&r, now).map_err(invalid)?;
+                Record::LabReport(r)
+            }
+            Kind::ExamReport => {
+                let r = EXAM_REPORT.record(row, extra)?;
+                validate::exam_report(&r, now).map_err(invalid)?;
+                Record::ExamReport(r)
+            }
+            Kind::Decision => {
+                return Err(ProtocolError::Shape {
+                    field: String::new(),
+                    reason: "decision has no source view".into(),
+                })
+            }
+        })
+    }
+}

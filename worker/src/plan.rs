@@ -9,8 +9,7 @@
 use chrono::{DateTime, FixedOffset};
 use hmr_protocol::paths::{self, Request};
 use hmr_protocol::{
-    source, validate, Decisions, Department, ExamReport, FieldError, Kind, LabReport, Patient, ProtocolError,
-    ReportType, Revoke, Staff,
+    source, validate, Decisions, Department, FieldError, Kind, Patient, ProtocolError, ReportType, Revoke, Staff,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -398,8 +397,9 @@ fn build_lab(
     let mut extra = Map::new();
     extra.insert("version".into(), json!(version));
     extra.insert("items".into(), Value::Array(items));
-    let r: LabReport = source::LAB_REPORT.record(row, extra)?;
-    validate::lab_report(&r, &rules.now).map_err(ProtocolError::Invalid)?;
+    let source::Record::LabReport(r) = source::Record::read(Kind::LabReport, row, extra, &rules.now)? else {
+        unreachable!("a lab report reads as one")
+    };
     Ok(Built {
         request: paths::lab_report(&r),
         hash: source::content_hash(&r),
@@ -416,8 +416,9 @@ fn build_exam(
 ) -> Result<Built, ProtocolError> {
     let mut extra = Map::new();
     extra.insert("version".into(), json!(version));
-    let r: ExamReport = source::EXAM_REPORT.record(row, extra)?;
-    validate::exam_report(&r, &rules.now).map_err(ProtocolError::Invalid)?;
+    let source::Record::ExamReport(r) = source::Record::read(Kind::ExamReport, row, extra, &rules.now)? else {
+        unreachable!("an exam report reads as one")
+    };
     Ok(Built {
         request: paths::exam_report(&r),
         hash: source::content_hash(&r),
@@ -538,16 +539,9 @@ impl Master {
         now: &DateTime<FixedOffset>,
         campus_codes: &[String],
     ) -> Result<Master, ProtocolError> {
-        let invalid = ProtocolError::Invalid;
-        Ok(match kind {
-            Kind::Patient => {
-                let r: Patient = source::PATIENT.record(row, Map::new())?;
-                validate::patient(&r, now).map_err(invalid)?;
-                Master::Patient(r)
-            }
-            Kind::Department => {
-                let r: Department = source::DEPARTMENT.record(row, Map::new())?;
-                validate::department(&r, now).map_err(invalid)?;
+        Ok(match source::Record::read(kind, row, Map::new(), now)? {
+            source::Record::Patient(r) => Master::Patient(r),
+            source::Record::Department(r) => {
                 // A campus the hospital did not configure is a mapping mistake, not a new campus.
                 if !campus_codes.is_empty() && !campus_codes.contains(&r.campus_code) {
                     return Err(ProtocolError::Shape {
@@ -557,15 +551,11 @@ impl Master {
                 }
                 Master::Department(r)
             }
-            Kind::Staff => {
-                let r: Staff = source::STAFF.record(row, Map::new())?;
-                validate::staff(&r, now).map_err(invalid)?;
-                Master::Staff(r)
-            }
-            other => {
+            source::Record::Staff(r) => Master::Staff(r),
+            _ => {
                 return Err(ProtocolError::Shape {
                     field: String::new(),
-                    reason: format!("{other} is not master data"),
+                    reason: format!("{kind} is not master data"),
                 })
             }
         })
