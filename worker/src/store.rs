@@ -550,7 +550,6 @@ impl Store {
             .collect())
     }
 
-    /// Reads the polled sources (exam systems without triggers) into the outbox.
     /// The statistics' totals, as Prometheus counters (`Metrics::set_statistics`).
     pub async fn statistics(&self) -> Result<Vec<(&'static str, String, f64)>, WorkerError> {
         let mut out = Vec::new();
@@ -588,6 +587,7 @@ impl Store {
         Ok(out)
     }
 
+    /// Reads the polled sources (exam systems without triggers) into the outbox.
     pub async fn poll_sources(&self) -> Result<i32, WorkerError> {
         Ok(self.query_one_cached("SELECT hmr.poll_sources()", &[]).await?.get(0))
     }
