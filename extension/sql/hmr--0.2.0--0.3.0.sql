@@ -354,6 +354,17 @@ CREATE OR REPLACE VIEW hmr.current_decisions AS
 SELECT DISTINCT ON (check_id, order_id) *
 FROM hmr.decisions
 ORDER BY check_id, order_id, id DESC;
+-- hmr_record_decision learns the check's page decisions first (HM017 for a different choice).
+CREATE FUNCTION hmr."learn_check_decisions"(
+	"check_id" TEXT /* & str */
+) RETURNS bigint /* i64 */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'learn_check_decisions_wrapper';
+REVOKE ALL ON FUNCTION hmr.learn_check_decisions(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hmr.learn_check_decisions(text) TO hmr_admin;
+
 DROP FUNCTION public.hmr_record_decision(text, text, boolean, text, text, text, text, text);
 CREATE FUNCTION public.hmr_record_decision(check_id text, order_id text, recognise boolean,
                                            reason_code text DEFAULT NULL, reason_text text DEFAULT NULL,
@@ -368,6 +379,9 @@ DECLARE
     matched integer;
     decided integer;
     new_id bigint;
+    page_recognise boolean;
+    page_reason text;
+    page_report text;
     p_check alias FOR $1;
     p_order alias FOR $2;
 BEGIN
@@ -397,6 +411,30 @@ BEGIN
             USING ERRCODE = 'HM004',
                   HINT = '01 病情变化，原结果难以反映当前病情; 02 结果在疾病发展中变化较快; 03 手术、输血等重大医疗措施前; '
                          '04 急诊、急救; 05 司法、伤残、病退等鉴定; 06 其他情形确需复查 (reason_text required)';
+    END IF;
+    -- A decision taken on the platform's page counts as uploaded (contract §6): learn the
+    -- check's page decisions first (bounded by the platform timeout; an unreachable platform
+    -- only means none learnt now, and the worker reads the check again before it uploads).
+    -- A different choice for an order decided on the page is refused, naming the page's.
+    PERFORM hmr.learn_check_decisions(p_check);
+    SELECT d.recognise, d.reason_code, d.report_id INTO page_recognise, page_reason, page_report
+      FROM hmr.current_decisions d WHERE d.check_id = p_check AND d.order_id = p_order AND d.source = 'page';
+    IF FOUND THEN
+        IF page_report = rid AND page_recognise = hmr_record_decision.recognise
+           AND page_reason IS NOT DISTINCT FROM nullif(trim(hmr_record_decision.reason_code), '') THEN
+            SELECT count(DISTINCT d.order_id) INTO decided FROM hmr.decisions d WHERE d.check_id = p_check;
+            RETURN jsonb_build_object('check_id', p_check, 'order_id', p_order, 'report_id', rid,
+                                      'recognise', recognise, 'complete', decided >= jsonb_array_length(c.matches),
+                                      'already_sent', true);
+        END IF;
+        RAISE EXCEPTION '医嘱 % 已在互认平台页面选择了“%”，不能在本系统改为“%”', p_order,
+            CASE WHEN page_recognise THEN '互认' ELSE '不互认（原因 ' || page_reason || '）' END,
+            CASE WHEN recognise THEN '互认' ELSE '不互认' END
+            USING ERRCODE = 'HM017',
+                  DETAIL = jsonb_build_object('order_id', p_order, 'report_id', page_report,
+                                              'recognise', page_recognise, 'reason_code', page_reason,
+                                              'source', 'page')::text,
+                  HINT = '以互认平台页面上的选择为准；如需更改，请在互认平台页面操作。';
     END IF;
     IF EXISTS (SELECT 1 FROM hmr.delivered d WHERE d.kind = 'decision' AND d.key = p_check)
        OR EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = 'decision' AND o.key = p_check AND o.plan IS NOT NULL) THEN

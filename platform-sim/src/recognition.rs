@@ -387,6 +387,26 @@ pub fn decide(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Rendered, 
         };
     }
 
+    // Orders decided on the page count as uploaded: the upload must carry the same decision
+    // for them (§6); a different one is `409` decisions[i] / already-decided.
+    let differing: Vec<FieldError> = d
+        .decisions
+        .iter()
+        .enumerate()
+        .filter(|(_, one)| {
+            check.page.get(&one.order_id).is_some_and(|p| {
+                p.report_id != one.report_id || p.recognise != one.recognise || p.reason_code != one.reason_code
+            })
+        })
+        .map(|(i, _)| FieldError::new(format!("decisions[{i}]"), "already-decided"))
+        .collect();
+    if !differing.is_empty() {
+        return Err(SimError::Conflict {
+            message: format!("check {}: decided otherwise on the page", d.check_id),
+            errors: differing,
+        });
+    }
+
     let mut errors = vec![];
     let mut decided = BTreeSet::new();
     for (i, one) in d.decisions.iter().enumerate() {
@@ -684,14 +704,16 @@ pub fn check_decisions(st: &State, call: &Call, check_id: &str) -> Result<Render
             "only the org that asked the check may read it".into(),
         ));
     }
-    let decisions: Vec<hmr_protocol::CheckDecision> = if !check.page.is_empty() {
-        check.page.values().cloned().collect()
-    } else {
-        check
-            .decided
-            .iter()
-            .flat_map(|d| {
-                d.decisions.iter().map(move |one| hmr_protocol::CheckDecision {
+    // The page's decisions, then the uploaded ones for the other orders.
+    let decisions: Vec<hmr_protocol::CheckDecision> = check
+        .page
+        .values()
+        .cloned()
+        .chain(check.decided.iter().flat_map(|d| {
+            d.decisions
+                .iter()
+                .filter(|one| !check.page.contains_key(&one.order_id))
+                .map(move |one| hmr_protocol::CheckDecision {
                     order_id: one.order_id.clone(),
                     report_id: one.report_id.clone(),
                     recognise: one.recognise,
@@ -701,9 +723,8 @@ pub fn check_decisions(st: &State, call: &Call, check_id: &str) -> Result<Render
                     decided_at: d.decided_at.clone(),
                     source: hmr_protocol::DecisionSource::Upload,
                 })
-            })
-            .collect()
-    };
+        }))
+        .collect();
     let answer = hmr_protocol::CheckDecisions {
         check_id: check_id.to_string(),
         complete: check.decided.is_some(),

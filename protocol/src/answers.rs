@@ -129,6 +129,16 @@ pub struct PrescriptionCheckResult {
     pub matches: Vec<OrderMatch>,
 }
 
+/// The DETAIL of the gate's refusal (`HM001`, a prompt): the check and its matched orders still
+/// without a decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PromptDetail {
+    pub check_id: String,
+    pub url: Option<String>,
+    /// The undecided matches.
+    pub matches: Vec<OrderMatch>,
+}
+
 /// A decision recorded: `hmr_record_decision`, `POST /api/decide`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DecisionResult {

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use hmr_e2e::*;
+use hmr_protocol::answers::{CallStatus, ListResult, OrderCheckResult, PromptDetail, QueryResult};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
@@ -71,10 +72,13 @@ async fn badge_list_and_precise_query() -> Result<()> {
         &format!("SELECT hmr_list_recognitions('01', '{P0001_ID}', 'MZ001', 'D001', '0301')"),
     )
     .await?;
-    assert_eq!(list["status"], "ok");
-    assert_eq!(list["items"][0]["report_no"], "W-CBC-1");
-    assert_eq!(list["items"][0]["org_name"], OTHER_ORG_NAME);
-    assert_eq!(list["items"][0]["data_code"], "JY0001");
+    // Read as the type the SQL function promises (protocol's answers; docs/openapi.yaml).
+    let list: ListResult = serde_json::from_value(list)?;
+    assert_eq!(list.status, CallStatus::Ok);
+    assert_eq!(list.count, list.items.len());
+    assert_eq!(list.items[0].report_no, "W-CBC-1");
+    assert_eq!(list.items[0].org_name, OTHER_ORG_NAME);
+    assert_eq!(list.items[0].data_code, "JY0001");
 
     // Precise query by local item code (mapped through the catalog) and organisation.
     let q = json_of(
@@ -85,8 +89,9 @@ async fn badge_list_and_precise_query() -> Result<()> {
         ),
     )
     .await?;
-    assert_eq!(q["status"], "ok");
-    assert_eq!(q["items"].as_array().map(Vec::len), Some(1));
+    let q: QueryResult = serde_json::from_value(q)?;
+    assert_eq!(q.status, CallStatus::Ok);
+    assert_eq!(q.items.len(), 1);
     // Injection through an item code or a filter changes nothing.
     let hostile = json!({"id_type": "01", "id_no": P0001_ID, "item_codes": ["JY0001'); DROP TABLE his.patient; --"],
                          "org_name": "x' OR '1'='1"});
@@ -122,12 +127,12 @@ async fn the_gate_refuses_an_undecided_duplicate_then_saves_after_a_decision() -
         db.message(),
         "存在可互认的检查检验结果，请选择\"互认\"或\"不互认\"后再保存"
     );
-    let detail: Value = serde_json::from_str(db.detail().unwrap_or("{}"))?;
-    let check_id = detail["check_id"].as_str().unwrap_or_default().to_string();
+    let detail: PromptDetail = serde_json::from_str(db.detail().unwrap_or("{}"))?;
+    let check_id = detail.check_id.clone();
     assert!(!check_id.is_empty());
-    assert!(detail["url"].as_str().is_some_and(|u| u.starts_with("http")));
-    assert_eq!(detail["matches"][0]["order_id"], "O1");
-    assert_eq!(detail["matches"][0]["reports"][0]["report_no"], "W-CBC-1");
+    assert!(detail.url.as_deref().is_some_and(|u| u.starts_with("http")));
+    assert_eq!(detail.matches[0].order_id, "O1");
+    assert_eq!(detail.matches[0].reports[0].report_no, "W-CBC-1");
     assert!(db.hint().unwrap_or_default().contains("hmr_record_decision"));
     assert_eq!(
         count(&s.his, "SELECT count(*) FROM his.orders").await?,
@@ -289,13 +294,14 @@ async fn a_decision_made_while_the_platform_is_down_arrives_once() -> Result<()>
         "SELECT his.inpatient_check_item('P0001', 'ZY001', 'D001', '0301', 'I1', 'lab', 'JY0001')",
     )
     .await?;
-    assert_eq!(inpatient["duplicate"], true);
+    let inpatient: OrderCheckResult = serde_json::from_value(inpatient)?;
+    assert!(inpatient.duplicate);
     // The ordering step hands the page to open (the save gate checks the prescription).
     assert!(
-        inpatient["url"].as_str().is_some_and(|u| u.starts_with("http")),
-        "{inpatient}"
+        inpatient.url.as_deref().is_some_and(|u| u.starts_with("http")),
+        "{inpatient:?}"
     );
-    assert_eq!(inpatient["matches"][0]["order_id"], "I1");
+    assert_eq!(inpatient.matches[0].order_id, "I1");
     let check = json_of(
         &s.his,
         &format!(

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::error::WorkerError;
 use crate::plan::{
-    self, Dependency, ItemCode, Master, MasterSend, Plan, Quarantine, Reference, ReportFacts, Rules, Verdict,
+    self, Dependency, Ending, ItemCode, Master, MasterSend, Plan, Quarantine, Reference, ReportFacts, Rules, Verdict,
 };
 use crate::platform::Platform;
 use crate::store::{Delivered, Event, Finish, PdfNames, ReportInput, Store};
@@ -229,6 +229,17 @@ impl Drainer {
                 .map_err(|e| WorkerError::Answer(format!("event {}: unreadable frozen plan: {e}", event.id)))?,
             None => {
                 let decision = if event.kind == Kind::Decision {
+                    // Read the check first (§6): decisions taken on the platform's page are
+                    // adopted, and only the HIS's others are uploaded with them.
+                    match self.read_check(&event.key).await? {
+                        CheckRead::Failed(outcome) => return self.settle_failure(&event, outcome).await,
+                        CheckRead::DecidedOnPage => {
+                            return self
+                                .carry_out::<Plan>(&event, Verdict::Finish(Ending::Unchanged, "decided on the page"))
+                                .await
+                        }
+                        CheckRead::Read | CheckRead::Unknown => {}
+                    }
                     let decisions = self.store.decisions(&event.key).await?;
                     plan::decisions(decisions, &self.rules())
                 } else {
@@ -489,6 +500,33 @@ impl Drainer {
         self.carry_out(event, decision).await
     }
 
+    /// Reads a check's decisions from the platform (§6 GET, a fresh request id per read as the
+    /// contract asks of polls) and adopts those taken on the page.
+    async fn read_check(&self, check_id: &str) -> Result<CheckRead, WorkerError> {
+        let request = hmr_protocol::paths::check_decisions(check_id);
+        let (outcome, answer) = self.platform.execute(&request, uuid::Uuid::new_v4()).await;
+        match outcome {
+            Outcome::Done => {}
+            failed @ (Outcome::Retry { .. } | Outcome::RefreshToken) => return Ok(CheckRead::Failed(failed)),
+            // Unknown to the platform (expired after 7 days): the upload says what it makes of it.
+            Outcome::MissingDependency { .. } | Outcome::Permanent { .. } => return Ok(CheckRead::Unknown),
+        }
+        let body = answer.map(|a| a.body).unwrap_or_default();
+        let Ok(read) = hmr_protocol::envelope::parse_data::<hmr_protocol::CheckDecisions>(&body) else {
+            return Ok(CheckRead::Unknown);
+        };
+        let adopted = self.store.adopt_page_decisions(&read).await?;
+        if adopted > 0 {
+            tracing::info!(check = %check_id, adopted, "decisions taken on the page adopted");
+        }
+        let on_page = |d: &hmr_protocol::CheckDecision| d.source == hmr_protocol::DecisionSource::Page;
+        Ok(if read.complete && read.decisions.iter().all(on_page) {
+            CheckRead::DecidedOnPage
+        } else {
+            CheckRead::Read
+        })
+    }
+
     async fn settle_failure(&self, event: &Event, outcome: Outcome) -> Result<Step, WorkerError> {
         match outcome {
             Outcome::Done => unreachable!("handled by the caller"),
@@ -529,10 +567,39 @@ impl Drainer {
                     .await?;
                 Ok(Step::Rescheduled)
             }
+            // Decided otherwise on the page after this upload was planned: adopt the page's
+            // decisions and plan the upload again (never a blocked save).
+            Outcome::Permanent {
+                status: 409, errors, ..
+            } if event.kind == Kind::Decision && errors.iter().any(|e| e.reason == "already-decided") => {
+                match self.read_check(&event.key).await? {
+                    CheckRead::Failed(_) => {
+                        // Read it at the next attempt (the frozen plan meets the 409 again).
+                        self.store
+                            .reschedule(
+                                &[event.id],
+                                self.backoff(event.attempts),
+                                "409 already-decided; the check could not be read",
+                            )
+                            .await?;
+                        return Ok(Step::Rescheduled);
+                    }
+                    CheckRead::DecidedOnPage => {
+                        return self
+                            .carry_out::<Plan>(event, Verdict::Finish(Ending::Unchanged, "decided on the page"))
+                            .await
+                    }
+                    CheckRead::Read | CheckRead::Unknown => {}
+                }
+                tracing::info!(check = %event.key, "decided otherwise on the page: planned again with the page's decisions");
+                self.store
+                    .replan(event.id, "409 already-decided: the page's decisions adopted")
+                    .await?;
+                Ok(Step::Rescheduled)
+            }
             // The platform refused the doctor's decisions (the report was revoked, superseded
-            // or expired since the check; or another decision was taken on its page): nothing
-            // for the DBA to fix. The check is marked refused, its decisions stop counting, and
-            // the doctor's next save asks again.
+            // or expired since the check): nothing for the DBA to fix. The check is marked
+            // refused, its decisions stop counting, and the doctor's next save asks again.
             Outcome::Permanent {
                 status: 409,
                 code,
@@ -781,4 +848,16 @@ impl Drainer {
         }
         Ok(())
     }
+}
+
+/// What reading a check on the platform (§6) found.
+enum CheckRead {
+    /// Read; the page's decisions (if any) adopted.
+    Read,
+    /// Every matched order was decided on the page: the platform holds them, nothing to upload.
+    DecidedOnPage,
+    /// The platform does not know the check (or answered what cannot be read).
+    Unknown,
+    /// Could not be read now: try later.
+    Failed(Outcome),
 }

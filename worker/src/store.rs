@@ -813,6 +813,58 @@ impl Store {
         Ok(())
     }
 
+    /// Records the decisions taken on the platform's page for a check (§6) as the check's
+    /// current ones (`source = 'page'`); returns how many were new. A HIS decision for the same
+    /// order that differs is superseded by the page's, which the platform already holds.
+    pub async fn adopt_page_decisions(&self, answer: &hmr_protocol::CheckDecisions) -> Result<u64, WorkerError> {
+        let mut adopted = 0;
+        for d in answer
+            .decisions
+            .iter()
+            .filter(|d| d.source == hmr_protocol::DecisionSource::Page)
+        {
+            adopted += self
+                .execute_cached(
+                    "INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text,
+                                                doctor_no, dept_code, decided_at, source)
+                     SELECT $1, $2, $3, $4, $5, $6, coalesce(nullif($7, ''), c.doctor_no), coalesce(c.dept_code, ''),
+                            $8::text::timestamptz, 'page'
+                       FROM hmr.checks c
+                      WHERE c.check_id = $1
+                        AND NOT EXISTS (SELECT 1 FROM hmr.current_decisions x
+                                         WHERE x.check_id = $1 AND x.order_id = $2 AND x.report_id = $3
+                                           AND x.recognise = $4 AND x.reason_code IS NOT DISTINCT FROM $5)",
+                    &[
+                        &answer.check_id,
+                        &d.order_id,
+                        &d.report_id,
+                        &d.recognise,
+                        &d.reason_code,
+                        &d.reason_text,
+                        &d.doctor_no,
+                        &d.decided_at,
+                    ],
+                )
+                .await?;
+        }
+        Ok(adopted)
+    }
+
+    /// Drops an event's frozen plan so that it is planned again from the records' current
+    /// state, under new request ids (a new generation): what the platform refused as already
+    /// decided is sent again merged with the page's decisions.
+    pub async fn replan(&self, id: i64, why: &str) -> Result<(), WorkerError> {
+        self.execute_cached(
+            "UPDATE hmr.outbox SET state = 'pending', plan = NULL, plan_pdf = NULL, step = 0,
+                    generation = generation + 1, lease_owner = NULL, lease_until = NULL,
+                    next_attempt_at = now(), last_error = $3
+              WHERE id = $2 AND lease_owner = $1",
+            &[&self.worker_id, &id, &why],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// The platform refused a check's decisions: they stop counting (hmr.order_recognitions).
     pub async fn refuse_check(&self, check_id: &str, reason: &str) -> Result<(), WorkerError> {
         self.execute_cached(

@@ -108,6 +108,19 @@ pub(super) fn page_decisions_json(check_id: &str) -> JsonB {
     })
 }
 
+/// For `hmr_record_decision`, before it records a HIS decision: the decisions already taken on
+/// the platform's page for this check, recorded here (so a different choice is refused with
+/// HM017). 0 when the platform cannot be asked now: the worker reads the check again before it
+/// uploads, and adopts the page's decisions then.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+pub(super) fn learn_check_decisions(check_id: &str) -> i64 {
+    let Some(settings) = Settings::load() else {
+        return 0;
+    };
+    learn_check(&settings, check_id).map_or(0, |(_, n)| n)
+}
+
 /// For the gate, before it refuses a save: decisions the doctor took on the page of an
 /// earlier check of these orders (the page of the previous refusal). Returns how many were
 /// recorded; the platform being down only means none were learnt.
