@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use hmr_protocol::envelope::{parse_data, MAX_ANSWER_BYTES};
-use hmr_protocol::paths::{self, Request, HEADER_ORG_CODE, HEADER_REQUEST_ID};
+use hmr_protocol::paths::{self, Request};
 use hmr_protocol::{classify_answer, sign, Outcome, Scope, TokenAnswer, TokenRequest};
 use pgrx::prelude::*;
 use sha2::Digest;
@@ -325,20 +325,11 @@ fn send(
     if left.is_zero() {
         return Err(CallError::Unavailable("timeout".into()));
     }
-    let url = format!("{}{}", settings.base_url.trim_end_matches('/'), request.path);
+    let url = request.url(&settings.base_url);
+    let headers = request.wire_headers(&settings.org_code, request_id, token);
     let attempt = |agent: &ureq::Agent, left: Duration| {
-        let mut req = agent
-            .request(request.method.as_str(), &url)
-            .timeout(left)
-            .set(HEADER_ORG_CODE, &settings.org_code)
-            .set(HEADER_REQUEST_ID, request_id);
-        if let Some(t) = token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        if let Some(ct) = &request.content_type {
-            req = req.set("Content-Type", ct);
-        }
-        for (k, v) in &request.headers {
+        let mut req = agent.request(request.method.as_str(), &url).timeout(left);
+        for (k, v) in &headers {
             req = req.set(k, v);
         }
         if request.method == paths::Method::Get {

@@ -66,6 +66,31 @@ pub struct Request {
     pub body: Vec<u8>,
 }
 
+impl Request {
+    /// Its URL at the platform's `base` (with or without a trailing slash).
+    pub fn url(&self, base: &str) -> String {
+        format!("{}{}", base.trim_end_matches('/'), self.path)
+    }
+
+    /// Every header it goes out with, in order: the org, the request id, the token (when it
+    /// needs one), its content type and the contract's extra headers. Both HTTP clients (the
+    /// worker's, async; the extension's, blocking inside a backend) send exactly these.
+    pub fn wire_headers(&self, org_code: &str, request_id: &str, token: Option<&str>) -> Vec<(String, String)> {
+        let mut out = vec![
+            (HEADER_ORG_CODE.to_string(), org_code.to_string()),
+            (HEADER_REQUEST_ID.to_string(), request_id.to_string()),
+        ];
+        if let Some(t) = token {
+            out.push(("Authorization".to_string(), format!("Bearer {t}")));
+        }
+        if let Some(ct) = &self.content_type {
+            out.push(("Content-Type".to_string(), ct.clone()));
+        }
+        out.extend(self.headers.iter().cloned());
+        out
+    }
+}
+
 /// JSON bodies are kept as text when a request is frozen; others as hex.
 mod body_text {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -274,6 +299,31 @@ pub fn download(report_id: &str, format: &str) -> Request {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn both_clients_send_the_same_headers() {
+        let r = pdf(ReportType::Lab, "L1", 2, b"%PDF-1.7".to_vec());
+        let h = r.wire_headers("124413004567890125", "id-1", Some("tok"));
+        let names: Vec<&str> = h.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            &names[..4],
+            [HEADER_ORG_CODE, HEADER_REQUEST_ID, "Authorization", "Content-Type"]
+        );
+        assert_eq!(h[2].1, "Bearer tok");
+        assert_eq!(
+            h.len(),
+            4 + r.headers.len(),
+            "the contract's extra headers too (the PDF hash)"
+        );
+        assert!(!r.headers.is_empty());
+        let get = check_decisions("c1").wire_headers("o", "i", None);
+        assert_eq!(
+            get.len(),
+            2,
+            "a GET without a token: the org and the request id only: {get:?}"
+        );
+        assert_eq!(r.url("http://p/"), format!("http://p{}", r.path));
+    }
+
     use super::*;
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hmr_protocol::envelope::{parse_data, MAX_ANSWER_BYTES};
-use hmr_protocol::paths::{self, Request, HEADER_ORG_CODE, HEADER_REQUEST_ID, HEADER_RETRY_AFTER};
+use hmr_protocol::paths::{self, Request, HEADER_RETRY_AFTER};
 use hmr_protocol::{classify_answer, sign, Outcome, Scope, TokenAnswer, TokenRequest};
 use tokio::sync::Mutex as AsyncMutex;
 use uuid::Uuid;
@@ -71,24 +71,13 @@ impl Platform {
 
     /// Sends one request with the given id; transport failures are errors, answers are not.
     pub async fn send(&self, req: &Request, request_id: Uuid, token: Option<&str>) -> Result<Response, WorkerError> {
-        let url = format!("{}{}", self.config.base_url.trim_end_matches('/'), req.path);
         let method = match req.method {
             paths::Method::Get => reqwest::Method::GET,
             paths::Method::Post => reqwest::Method::POST,
             paths::Method::Put => reqwest::Method::PUT,
         };
-        let mut builder = self
-            .http
-            .request(method, url)
-            .header(HEADER_ORG_CODE, &self.config.org_code)
-            .header(HEADER_REQUEST_ID, request_id.to_string());
-        if let Some(t) = token {
-            builder = builder.bearer_auth(t);
-        }
-        if let Some(ct) = &req.content_type {
-            builder = builder.header(reqwest::header::CONTENT_TYPE, ct);
-        }
-        for (k, v) in &req.headers {
+        let mut builder = self.http.request(method, req.url(&self.config.base_url));
+        for (k, v) in req.wire_headers(&self.config.org_code, &request_id.to_string(), token) {
             builder = builder.header(k, v);
         }
         if req.method != paths::Method::Get {
