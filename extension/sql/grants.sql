@@ -34,7 +34,7 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
                           hmr.learn_page_decisions(jsonb), hmr.undecided(jsonb), hmr.id_card_problem(text, date), hmr.org_code_valid(text), hmr.keep_prompt(text, jsonb),
                           hmr.decision_problem(boolean, text, text)
       TO hmr_his, hmr_admin;
-GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, hmr.order_recognitions,
+GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, hmr.order_recognitions, hmr.orders_to_perform,
                 hmr.catalog, hmr.item_map
       TO hmr_his;
 -- hmr-worker serve logs in as a HIS role and finds the patient and staff views here.

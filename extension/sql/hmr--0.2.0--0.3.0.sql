@@ -851,3 +851,33 @@ END
 $$;
 REVOKE ALL ON FUNCTION hmr.ingest_captured() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION hmr.ingest_captured() TO hmr_worker, hmr_admin;
+
+-- Orders recognised on a report revoked at its hospital since (issue #28 §3): the order's state
+-- says so (hmr_order_recognition: 'revoked') and hmr.orders_to_perform lists them.
+CREATE OR REPLACE VIEW hmr.order_recognitions AS
+SELECT d.order_id, d.check_id, d.report_id, d.recognise AS recognised, d.reason_code, d.reason_text,
+       d.doctor_no, d.dept_code, d.decided_at,
+       EXISTS (SELECT 1 FROM hmr.delivered v WHERE v.kind = 'decision' AND v.key = d.check_id) AS delivered,
+       -- the recognised report was revoked at its hospital since (the worker's recheck): the
+       -- test is to be performed after all (hmr.orders_to_perform, NOTIFY hmr_report_revoked)
+       (SELECT max(r.revoked_at) FROM hmr.retained_reports r WHERE r.report_id = d.report_id) AS revoked_at
+FROM hmr.current_decisions d
+JOIN hmr.checks c ON c.check_id = d.check_id AND c.refused_at IS NULL;
+CREATE VIEW hmr.orders_to_perform AS
+SELECT r.order_id, r.check_id, r.report_id, r.doctor_no, r.dept_code, r.decided_at, r.revoked_at
+FROM hmr.order_recognitions r
+WHERE r.recognised AND r.revoked_at IS NOT NULL;
+GRANT SELECT ON hmr.orders_to_perform TO hmr_his;
+CREATE OR REPLACE FUNCTION public.hmr_order_recognition(order_id text)
+RETURNS jsonb LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(
+        (SELECT jsonb_build_object('order_id', r.order_id,
+                                   'decision', CASE WHEN r.recognised AND r.revoked_at IS NOT NULL THEN 'revoked'
+                                                    WHEN r.recognised THEN 'recognised' ELSE 'declined' END,
+                                   'report_id', r.report_id, 'check_id', r.check_id,
+                                   'reason_code', r.reason_code, 'decided_at', r.decided_at,
+                                   'delivered', r.delivered, 'revoked_at', r.revoked_at)
+           FROM hmr.order_recognitions r WHERE r.order_id = $1
+          ORDER BY r.decided_at DESC LIMIT 1),
+        jsonb_build_object('order_id', $1, 'decision', 'none'))
+$$;

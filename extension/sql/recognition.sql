@@ -110,15 +110,44 @@ SELECT DISTINCT ON (check_id, order_id) *
 FROM hmr.decisions
 ORDER BY check_id, order_id, id DESC;
 
+-- Reports of other hospitals recognised here, downloaded and kept.
+CREATE TABLE hmr.retained_reports (
+    report_id   text NOT NULL,
+    format      text NOT NULL CHECK (format IN ('pdf', 'json')),
+    bytes       bytea NOT NULL,
+    sha256      text NOT NULL,
+    source_org  text,
+    check_id    text,
+    fetched_at  timestamptz NOT NULL DEFAULT now(),
+    fetched_by  text NOT NULL DEFAULT session_user,
+    -- the worker asks again on a schedule (worker.recheck_kept_secs): a report revoked at its
+    -- source since is never handed out as valid (hmr_download_report: HM009)
+    rechecked_at  timestamptz,
+    revoked_at    timestamptz,
+    revoked_note  text,
+    PRIMARY KEY (report_id, format)
+);
+
 -- Per order: what the doctor decided and whether the platform has it, so the HIS marks a
 -- recognised (互认) order not to be performed. Decisions of a check the platform refused
 -- do not count.
 CREATE VIEW hmr.order_recognitions AS
 SELECT d.order_id, d.check_id, d.report_id, d.recognise AS recognised, d.reason_code, d.reason_text,
        d.doctor_no, d.dept_code, d.decided_at,
-       EXISTS (SELECT 1 FROM hmr.delivered v WHERE v.kind = 'decision' AND v.key = d.check_id) AS delivered
+       EXISTS (SELECT 1 FROM hmr.delivered v WHERE v.kind = 'decision' AND v.key = d.check_id) AS delivered,
+       -- the recognised report was revoked at its hospital since (the worker's recheck): the
+       -- test is to be performed after all (hmr.orders_to_perform, NOTIFY hmr_report_revoked)
+       (SELECT max(r.revoked_at) FROM hmr.retained_reports r WHERE r.report_id = d.report_id) AS revoked_at
 FROM hmr.current_decisions d
 JOIN hmr.checks c ON c.check_id = d.check_id AND c.refused_at IS NULL;
+
+-- Orders the doctor recognised (互认: not performed) whose report its hospital revoked since:
+-- the HIS performs them after all. Announced on channel hmr_report_revoked (payload: the
+-- report id) when the worker notices.
+CREATE VIEW hmr.orders_to_perform AS
+SELECT r.order_id, r.check_id, r.report_id, r.doctor_no, r.dept_code, r.decided_at, r.revoked_at
+FROM hmr.order_recognitions r
+WHERE r.recognised AND r.revoked_at IS NOT NULL;
 
 -- Prompts with who, where, whom, and what followed: decided (a decision for every order
 -- prompted, on this or a later check), saved without (a later save went through without the
@@ -141,24 +170,6 @@ SELECT p.check_id, p.prompted_at,
          ELSE 'open'
        END AS followed
 FROM hmr.prompts p JOIN hmr.checks c USING (check_id);
-
--- Reports of other hospitals recognised here, downloaded and kept.
-CREATE TABLE hmr.retained_reports (
-    report_id   text NOT NULL,
-    format      text NOT NULL CHECK (format IN ('pdf', 'json')),
-    bytes       bytea NOT NULL,
-    sha256      text NOT NULL,
-    source_org  text,
-    check_id    text,
-    fetched_at  timestamptz NOT NULL DEFAULT now(),
-    fetched_by  text NOT NULL DEFAULT session_user,
-    -- the worker asks again on a schedule (worker.recheck_kept_secs): a report revoked at its
-    -- source since is never handed out as valid (hmr_download_report: HM009)
-    rechecked_at  timestamptz,
-    revoked_at    timestamptz,
-    revoked_note  text,
-    PRIMARY KEY (report_id, format)
-);
 
 -- Who read which kept report, when (for the hospital's auditors).
 CREATE SEQUENCE hmr.download_log_id_seq;
@@ -331,16 +342,18 @@ RETURNS jsonb LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_tem
     SELECT hmr.page_decisions_json(check_id)
 $$;
 
--- What became of one order: recognised (互认, with the report: do not perform it), declined
+-- What became of one order: recognised (互认, with the report: do not perform it), revoked
+-- (recognised, but its report was revoked at its hospital since: perform it), declined
 -- (不互认), or no decision; and whether the platform has the decision.
 CREATE FUNCTION public.hmr_order_recognition(order_id text)
 RETURNS jsonb LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce(
         (SELECT jsonb_build_object('order_id', r.order_id,
-                                   'decision', CASE WHEN r.recognised THEN 'recognised' ELSE 'declined' END,
+                                   'decision', CASE WHEN r.recognised AND r.revoked_at IS NOT NULL THEN 'revoked'
+                                                    WHEN r.recognised THEN 'recognised' ELSE 'declined' END,
                                    'report_id', r.report_id, 'check_id', r.check_id,
                                    'reason_code', r.reason_code, 'decided_at', r.decided_at,
-                                   'delivered', r.delivered)
+                                   'delivered', r.delivered, 'revoked_at', r.revoked_at)
            FROM hmr.order_recognitions r WHERE r.order_id = $1
           ORDER BY r.decided_at DESC LIMIT 1),
         jsonb_build_object('order_id', $1, 'decision', 'none'))

@@ -619,7 +619,11 @@ async fn a_kept_report_revoked_at_its_source_is_refused() -> Result<()> {
         .await?
         .get(0);
     assert!(pdf.starts_with(b"%PDF"));
+    // A copy kept in pdf only (a report first downloaded on demand) is rechecked too.
+    his.execute("DELETE FROM hmr.retained_reports WHERE format = 'json'", &[])
+        .await?;
     other.revoke_lab("W-CBC-1").await?;
+    let revoked = std::time::Instant::now();
     wait_until(Duration::from_secs(20), "the revocation noticed", || async {
         Ok(count(
             his,
@@ -629,11 +633,25 @@ async fn a_kept_report_revoked_at_its_source_is_refused() -> Result<()> {
             >= 1)
     })
     .await?;
+    // recheck_kept_secs = 1 here: noticed within the period plus the worker's tick (the
+    // default, 240 s plus a 60 s tick, keeps the window within 5 minutes).
+    assert!(
+        revoked.elapsed() < Duration::from_secs(10),
+        "noticed after {:?}",
+        revoked.elapsed()
+    );
     let e = his
-        .query_one("SELECT hmr_download_report($1, 'json')", &[&report_id])
+        .query_one("SELECT hmr_download_report($1, 'pdf')", &[&report_id])
         .await
         .expect_err("a revoked report is not handed out");
     assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("HM009"), "{e}");
+    // The order recognised on it is to be performed after all, and the HIS can see it.
+    let state: Value = his.query_one("SELECT hmr_order_recognition('S1')", &[]).await?.get(0);
+    assert_eq!(state["decision"], "revoked", "{state}");
+    assert_eq!(
+        count(his, "SELECT count(*) FROM hmr.orders_to_perform WHERE order_id = 'S1'").await?,
+        1
+    );
     // Lists and queries do not offer it.
     let list: Value = his
         .query_one(

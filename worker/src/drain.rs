@@ -639,7 +639,7 @@ impl Drainer {
     /// Asks again about kept reports of other hospitals: one revoked at its source since is
     /// marked, so `hmr_download_report` refuses it (HM009).
     pub async fn recheck_retained(&self, every: Duration) -> Result<(), WorkerError> {
-        for report_id in self.store.retained_to_recheck(every, 50).await? {
+        for report_id in self.store.retained_to_recheck(every, 500).await? {
             // A GET is a new request each time (a reused id would replay the first answer).
             let (outcome, _) = self
                 .platform

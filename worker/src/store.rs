@@ -489,10 +489,12 @@ impl Store {
     pub async fn retained_to_recheck(&self, every: Duration, limit: i64) -> Result<Vec<String>, WorkerError> {
         Ok(self
             .query_cached(
+                // Every kept copy, pdf-only ones too (a report first downloaded on demand).
                 "SELECT report_id FROM hmr.retained_reports
-                  WHERE format = 'json' AND revoked_at IS NULL
-                    AND coalesce(rechecked_at, fetched_at) < now() - make_interval(secs => $1)
-                  ORDER BY coalesce(rechecked_at, fetched_at) LIMIT $2",
+                  WHERE revoked_at IS NULL
+                  GROUP BY report_id
+                 HAVING min(coalesce(rechecked_at, fetched_at)) < now() - make_interval(secs => $1)
+                  ORDER BY min(coalesce(rechecked_at, fetched_at)) LIMIT $2",
                 &[&every.as_secs_f64(), &limit],
             )
             .await?
@@ -512,6 +514,11 @@ impl Store {
             &[&report_id, &revoked],
         )
         .await?;
+        if revoked.is_some() {
+            // The HIS performs the orders recognised on it after all (hmr.orders_to_perform).
+            self.execute_cached("SELECT pg_notify('hmr_report_revoked', $1)", &[&report_id])
+                .await?;
+        }
         Ok(())
     }
 
