@@ -317,15 +317,14 @@ fn uuid_like(n: u32) -> String {
     format!("d1577c69-dfbe-44ad-ba6d-3e05e953b{n:03}")
 }
 
-/// With terminals configured, every call but the discovery needs a CDS Hooks JWT (ES384, or
-/// RS384 from a terminal with an RSA key) of one of them; the terminal's name is recorded
-/// with its badge calls and its decisions; a replayed or forged token is refused. A widget session a terminal opens reaches its own
-/// patient, checks and reports only.
-#[tokio::test(flavor = "multi_thread")]
-async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()> {
-    let audience = "https://hmr.hospital.example/cds-services";
-    let ward = Terminal::new("ward-app", audience);
-    let emr = Terminal::rsa("web-emr", audience);
+const AUDIENCE: &str = "https://hmr.hospital.example/cds-services";
+
+/// Our hospital with the other hospital's 血常规 for 陈志明 (P0001) and for P0002, and
+/// `hmr-worker serve` with two terminals: `ward-app` (病区移动查房, ES384) and `web-emr`
+/// (门诊电子病历, an RSA key: RS384).
+async fn terminals_serve() -> Result<(Workstations, Serve, Terminal, Terminal)> {
+    let ward = Terminal::new("ward-app", AUDIENCE);
+    let emr = Terminal::rsa("web-emr", AUDIENCE);
     let w = Workstations::start(
         &[
             (P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1),
@@ -338,9 +337,23 @@ async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()>
     )
     .await?;
     let s = serve(&w, None).await?;
+    Ok((w, s, ward, emr))
+}
+
+/// The patient-view hook for P0001, as the terminals call it.
+fn patient_view() -> Value {
+    json!({"hook": "patient-view", "hookInstance": uuid_like(9),
+           "context": {"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001"}})
+}
+
+/// With terminals configured, every call but the discovery needs a CDS Hooks JWT (ES384, or
+/// RS384 from a terminal with an RSA key) of one of them; the terminal's name is recorded
+/// with its badge calls; a replayed or forged token is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()> {
+    let (w, s, ward, emr) = terminals_serve().await?;
     let http = s.http.clone();
-    let request = json!({"hook": "patient-view", "hookInstance": uuid_like(9),
-                         "context": {"userId": "Practitioner/D001", "patientId": "P0001", "encounterId": "MZ001"}});
+    let request = patient_view();
     let url = format!("{}/cds-services/hmr-recognitions", s.base);
 
     // The discovery is open; a call without a token is not.
@@ -389,7 +402,7 @@ async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()>
     assert_eq!(replay.status().as_u16(), 401);
     assert!(replay.text().await?.contains("replay"));
     // A token of another key under the same iss.
-    let forger = Terminal::new("ward-app", audience);
+    let forger = Terminal::new("ward-app", AUDIENCE);
     assert_eq!(
         http.post(&url)
             .bearer_auth(forger.token())
@@ -400,8 +413,16 @@ async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()>
             .as_u16(),
         401
     );
+    Ok(())
+}
 
-    // A decision through the JSON API is kept with the terminal's name and the doctor.
+/// A decision a terminal makes through the JSON API is kept with the terminal's name and the
+/// doctor.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminals_decision_is_kept_with_its_name_and_the_doctor() -> Result<()> {
+    let (w, s, ward, _emr) = terminals_serve().await?;
+    let http = s.http.clone();
+
     let check: Value = http
         .post(format!("{}/api/check", s.base))
         .bearer_auth(ward.token())
@@ -431,6 +452,18 @@ async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()>
         (workstation.as_deref(), doctor.as_str()),
         (Some("病区移动查房"), "D001")
     );
+    Ok(())
+}
+
+/// A widget session a terminal opens reaches its own patient, checks and reports only, and
+/// its decisions are kept with the terminal's name.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_widget_session_reaches_its_own_patient_checks_and_reports_only() -> Result<()> {
+    let (w, s, ward, _emr) = terminals_serve().await?;
+    let http = s.http.clone();
+    let url = format!("{}/cds-services/hmr-recognitions", s.base);
+
+    // A check the terminal made for another patient (P0002), which the session must not reach.
     let p2_check: Value = http
         .post(format!("{}/api/check", s.base))
         .bearer_auth(ward.token())
@@ -483,7 +516,7 @@ async fn only_a_configured_terminal_with_a_fresh_token_is_served() -> Result<()>
         403,
         "a report the session was not shown"
     );
-    let hook = with(http.post(&url)).json(&request).send().await?;
+    let hook = with(http.post(&url)).json(&patient_view()).send().await?;
     assert_eq!(hook.status().as_u16(), 403, "the CDS hooks are for terminals");
     let nested = with(http.post(format!("{}/api/sessions", s.base)))
         .json(&json!({"patient_id": "P0002", "doctor_no": "D001"}))
