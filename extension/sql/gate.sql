@@ -131,9 +131,9 @@ BEGIN
                 USING ERRCODE = 'HM001',
                       DETAIL = jsonb_build_object('check_id', answer->>'check_id', 'url', answer->>'url',
                                                   'matches', undecided)::text,
-                      HINT = 'Record the doctor''s choice for each order: SELECT hmr_record_decision(check_id, order_id, true) '
-                             'for 互认, or hmr_record_decision(check_id, order_id, false, reason_code, reason_text) '
-                             'for 不互认; then save again.';
+                      HINT = '请为每条医嘱选择：互认 SELECT hmr_record_decision(check_id, order_id, true)；'
+                             '不互认 SELECT hmr_record_decision(check_id, order_id, false, 原因代码, 原因说明)；'
+                             '然后再次保存。';
         END IF;
     END LOOP;
     RETURN NULL;

@@ -322,7 +322,7 @@ BEGIN
     IF pg_is_in_recovery() THEN
         RAISE EXCEPTION '当前连接的是只读备库，%需要连接主库', what
             USING ERRCODE = 'HM016',
-                  HINT = 'Connect this call to the primary: a multi-host connection string with target_session_attrs=read-write, or the HIS''s read-write data source.';
+                  HINT = '请将此调用连接到主库：使用 target_session_attrs=read-write 的多主机连接串，或 HIS 的读写数据源。';
     END IF;
 END
 $$;
@@ -388,14 +388,14 @@ BEGIN
     PERFORM hmr.need_primary('记录互认结果');
     IF NOT hmr.ensure_check(p_check) THEN
         RAISE EXCEPTION '找不到互认校验记录 %，请重新保存处方以重新校验', p_check
-            USING ERRCODE = 'HM003', HINT = 'check_id comes from hmr_check_prescription() or the DETAIL of HM001.';
+            USING ERRCODE = 'HM003', HINT = '请重新保存处方以重新校验（check_id 来自 hmr_check_prescription() 或 HM001 的 DETAIL）。';
     END IF;
     -- One decision of a check at a time (several doctors' sessions, a pool): the last one
     -- to complete the check sees every other and queues the upload exactly once.
     SELECT * INTO c FROM hmr.checks k WHERE k.check_id = p_check FOR UPDATE;
     IF c.refused_at IS NOT NULL THEN
         RAISE EXCEPTION '互认平台拒绝了该处方的互认结果（%），请重新保存处方以重新校验', c.refused_reason
-            USING ERRCODE = 'HM015', HINT = 'Save the prescription again: a fresh check lists what is recognisable now.';
+            USING ERRCODE = 'HM015', HINT = '请重新保存处方：新的校验会列出当前可互认的结果。';
     END IF;
     SELECT x INTO m FROM jsonb_array_elements(c.matches) x WHERE x->>'order_id' = p_order;
     IF m IS NULL THEN
@@ -410,7 +410,7 @@ BEGIN
         RAISE EXCEPTION '%', problem
             USING ERRCODE = 'HM004',
                   HINT = '01 病情变化，原结果难以反映当前病情; 02 结果在疾病发展中变化较快; 03 手术、输血等重大医疗措施前; '
-                         '04 急诊、急救; 05 司法、伤残、病退等鉴定; 06 其他情形确需复查 (reason_text required)';
+                         '04 急诊、急救; 05 司法、伤残、病退等鉴定; 06 其他情形确需复查（须填写具体说明）';
     END IF;
     -- A decision taken on the platform's page counts as uploaded (contract §6): learn the
     -- check's page decisions first (bounded by the platform timeout; an unreachable platform
@@ -497,7 +497,7 @@ BEGIN
         RAISE EXCEPTION '报告 % 已被出具医院撤销（%），不能再作为互认依据', p_report,
                         to_char(revoked AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI')
             USING ERRCODE = 'HM009', DETAIL = format('revoked_at %s; %s', revoked, note),
-                  HINT = 'Re-order the test, or choose another recognisable report.';
+                  HINT = '请重新开具该检查检验，或选择其他可互认的报告。';
     END IF;
     IF FOUND THEN
         INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'kept');
@@ -880,4 +880,70 @@ RETURNS jsonb LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog,
            FROM hmr.order_recognitions r WHERE r.order_id = $1
           ORDER BY r.decided_at DESC LIMIT 1),
         jsonb_build_object('order_id', $1, 'decision', 'none'))
+$$;
+
+-- Doctor-facing hints in Chinese (issue #28 §5): the gate's HM001.
+CREATE OR REPLACE FUNCTION hmr.gate() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    guard_query text;
+    q text;
+    r record;
+    answer jsonb;
+    undecided jsonb;
+    on_unavailable hmr.unavailable_action;
+BEGIN
+    SELECT g.query INTO guard_query FROM hmr.guarded g WHERE g.tbl::oid = TG_RELID;
+    IF guard_query IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        -- The guard's rows after the update, less those it gave before (the CTE named
+        -- new_rows stands for the old rows), so a status change alone asks nothing.
+        q := format('SELECT n.visit, n.orders FROM (%s) n
+                      WHERE NOT EXISTS (
+                            SELECT 1 FROM (WITH new_rows AS (SELECT * FROM old_rows) SELECT * FROM (%s) g) o
+                             WHERE o.visit IS NOT DISTINCT FROM n.visit AND o.orders IS NOT DISTINCT FROM n.orders)',
+                    guard_query, guard_query);
+    ELSE
+        q := guard_query;
+    END IF;
+    SELECT e.gate_on_unavailable INTO on_unavailable FROM hmr.effective_policy e;
+    FOR r IN EXECUTE q LOOP
+        answer := public.hmr_check_prescription(r.visit, r.orders);
+        IF answer->>'status' = 'unchecked' THEN
+            -- A data problem (the patient not at the platform yet, …) never stops care.
+            RAISE WARNING 'hmr: the platform did not check this prescription (%); saved (check %)',
+                answer->>'reason', answer->>'check_id';
+            CONTINUE;
+        END IF;
+        IF answer->>'status' = 'unavailable' THEN
+            IF on_unavailable = 'block' THEN
+                RAISE EXCEPTION '互认平台暂不可用，无法完成互认校验，请稍后再保存'
+                    USING ERRCODE = 'HM002', DETAIL = answer::text,
+                          HINT = '本院设置为平台不可用时不保存（hmr.policy）；请稍后再试，或联系信息科。';
+            END IF;
+            RAISE WARNING 'hmr: the platform is unavailable; saved without the mutual-recognition check (check %)',
+                answer->>'check_id';
+            CONTINUE;
+        END IF;
+        undecided := hmr.undecided(answer->'matches');
+        -- Decisions the doctor took on the platform's page (of the previous refusal) count.
+        IF undecided IS NOT NULL AND hmr.learn_page_decisions(undecided) > 0 THEN
+            undecided := hmr.undecided(answer->'matches');
+        END IF;
+        IF undecided IS NOT NULL THEN
+            -- Kept whatever becomes of this transaction (the refusal rolls it back).
+            PERFORM hmr.keep_prompt(answer->>'check_id', undecided);
+            RAISE EXCEPTION '存在可互认的检查检验结果，请选择"互认"或"不互认"后再保存'
+                USING ERRCODE = 'HM001',
+                      DETAIL = jsonb_build_object('check_id', answer->>'check_id', 'url', answer->>'url',
+                                                  'matches', undecided)::text,
+                      HINT = '请为每条医嘱选择：互认 SELECT hmr_record_decision(check_id, order_id, true)；'
+                             '不互认 SELECT hmr_record_decision(check_id, order_id, false, 原因代码, 原因说明)；'
+                             '然后再次保存。';
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
 $$;

@@ -315,7 +315,7 @@ BEGIN
     IF pg_is_in_recovery() THEN
         RAISE EXCEPTION '当前连接的是只读备库，%需要连接主库', what
             USING ERRCODE = 'HM016',
-                  HINT = 'Connect this call to the primary: a multi-host connection string with target_session_attrs=read-write, or the HIS''s read-write data source.';
+                  HINT = '请将此调用连接到主库：使用 target_session_attrs=read-write 的多主机连接串，或 HIS 的读写数据源。';
     END IF;
 END
 $$;

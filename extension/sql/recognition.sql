@@ -258,14 +258,14 @@ BEGIN
     PERFORM hmr.need_primary('记录互认结果');
     IF NOT hmr.ensure_check(p_check) THEN
         RAISE EXCEPTION '找不到互认校验记录 %，请重新保存处方以重新校验', p_check
-            USING ERRCODE = 'HM003', HINT = 'check_id comes from hmr_check_prescription() or the DETAIL of HM001.';
+            USING ERRCODE = 'HM003', HINT = '请重新保存处方以重新校验（check_id 来自 hmr_check_prescription() 或 HM001 的 DETAIL）。';
     END IF;
     -- One decision of a check at a time (several doctors' sessions, a pool): the last one
     -- to complete the check sees every other and queues the upload exactly once.
     SELECT * INTO c FROM hmr.checks k WHERE k.check_id = p_check FOR UPDATE;
     IF c.refused_at IS NOT NULL THEN
         RAISE EXCEPTION '互认平台拒绝了该处方的互认结果（%），请重新保存处方以重新校验', c.refused_reason
-            USING ERRCODE = 'HM015', HINT = 'Save the prescription again: a fresh check lists what is recognisable now.';
+            USING ERRCODE = 'HM015', HINT = '请重新保存处方：新的校验会列出当前可互认的结果。';
     END IF;
     SELECT x INTO m FROM jsonb_array_elements(c.matches) x WHERE x->>'order_id' = p_order;
     IF m IS NULL THEN
@@ -280,7 +280,7 @@ BEGIN
         RAISE EXCEPTION '%', problem
             USING ERRCODE = 'HM004',
                   HINT = '01 病情变化，原结果难以反映当前病情; 02 结果在疾病发展中变化较快; 03 手术、输血等重大医疗措施前; '
-                         '04 急诊、急救; 05 司法、伤残、病退等鉴定; 06 其他情形确需复查 (reason_text required)';
+                         '04 急诊、急救; 05 司法、伤残、病退等鉴定; 06 其他情形确需复查（须填写具体说明）';
     END IF;
     -- A decision taken on the platform's page counts as uploaded (contract §6): learn the
     -- check's page decisions first (bounded by the platform timeout; an unreachable platform
@@ -383,7 +383,7 @@ BEGIN
         RAISE EXCEPTION '报告 % 已被出具医院撤销（%），不能再作为互认依据', p_report,
                         to_char(revoked AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI')
             USING ERRCODE = 'HM009', DETAIL = format('revoked_at %s; %s', revoked, note),
-                  HINT = 'Re-order the test, or choose another recognisable report.';
+                  HINT = '请重新开具该检查检验，或选择其他可互认的报告。';
     END IF;
     IF FOUND THEN
         INSERT INTO hmr.download_log (report_id, format, source) VALUES (p_report, p_format, 'kept');

@@ -359,3 +359,63 @@ async fn a_409_already_decided_is_planned_again_never_a_blocked_save() -> Result
     assert_eq!(count(&ward.w.his, "SELECT count(*) FROM hmr.quarantine").await?, 0);
     Ok(())
 }
+
+/// Issue #28 §5: what a doctor reads — message and hint of the gate's and the decision's
+/// refusals — is Chinese (the hint may name the SQL function to call).
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_facing_messages_and_hints_are_chinese() -> Result<()> {
+    let ward = Ward::open().await?;
+    let his = ward.his().await?;
+    let cjk = |s: &str| s.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c));
+    let english = |s: &str| {
+        [
+            " the ",
+            "Record ",
+            "Save ",
+            "comes from",
+            "required",
+            "Re-order",
+            "Connect ",
+        ]
+        .iter()
+        .any(|w| s.contains(w))
+    };
+    let mut seen = vec![];
+    let hm001 = his
+        .batch_execute(
+            "INSERT INTO his.orders (order_id, patient_id, visit_type, visit_no, doctor_no, dept_code, item_type,
+                                     item_code, item_name)
+             VALUES ('H1', 'P0001', '1', 'MZ001', 'D001', '0301', 'lab', 'JY0001', '血常规')",
+        )
+        .await
+        .expect_err("HM001");
+    seen.push(hm001);
+    let p = ward.prompted("H2", "H3").await?;
+    seen.push(
+        his.query_one("SELECT hmr_record_decision('no-such-check', 'H2', true)", &[])
+            .await
+            .expect_err("HM003"),
+    );
+    seen.push(
+        his.query_one("SELECT hmr_record_decision($1, 'H2', false)", &[&p.check_id])
+            .await
+            .expect_err("HM004"),
+    );
+    let codes: Vec<&str> = seen
+        .iter()
+        .map(|e| e.as_db_error().map_or("?", |d| d.code().code()))
+        .collect();
+    assert_eq!(codes, ["HM001", "HM003", "HM004"]);
+    for e in &seen {
+        let d = e.as_db_error().context("a database error")?;
+        let hint = d.hint().unwrap_or_default();
+        assert!(
+            cjk(d.message()) && cjk(hint),
+            "{}: {} / {hint}",
+            d.code().code(),
+            d.message()
+        );
+        assert!(!english(hint), "{}: an English hint: {hint}", d.code().code());
+    }
+    Ok(())
+}
