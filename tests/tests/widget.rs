@@ -117,8 +117,20 @@ async fn save(his: &tokio_postgres::Client, orders: &[&str]) -> Result<Value> {
         .get(0))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
+/// The widget of a session, loaded in headless Chromium, and what it runs against. (Fields
+/// drop in this order: the browser first, the database last.)
+struct Opened {
+    c: Client,
+    _driver: ChromeDriver,
+    s: Serve,
+    w: Workstations,
+    terminal: Terminal,
+}
+
+/// Our hospital with the other hospital's 血常规 for 陈志明, `hmr-worker serve` with one
+/// terminal (门诊医生站), and in Chromium the widget of a session that terminal opened for the
+/// patient: the session token read, the badge green.
+async fn opened_widget() -> Result<Opened> {
     let terminal = Terminal::new("clinic-ws", "https://hmr.hospital.example/cds-services");
     let w = Workstations::start(
         &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
@@ -131,7 +143,6 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
     let s = serve(&w, None).await?;
     let driver = chromedriver().await?;
     let c = browser(&driver).await?;
-    let shots = unique_dir("widget-shots");
 
     // The workstation (server side, with its key) opens a session for the patient in front
     // of the doctor and embeds the widget's address.
@@ -151,15 +162,45 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
 
     // The badge: green with the count.
     wait_for(&c, "document.body.dataset.hmrBadge", json!("ok")).await?;
+    Ok(Opened {
+        c,
+        _driver: driver,
+        s,
+        w,
+        terminal,
+    })
+}
+
+/// The list, opened from the keyboard (Enter on the badge): its items.
+async fn open_the_list(c: &Client) -> Result<Vec<fantoccini::elements::Element>> {
+    let badge = c.find(Locator::Id("hmr-badge")).await?;
+    badge.send_keys(&char::from(Key::Enter).to_string()).await?;
+    wait_for(c, "document.getElementById('hmr-list').hidden", json!(false)).await?;
+    Ok(c.find_all(Locator::Css("#hmr-list li.item")).await?)
+}
+
+/// Nothing about the patient in the service's log (with its warnings on).
+fn assert_the_log_names_no_patient(s: &Serve) -> Result<()> {
+    let log = std::fs::read_to_string(&s.log)?;
+    assert!(log.contains("serving"), "the log is the service's: {log}");
+    for secret in [P0001_ID, "陈志明", "P0001", "术前复查"] {
+        assert!(!log.contains(secret), "{secret} in the log: {log}");
+    }
+    Ok(())
+}
+
+/// The badge, green with the count, and the list it opens.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_badge_is_green_and_opens_the_list_from_the_keyboard() -> Result<()> {
+    let Opened { c, s, w, .. } = &opened_widget().await?;
+    let shots = unique_dir("widget-shots");
+
     let badge = c.find(Locator::Id("hmr-badge")).await?;
     assert_eq!(badge.text().await?, "可互认 1 项");
     assert!(badge.attr("class").await?.unwrap_or_default().contains("ok"));
     // The list, opened from the keyboard.
-    badge.send_keys(&char::from(Key::Enter).to_string()).await?;
-    wait_for(&c, "document.getElementById('hmr-list').hidden", json!(false)).await?;
-    let items = c.find_all(Locator::Css("#hmr-list li.item")).await?;
+    let items = open_the_list(c).await?;
     assert_eq!(items.len(), 1);
-    let report_id = items[0].attr("data-report-id").await?.context("report id")?;
     assert!(items[0].text().await?.contains("血常规"), "{}", items[0].text().await?);
     let shot = c.screenshot().await?;
     std::fs::write(shots.join("widget-list.png"), &shot)?;
@@ -176,6 +217,18 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
         .await?,
         1
     );
+    assert_the_log_names_no_patient(s)?;
+    println!("screenshots: {}", shots.display());
+    c.clone().close().await?;
+    Ok(())
+}
+
+/// At sign the forced 互认/不互认 dialog, which cannot be dismissed; the decisions it records
+/// let the HIS save pass its gate.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_forced_dialog_records_the_decisions_and_the_save_passes_the_gate() -> Result<()> {
+    let Opened { c, s, w, .. } = &opened_widget().await?;
+    let shots = unique_dir("widget-shots");
 
     // Saving the two duplicate orders before any decision: the gate refuses.
     let refused = save(&w.his, &["WO-1", "WO-2"]).await?;
@@ -191,8 +244,8 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
                     {"order_id": "WO-2", "item_code": "JY0001", "type": "lab"}])],
     )
     .await?;
-    wait_for(&c, "document.body.dataset.hmrState", json!("deciding")).await?;
-    wait_for(&c, "document.getElementById('hmr-dialog').open", json!(true)).await?;
+    wait_for(c, "document.body.dataset.hmrState", json!("deciding")).await?;
+    wait_for(c, "document.getElementById('hmr-dialog').open", json!(true)).await?;
     assert_eq!(c.find_all(Locator::Css("fieldset.match")).await?.len(), 2);
     // It cannot be dismissed: Escape leaves it open; confirming needs every choice.
     // Escapes that reached the page (after the widget's handlers), and close events (counted
@@ -208,7 +261,7 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
     let escape = char::from(Key::Escape).to_string();
     c.active_element().await?.send_keys(&escape).await?;
     // The page handled the Escape, and a task queued after it ran (a close event it queued).
-    wait_for(&c, "window.__escapes", json!(1)).await?;
+    wait_for(c, "window.__escapes", json!(1)).await?;
     c.execute_async("setTimeout(arguments[0], 0);", vec![]).await?;
     // Then a bounded wait for the dialog to close, which must not come.
     let started = std::time::Instant::now();
@@ -243,12 +296,12 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
         .await?
         .send_keys("术前复查凝血相关指标")
         .await?;
-    wait_for(&c, "document.getElementById('hmr-confirm').disabled", json!(false)).await?;
+    wait_for(c, "document.getElementById('hmr-confirm').disabled", json!(false)).await?;
     let shot = c.screenshot().await?;
     std::fs::write(shots.join("widget-dialog.png"), &shot)?;
     confirm.send_keys(&char::from(Key::Enter).to_string()).await?;
-    wait_for(&c, "document.body.dataset.hmrState", json!("decided")).await?;
-    wait_for(&c, "document.getElementById('hmr-dialog').open", json!(false)).await?;
+    wait_for(c, "document.body.dataset.hmrState", json!("decided")).await?;
+    wait_for(c, "document.getElementById('hmr-dialog').open", json!(false)).await?;
     let signed = c.execute("return window.__signed;", vec![]).await?;
     assert_eq!(signed["decisions"].as_array().map(Vec::len), Some(2), "{signed}");
     assert_eq!(signed["decisions"][1]["complete"], true, "{signed}");
@@ -285,6 +338,46 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
     // And now the save passes the gate.
     let saved = save(&w.his, &["WO-1", "WO-2"]).await?;
     assert_eq!(saved["saved"], true, "{saved}");
+    // The reason's text went to the database, not to the service's log.
+    assert_the_log_names_no_patient(s)?;
+    println!("screenshots: {}", shots.display());
+    c.clone().close().await?;
+    Ok(())
+}
+
+/// A report recognised for the patient is downloaded from the widget's list once the worker
+/// has kept it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_recognised_report_downloads_from_the_list() -> Result<()> {
+    let Opened { c, s, w, terminal, .. } = &opened_widget().await?;
+    let items = open_the_list(c).await?;
+    let report_id = items
+        .first()
+        .context("an item")?
+        .attr("data-report-id")
+        .await?
+        .context("report id")?;
+    // The 互认 of the 血常规 (the dialog's, tested above), made here by the workstation
+    // through the JSON API with its key.
+    let check: Value = s
+        .http
+        .post(format!("{}/api/check", s.base))
+        .bearer_auth(terminal.token())
+        .json(&json!({"patient_id": "P0001", "visit_no": "MZ001", "doctor_no": "D001",
+                      "orders": [{"order_id": "WO-1", "item_code": "JY0001", "type": "lab"}]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    anyhow::ensure!(check["duplicate"] == true, "no duplicate to recognise: {check}");
+    let decided = s
+        .http
+        .post(format!("{}/api/decide", s.base))
+        .bearer_auth(terminal.token())
+        .json(&json!({"check_id": check["check_id"], "order_id": "WO-1", "recognise": true}))
+        .send()
+        .await?;
+    anyhow::ensure!(decided.status().is_success(), "{}", decided.text().await?);
 
     // The recognised report, downloaded from the list once the worker has kept it.
     wait_report_kept(&w.his, &report_id).await?;
@@ -298,19 +391,13 @@ async fn badge_list_forced_dialog_and_the_save_passes_the_gate() -> Result<()> {
     })
     .await?;
     wait_for(
-        &c,
+        c,
         "document.getElementById('hmr-status').textContent",
         json!("报告已下载"),
     )
     .await?;
-    // Nothing about the patient in the service's log (with its warnings on).
-    let log = std::fs::read_to_string(&s.log)?;
-    assert!(log.contains("serving"), "the log is the service's: {log}");
-    for secret in [P0001_ID, "陈志明", "P0001", "术前复查"] {
-        assert!(!log.contains(secret), "{secret} in the log: {log}");
-    }
-    println!("screenshots: {}", shots.display());
-    c.close().await?;
+    assert_the_log_names_no_patient(s)?;
+    c.clone().close().await?;
     Ok(())
 }
 
