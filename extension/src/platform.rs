@@ -67,8 +67,13 @@ impl Settings {
 pub enum CallError {
     /// Timeout, connection refused, platform fault, bad answer: the platform is unavailable.
     Unavailable(String),
-    /// The platform refused the request itself (4xx other than 401/404).
-    Refused { status: u16, message: String },
+    /// The platform refused the request itself (4xx other than 401/404); `fields`: the
+    /// platform's names of the fields it refused.
+    Refused {
+        status: u16,
+        message: String,
+        fields: Vec<String>,
+    },
     /// The platform does not know what we referenced (404).
     NotFound(String),
 }
@@ -225,6 +230,7 @@ fn exchange(
                 return Err(CallError::Refused {
                     status,
                     message: format!("{code} {message} {detail}").trim().into(),
+                    fields: errors.iter().map(|e| e.field.clone()).collect(),
                 });
             }
         }
@@ -239,7 +245,7 @@ impl CallError {
         match self {
             CallError::Unavailable(reason) => ("unavailable", reason),
             CallError::NotFound(reason) => ("unchecked", format!("HTTP 404: {reason}")),
-            CallError::Refused { status, message } => ("unchecked", format!("HTTP {status}: {message}")),
+            CallError::Refused { status, message, .. } => ("unchecked", format!("HTTP {status}: {message}")),
         }
     }
 }

@@ -23,6 +23,9 @@ pub enum CallStatus {
     /// The platform refused to check (a data problem, e.g. the patient not there yet): the
     /// save goes on, and the check is recorded with the reason.
     Unchecked,
+    /// The platform refuses the patient's identity (证件号码): the list shows nothing until the
+    /// HIS corrects it (`reason` says what the platform refused).
+    InvalidPatient,
 }
 
 /// A report of another hospital that may be recognised (互认).

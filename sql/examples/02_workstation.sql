@@ -19,7 +19,10 @@ BEGIN
     answer := hmr_list_recognitions(p.id_type, p.id_no, p_visit_no, p_doctor_no, p_dept_code);
     count := coalesce((answer->>'count')::int, 0);
     url := answer->>'url';
-    colour := CASE WHEN answer->>'status' <> 'ok' THEN 'unknown' WHEN count > 0 THEN 'green' ELSE 'grey' END;
+    -- invalid_patient: the platform refuses the patient's identity; grey, and the HIS shows
+    -- answer->>'reason' so that the registration is corrected.
+    colour := CASE WHEN answer->>'status' = 'invalid_patient' THEN 'grey' WHEN answer->>'status' <> 'ok' THEN 'unknown'
+                   WHEN count > 0 THEN 'green' ELSE 'grey' END;
 END
 $$;
 

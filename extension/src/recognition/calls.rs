@@ -62,7 +62,18 @@ pub(super) fn list_recognitions_json(
             },
             Err(e) => ListResult::unavailable(format!("unreadable answer: {e}")),
         },
-        Err(CallError::Refused { status, message }) => refused(status, &message),
+        // The platform refuses the patient's identity (an id_no it cannot accept): reception
+        // shows a grey badge saying the identity needs correcting, instead of failing.
+        Err(CallError::Refused { message, fields, .. }) if fields.iter().any(|f| f == "idNo" || f == "idType") => {
+            ListResult {
+                status: CallStatus::InvalidPatient,
+                reason: Some(hmr_protocol::mask::scrub(&message)),
+                count: 0,
+                url: None,
+                items: vec![],
+            }
+        }
+        Err(CallError::Refused { status, message, .. }) => refused(status, &message),
         Err(CallError::Unavailable(reason) | CallError::NotFound(reason)) => ListResult::unavailable(reason),
     };
     let ok = result.status == CallStatus::Ok;
@@ -314,7 +325,7 @@ pub(super) fn query_recognitions_json(filter: JsonB) -> JsonB {
             },
             Err(e) => unavailable(format!("unreadable answer: {e}")),
         },
-        Err(CallError::Refused { status, message }) => refused(status, &message),
+        Err(CallError::Refused { status, message, .. }) => refused(status, &message),
         Err(CallError::Unavailable(reason) | CallError::NotFound(reason)) => unavailable(reason),
     })
 }

@@ -388,7 +388,7 @@ pub(super) fn fetch_report(report_id: &str, format: &str) -> Option<Vec<u8>> {
             bad_argument(format!("互认平台拒绝下载报告 {report_id}：本院未互认该报告"))
         }
         Err(CallError::NotFound(_)) => bad_argument(format!("互认平台没有报告 {report_id} 的 {format} 文件")),
-        Err(CallError::Refused { status, message }) => refused(status, &message),
+        Err(CallError::Refused { status, message, .. }) => refused(status, &message),
         Err(CallError::Unavailable(_)) => None,
     }
 }

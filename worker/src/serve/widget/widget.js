@@ -212,12 +212,16 @@
     } else if (badge.status === 'ok') {
       button.classList.add('none');
       button.textContent = '无可互认结果';
+    } else if (badge.status === 'invalid_patient') {
+      button.classList.add('none');
+      button.textContent = '患者身份信息需更正';
     } else {
       button.classList.add('none');
       button.textContent = '互认平台暂不可用';
     }
     button.dataset.count = String(count);
-    document.body.dataset.hmrBadge = badge.status === 'ok' ? (count > 0 ? 'ok' : 'none') : 'unavailable';
+    document.body.dataset.hmrBadge =
+      badge.status === 'ok' ? (count > 0 ? 'ok' : 'none') : badge.status === 'invalid_patient' ? 'invalid_patient' : 'unavailable';
   }
 
   function renderList() {
@@ -229,7 +233,12 @@
     const items = badge.status === 'ok' ? badge.items : [];
     items.forEach((item, i) => list.appendChild(renderItem(item, i)));
     if (items.length === 0) {
-      empty.textContent = badge.status === 'ok' ? '本患者暂无可互认的检查检验结果' : '互认平台暂不可用，请稍后再试';
+      empty.textContent =
+        badge.status === 'ok'
+          ? '本患者暂无可互认的检查检验结果'
+          : badge.status === 'invalid_patient'
+            ? '患者身份信息（证件类型或号码）需在 HIS 中更正后才能查询互认结果'
+            : '互认平台暂不可用，请稍后再试';
       empty.hidden = false;
     } else {
       empty.hidden = true;
@@ -330,7 +339,9 @@
     }
     renderBadge();
     renderList();
-    if (badge.status !== 'ok') {
+    if (badge.status === 'invalid_patient') {
+      setStatus('患者身份信息需更正（互认平台不接受该证件号码）', 'error');
+    } else if (badge.status !== 'ok') {
       setStatus('互认平台暂不可用' + (badge.reason ? '：' + badge.reason : ''), 'error');
     } else if (badge.count > 0) {
       setStatus('本患者有 ' + badge.count + ' 项可互认的检查检验结果');
