@@ -106,8 +106,31 @@ async fn badge_list_and_precise_query() -> Result<()> {
     Ok(())
 }
 
+/// Saves `order_id`, a 血常规, through the example procedure, which the gate refuses: the
+/// check to decide on.
+async fn check_of_a_refused_save(his: &Client, order_id: &str) -> Result<String> {
+    let refused = json_of(
+        his,
+        &format!("SELECT his.save_orders('{}')", orders(order_id, "JY0001")),
+    )
+    .await?;
+    anyhow::ensure!(refused["saved"] == false, "the gate let {order_id} through: {refused}");
+    Ok(refused["decide"]["check_id"].as_str().unwrap_or_default().to_string())
+}
+
+/// Saves `order_id`, a 血常规, through the example procedure, which must pass the gate.
+async fn saved(his: &Client, order_id: &str) -> Result<()> {
+    let saved = json_of(
+        his,
+        &format!("SELECT his.save_orders('{}')", orders(order_id, "JY0001")),
+    )
+    .await?;
+    anyhow::ensure!(saved["saved"] == true, "the gate refused {order_id}: {saved}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn the_gate_refuses_an_undecided_duplicate_then_saves_after_a_decision() -> Result<()> {
+async fn the_gate_refuses_an_undecided_duplicate_and_a_decline_without_its_reason() -> Result<()> {
     let s = setup().await?;
     // Saving a duplicate of the recognisable 血常规: HM001, Chinese message, JSON detail.
     let err = s
@@ -159,7 +182,13 @@ async fn the_gate_refuses_an_undecided_duplicate_then_saves_after_a_decision() -
         .await
         .unwrap_err();
     assert_eq!(refused.as_db_error().map(|d| d.code().code()), Some("HM004"));
+    Ok(())
+}
 
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_recognition_the_save_passes_and_the_item_is_not_performed_again() -> Result<()> {
+    let s = setup().await?;
+    let check_id2 = check_of_a_refused_save(&s.his, "O1").await?;
     // 互认 through the example procedure (the check was rolled back with the refused save;
     // it is kept outside the transaction, for any session).
     let decided = json_of(
@@ -183,10 +212,13 @@ async fn the_gate_refuses_an_undecided_duplicate_then_saves_after_a_decision() -
         saved["saved"], true,
         "already recognised item saves as recognised: {saved}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_decline_with_a_reason_the_save_passes_and_the_order_is_performed() -> Result<()> {
+    let s = setup().await?;
     // A 不互认 with a reason also lets a save through, and the order is to be performed.
-    s.his
-        .batch_execute("DELETE FROM his.recognised_items WHERE patient_id = 'P0001'")
-        .await?;
     let refused = json_of(&s.his, &format!("SELECT his.save_orders('{}')", orders("O4", "JY0001"))).await?;
     assert_eq!(refused["saved"], false, "{refused}");
     let check_id4 = refused["decide"]["check_id"].as_str().unwrap_or_default().to_string();
@@ -207,6 +239,36 @@ async fn the_gate_refuses_an_undecided_duplicate_then_saves_after_a_decision() -
     // A non-duplicate item (肾功能) saves at once.
     let saved = json_of(&s.his, &format!("SELECT his.save_orders('{}')", orders("O3", "JY0005"))).await?;
     assert_eq!(saved["saved"], true);
+    Ok(())
+}
+
+/// After the gate's two decisions (a 互认 of O1 through the example procedure, a 不互认 of O4
+/// with reason 02), each check's decision reaches the platform once, and the recognised
+/// report is kept and served from the kept copy; the audit trail cannot be edited.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_checks_decision_reaches_the_platform_once_and_the_recognised_report_is_kept() -> Result<()> {
+    let s = setup().await?;
+    // The doctor's two decisions, each after the save the gate refused, and the saves after.
+    let check_o1 = check_of_a_refused_save(&s.his, "O1").await?;
+    let decided = json_of(
+        &s.his,
+        &format!("SELECT his.decide('{check_o1}', 'O1', 'P0001', 'JY0001', true)"),
+    )
+    .await?;
+    anyhow::ensure!(decided["complete"] == true, "{decided}");
+    saved(&s.his, "O1").await?;
+    // (So that the 血常规 is asked about again rather than saved as already recognised.)
+    s.his
+        .batch_execute("DELETE FROM his.recognised_items WHERE patient_id = 'P0001'")
+        .await?;
+    let check_o4 = check_of_a_refused_save(&s.his, "O4").await?;
+    let declined: Value = s
+        .his
+        .query_one("SELECT hmr_record_decision($1, 'O4', false, '02')", &[&check_o4])
+        .await?
+        .get(0);
+    anyhow::ensure!(declined["complete"] == true, "{declined}");
+    saved(&s.his, "O4").await?;
 
     // The decision reaches the platform once; then the worker keeps the report.
     let sim = &s.sim;
