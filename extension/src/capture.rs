@@ -195,7 +195,7 @@ fn worker_sleeping() {
 /// it). The first caller to see the flag takes it down, so a sleep costs one NOTIFY; while
 /// the flag is down this is one atomic load.
 #[pg_extern]
-fn wake_workers() -> bool {
+pub(crate) fn wake_workers() -> bool {
     let state = wake_state();
     let asleep = state.sleeping.load(Ordering::Relaxed) != 0 && state.sleeping.swap(0, Ordering::SeqCst) != 0;
     if asleep {

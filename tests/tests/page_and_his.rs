@@ -190,6 +190,15 @@ async fn page_only_uploads_nothing_and_the_save_passes() -> Result<()> {
         ward.uploads(&p.check_id).await?.is_empty(),
         "decided on the page: nothing to upload"
     );
+    // The report recognised on the page is kept, pdf and json, with its check, as after an upload.
+    let kept = format!(
+        "SELECT count(*) FROM hmr.retained_reports WHERE check_id = '{}' AND format IN ('pdf', 'json')",
+        p.check_id
+    );
+    wait_until(Duration::from_secs(30), "the page's recognised report kept", || async {
+        Ok(count(&ward.w.his, &kept).await? == 2)
+    })
+    .await?;
     Ok(())
 }
 

@@ -231,17 +231,22 @@ impl Drainer {
                 let decision = if event.kind == Kind::Decision {
                     // Read the check first (§6): decisions taken on the platform's page are
                     // adopted, and only the HIS's others are uploaded with them.
-                    match self.read_check(&event.key).await? {
+                    let read = match self.read_check(&event.key).await? {
                         CheckRead::Failed(outcome) => return self.settle_failure(&event, outcome).await,
-                        CheckRead::DecidedOnPage => {
-                            return self
-                                .carry_out::<Plan>(&event, Verdict::Finish(Ending::Unchanged, "decided on the page"))
-                                .await
-                        }
-                        CheckRead::Read | CheckRead::Unknown => {}
-                    }
+                        read => read,
+                    };
                     let decisions = self.store.decisions(&event.key).await?;
-                    plan::decisions(decisions, &self.rules())
+                    match plan::decisions(decisions, &self.rules()) {
+                        // Decided wholly on the page: the platform holds the decisions; only the
+                        // recognised reports are fetched and kept.
+                        Verdict::Send(plan) if matches!(read, CheckRead::DecidedOnPage) => {
+                            match plan::retain_only(plan) {
+                                Some(plan) => Verdict::Send(plan),
+                                None => Verdict::Finish(Ending::Unchanged, "decided on the page"),
+                            }
+                        }
+                        other => other,
+                    }
                 } else {
                     let facts = self.report_facts(&event, input, names).await?;
                     let rules = Rules {

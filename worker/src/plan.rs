@@ -497,6 +497,14 @@ pub fn invalid(kind: Kind, e: &ProtocolError) -> Quarantine {
 
 /// The decisions of a check, once every matched order has one; then the recognised
 /// reports' downloads (kept in `hmr.retained_reports`).
+/// A check's plan without its decisions request (the platform already holds them, taken on its
+/// page): the downloads of the recognised reports only, `None` when there are none.
+pub fn retain_only(mut plan: Plan) -> Option<Plan> {
+    plan.requests.remove(0);
+    plan.retain.remove(0);
+    (!plan.requests.is_empty()).then_some(plan)
+}
+
 pub fn decisions(decisions: Option<Decisions>, rules: &Rules) -> Verdict<Plan> {
     let Some(decisions) = decisions else {
         return Verdict::Finish(Ending::Skipped, "no decisions recorded");

@@ -41,13 +41,20 @@ pub(super) fn learn_check(settings: &Settings, check_id: &str) -> Result<(CheckD
         .unwrap_or(0);
     }
     if answer.complete && answer.decisions.iter().all(|d| d.source == DecisionSource::Page) {
-        // Taken on the page: the platform has them; nothing to upload.
+        // Taken on the page: the platform has them; nothing to upload. The first time, an event
+        // lets the worker fetch and keep the recognised reports (pdf and json), as after an
+        // upload.
         Spi::run_with_args(
-            "INSERT INTO hmr.delivered (kind, key, version, content_hash) VALUES ('decision', $1, 1, 'page')
-             ON CONFLICT (kind, key) DO NOTHING",
+            "WITH d AS (INSERT INTO hmr.delivered (kind, key, version, content_hash) VALUES ('decision', $1, 1, 'page')
+                        ON CONFLICT (kind, key) DO NOTHING RETURNING key)
+             INSERT INTO hmr.outbox (kind, key, op)
+             SELECT 'decision', d.key, 'I' FROM d
+              WHERE NOT EXISTS (SELECT 1 FROM hmr.outbox o
+                                 WHERE o.kind OPERATOR(pg_catalog.=) 'decision' AND o.key OPERATOR(pg_catalog.=) $1)",
             &[check_id.into()],
         )
         .unwrap_or_else(|e| error!("hmr: cannot record the page decisions: {e}"));
+        crate::capture::wake_workers();
     }
     Ok((answer, recorded))
 }
