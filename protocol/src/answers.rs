@@ -105,13 +105,18 @@ pub struct OrderMatch {
     pub reports: Vec<ReportSummary>,
 }
 
-/// The check at ordering: `hmr_check_order`.
+/// The check at ordering: `hmr_check_order`. With the visit's `patient_id` and `visit_type`
+/// it is a prescription check of the ordered items: `check_id` names it, and `url` is its page
+/// where the doctor decides (decisions there or through `hmr_record_decision` count at save).
+/// Without them, the precise query: `url` is the recognition list's page, no `check_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct OrderCheckResult {
     pub status: CallStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub duplicate: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_id: Option<String>,
     /// The page the workstation opens when `duplicate`.
     pub url: Option<String>,
     pub matches: Vec<OrderMatch>,

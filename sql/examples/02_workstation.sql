@@ -26,9 +26,10 @@ BEGIN
 END
 $$;
 
--- 2. While ordering one item (the precise query, 精准互认): is it a duplicate? When
---    `duplicate` is true the workstation must open the platform's page at `url` and the doctor
---    choose 互认 or 不互认 before going on; saving (3.) runs the prescription check.
+-- 2. While ordering one item (门诊 and, through 5., 住院): is it a duplicate? When `duplicate`
+--    is true the workstation must open the check's page at `url`, where the doctor chooses
+--    互认 or 不互认 before going on (or decides in the HIS: his.decide with `check_id`). Saving
+--    (3.) then passes the gate without a second prompt: the decision counts for the order.
 CREATE FUNCTION his.check_item(p_patient_id text, p_visit_type text, p_visit_no text, p_doctor_no text,
                                p_dept_code text, p_order_id text, p_item_type text, p_item_code text)
 RETURNS jsonb LANGUAGE sql AS $$

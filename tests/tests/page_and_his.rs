@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hmr_e2e::*;
-use hmr_protocol::answers::{DecisionResult, PromptDetail};
+use hmr_protocol::answers::{DecisionResult, OrderCheckResult, PromptDetail};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
@@ -426,5 +426,61 @@ async fn doctor_facing_messages_and_hints_are_chinese() -> Result<()> {
         );
         assert!(!english(hint), "{}: an English hint: {hint}", d.code().code());
     }
+    Ok(())
+}
+
+/// Issue #28 §2: a duplicate at ordering yields a check whose page takes the decision; the
+/// decision taken there, or recorded in the HIS for that check, satisfies the gate at save
+/// without a second prompt (the 门诊 example's `his.check_item`, through PgBouncer).
+#[tokio::test(flavor = "multi_thread")]
+async fn ordering_yields_a_check_whose_decisions_satisfy_the_save() -> Result<()> {
+    let ward = Ward::open().await?;
+    let order_check = |order: &'static str, item: &'static str| {
+        let ward = &ward;
+        async move {
+            let his = ward.his().await?;
+            let v: Value = his
+                .query_one(
+                    "SELECT his.check_item('P0001', '1', 'MZ001', 'D001', '0301', $1, 'lab', $2)",
+                    &[&order, &item],
+                )
+                .await?
+                .get(0);
+            let c: OrderCheckResult = serde_json::from_value(v.clone()).context("hmr_check_order's answer")?;
+            anyhow::ensure!(c.duplicate && c.check_id.is_some() && c.url.is_some(), "{v}");
+            Ok::<_, anyhow::Error>(PromptDetail {
+                check_id: c.check_id.unwrap_or_default(),
+                url: c.url,
+                matches: c.matches,
+            })
+        }
+    };
+    let save_one = |order: &'static str, item: &'static str| {
+        let ward = &ward;
+        async move {
+            let lines = json!([{"order_id": order, "patient_id": "P0001", "visit_type": "1", "visit_no": "MZ001",
+                                "doctor_no": "D001", "dept_code": "0301", "item_type": "lab", "item_code": item}]);
+            let his = ward.his().await?;
+            let saved: Value = his.query_one("SELECT his.save_orders($1)", &[&lines]).await?.get(0);
+            Ok::<_, anyhow::Error>(saved)
+        }
+    };
+    // Decided in the HIS against the ordering's check.
+    let c = order_check("C1", "JY0001").await?;
+    assert!(ward.in_his(&c.check_id, "C1", None).await?.complete);
+    let saved = save_one("C1", "JY0001").await?;
+    assert_eq!(saved["saved"], true, "no second prompt: {saved}");
+    // Decided on the ordering check's page.
+    let c = order_check("C2", "JY0004").await?;
+    ward.on_page(&c, "C2", false).await?;
+    let saved = save_one("C2", "JY0004").await?;
+    assert_eq!(saved["saved"], true, "the page's decision counts at save: {saved}");
+    let state: Value = ward
+        .his()
+        .await?
+        .query_one("SELECT hmr_order_recognition('C2')", &[])
+        .await?
+        .get(0);
+    assert_eq!(state["decision"], "declined", "{state}");
     Ok(())
 }

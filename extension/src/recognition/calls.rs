@@ -181,11 +181,27 @@ pub(super) fn catalog_orders(orders: Value) -> Vec<CheckOrder> {
 #[search_path(pg_catalog, pg_temp)]
 pub(super) fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
     let visit = visit.0;
+    // A visit that names the patient and the visit type is checked as a prescription of the
+    // ordered items (seeds 18.2/19.2): a check whose page takes the doctor's 互认/不互认, and
+    // whose decisions (there or through hmr_record_decision) satisfy the gate at save.
+    if opt_text(&visit, "patient_id").is_some() && opt_text(&visit, "visit_type").is_some() {
+        let JsonB(checked) = check_prescription_json(JsonB(visit), orders);
+        let c: PrescriptionCheckResult = serde_json::from_value(checked).expect("the check's own answer");
+        return answer(&OrderCheckResult {
+            status: c.status,
+            reason: c.reason,
+            duplicate: c.duplicate,
+            check_id: c.check_id.filter(|_| c.status == CallStatus::Ok),
+            url: c.url,
+            matches: c.matches,
+        });
+    }
     let wanted = catalog_orders(orders.0);
     let none = |status, reason| OrderCheckResult {
         status,
         reason,
         duplicate: false,
+        check_id: None,
         url: None,
         matches: vec![],
     };
@@ -256,6 +272,7 @@ pub(super) fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
         status: CallStatus::Ok,
         reason: None,
         duplicate: true,
+        check_id: None,
         url,
         matches,
     })
