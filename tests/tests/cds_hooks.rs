@@ -149,6 +149,31 @@ async fn order_select_cards_only_the_selected_order() -> Result<()> {
         .send()
         .await?;
     assert_eq!(refused.status().as_u16(), 400);
+    // An order coded only in another system (LOINC here) is not answered "no duplicate" (an
+    // empty card list): 400 naming the coding, at select and at sign alike.
+    let mut loinc = select.clone();
+    loinc["context"]["draftOrders"]["entry"][0]["resource"]["code"] =
+        json!({"coding": [{"system": "http://loinc.org", "code": "58410-2"}]});
+    for hook in ["hmr-order-select", "hmr-order-check"] {
+        let mut asked = loinc.clone();
+        asked["hook"] = json!(if hook == "hmr-order-select" {
+            "order-select"
+        } else {
+            "order-sign"
+        });
+        let refused = http
+            .post(format!("{}/cds-services/{hook}", s.base))
+            .json(&asked)
+            .send()
+            .await?;
+        assert_eq!(refused.status().as_u16(), 400, "{hook}");
+        let said: Value = refused.json().await?;
+        let error = said["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("http://loinc.org") && error.contains("urn:hmr:item"),
+            "{hook}: {said}"
+        );
+    }
 
     Ok(())
 }

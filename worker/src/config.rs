@@ -63,6 +63,10 @@ pub struct ServeConfig {
     pub anonymous: bool,
     /// Origins of the workstation pages that may frame the widget (CSP `frame-ancestors`).
     pub embed_origins: Vec<String>,
+    /// The FHIR `system` of the HIS's own item codes in a draft ServiceRequest's `code.coding`
+    /// (mapped through `hmr.item_map`): an order coded only in other systems (SNOMED, LOINC) is
+    /// refused with 400 naming them, never answered as "no duplicate".
+    pub item_system: String,
 }
 
 impl Default for ServeConfig {
@@ -77,6 +81,7 @@ impl Default for ServeConfig {
             session_minutes: 480,
             anonymous: false,
             embed_origins: Vec::new(),
+            item_system: "urn:hmr:item".into(),
         }
     }
 }

@@ -85,31 +85,49 @@ pub(super) async fn patient_view(
 }
 
 /// The draft `ServiceRequest`s of a hook's context as hmr's orders `{order_id, item_code,
-/// type}`; `selected`: only those named in `context.selections` (order-select).
-pub(super) fn draft_orders(context: &Value, selected: bool) -> Vec<Value> {
+/// type}`; `selected`: only those named in `context.selections` (order-select). The item code
+/// is the coding in the HIS's item system (`[serve] item_system`); an order coded only in other
+/// systems is refused (400 naming them): an empty answer would read as "no duplicate".
+pub(super) fn draft_orders(context: &Value, selected: bool, item_system: &str) -> Result<Vec<Value>, String> {
     let selections: Vec<&str> = context["selections"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     let entries = context["draftOrders"]["entry"].as_array().cloned().unwrap_or_default();
-    entries
+    let mut orders = vec![];
+    for r in entries
         .iter()
         .map(|e| &e["resource"])
         .filter(|r| r["resourceType"] == "ServiceRequest")
-        .filter_map(|r| {
-            let id = r["id"].as_str()?;
-            if selected && !selections.contains(&format!("ServiceRequest/{id}").as_str()) {
-                return None;
-            }
-            let code = r["code"]["coding"].as_array()?.first()?["code"].as_str()?;
-            // 检验 (laboratory) or 检查 (imaging and the rest), by the request's category.
-            let lab = r["category"].as_array().is_some_and(|c| {
-                c.iter()
-                    .any(|c| c.to_string().contains("108252007") || c.to_string().contains("laboratory"))
-            });
-            Some(json!({"order_id": id, "item_code": code, "type": if lab { "lab" } else { "exam" }}))
-        })
-        .collect()
+    {
+        let Some(id) = r["id"].as_str() else { continue };
+        if selected && !selections.contains(&format!("ServiceRequest/{id}").as_str()) {
+            continue;
+        }
+        let codings = r["code"]["coding"].as_array().cloned().unwrap_or_default();
+        let Some(code) = codings
+            .iter()
+            .find(|c| c["system"] == item_system)
+            .and_then(|c| c["code"].as_str())
+        else {
+            let systems: Vec<&str> = codings.iter().filter_map(|c| c["system"].as_str()).collect();
+            return Err(format!(
+                "ServiceRequest/{id}: no code in the HIS item system {item_system} (coded in: {})",
+                if systems.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    systems.join(", ")
+                }
+            ));
+        };
+        // 检验 (laboratory) or 检查 (imaging and the rest), by the request's category.
+        let lab = r["category"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c.to_string().contains("108252007") || c.to_string().contains("laboratory"))
+        });
+        orders.push(json!({"order_id": id, "item_code": code, "type": if lab { "lab" } else { "exam" }}));
+    }
+    Ok(orders)
 }
 
 /// order-select: for each newly selected order, the recognisable results of its item (the
@@ -123,7 +141,7 @@ pub(super) async fn order_select(
         return Err(bad("context.selections is required"));
     }
     let mut cards = Vec::new();
-    for order in draft_orders(context, true) {
+    for order in draft_orders(context, true, &s.item_system).map_err(bad)? {
         let filter = json!({"id_type": who.id_type, "id_no": who.id_no, "item_codes": [order["item_code"]],
                             "type": order["type"]});
         let answer = match s.query(&filter).await {
@@ -166,7 +184,7 @@ pub(super) async fn order_sign(
     ask: &Ask,
     context: &Value,
 ) -> Result<Vec<Value>, (StatusCode, Json<Value>)> {
-    let orders = draft_orders(context, false);
+    let orders = draft_orders(context, false, &s.item_system).map_err(bad)?;
     if orders.is_empty() {
         return Ok(vec![]);
     }

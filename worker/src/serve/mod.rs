@@ -71,6 +71,8 @@ struct Service {
     statements: Statements,
     /// CSP `frame-ancestors` of the widget's pages.
     frame_ancestors: String,
+    /// `[serve] item_system`: the FHIR system of the HIS's item codes.
+    item_system: String,
 }
 
 /// Why the database did not answer: no connection to be had, or the statement failed.
@@ -196,6 +198,7 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
         sessions: Sessions::new(Duration::from_secs(u64::from(serve.session_minutes) * 60)),
         statements,
         frame_ancestors: frame_ancestors(&serve.embed_origins)?,
+        item_system: serve.item_system.clone(),
     });
     let app = Router::new()
         .route("/cds-services", get(discovery))
