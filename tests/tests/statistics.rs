@@ -488,6 +488,19 @@ async fn the_monthly_report_renders_with_its_charts() -> Result<()> {
             secs = [20, 400, 5000, 90_000][n % 4],
         ));
     }
+    // The HIS's names for departments and doctors (the source views), and a department code
+    // written as a spreadsheet formula through a decision: in the CSV it must stay text.
+    sql.push_str(
+        "CREATE SCHEMA IF NOT EXISTS hmr_src;
+         DROP VIEW IF EXISTS hmr_src.department CASCADE; DROP VIEW IF EXISTS hmr_src.staff CASCADE;
+         CREATE VIEW hmr_src.department AS SELECT * FROM (VALUES ('0301', '内科'), ('0502', '外科')) v(dept_code, dept_name);
+         CREATE VIEW hmr_src.staff AS SELECT * FROM (VALUES ('D001', '张伟'), ('D002', '李娜')) v(staff_no, name);
+         INSERT INTO hmr.checks (check_id, status, doctor_no, dept_code, orders, matches, checked_at)
+         VALUES ('rx', 'ok', 'D003', '=cmd|'' /C calc''!A0', '[]', '[{\"order_id\": \"ox\", \"data_code\": \"JY0001\"}]',
+                 '2026-11-15 09:00:00+08');
+         INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, doctor_no, dept_code, decided_at)
+         VALUES ('rx', 'ox', 'x', true, 'D003', '=cmd|'' /C calc''!A0', '2026-11-15 09:00:00+08');",
+    );
     sql.push_str("INSERT INTO hmr.item_prices VALUES ('JY0001', 25.50); COMMIT;");
     his.batch_execute(&sql).await?;
 
@@ -513,18 +526,33 @@ async fn the_monthly_report_renders_with_its_charts() -> Result<()> {
         "<figure id=\"chart-uploads\"><svg",
         "各科室提醒、互认与不互认",
         "不互认原因分布",
-        "<td>互认</td><td>20</td>",
+        "<td>互认</td><td>21</td>",
         "<td>不互认</td><td>10</td>",
-        "<td>互认率</td><td>66.7%</td>",
-        "<td>节省费用 (元)</td><td>510.00</td>",
+        "<td>互认率</td><td>67.7%</td>",
+        "<td>节省费用 (元)</td><td>535.50</td>",
+        // Departments and doctors by name (with the code), a table per doctor.
+        "<td>内科（0301）</td>",
+        "<td>外科（0502）</td>",
+        "<table id=\"doctors\">",
+        "<td>张伟（D001）</td>",
+        "<td>D003</td>",
     ] {
         assert!(html.contains(needle), "{needle} missing from the report");
+    }
+    for english in ["list calls", "prompts"] {
+        assert!(!html.contains(english), "an English label in the report: {english}");
     }
     assert!(html.matches("<rect").count() > 10, "the charts have bars");
     let uploads = std::fs::read_to_string(dir.join("csv/uploads-2026-11.csv"))?;
     assert!(uploads.contains("lab_report,30,0,1,"), "{uploads}");
     let depts = std::fs::read_to_string(dir.join("csv/departments-2026-11.csv"))?;
     assert!(depts.contains("0301,20,") && depts.contains("0502,10,"), "{depts}");
+    assert!(depts.contains(",内科\n"), "{depts}");
+    // The formula stays text: quoted, and prefixed with ' so no spreadsheet runs it.
+    assert!(depts.contains("\n'=cmd|' /C calc'!A0,0,1,0,"), "{depts}");
+    assert!(!depts.lines().any(|l| l.starts_with('=')), "{depts}");
+    let doctors = std::fs::read_to_string(dir.join("csv/doctors-2026-11.csv"))?;
+    assert!(doctors.contains(",张伟\n") && doctors.contains("D003,"), "{doctors}");
 
     // A real browser renders it: the bars' colours are on the screenshot.
     let png_path = dir.join("report.png");

@@ -426,6 +426,13 @@ async fn grey_at_zero_and_no_dialog_without_a_duplicate() -> Result<()> {
     let shot = c.screenshot().await?;
     assert!(pixels_of(&shot, [0x9a, 0xa0, 0xa6])? > 300, "the grey badge");
     assert_eq!(pixels_of(&shot, [0x1f, 0x8a, 0x4c])?, 0, "no green");
+    // The grey badge is not clickable: a click opens no list.
+    assert_eq!(badge.attr("aria-disabled").await?.as_deref(), Some("true"));
+    badge.click().await?;
+    let list_hidden = c
+        .execute("return document.getElementById('hmr-list').hidden;", vec![])
+        .await?;
+    assert_eq!(list_hidden, json!(true), "a grey badge opens nothing");
     c.execute(
         "window.hmrWidget.sign(arguments[0]).then(r => { window.__signed = r; }); return true;",
         vec![json!([{"order_id": "Z-1", "item_code": "JY0001", "type": "lab"}])],

@@ -16,13 +16,67 @@ use crate::error::WorkerError;
 pub struct Month {
     pub month: String,
     pub totals: Vec<(String, String)>,
-    /// Per department: prompts, 互认, 不互认.
-    pub departments: Vec<(String, i64, i64, i64)>,
+    /// Per department (code, name): prompts, 互认, 不互认.
+    pub departments: Vec<(Named, i64, i64, i64)>,
+    /// Per doctor (staff no, name): prompts, 互认, 不互认.
+    pub doctors: Vec<(Named, i64, i64, i64)>,
     /// 不互认 by reason 01–06.
     pub reasons: [i64; 6],
     /// Per item: name, 互认, 不互认, repeats avoided, saved.
     pub items: Vec<(String, String, i64, i64, Option<f64>)>,
     pub uploads: Vec<Uploads>,
+}
+
+/// A department or a doctor: the code the statistics keep, and the name the HIS's source view
+/// gives it (none when the view does not list it).
+#[derive(Debug, Default, Clone)]
+pub struct Named {
+    pub code: String,
+    pub name: Option<String>,
+}
+
+impl Named {
+    /// `内科（0301）`, or the code alone.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(n) => format!("{n}（{}）", self.code),
+            None => self.code.clone(),
+        }
+    }
+}
+
+/// Names by code from a kind's source view (`hmr.kinds.source_view`): departments and staff.
+/// A view that is missing or unreadable gives no names (the report shows codes).
+async fn names(
+    client: &tokio_postgres::Client,
+    kind: &str,
+    code: &str,
+    name: &str,
+) -> std::collections::HashMap<String, String> {
+    let Ok(Some(row)) = client
+        .query_opt(
+            "SELECT to_regclass(source_view)::text FROM hmr.kinds WHERE kind = $1",
+            &[&kind],
+        )
+        .await
+    else {
+        return Default::default();
+    };
+    let Some(view) = row.get::<_, Option<String>>(0) else {
+        return Default::default();
+    };
+    // `view` is a regclass's own text (quoted as needed); the columns are the documented ones.
+    let sql = format!("SELECT {code}::text, {name}::text FROM {view}");
+    match client.query(&sql, &[]).await {
+        Ok(rows) => rows
+            .iter()
+            .filter_map(|r| Some((r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?)))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(kind, error = %crate::error::WorkerError::from(e), "names not read: the report shows codes");
+            Default::default()
+        }
+    }
 }
 
 /// One report kind's uploads in the month.
@@ -70,9 +124,9 @@ pub async fn read(url: &str, month: &str) -> Result<Month, WorkerError> {
         .await?
     {
         let labels = [
-            "调阅次数 (list calls)",
+            "调阅次数",
             "有可互认结果的调阅",
-            "提醒次数 (prompts)",
+            "提醒次数",
             "互认",
             "不互认",
             "互认率",
@@ -86,6 +140,7 @@ pub async fn read(url: &str, month: &str) -> Result<Month, WorkerError> {
             .map(|(i, l)| (l.to_string(), r.get::<_, String>(i)))
             .collect();
     }
+    let dept_names = names(&client, "department", "dept_code", "dept_name").await;
     for r in client
         .query(
             "SELECT coalesce(dept_code, '-'), sum(prompts)::bigint, sum(recognised)::bigint, sum(declined)::bigint
@@ -94,7 +149,22 @@ pub async fn read(url: &str, month: &str) -> Result<Month, WorkerError> {
         )
         .await?
     {
-        m.departments.push((r.get(0), r.get(1), r.get(2), r.get(3)));
+        let code: String = r.get(0);
+        let name = dept_names.get(&code).cloned();
+        m.departments.push((Named { code, name }, r.get(1), r.get(2), r.get(3)));
+    }
+    let staff_names = names(&client, "staff", "staff_no", "name").await;
+    for r in client
+        .query(
+            "SELECT coalesce(doctor_no, '-'), sum(prompts)::bigint, sum(recognised)::bigint, sum(declined)::bigint
+               FROM hmr.recognition_stats WHERE month = $1::text::date GROUP BY 1 ORDER BY 1",
+            &[&first],
+        )
+        .await?
+    {
+        let code: String = r.get(0);
+        let name = staff_names.get(&code).cloned();
+        m.doctors.push((Named { code, name }, r.get(1), r.get(2), r.get(3)));
     }
     if let Some(r) = client
         .query_opt(
@@ -186,6 +256,14 @@ fn bars(title: &str, labels: &[String], series: &[(&str, Vec<i64>, RGBColor)]) -
                     String::new()
                 }
             })
+            // Counts: whole numbers only on the axis.
+            .y_label_formatter(&|y| {
+                if (y - y.round()).abs() < 1e-9 {
+                    format!("{}", y.round() as i64)
+                } else {
+                    String::new()
+                }
+            })
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(|e| draw(&e))?;
@@ -245,7 +323,7 @@ th{{background:#eee}}td:first-child,th:first-child{{text-align:left}}figure{{mar
     }
 
     h.push_str("<h2>二、各科室互认情况</h2>");
-    let depts: Vec<String> = m.departments.iter().map(|d| d.0.clone()).collect();
+    let depts: Vec<String> = m.departments.iter().map(|d| d.0.label()).collect();
     let _ = write!(
         h,
         "<figure id=\"chart-departments\">{}</figure>",
@@ -277,7 +355,18 @@ th{{background:#eee}}td:first-child,th:first-child{{text-align:left}}figure{{mar
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{prompts}</td><td>{rec}</td><td>{dec}</td><td>{}</td></tr>",
-            esc(dept),
+            esc(&dept.label()),
+            pct(rate)
+        );
+    }
+    h.push_str("</table>");
+    h.push_str("<h3>各医生互认情况</h3><table id=\"doctors\"><tr><th>医生</th><th>提醒</th><th>互认</th><th>不互认</th><th>互认率</th></tr>");
+    for (doctor, prompts, rec, dec) in &m.doctors {
+        let rate = (rec + dec > 0).then(|| *rec as f64 / (rec + dec) as f64);
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{prompts}</td><td>{rec}</td><td>{dec}</td><td>{}</td></tr>",
+            esc(&doctor.label()),
             pct(rate)
         );
     }
@@ -356,23 +445,24 @@ th{{background:#eee}}td:first-child,th:first-child{{text-align:left}}figure{{mar
 pub fn csv(m: &Month, dir: &Path) -> Result<(), WorkerError> {
     let io = |e: std::io::Error| WorkerError::Config(format!("writing CSV in {}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let field = |s: &str| {
-        if s.contains([',', '"', '\n']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
-    };
+    let field = |s: &str| csv_cell(s);
     let mut t = String::from("指标,数值\n");
     for (l, v) in &m.totals {
         let _ = writeln!(t, "{},{}", field(l), field(v));
     }
     std::fs::write(dir.join(format!("totals-{}.csv", m.month)), t).map_err(io)?;
-    let mut d = String::from("科室,提醒,互认,不互认\n");
+    let mut d = String::from("科室代码,提醒,互认,不互认,科室\n");
     for (dept, p, r, x) in &m.departments {
-        let _ = writeln!(d, "{},{p},{r},{x}", field(dept));
+        let name = dept.name.as_deref().unwrap_or_default();
+        let _ = writeln!(d, "{},{p},{r},{x},{}", field(&dept.code), field(name));
     }
     std::fs::write(dir.join(format!("departments-{}.csv", m.month)), d).map_err(io)?;
+    let mut doc = String::from("医生工号,提醒,互认,不互认,医生\n");
+    for (doctor, p, r, x) in &m.doctors {
+        let name = doctor.name.as_deref().unwrap_or_default();
+        let _ = writeln!(doc, "{},{p},{r},{x},{}", field(&doctor.code), field(name));
+    }
+    std::fs::write(dir.join(format!("doctors-{}.csv", m.month)), doc).map_err(io)?;
     let mut u = String::from("报告,已上传,未上传,上传率,24小时内,及时率\n");
     for x in &m.uploads {
         let _ = writeln!(
@@ -388,4 +478,39 @@ pub fn csv(m: &Month, dir: &Path) -> Result<(), WorkerError> {
     }
     std::fs::write(dir.join(format!("uploads-{}.csv", m.month)), u).map_err(io)?;
     Ok(())
+}
+
+/// One CSV cell. A cell a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, a tab or a
+/// carriage return first: codes and names come from the HIS and from decisions) is prefixed
+/// with `'` so that it stays text; commas, quotes and newlines are quoted.
+fn csv_cell(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_cell;
+
+    #[test]
+    fn csv_cells_never_run_as_formulas() {
+        assert_eq!(csv_cell("0301"), "0301");
+        assert_eq!(
+            csv_cell("=HYPERLINK(\"http://x\")"),
+            "\"'=HYPERLINK(\"\"http://x\"\")\""
+        );
+        assert_eq!(csv_cell("=cmd|' /C calc'!A0"), "'=cmd|' /C calc'!A0");
+        assert_eq!(csv_cell("+1"), "'+1");
+        assert_eq!(csv_cell("-1"), "'-1");
+        assert_eq!(csv_cell("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_cell("a,b"), "\"a,b\"");
+    }
 }

@@ -220,6 +220,9 @@
       button.textContent = '互认平台暂不可用';
     }
     button.dataset.count = String(count);
+    // Grey: not clickable (aria-disabled keeps its look; the click handler opens nothing).
+    button.setAttribute('aria-disabled', badge.status === 'ok' && count > 0 ? 'false' : 'true');
+    if (!(badge.status === 'ok' && count > 0)) setListOpen(false);
     document.body.dataset.hmrBadge =
       badge.status === 'ok' ? (count > 0 ? 'ok' : 'none') : badge.status === 'invalid_patient' ? 'invalid_patient' : 'unavailable';
   }
@@ -670,7 +673,10 @@
 
   function start() {
     const badgeButton = $('hmr-badge');
-    badgeButton.addEventListener('click', () => setListOpen($('hmr-list').hidden));
+    // A grey badge (nothing recognisable, or the platform not asked) opens nothing.
+    badgeButton.addEventListener('click', () => {
+      if (badge.status === 'ok' && badge.count > 0) setListOpen($('hmr-list').hidden);
+    });
 
     const dialog = $('hmr-dialog');
     // The doctor must decide: Escape does not close the dialog.
