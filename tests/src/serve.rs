@@ -269,5 +269,10 @@ pub fn test_certificates(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // A private key is its owner's only: serve refuses one others can read.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    }
     Ok((ca, cert, key))
 }

@@ -340,7 +340,7 @@ impl Config {
 }
 
 #[cfg(unix)]
-fn check_private(path: &Path) -> Result<(), WorkerError> {
+pub(crate) fn check_private(path: &Path) -> Result<(), WorkerError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path)
         .map_err(|e| WorkerError::Config(e.to_string()))?
@@ -357,7 +357,7 @@ fn check_private(path: &Path) -> Result<(), WorkerError> {
 }
 
 #[cfg(not(unix))]
-fn check_private(_path: &Path) -> Result<(), WorkerError> {
+pub(crate) fn check_private(_path: &Path) -> Result<(), WorkerError> {
     Ok(())
 }
 

@@ -370,3 +370,23 @@ fn an_rsa_terminal_signs_rs384_and_nothing_else() {
     odd.terminals[0].jwk.kty = "OKP".into();
     assert!(Auth::new(&odd).is_err());
 }
+
+#[test]
+fn a_tls_key_readable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("hmr-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("serve.crt"), dir.join("serve.key"));
+    std::fs::write(&cert, "not a certificate").unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = tls_acceptor(&cert, &key).err().expect("refused").to_string();
+    assert!(err.contains("chmod 600") && err.contains("serve.key"), "{err}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = tls_acceptor(&cert, &key)
+        .err()
+        .expect("still not a certificate")
+        .to_string();
+    assert!(!err.contains("chmod 600"), "the mode is fine now: {err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

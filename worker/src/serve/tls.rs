@@ -12,6 +12,8 @@ pub(super) fn tls_acceptor(
     let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
         WorkerError::Config(format!("[serve] {}: {e}", what.display()))
     };
+    // The private key is a secret as the configuration is: its owner only (#29 X1).
+    crate::config::check_private(key)?;
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| bad(cert, &e))?
         .collect::<Result<Vec<_>, _>>()
