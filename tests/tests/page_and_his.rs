@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use hmr_e2e::*;
 use hmr_protocol::answers::{DecisionResult, OrderCheckResult, PromptDetail};
 use serde_json::{json, Value};
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 const P0001_ID: &str = "441302198003151233"; // 陈志明 (outpatient MZ001)
@@ -64,7 +65,7 @@ impl Ward {
              "dept_code": "0301", "item_type": "lab", "item_code": "JY0004", "item_name": "肝功能"}
         ]);
         let his = self.his().await?;
-        let row = his.query_one("SELECT his.save_orders($1)", &[&lines]).await?;
+        let row = one(&his, "SELECT his.save_orders($1)", &[(&lines, Type::JSONB)]).await?;
         Ok(row.get(0))
     }
 
@@ -116,12 +117,18 @@ impl Ward {
     /// The HIS records the doctor's choice (`reason`: 不互认 with that code).
     async fn in_his(&self, check: &str, order: &str, reason: Option<&str>) -> Result<DecisionResult> {
         let his = self.his().await?;
-        let row = his
-            .query_one(
-                "SELECT hmr_record_decision($1, $2, $3, $4)",
-                &[&check, &order, &reason.is_none(), &reason],
-            )
-            .await?;
+        let recognise = reason.is_none();
+        let row = one(
+            &his,
+            "SELECT hmr_record_decision($1, $2, $3, $4)",
+            &[
+                (&check, Type::TEXT),
+                (&order, Type::TEXT),
+                (&recognise, Type::BOOL),
+                (&reason, Type::TEXT),
+            ],
+        )
+        .await?;
         Ok(serde_json::from_value(row.get(0))?)
     }
 
@@ -140,7 +147,9 @@ impl Ward {
     /// What the platform holds for `check` (§6), as our hospital reads it.
     async fn held(&self, check: &str) -> Result<Value> {
         let his = self.his().await?;
-        Ok(his.query_one("SELECT hmr_page_decisions($1)", &[&check]).await?.get(0))
+        Ok(one(&his, "SELECT hmr_page_decisions($1)", &[(&check, Type::TEXT)])
+            .await?
+            .get(0))
     }
 
     /// Waits until the platform holds every decision of `check`, then a whole round more.
@@ -158,6 +167,18 @@ impl Ward {
         self.w.worker.wait_rounds(2).await?;
         self.held(check).await
     }
+}
+
+/// One row of `sql` through the pool, in one round trip with an unnamed statement: in
+/// transaction pooling a named statement prepared on one server connection may be executed on
+/// another ("prepared statement does not exist").
+async fn one(
+    his: &Client,
+    sql: &str,
+    params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)],
+) -> std::result::Result<tokio_postgres::Row, tokio_postgres::Error> {
+    let rows = his.query_typed(sql, params).await?;
+    Ok(rows.into_iter().next().expect("one row"))
 }
 
 /// The platform's choice for `order` in a §6 answer: (recognise, reason_code, source).
@@ -264,7 +285,10 @@ async fn a_his_decision_differing_from_the_page_is_refused_at_once() -> Result<(
     ward.on_page(&p, "A5", true).await?;
     let his = ward.his().await?;
     let err = his
-        .query_one("SELECT hmr_record_decision($1, 'A5', false, '02')", &[&p.check_id])
+        .query_typed(
+            "SELECT hmr_record_decision($1, 'A5', false, '02')",
+            &[(&p.check_id, Type::TEXT)],
+        )
         .await
         .expect_err("a different choice than the page's");
     let db = err.as_db_error().context("a database error")?;
@@ -286,10 +310,7 @@ async fn a_his_decision_differing_from_the_page_is_refused_at_once() -> Result<(
     let uploads = ward.uploads(&p.check_id).await?;
     assert_eq!(uploads.len(), 1, "{uploads:?}");
     assert_eq!(uploads[0]["effect"], "applied", "no 409: {uploads:?}");
-    let order: Value = ward
-        .his()
-        .await?
-        .query_one("SELECT hmr_order_recognition('A5')", &[])
+    let order: Value = one(&ward.his().await?, "SELECT hmr_order_recognition('A5')", &[])
         .await?
         .get(0);
     assert_eq!(order["decision"], "recognised", "{order}");
@@ -358,10 +379,7 @@ async fn a_409_already_decided_is_planned_again_never_a_blocked_save() -> Result
         "{uploads:?}"
     );
     assert_eq!(ward.save("A7", "B7").await?["saved"], true, "never a blocked save");
-    let order: Value = ward
-        .his()
-        .await?
-        .query_one("SELECT hmr_order_recognition('B7')", &[])
+    let order: Value = one(&ward.his().await?, "SELECT hmr_order_recognition('B7')", &[])
         .await?
         .get(0);
     assert_eq!(order["decision"], "declined", "{order}");
@@ -401,14 +419,17 @@ async fn doctor_facing_messages_and_hints_are_chinese() -> Result<()> {
     seen.push(hm001);
     let p = ward.prompted("H2", "H3").await?;
     seen.push(
-        his.query_one("SELECT hmr_record_decision('no-such-check', 'H2', true)", &[])
+        his.query_typed("SELECT hmr_record_decision('no-such-check', 'H2', true)", &[])
             .await
             .expect_err("HM003"),
     );
     seen.push(
-        his.query_one("SELECT hmr_record_decision($1, 'H2', false)", &[&p.check_id])
-            .await
-            .expect_err("HM004"),
+        his.query_typed(
+            "SELECT hmr_record_decision($1, 'H2', false)",
+            &[(&p.check_id, Type::TEXT)],
+        )
+        .await
+        .expect_err("HM004"),
     );
     let codes: Vec<&str> = seen
         .iter()
@@ -439,13 +460,13 @@ async fn ordering_yields_a_check_whose_decisions_satisfy_the_save() -> Result<()
         let ward = &ward;
         async move {
             let his = ward.his().await?;
-            let v: Value = his
-                .query_one(
-                    "SELECT his.check_item('P0001', '1', 'MZ001', 'D001', '0301', $1, 'lab', $2)",
-                    &[&order, &item],
-                )
-                .await?
-                .get(0);
+            let v: Value = one(
+                &his,
+                "SELECT his.check_item('P0001', '1', 'MZ001', 'D001', '0301', $1, 'lab', $2)",
+                &[(&order, Type::TEXT), (&item, Type::TEXT)],
+            )
+            .await?
+            .get(0);
             let c: OrderCheckResult = serde_json::from_value(v.clone()).context("hmr_check_order's answer")?;
             anyhow::ensure!(c.duplicate && c.check_id.is_some() && c.url.is_some(), "{v}");
             Ok::<_, anyhow::Error>(PromptDetail {
@@ -461,7 +482,9 @@ async fn ordering_yields_a_check_whose_decisions_satisfy_the_save() -> Result<()
             let lines = json!([{"order_id": order, "patient_id": "P0001", "visit_type": "1", "visit_no": "MZ001",
                                 "doctor_no": "D001", "dept_code": "0301", "item_type": "lab", "item_code": item}]);
             let his = ward.his().await?;
-            let saved: Value = his.query_one("SELECT his.save_orders($1)", &[&lines]).await?.get(0);
+            let saved: Value = one(&his, "SELECT his.save_orders($1)", &[(&lines, Type::JSONB)])
+                .await?
+                .get(0);
             Ok::<_, anyhow::Error>(saved)
         }
     };
@@ -475,10 +498,7 @@ async fn ordering_yields_a_check_whose_decisions_satisfy_the_save() -> Result<()
     ward.on_page(&c, "C2", false).await?;
     let saved = save_one("C2", "JY0004").await?;
     assert_eq!(saved["saved"], true, "the page's decision counts at save: {saved}");
-    let state: Value = ward
-        .his()
-        .await?
-        .query_one("SELECT hmr_order_recognition('C2')", &[])
+    let state: Value = one(&ward.his().await?, "SELECT hmr_order_recognition('C2')", &[])
         .await?
         .get(0);
     assert_eq!(state["decision"], "declined", "{state}");
