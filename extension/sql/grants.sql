@@ -64,6 +64,7 @@ GRANT SELECT ON hmr.kinds, hmr.item_map, hmr.catalog, hmr.checks, hmr.prompts, h
 GRANT SELECT, INSERT ON hmr.retained_reports TO hmr_worker;
 GRANT UPDATE (rechecked_at, revoked_at, revoked_note) ON hmr.retained_reports TO hmr_worker;
 GRANT UPDATE (refused_at, refused_reason) ON hmr.checks TO hmr_worker;
+GRANT EXECUTE ON FUNCTION hmr.adopt_page_decision(text, text, text, boolean, text, text, text, timestamptz) TO hmr_worker;
 -- The worker turns off the logging of its statements' parameters (patients' data).
 GRANT SET ON PARAMETER log_parameter_max_length TO hmr_worker;
 GRANT EXECUTE ON FUNCTION hmr.poll_sources(), hmr.poll_source(text), hmr.purge_history(interval, integer),

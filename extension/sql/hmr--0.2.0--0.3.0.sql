@@ -947,3 +947,28 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- 0.3.0: one function records a page decision, for the worker and the extension alike.
+-- A decision the doctor took on the platform's page (contract §6), recorded once: the worker
+-- (before it uploads a check's decisions) and the extension (when the HIS asks) both learn the
+-- page through this one function. Nothing is recorded when the order's current decision is
+-- already this one (same choice and reason). Returns 1 when recorded, 0 otherwise.
+CREATE FUNCTION hmr.adopt_page_decision(p_check text, p_order text, p_report text, p_recognise boolean,
+                                        p_reason_code text, p_reason_text text, p_doctor_no text,
+                                        p_decided_at timestamptz)
+RETURNS integer LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH ins AS (
+        INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text,
+                                   doctor_no, dept_code, decided_at, source)
+        SELECT p_check, p_order, p_report, p_recognise, p_reason_code, p_reason_text,
+               coalesce(nullif(p_doctor_no, ''), c.doctor_no), coalesce(c.dept_code, ''), p_decided_at, 'page'
+          FROM hmr.checks c
+         WHERE c.check_id = p_check
+           AND NOT EXISTS (SELECT 1 FROM hmr.current_decisions x
+                            WHERE x.check_id = p_check AND x.order_id = p_order AND x.report_id = p_report
+                              AND x.recognise = p_recognise AND x.reason_code IS NOT DISTINCT FROM p_reason_code)
+        RETURNING 1)
+    SELECT count(*)::integer FROM ins
+$$;
+REVOKE ALL ON FUNCTION hmr.adopt_page_decision(text, text, text, boolean, text, text, text, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hmr.adopt_page_decision(text, text, text, boolean, text, text, text, timestamptz) TO hmr_worker, hmr_admin;

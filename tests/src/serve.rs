@@ -42,9 +42,12 @@ pub async fn serve(w: &Workstations, tls_root: Option<&Path>) -> Result<Serve> {
         )
         .await?;
     let config = std::fs::read_to_string(&w.worker.config_path)?;
-    anyhow::ensure!(config.contains("user=postgres"), "the worker's url names its user");
+    let user = ["user=worker_app", "user=postgres"]
+        .into_iter()
+        .find(|u| config.contains(u))
+        .context("the worker's url names its user")?;
     let config_path = w.worker.config_path.with_file_name("serve.toml");
-    std::fs::write(&config_path, config.replace("user=postgres", "user=serve_app"))?;
+    std::fs::write(&config_path, config.replace(user, "user=serve_app"))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;

@@ -60,7 +60,22 @@ impl Workstations {
                 .await?;
         }
         let sim = platform_with(&his, reports).await?;
-        let worker = Worker::start(&cluster, &sim, options)?;
+        // The worker logs in as a member of hmr_worker, as in a hospital (what it may do is
+        // what the extension grants that role), unless a test names another role. Durable:
+        // some tests crash the cluster.
+        his.batch_execute(
+            "SET synchronous_commit = on;
+             CREATE ROLE worker_app LOGIN IN ROLE hmr_worker;
+             GRANT USAGE ON SCHEMA hmr_src TO hmr_worker;
+             GRANT SELECT ON ALL TABLES IN SCHEMA hmr_src TO hmr_worker;
+             RESET synchronous_commit;",
+        )
+        .await?;
+        let mut options = options.clone();
+        if options.db_user == "postgres" {
+            options.db_user = "worker_app";
+        }
+        let worker = Worker::start(&cluster, &sim, &options)?;
         wait_until(Duration::from_secs(20), "our patients delivered", || async {
             Ok(count(&his, "SELECT count(*) FROM hmr.delivered WHERE kind = 'patient'").await? == 3)
         })

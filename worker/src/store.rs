@@ -830,17 +830,9 @@ impl Store {
             .iter()
             .filter(|d| d.source == hmr_protocol::DecisionSource::Page)
         {
-            adopted += self
-                .execute_cached(
-                    "INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text,
-                                                doctor_no, dept_code, decided_at, source)
-                     SELECT $1, $2, $3, $4, $5, $6, coalesce(nullif($7, ''), c.doctor_no), coalesce(c.dept_code, ''),
-                            $8::text::timestamptz, 'page'
-                       FROM hmr.checks c
-                      WHERE c.check_id = $1
-                        AND NOT EXISTS (SELECT 1 FROM hmr.current_decisions x
-                                         WHERE x.check_id = $1 AND x.order_id = $2 AND x.report_id = $3
-                                           AND x.recognise = $4 AND x.reason_code IS NOT DISTINCT FROM $5)",
+            let row = self
+                .query_one_cached(
+                    "SELECT hmr.adopt_page_decision($1, $2, $3, $4, $5, $6, $7, $8::text::timestamptz)",
                     &[
                         &answer.check_id,
                         &d.order_id,
@@ -853,6 +845,7 @@ impl Store {
                     ],
                 )
                 .await?;
+            adopted += u64::try_from(row.get::<_, i32>(0)).unwrap_or(0);
         }
         Ok(adopted)
     }

@@ -13,19 +13,8 @@ pub(super) fn learn_check(settings: &Settings, check_id: &str) -> Result<(CheckD
         parse_data(&body).map_err(|e| CallError::Unavailable(format!("unreadable answer: {e}")))?;
     let mut recorded = 0;
     for d in answer.decisions.iter().filter(|d| d.source == DecisionSource::Page) {
-        recorded += Spi::get_one_with_args::<i64>(
-            "WITH c AS (SELECT k.dept_code, k.doctor_no FROM hmr.checks k WHERE k.check_id OPERATOR(pg_catalog.=) $1),
-                  ins AS (
-                    INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text,
-                                               doctor_no, dept_code, decided_at, source)
-                    SELECT $1, $2, $3, $4, $5, $6, coalesce(nullif($7, ''), c.doctor_no),
-                           coalesce(c.dept_code, ''), $8::timestamptz, 'page'
-                      FROM c
-                     WHERE NOT EXISTS (SELECT 1 FROM hmr.current_decisions x
-                                        WHERE x.check_id OPERATOR(pg_catalog.=) $1 AND x.order_id OPERATOR(pg_catalog.=) $2
-                                          AND x.report_id OPERATOR(pg_catalog.=) $3 AND x.recognise OPERATOR(pg_catalog.=) $4)
-                    RETURNING 1)
-             SELECT pg_catalog.count(*) FROM ins",
+        recorded += Spi::get_one_with_args::<i32>(
+            "SELECT hmr.adopt_page_decision($1, $2, $3, $4, $5, $6, $7, $8::timestamptz)",
             &[
                 check_id.into(),
                 d.order_id.as_str().into(),
@@ -38,7 +27,7 @@ pub(super) fn learn_check(settings: &Settings, check_id: &str) -> Result<(CheckD
             ],
         )
         .unwrap_or_else(|e| error!("hmr: cannot record a page decision: {e}"))
-        .unwrap_or(0);
+        .map_or(0, i64::from);
     }
     if answer.complete && answer.decisions.iter().all(|d| d.source == DecisionSource::Page) {
         // Taken on the page: the platform has them; nothing to upload. The first time, an event
