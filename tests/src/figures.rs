@@ -146,6 +146,12 @@ pub const SPECS: &[Spec] = &[
         goal: Goal::AtMost(0.5),
     },
     Spec {
+        name: "sql_decision_overhead_ms",
+        what: "SQL overhead of recording a decision over asking the platform for the check's page decisions, p50",
+        unit: "ms",
+        goal: Goal::AtMost(0.5),
+    },
+    Spec {
         name: "cold_first_call_ms",
         what: "a new backend's first list call, p50",
         unit: "ms",

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use hmr_e2e::figures::record;
 use hmr_e2e::*;
 use serde_json::{json, Value};
@@ -461,11 +461,28 @@ async fn sql_overhead() -> Result<()> {
         "SELECT hmr_list_recognitions('01', '441302198003151233', 'MZ001', 'D001', '0301', use_cache => false)",
     )
     .await?;
-    let (direct_check, direct_list) = platform_alone(&sim).await?;
+    // Recording a decision: hmr_record_decision asks the platform for the check's page
+    // decisions (§6), then records it; each on a check of its own.
+    let mut decide = Vec::new();
+    for i in 0..calls {
+        let answer: Value = his
+            .query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
+            .await?
+            .get(0);
+        let check_id = answer["check_id"].as_str().context("a check id")?.to_string();
+        let t = Instant::now();
+        his.query_one("SELECT hmr_record_decision($1, 'B1', true)", &[&check_id])
+            .await?;
+        if i >= 20 {
+            decide.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let (direct_check, direct_list, direct_page) = platform_alone(&sim).await?;
     println!("| call | SQL p50 ms | SQL p99 ms | platform alone p50 ms | p99 ms | overhead p50 ms |\n|---|---|---|---|---|---|");
     for (name, sql, direct) in [
         ("hmr_check_prescription", check, direct_check),
         ("hmr_list_recognitions", list, direct_list),
+        ("hmr_record_decision", decide, direct_page),
     ] {
         let (s50, s99, d50, d99) = (
             pct(sql.clone(), 0.5),
@@ -477,10 +494,10 @@ async fn sql_overhead() -> Result<()> {
             "| {name} | {s50:.2} | {s99:.2} | {d50:.2} | {d99:.2} | {:.2} |",
             s50 - d50
         );
-        let figure = if name.contains("check") {
-            "sql_check_overhead_ms"
-        } else {
-            "sql_list_overhead_ms"
+        let figure = match name {
+            "hmr_check_prescription" => "sql_check_overhead_ms",
+            "hmr_list_recognitions" => "sql_list_overhead_ms",
+            _ => "sql_decision_overhead_ms",
         };
         record(figure, s50 - d50);
     }
@@ -687,7 +704,7 @@ async fn sessions_calling(cluster: &Cluster, at: impl Fn(usize, usize) -> Durati
 
 /// The simulator's own time: the check and list requests straight from this process, token
 /// cached; 300 of each after 20 warm-up calls.
-async fn platform_alone(sim: &Sim) -> Result<(Vec<f64>, Vec<f64>)> {
+async fn platform_alone(sim: &Sim) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
     let http = reqwest::Client::new();
     let token_req = hmr_protocol::paths::token(&hmr_protocol::TokenRequest::Password {
         username: "hz1".into(),
@@ -730,7 +747,9 @@ async fn platform_alone(sim: &Sim) -> Result<(Vec<f64>, Vec<f64>)> {
         dept_code: "0301".into(),
         kind: "all".into(),
     });
+    let mut direct_page = Vec::new();
     for i in 0..320 {
+        let mut check_id = String::new();
         for (req, out) in [(&check_req, &mut direct_check), (&list_req, &mut direct_list)] {
             let t = Instant::now();
             let mut b = http
@@ -748,13 +767,32 @@ async fn platform_alone(sim: &Sim) -> Result<(Vec<f64>, Vec<f64>)> {
             if req.method != hmr_protocol::paths::Method::Get {
                 b = b.header("Content-Type", "application/json").body(req.body.clone());
             }
-            b.send().await?.bytes().await?;
+            let body = b.send().await?.bytes().await?;
             if i >= 20 {
                 out.push(t.elapsed().as_secs_f64() * 1000.0);
             }
+            if std::ptr::eq(req, &check_req) {
+                let v: serde_json::Value = serde_json::from_slice(&body)?;
+                check_id = v["data"]["checkId"].as_str().context("the check's id")?.to_string();
+            }
+        }
+        // What hmr_record_decision asks first: the check's page decisions (§6).
+        let page = hmr_protocol::paths::check_decisions(&check_id);
+        let t = Instant::now();
+        http.get(format!("{}{}", sim.base, page.path))
+            .header("X-Org-Code", ORG_CODE)
+            .header("X-Request-Id", uuid::Uuid::new_v4().to_string())
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        if i >= 20 {
+            direct_page.push(t.elapsed().as_secs_f64() * 1000.0);
         }
     }
-    Ok((direct_check, direct_list))
+    Ok((direct_check, direct_list, direct_page))
 }
 
 fn pct(mut v: Vec<f64>, p: f64) -> f64 {
@@ -866,7 +904,7 @@ async fn hooks() -> Result<()> {
             }
         }
     }
-    let (direct_check, direct_list) = platform_alone(&w.sim).await?;
+    let (direct_check, direct_list, _) = platform_alone(&w.sim).await?;
     println!(
         "check p50: as serve's login {:.2} ms; POST /api/check {:.2} ms (token signing included)",
         pct(role_check, 0.5),
