@@ -34,11 +34,14 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
                           hmr.learn_page_decisions(jsonb), hmr.undecided(jsonb), hmr.id_card_problem(text, date), hmr.org_code_valid(text), hmr.keep_prompt(text, jsonb),
                           hmr.decision_problem(boolean, text, text)
       TO hmr_his, hmr_admin;
+GRANT EXECUTE ON FUNCTION hmr.patient_orders_to_perform(text) TO hmr_his, hmr_admin;
 GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, hmr.order_recognitions, hmr.orders_to_perform,
                 hmr.catalog, hmr.item_map
       TO hmr_his;
 -- hmr-worker serve logs in as a HIS role and finds the patient and staff views here.
 GRANT SELECT ON hmr.kinds TO hmr_his;
+-- serve (a HIS role) claims each verified token's jti (issue #29 J8).
+GRANT EXECUTE ON FUNCTION hmr.claim_jti(text, text, timestamptz) TO hmr_his;
 -- Policy: everyone reads it; only hmr_admin changes it (hmr.set_policy).
 GRANT SELECT ON hmr.policy, hmr.effective_policy, hmr.settings TO hmr_his, hmr_worker, hmr_admin;
 -- Source views (read by the worker, checked by DBAs) use the code maps.

@@ -972,3 +972,62 @@ RETURNS integer LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_t
 $$;
 REVOKE ALL ON FUNCTION hmr.adopt_page_decision(text, text, text, boolean, text, text, text, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION hmr.adopt_page_decision(text, text, text, boolean, text, text, text, timestamptz) TO hmr_worker, hmr_admin;
+
+-- ===================================================================== serve's used token ids
+-- Issue #29 J8: `hmr-worker serve` claims each verified token's jti here, so a token replayed
+-- after serve restarts is refused too (a token lives five minutes; its row a little longer).
+CREATE TABLE hmr.serve_jti (
+    iss        text NOT NULL,
+    jti        text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (iss, jti)
+);
+
+-- True when the terminal's jti was not used before. Now and then rows of long-expired tokens
+-- go (ten minutes late: serve's clock may lag the database's, and serve refuses an expired
+-- token on its own).
+CREATE FUNCTION hmr.claim_jti(p_iss text, p_jti text, p_expires_at timestamptz)
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    claimed integer;
+BEGIN
+    IF random() < 0.01 THEN
+        DELETE FROM hmr.serve_jti WHERE expires_at < now() - interval '10 minutes';
+    END IF;
+    INSERT INTO hmr.serve_jti (iss, jti, expires_at) VALUES (p_iss, p_jti, p_expires_at)
+        ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS claimed = ROW_COUNT;
+    RETURN claimed = 1;
+END
+$$;
+REVOKE ALL ON hmr.serve_jti FROM PUBLIC;
+REVOKE ALL ON FUNCTION hmr.claim_jti(text, text, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hmr.claim_jti(text, text, timestamptz) TO hmr_his, hmr_admin;
+-- (end of issue #29 J8)
+
+-- 0.3.0: the list marks reports decided here; serve shows a patient's orders to perform.
+-- The list marks its reports with this hospital's decisions (by report); a patient's
+-- orders to perform are found by patient.
+CREATE INDEX decisions_report_idx ON hmr.decisions (report_id);
+CREATE INDEX checks_patient_idx ON hmr.checks (patient_id);
+
+-- One patient's orders to perform after all (hmr.orders_to_perform, for that patient only):
+-- what serve's widget shows beside the patient's list. Reads that patient's checks alone.
+CREATE FUNCTION hmr.patient_orders_to_perform(p_patient_id text)
+RETURNS TABLE (order_id text, report_id text, item_name text, revoked_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT d.order_id, d.report_id,
+           (SELECT coalesce(o->>'item_name', o->>'item_code') FROM jsonb_array_elements(c.orders) o
+             WHERE o->>'order_id' = d.order_id LIMIT 1),
+           r.revoked_at
+      FROM hmr.checks c
+      JOIN hmr.decisions d ON d.check_id = c.check_id AND d.recognise
+      JOIN LATERAL (SELECT max(k.revoked_at) AS revoked_at FROM hmr.retained_reports k
+                     WHERE k.report_id = d.report_id) r ON r.revoked_at IS NOT NULL
+     WHERE c.patient_id = p_patient_id AND c.refused_at IS NULL
+       AND NOT EXISTS (SELECT 1 FROM hmr.decisions n
+                        WHERE n.check_id = d.check_id AND n.order_id = d.order_id AND n.id > d.id)
+     ORDER BY r.revoked_at DESC, d.order_id
+$$;
+REVOKE ALL ON FUNCTION hmr.patient_orders_to_perform(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hmr.patient_orders_to_perform(text) TO hmr_his, hmr_admin;

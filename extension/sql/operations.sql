@@ -188,3 +188,31 @@ FROM (SELECT k.kind,
              OR EXISTS (SELECT 1 FROM hmr.polled_sources p WHERE p.kind = k.kind) AS connected
         FROM hmr.kinds k WHERE k.kind <> 'decision') k
 CROSS JOIN LATERAL (SELECT CASE WHEN k.connected THEN (SELECT count(*) FROM hmr.check_sources(k.kind)) ELSE 0 END AS n) c;
+
+-- ===================================================================== serve's used token ids
+-- Issue #29 J8: `hmr-worker serve` claims each verified token's jti here, so a token replayed
+-- after serve restarts is refused too (a token lives five minutes; its row a little longer).
+CREATE TABLE hmr.serve_jti (
+    iss        text NOT NULL,
+    jti        text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (iss, jti)
+);
+
+-- True when the terminal's jti was not used before. Now and then rows of long-expired tokens
+-- go (ten minutes late: serve's clock may lag the database's, and serve refuses an expired
+-- token on its own).
+CREATE FUNCTION hmr.claim_jti(p_iss text, p_jti text, p_expires_at timestamptz)
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    claimed integer;
+BEGIN
+    IF random() < 0.01 THEN
+        DELETE FROM hmr.serve_jti WHERE expires_at < now() - interval '10 minutes';
+    END IF;
+    INSERT INTO hmr.serve_jti (iss, jti, expires_at) VALUES (p_iss, p_jti, p_expires_at)
+        ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS claimed = ROW_COUNT;
+    RETURN claimed = 1;
+END
+$$;

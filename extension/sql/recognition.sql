@@ -95,6 +95,10 @@ CREATE TABLE hmr.decisions (
 );
 CREATE INDEX decisions_order_idx ON hmr.decisions (order_id);
 CREATE INDEX decisions_check_idx ON hmr.decisions (check_id);
+-- The list marks its reports with this hospital's decisions (by report); a patient's
+-- orders to perform are found by patient.
+CREATE INDEX decisions_report_idx ON hmr.decisions (report_id);
+CREATE INDEX checks_patient_idx ON hmr.checks (patient_id);
 
 CREATE FUNCTION hmr.refuse_edit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -170,6 +174,25 @@ CREATE VIEW hmr.orders_to_perform AS
 SELECT r.order_id, r.check_id, r.report_id, r.doctor_no, r.dept_code, r.decided_at, r.revoked_at
 FROM hmr.order_recognitions r
 WHERE r.recognised AND r.revoked_at IS NOT NULL;
+
+-- One patient's orders to perform after all (hmr.orders_to_perform, for that patient only):
+-- what serve's widget shows beside the patient's list. Reads that patient's checks alone.
+CREATE FUNCTION hmr.patient_orders_to_perform(p_patient_id text)
+RETURNS TABLE (order_id text, report_id text, item_name text, revoked_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT d.order_id, d.report_id,
+           (SELECT coalesce(o->>'item_name', o->>'item_code') FROM jsonb_array_elements(c.orders) o
+             WHERE o->>'order_id' = d.order_id LIMIT 1),
+           r.revoked_at
+      FROM hmr.checks c
+      JOIN hmr.decisions d ON d.check_id = c.check_id AND d.recognise
+      JOIN LATERAL (SELECT max(k.revoked_at) AS revoked_at FROM hmr.retained_reports k
+                     WHERE k.report_id = d.report_id) r ON r.revoked_at IS NOT NULL
+     WHERE c.patient_id = p_patient_id AND c.refused_at IS NULL
+       AND NOT EXISTS (SELECT 1 FROM hmr.decisions n
+                        WHERE n.check_id = d.check_id AND n.order_id = d.order_id AND n.id > d.id)
+     ORDER BY r.revoked_at DESC, d.order_id
+$$;
 
 -- Prompts with who, where, whom, and what followed: decided (a decision for every order
 -- prompted, on this or a later check), saved without (a later save went through without the

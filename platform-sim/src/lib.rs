@@ -28,6 +28,7 @@ pub mod error;
 pub mod faults;
 mod handler;
 pub mod journal;
+mod page;
 mod recognition;
 mod records;
 mod reports;
@@ -193,6 +194,14 @@ impl Sim {
 
     /// The state lock; a panic in a handler must not wedge the simulator, so poisoning
     /// is ignored.
+    /// A page's path as the browser sees it (under `public_url`'s path, if any).
+    fn page_path(&self, ticket: &str) -> String {
+        let base = self.inner.config.public_base();
+        let after_scheme = base.split_once("://").map_or(base.as_str(), |(_, rest)| rest);
+        let prefix = after_scheme.find('/').map_or("", |i| &after_scheme[i..]);
+        format!("{prefix}/page/{ticket}")
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, state::State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -265,34 +274,63 @@ async fn call(AxState(sim): AxState<Sim>, req: Request, ep: Endpoint) -> Respons
     sim.contract(ep, req).await
 }
 
-async fn page(AxState(sim): AxState<Sim>, Path(ticket): Path<String>) -> Response {
-    let result = recognition::page(&mut sim.lock(), &ticket);
+async fn page(AxState(sim): AxState<Sim>, Path(ticket): Path<String>, headers: header::HeaderMap) -> Response {
+    let path = sim.page_path(&ticket);
+    let cookie = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
+    let result = page::open(&mut sim.lock(), &ticket, &path, cookie);
     match result {
-        Ok(html) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
-        Err(e) => (
-            e.status(),
-            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-            format!("<p>{}</p>\n", e.detail()),
-        )
-            .into_response(),
+        Ok(p) => {
+            let mut r = html(StatusCode::OK, p.html);
+            if let Some(c) = p.set_cookie.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
+                r.headers_mut().insert(header::SET_COOKIE, c);
+            }
+            r
+        }
+        Err(e) => page_error(&e),
     }
 }
 
 async fn page_decide(
     AxState(sim): AxState<Sim>,
     Path(ticket): Path<String>,
+    headers: header::HeaderMap,
     axum::extract::Form(form): axum::extract::Form<std::collections::HashMap<String, String>>,
 ) -> Response {
-    let result = recognition::page_decide(&mut sim.lock(), &ticket, &form);
+    let cookie = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
+    let result = page::decide(&mut sim.lock(), &ticket, cookie, &form);
     match result {
-        Ok(html) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
-        Err(e) => (
-            e.status(),
-            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-            format!("<p>{}</p>\n", e.detail()),
+        // Post, redirect, get: a reload shows the page, never posts again.
+        Ok(None) => (
+            StatusCode::SEE_OTHER,
+            [(header::LOCATION, sim.page_path(&ticket))],
         )
             .into_response(),
+        Ok(Some(again)) => html(StatusCode::BAD_REQUEST, again),
+        Err(e) => page_error(&e),
     }
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn page_error(e: &SimError) -> Response {
+    html(
+        e.status(),
+        format!(
+            "<!doctype html>\n<html lang=\"zh-CN\"><head><meta charset=\"utf-8\"><title>互认平台</title></head>\n\
+             <body><p role=\"alert\">{}</p></body></html>\n",
+            page::esc(&e.detail())
+        ),
+    )
 }
 
 /// Unknown paths get the envelope's 404 too.

@@ -1,13 +1,13 @@
 //! Section 6: recognition services: list, precise query, prescription check, decisions,
 //! download, and the one-time pages the URLs point to.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Duration, FixedOffset};
 use hmr_protocol::checks::{format_time, id_card_problem, normalise_id_no, parse_time, ID_TYPES, VISIT_TYPES};
 use hmr_protocol::{
     validate, CheckAnswer, CheckMatch, Decision, Decisions, FieldError, ItemsAnswer, ListAnswer, ListQuery,
-    PreciseQuery, PrescriptionCheck, RecognitionItem, ReportType, DECLINE_REASONS,
+    PreciseQuery, PrescriptionCheck, RecognitionItem, ReportType,
 };
 use serde::Deserialize;
 
@@ -339,6 +339,8 @@ pub fn check(st: &mut State, cfg: &SimConfig, call: &Call) -> Result<Rendered, S
             org: call.org.to_owned(),
             patient_id: c.patient_id.clone(),
             created_at: call.now,
+            doctor_no: c.doctor_no.clone(),
+            dept_code: c.dept_code.clone(),
             matched,
             decided: None,
             page: BTreeMap::new(),
@@ -511,151 +513,85 @@ pub fn download(st: &mut State, call: &Call, report_id: &str) -> Result<Rendered
     Ok(answer)
 }
 
-/// `GET /page/{ticket}`: the page behind a URL handed to the HIS; usable once.
-pub fn page(st: &mut State, ticket: &str) -> Result<String, SimError> {
-    let now = st.now();
-    let Some(t) = st.tickets.remove(ticket) else {
-        return Err(if st.used_tickets.contains(ticket) {
-            SimError::Gone("this page link was already used".into())
-        } else {
-            SimError::NotFound("unknown page link".into())
-        });
-    };
-    st.used_tickets.insert(ticket.to_owned());
-    if t.expires_at <= now {
-        return Err(SimError::Gone("this page link expired".into()));
-    }
-    if let Some(check_id) = &t.check_id {
-        st.page_forms.insert(ticket.to_owned(), check_id.clone());
-        return Ok(check_page(st, &t, check_id, ticket));
-    }
-    let mut rows = String::new();
-    for i in &t.items {
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} v{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            esc(&i.item_name),
-            esc(&i.data_code),
-            esc(&i.org_name),
-            esc(&i.report_no),
-            i.version,
-            esc(i.report_type.as_str()),
-            esc(&i.reported_at),
-            esc(&i.valid_until),
-        ));
-    }
-    if t.items.is_empty() {
-        rows.push_str("<tr><td colspan=\"7\">无可互认的检查检验结果</td></tr>\n");
-    }
-    Ok(format!(
-        "<!doctype html>\n<html lang=\"zh-CN\"><head><meta charset=\"utf-8\"><title>{title}</title></head>\n<body>\
-         <h1>{title}</h1>\n<p>机构 {org} · {n} 项</p>\n<table border=\"1\">\n<tr><th>项目</th><th>互认代码</th>\
-         <th>报告机构</th><th>报告单号</th><th>类型</th><th>报告时间</th><th>有效期至</th></tr>\n{rows}</table>\n\
-         </body></html>\n",
-        title = esc(&t.title),
-        org = esc(&t.org),
-        n = t.items.len(),
-    ))
+/// One order's choice on a check's page.
+pub struct PageChoice {
+    pub order_id: String,
+    /// The report recognised (empty for 不互认: the first offered is recorded).
+    pub report_id: String,
+    pub recognise: bool,
+    pub reason_code: Option<String>,
+    pub reason_text: Option<String>,
 }
 
-/// A check's page: each matched order with its reports, 互认 / 不互认 and the six reasons.
-fn check_page(st: &State, t: &Ticket, check_id: &str, ticket: &str) -> String {
-    let Some(check) = st.checks.get(check_id) else {
-        return "<p>unknown check</p>".into();
-    };
-    let reasons: String = DECLINE_REASONS
-        .iter()
-        .map(|(code, text)| format!("<option value=\"{code}\">{code} {}</option>", esc(text)))
-        .collect();
-    let mut forms = String::new();
-    for (order_id, offered) in &check.matched {
-        let decided = check.page.get(order_id);
-        for report_id in offered {
-            let item = t.items.iter().find(|i| &i.report_id == report_id);
-            let name = item.map_or(report_id.as_str(), |i| i.item_name.as_str());
-            let org = item.map_or("", |i| i.org_name.as_str());
-            let state = match decided {
-                Some(d) if d.recognise => "已选择：互认".to_string(),
-                Some(d) => format!("已选择：不互认（{}）", d.reason_code.as_deref().unwrap_or("")),
-                None => "未选择".to_string(),
-            };
-            forms.push_str(&format!(
-                "<form method=\"post\" action=\"/page/{ticket}/decide\" class=\"order\">\n\
-                 <h2>医嘱 {order} · {name} · {org}</h2><p class=\"state\">{state}</p>\n\
-                 <input type=\"hidden\" name=\"order_id\" value=\"{order}\">\n\
-                 <input type=\"hidden\" name=\"report_id\" value=\"{report}\">\n\
-                 <label>医生工号 <input name=\"doctor_no\" required></label>\n\
-                 <button name=\"choice\" value=\"recognise\">互认</button>\n\
-                 <label>不互认原因 <select name=\"reason_code\">{reasons}</select></label>\n\
-                 <input name=\"reason_text\" placeholder=\"原因说明（06 必填）\">\n\
-                 <button name=\"choice\" value=\"decline\">不互认</button>\n</form>\n",
-                order = esc(order_id),
-                name = esc(name),
-                org = esc(org),
-                report = esc(report_id),
-            ));
-        }
-    }
-    format!(
-        "<!doctype html>\n<html lang=\"zh-CN\"><head><meta charset=\"utf-8\"><title>{title}</title></head>\n<body>\
-         <h1>{title}</h1>\n{forms}</body></html>\n",
-        title = esc(&t.title),
-    )
-}
-
-/// The page's form: one order's 互认 / 不互认. When every matched order is decided there, the
-/// check counts as decided (an upload of the same decisions replays; others are `409`).
-pub fn page_decide(st: &mut State, ticket: &str, form: &HashMap<String, String>) -> Result<String, SimError> {
+/// Decisions taken on a check's page (§6), all or none: each must be valid and offered. When
+/// every matched order is decided there, the check counts as decided (an upload of the same
+/// decisions replays; others are `409`). `doctor_no` defaults to the check's doctor.
+pub fn take_page_decision(
+    st: &mut State,
+    check_id: &str,
+    choices: &[PageChoice],
+    doctor_no: Option<&str>,
+) -> Result<(), SimError> {
     let now = st.now();
-    let Some(check_id) = st.page_forms.get(ticket).cloned() else {
-        return Err(SimError::NotFound("unknown page".into()));
-    };
-    let field = |k: &str| form.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
-    let order_id = field("order_id").ok_or_else(|| SimError::invalid("order_id", "required"))?;
-    let report_id = field("report_id").ok_or_else(|| SimError::invalid("report_id", "required"))?;
-    let doctor_no = field("doctor_no").ok_or_else(|| SimError::invalid("doctor_no", "required"))?;
-    let recognise = match field("choice").as_deref() {
-        Some("recognise") => true,
-        Some("decline") => false,
-        _ => return Err(SimError::invalid("choice", "code")),
-    };
-    let decision = Decision {
-        order_id: order_id.clone(),
-        report_id: report_id.clone(),
-        recognise,
-        reason_code: if recognise { None } else { field("reason_code") },
-        reason_text: if recognise { None } else { field("reason_text") },
-    };
-    validate::decision(&decision).map_err(|e| SimError::Invalid(vec![e]))?;
-    let org = {
-        let Some(check) = st.checks.get_mut(&check_id) else {
+    let (org_code, all) = {
+        let Some(check) = st.checks.get_mut(check_id) else {
             return Err(SimError::NotFound("unknown check".into()));
         };
         if check.decided.is_some() {
             return Err(SimError::conflict("this check is decided already"));
         }
-        if !check.matched.get(&order_id).is_some_and(|o| o.contains(&report_id)) {
-            return Err(SimError::invalid("report_id", "not-offered"));
+        let doctor_no = doctor_no.map_or_else(|| check.doctor_no.clone(), str::to_string);
+        let mut errors = Vec::new();
+        let mut taken = Vec::new();
+        for c in choices {
+            let Some(offered) = check.matched.get(&c.order_id) else {
+                errors.push(FieldError::new(format!("{}.orderId", c.order_id), "not-matched"));
+                continue;
+            };
+            let report_id = if c.report_id.is_empty() && !c.recognise {
+                offered.first().cloned().unwrap_or_default()
+            } else {
+                c.report_id.clone()
+            };
+            if !offered.contains(&report_id) {
+                errors.push(FieldError::new(format!("{}.reportId", c.order_id), "not-offered"));
+                continue;
+            }
+            let decision = Decision {
+                order_id: c.order_id.clone(),
+                report_id,
+                recognise: c.recognise,
+                reason_code: if c.recognise { None } else { c.reason_code.clone() },
+                reason_text: if c.recognise { None } else { c.reason_text.clone() },
+            };
+            match validate::decision(&decision) {
+                Ok(()) => taken.push(decision),
+                Err(e) => errors.push(FieldError::new(format!("{}.{}", c.order_id, e.field), e.reason)),
+            }
         }
-        check.page.insert(
-            order_id.clone(),
-            hmr_protocol::CheckDecision {
-                order_id: order_id.clone(),
-                report_id: report_id.clone(),
-                recognise,
-                reason_code: decision.reason_code.clone(),
-                reason_text: decision.reason_text.clone(),
-                doctor_no: doctor_no.clone(),
-                decided_at: format_time(&now),
-                source: hmr_protocol::DecisionSource::Page,
-            },
-        );
+        fail_if(errors)?;
+        for d in taken {
+            check.page.insert(
+                d.order_id.clone(),
+                hmr_protocol::CheckDecision {
+                    order_id: d.order_id,
+                    report_id: d.report_id,
+                    recognise: d.recognise,
+                    reason_code: d.reason_code,
+                    reason_text: d.reason_text,
+                    doctor_no: doctor_no.clone(),
+                    decided_at: format_time(&now),
+                    source: hmr_protocol::DecisionSource::Page,
+                },
+            );
+        }
         if check.page.len() < check.matched.len() {
-            return Ok(format!("<p>已记录医嘱 {} 的选择</p>\n", esc(&order_id)));
+            return Ok(());
         }
         let all = Decisions {
-            check_id: check_id.clone(),
-            doctor_no: doctor_no.clone(),
-            dept_code: String::new(),
+            check_id: check_id.to_owned(),
+            doctor_no,
+            dept_code: check.dept_code.clone(),
             decided_at: format_time(&now),
             decisions: check
                 .page
@@ -672,7 +608,6 @@ pub fn page_decide(st: &mut State, ticket: &str, form: &HashMap<String, String>)
         check.decided = Some(all.clone());
         (check.org.clone(), all)
     };
-    let (org_code, all) = org;
     let org = st.orgs.entry(org_code).or_default();
     org.recognised.extend(
         all.decisions
@@ -681,14 +616,14 @@ pub fn page_decide(st: &mut State, ticket: &str, form: &HashMap<String, String>)
             .map(|d| d.report_id.clone()),
     );
     org.decisions.push(DecisionRecord {
-        check_id: check_id.clone(),
+        check_id: check_id.to_owned(),
         doctor_no: all.doctor_no.clone(),
-        dept_code: String::new(),
+        dept_code: all.dept_code.clone(),
         decided_at: all.decided_at.clone(),
         received_at: format_time(&now),
-        decisions: all.decisions.clone(),
+        decisions: all.decisions,
     });
-    Ok(format!("<p>处方 {} 的互认选择已完成</p>\n", esc(&check_id)))
+    Ok(())
 }
 
 /// `GET /prescriptions/checks/{checkId}` (§6): what is decided so far, on the page or uploaded.
@@ -737,9 +672,3 @@ pub fn check_decisions(st: &State, call: &Call, check_id: &str) -> Result<Render
     ))
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}

@@ -32,8 +32,8 @@ pub struct State {
     pub tickets: HashMap<String, Ticket>,
     /// Tickets already shown: a second visit is `410`, not `404`.
     pub used_tickets: HashSet<String>,
-    /// A used check page's ticket → its check: the page's form posts there.
-    pub page_forms: HashMap<String, String>,
+    /// Pages opened, by ticket: usable in the browser that opened them (its cookie).
+    pub pages: HashMap<String, OpenPage>,
     pub checks: HashMap<String, Check>,
     pub faults: Faults,
     /// Shifts the simulator's clock (control API), for token and validity rehearsals.
@@ -264,11 +264,21 @@ pub struct Ticket {
     pub check_id: Option<String>,
 }
 
+/// A page opened once: the browser holding `secret` (a cookie) may reload it and post its form.
+pub struct OpenPage {
+    pub secret: String,
+    pub ticket: Ticket,
+    pub opened_at: DateTime<FixedOffset>,
+}
+
 /// A prescription check, kept so its decisions can be verified against what was offered.
 pub struct Check {
     pub org: String,
     pub patient_id: String,
     pub created_at: DateTime<FixedOffset>,
+    /// Who asked: the page's decisions are this doctor's unless the form names another.
+    pub doctor_no: String,
+    pub dept_code: String,
     /// Matched orders only: orderId → report ids offered for it.
     pub matched: BTreeMap<String, Vec<String>>,
     /// The decisions request accepted for this check, to replay or refuse a different one.

@@ -28,7 +28,7 @@ pub enum CallStatus {
     InvalidPatient,
 }
 
-/// A report of another hospital that may be recognised (互认).
+/// A report that may be recognised (互认): another hospital's, or this one's own (`own`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ReportSummary {
     pub report_id: String,
@@ -42,6 +42,27 @@ pub struct ReportSummary {
     pub item_name: String,
     pub reported_at: String,
     pub valid_until: String,
+    /// A report of this hospital itself. The contract counts them (§6: "reports of the asking
+    /// org itself count unless the platform is configured otherwise"), so hmr offers them
+    /// too, marked: the HIS already holds them.
+    #[serde(default)]
+    pub own: bool,
+    /// This hospital's decision on the report: `recognised` when an order's current decision
+    /// (of a check the platform did not refuse) recognises it (it may be downloaded), else
+    /// `declined` when one declines it. In `hmr_list_recognitions`'s answer only, read at
+    /// each call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided: Option<Decided>,
+}
+
+/// A hospital's decision on a report, as the list marks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Decided {
+    /// 已互认: recognised here (the report may be downloaded).
+    Recognised,
+    /// 不互认: declined here, the test performed again.
+    Declined,
 }
 
 impl From<&RecognitionItem> for ReportSummary {
@@ -57,6 +78,8 @@ impl From<&RecognitionItem> for ReportSummary {
             item_name: i.item_name.clone(),
             reported_at: i.reported_at.clone(),
             valid_until: i.valid_until.clone(),
+            own: false,
+            decided: None,
         }
     }
 }
@@ -71,6 +94,23 @@ pub struct ListResult {
     /// The platform's page listing them (a one-time ticket).
     pub url: Option<String>,
     pub items: Vec<ReportSummary>,
+    /// Orders of this patient recognised here whose report its hospital revoked since: the
+    /// tests are to be performed after all. Filled by serve's list (it knows the patient);
+    /// `hmr_list_recognitions` (by identity number) leaves it out: a HIS reads
+    /// `hmr.orders_to_perform`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to_perform: Vec<OrderToPerform>,
+}
+
+/// An order recognised (互认, not performed) whose report was revoked at its hospital since.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct OrderToPerform {
+    pub order_id: String,
+    pub report_id: String,
+    /// The order's item as the HIS named it at the check, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_name: Option<String>,
+    pub revoked_at: String,
 }
 
 impl ListResult {
@@ -82,6 +122,7 @@ impl ListResult {
             count: 0,
             url: None,
             items: vec![],
+            to_perform: vec![],
         }
     }
 }

@@ -17,6 +17,12 @@ impl Sim {
     }
 
     pub fn start() -> Result<Sim> {
+        Sim::start_named(OTHER_ORG_NAME)
+    }
+
+    /// The simulator with the other hospital (`OTHER_ORG_CODE`, hz2) named `other_org_name`
+    /// (no commas): the platform's text a hostile or broken org puts in front of our doctors.
+    pub fn start_named(other_org_name: &str) -> Result<Sim> {
         let org = |code: &str, name: &str, user: &str| {
             format!("{code},{name},{user},{user}-secret,{user}-app,{user}-app-secret")
         };
@@ -28,7 +34,7 @@ impl Sim {
                 "--org",
                 &org(ORG_CODE, ORG_NAME, "hz1"),
                 "--org",
-                &org(OTHER_ORG_CODE, OTHER_ORG_NAME, "hz2"),
+                &org(OTHER_ORG_CODE, other_org_name, "hz2"),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -294,4 +300,80 @@ pub async fn history_of(sim: &Sim, base: &str, report: &str) -> Result<Vec<(Stri
 pub async fn held(sim: &Sim, what: &str, key: &str) -> Result<bool> {
     let state = sim.get("/_sim/state").await?;
     Ok(!state["orgs"][ORG_CODE][what][key].is_null())
+}
+
+/// A doctor's browser on one of the platform's pages (a check's or a list's `url`): the URL is
+/// a one-time ticket that opens the page once; the page's cookie keeps it open in this browser
+/// (reloads, the form's posts).
+#[derive(Clone)]
+pub struct PlatformPage {
+    http: reqwest::Client,
+    pub url: String,
+    cookie: String,
+}
+
+impl PlatformPage {
+    /// Opens the page (spends the ticket): the page and its HTML.
+    pub async fn open(url: &str) -> Result<(PlatformPage, String)> {
+        let http = reqwest::Client::new();
+        let r = http.get(url).send().await?.error_for_status()?;
+        let cookie = r
+            .headers()
+            .get(reqwest::header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .context("the page sets its cookie")?
+            .to_string();
+        let html = r.text().await?;
+        Ok((PlatformPage { http, url: url.to_string(), cookie }, html))
+    }
+
+    /// The page again, in this browser.
+    pub async fn reload(&self) -> Result<(u16, String)> {
+        let r = self.http.get(&self.url).header("Cookie", &self.cookie).send().await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+
+    /// Posts the page's form; follows the redirect back to the page: its status and HTML.
+    pub async fn post(&self, form: &[(&str, String)]) -> Result<(u16, String)> {
+        let r = self
+            .http
+            .post(format!("{}/decide", self.url))
+            .header("Cookie", &self.cookie)
+            .form(form)
+            .send()
+            .await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+
+    /// Decides `order` as a doctor does in this browser: reloads the page, finds the order's
+    /// fieldset, chooses 互认 with its first report (`reason` None) or 不互认 with that reason,
+    /// and submits. The page shown after (its status and HTML).
+    pub async fn decide(&self, order: &str, reason: Option<&str>) -> Result<(u16, String)> {
+        let (status, html) = self.reload().await?;
+        anyhow::ensure!(status == 200, "the page reloads: {status} {html}");
+        let hidden = html
+            .match_indices("<input type=\"hidden\" name=\"order_")
+            .map(|(i, _)| &html[i..])
+            .find(|tail| tail.split('>').next().is_some_and(|tag| tag.contains(&format!("value=\"{order}\""))))
+            .with_context(|| format!("order {order} is open on the page: {html}"))?;
+        let n: String = hidden["<input type=\"hidden\" name=\"order_".len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let choice = match reason {
+            None => {
+                let key = format!("name=\"choice_{n}\" value=\"recognise:");
+                let at = html.find(&key).context("a report to recognise")? + key.len();
+                format!("recognise:{}", &html[at..at + html[at..].find('"').context("value")?])
+            }
+            Some(_) => "decline".to_string(),
+        };
+        let mut form = vec![(format!("order_{n}"), order.to_string()), (format!("choice_{n}"), choice)];
+        if let Some(code) = reason {
+            form.push((format!("reason_code_{n}"), code.to_string()));
+        }
+        let form: Vec<(&str, String)> = form.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        self.post(&form).await
+    }
 }

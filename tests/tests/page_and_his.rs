@@ -21,9 +21,8 @@ const P0001_ID: &str = "441302198003151233"; // 陈志明 (outpatient MZ001)
 struct Ward {
     w: Workstations,
     bouncer: Bouncer,
-    http: reqwest::Client,
     /// Pages opened (the `url` is a one-time ticket: opened once, then its form posts).
-    opened: std::sync::Mutex<std::collections::HashSet<String>>,
+    opened: std::sync::Mutex<std::collections::HashMap<String, PlatformPage>>,
 }
 
 impl Ward {
@@ -46,7 +45,6 @@ impl Ward {
         Ok(Ward {
             w,
             bouncer,
-            http: reqwest::Client::new(),
             opened: Default::default(),
         })
     }
@@ -81,35 +79,18 @@ impl Ward {
     /// The doctor decides `order` on the platform's page.
     async fn on_page(&self, p: &PromptDetail, order: &str, recognise: bool) -> Result<()> {
         let url = p.url.clone().context("the check's page")?;
-        if self.opened.lock().unwrap().insert(url.clone()) {
-            // The doctor opens the page once (the one-time ticket) and decides there.
-            self.http.get(&url).send().await?.error_for_status()?;
-        }
-        let report = &p
-            .matches
-            .iter()
-            .find(|m| m.order_id == order)
-            .context("matched order")?
-            .reports[0]
-            .report_id;
-        let mut form = vec![
-            ("order_id", order.to_string()),
-            ("report_id", report.clone()),
-            ("doctor_no", "D001".to_string()),
-            ("choice", if recognise { "recognise" } else { "decline" }.to_string()),
-        ];
-        if !recognise {
-            form.push(("reason_code", "02".to_string()));
-        }
-        let done = self
-            .http
-            .post(format!("{url}/decide"))
-            .form(&form)
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?;
+        let opened = self.opened.lock().unwrap().get(&url).cloned();
+        let page = match opened {
+            Some(page) => page,
+            None => {
+                // The doctor opens the page once (the one-time ticket) and decides there.
+                let (page, _) = PlatformPage::open(&url).await?;
+                self.opened.lock().unwrap().insert(url.clone(), page.clone());
+                page
+            }
+        };
+        let (status, done) = page.decide(order, (!recognise).then_some("02")).await?;
+        anyhow::ensure!(status == 200, "{status} {done}");
         anyhow::ensure!(done.contains(order) || done.contains("互认选择已完成"), "{done}");
         Ok(())
     }

@@ -354,9 +354,7 @@ async fn a_refused_decision_reaches_the_doctor() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn decisions_taken_on_the_platform_page_count() -> Result<()> {
     let w = world().await?;
-    let http = reqwest::Client::new();
     let page_decide = |url: String, order: &str, report: &str| {
-        let http = http.clone();
         let form = vec![
             ("order_id", order.to_string()),
             ("report_id", report.to_string()),
@@ -364,19 +362,13 @@ async fn decisions_taken_on_the_platform_page_count() -> Result<()> {
             ("choice", "recognise".to_string()),
         ];
         async move {
-            // The doctor opens the page (the one-time ticket), then presses 互认.
-            let page = http.get(&url).send().await?.error_for_status()?.text().await?;
-            anyhow::ensure!(page.contains("互认") && page.contains("不互认"), "{page}");
-            anyhow::ensure!(page.contains("06 其他情形确需复查"), "the six reasons are offered");
-            let done = http
-                .post(format!("{url}/decide"))
-                .form(&form)
-                .send()
-                .await?
-                .error_for_status()?
-                .text()
-                .await?;
-            anyhow::ensure!(done.contains("互认选择已完成"), "{done}");
+            // The doctor opens the page (the one-time ticket), then presses 互认 (posted as a
+            // script would: one order's fields).
+            let (page, html) = PlatformPage::open(&url).await?;
+            anyhow::ensure!(html.contains("互认") && html.contains("不互认"), "{html}");
+            anyhow::ensure!(html.contains("06 其他情形确需复查"), "the six reasons are offered");
+            let (status, done) = page.post(&form).await?;
+            anyhow::ensure!(status == 200 && done.contains("互认选择已完成"), "{status} {done}");
             Ok::<_, anyhow::Error>(())
         }
     };

@@ -131,12 +131,16 @@ struct Opened {
 /// terminal (门诊医生站), and in Chromium the widget of a session that terminal opened for the
 /// patient: the session token read, the badge green.
 async fn opened_widget() -> Result<Opened> {
+    opened_widget_with(WorkerOptions::default()).await
+}
+
+async fn opened_widget_with(options: WorkerOptions) -> Result<Opened> {
     let terminal = Terminal::new("clinic-ws", "https://hmr.hospital.example/cds-services");
     let w = Workstations::start(
         &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
         &WorkerOptions {
             extra_config: Some(terminal.config("门诊医生站", "")),
-            ..Default::default()
+            ..options
         },
     )
     .await?;
@@ -247,6 +251,10 @@ async fn the_forced_dialog_records_the_decisions_and_the_save_passes_the_gate() 
     wait_for(c, "document.body.dataset.hmrState", json!("deciding")).await?;
     wait_for(c, "document.getElementById('hmr-dialog').open", json!(true)).await?;
     assert_eq!(c.find_all(Locator::Css("fieldset.match")).await?.len(), 2);
+    // The results before the choice: each order links to the check's platform page.
+    let view = c.find(Locator::Css("fieldset.match .view-results a")).await?;
+    assert_eq!(view.text().await?, "查看报告结果（互认平台）");
+    assert!(view.attr("href").await?.unwrap_or_default().contains("/page/"));
     // It cannot be dismissed: Escape leaves it open; confirming needs every choice.
     // Escapes that reached the page (after the widget's handlers), and close events (counted
     // before the widget's own handler would open the dialog again), for the message.
@@ -338,6 +346,13 @@ async fn the_forced_dialog_records_the_decisions_and_the_save_passes_the_gate() 
     // And now the save passes the gate.
     let saved = save(&w.his, &["WO-1", "WO-2"]).await?;
     assert_eq!(saved["saved"], true, "{saved}");
+    // The list, read again after the dialog, marks the report 已互认 (WO-1 recognised it).
+    wait_for(
+        c,
+        "(document.querySelector('#hmr-list li.item') || {dataset: {}}).dataset.decided || null",
+        json!("recognised"),
+    )
+    .await?;
     // The reason's text went to the database, not to the service's log.
     assert_the_log_names_no_patient(s)?;
     println!("screenshots: {}", shots.display());
@@ -346,10 +361,15 @@ async fn the_forced_dialog_records_the_decisions_and_the_save_passes_the_gate() 
 }
 
 /// A report recognised for the patient is downloaded from the widget's list once the worker
-/// has kept it.
+/// has kept it — only then: before, the row says it can be downloaded after 互认. Once its
+/// hospital revokes it, the list says the recognised order is to be performed after all.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_recognised_report_downloads_from_the_list() -> Result<()> {
-    let Opened { c, s, w, terminal, .. } = &opened_widget().await?;
+    let Opened { c, s, w, terminal, .. } = &opened_widget_with(WorkerOptions {
+        recheck_kept_secs: 1,
+        ..Default::default()
+    })
+    .await?;
     let items = open_the_list(c).await?;
     let report_id = items
         .first()
@@ -357,6 +377,12 @@ async fn the_recognised_report_downloads_from_the_list() -> Result<()> {
         .attr("data-report-id")
         .await?
         .context("report id")?;
+    // Not recognised yet: no download (the platform would refuse it), a note instead.
+    assert!(c.find_all(Locator::Css("#hmr-list button.download")).await?.is_empty());
+    assert_eq!(
+        c.find(Locator::Css("#hmr-list li.item .download-note")).await?.text().await?,
+        "互认后可下载报告"
+    );
     // The 互认 of the 血常规 (the dialog's, tested above), made here by the workstation
     // through the JSON API with its key.
     let check: Value = s
@@ -379,8 +405,20 @@ async fn the_recognised_report_downloads_from_the_list() -> Result<()> {
         .await?;
     anyhow::ensure!(decided.status().is_success(), "{}", decided.text().await?);
 
-    // The recognised report, downloaded from the list once the worker has kept it.
+    // The recognised report, downloaded from the list once the worker has kept it; the row
+    // marked 已互认 (the list read again, as the host page does after a decision).
     wait_report_kept(&w.his, &report_id).await?;
+    c.execute("window.hmrWidget.refresh(); return true;", vec![]).await?;
+    wait_for(
+        c,
+        "(document.querySelector('#hmr-list li.item') || {dataset: {}}).dataset.decided || null",
+        json!("recognised"),
+    )
+    .await?;
+    assert_eq!(
+        c.find(Locator::Css("#hmr-list li.item .mark-recognised")).await?.text().await?,
+        "已互认"
+    );
     let before = count(&w.his, "SELECT count(*) FROM hmr.download_log").await?;
     c.find(Locator::Css("#hmr-list button.download"))
         .await?
@@ -396,6 +434,20 @@ async fn the_recognised_report_downloads_from_the_list() -> Result<()> {
         json!("报告已下载"),
     )
     .await?;
+
+    // Its hospital revokes it: the worker's recheck notices; the list shows the order to be
+    // performed after all (and the report is no longer offered).
+    OtherHospital::new(&w.sim).revoke_lab("W-CBC-1").await?;
+    wait_until(Duration::from_secs(20), "the revoke noticed", || async {
+        Ok(count(&w.his, "SELECT count(*) FROM hmr.orders_to_perform WHERE order_id = 'WO-1'").await? == 1)
+    })
+    .await?;
+    c.execute("window.hmrWidget.refresh(); return true;", vec![]).await?;
+    wait_for(c, "document.body.dataset.hmrToPerform", json!("1")).await?;
+    wait_for(c, "document.getElementById('hmr-to-perform').hidden", json!(false)).await?;
+    let row = c.find(Locator::Css("#hmr-to-perform li.to-perform")).await?;
+    assert_eq!(row.attr("data-order-id").await?.as_deref(), Some("WO-1"));
+    assert!(row.text().await?.contains("医嘱 WO-1"), "{}", row.text().await?);
     assert_the_log_names_no_patient(s)?;
     c.clone().close().await?;
     Ok(())

@@ -43,8 +43,9 @@ pub(super) fn list_recognitions_json(
         let hit = plans::read(SQL, &[plans::TEXT], &[cache_key.as_str().into()], |rows| {
             rows.first().get_one::<JsonB>()
         });
-        if let Ok(Some(JsonB(hit))) = hit {
+        if let Ok(Some(JsonB(mut hit))) = hit {
             log_list_call(&query, workstation, &hit, true, read_only);
+            mark_decided(&mut hit);
             return JsonB(hit);
         }
     }
@@ -58,7 +59,8 @@ pub(super) fn list_recognitions_json(
                 reason: None,
                 count: a.count,
                 url: Some(a.url),
-                items: a.items.iter().map(item_json).collect(),
+                items: a.items.iter().map(|i| item_json(i, &settings.org_code)).collect(),
+                to_perform: vec![],
             },
             Err(e) => ListResult::unavailable(format!("unreadable answer: {e}")),
         },
@@ -71,6 +73,7 @@ pub(super) fn list_recognitions_json(
                 count: 0,
                 url: None,
                 items: vec![],
+                to_perform: vec![],
             }
         }
         Err(CallError::Refused { status, message, .. }) => refused(status, &message),
@@ -93,7 +96,51 @@ pub(super) fn list_recognitions_json(
         );
     }
     log_list_call(&query, workstation, &answer, false, read_only);
+    let mut answer = answer;
+    mark_decided(&mut answer);
     JsonB(answer)
+}
+
+/// Marks each listed report with this hospital's current decision on it (`decided`): read at
+/// every call, after the cache (a cached answer's marks would be stale). An index on
+/// hmr.decisions (report_id) keeps it to the listed reports' decisions.
+fn mark_decided(answer: &mut Value) {
+    let Some(items) = answer["items"].as_array_mut().filter(|i| !i.is_empty()) else {
+        return;
+    };
+    let ids: Vec<String> = items
+        .iter()
+        .filter_map(|i| i["report_id"].as_str().map(str::to_string))
+        .collect();
+    const SQL: &str = "SELECT d.report_id, d.recognise FROM hmr.decisions d
+         WHERE d.report_id OPERATOR(pg_catalog.=) ANY ($1)
+           AND NOT EXISTS (SELECT 1 FROM hmr.decisions n
+                            WHERE n.check_id OPERATOR(pg_catalog.=) d.check_id AND n.order_id OPERATOR(pg_catalog.=) d.order_id
+                              AND n.id OPERATOR(pg_catalog.>) d.id)
+           AND NOT EXISTS (SELECT 1 FROM hmr.checks c
+                            WHERE c.check_id OPERATOR(pg_catalog.=) d.check_id AND c.refused_at IS NOT NULL)";
+    // Recognised when any order's current decision recognises it (it may be downloaded).
+    let mut decided: HashMap<String, bool> = HashMap::new();
+    let rows: Vec<(String, bool)> = plans::read(SQL, &[plans::TEXT_ARRAY], &[ids.into()], |rows| {
+        rows.map(|r| Ok((r.get::<String>(1)?.unwrap_or_default(), r.get::<bool>(2)?.unwrap_or(false))))
+            .collect()
+    })
+    .unwrap_or_default();
+    for (id, recognised) in rows {
+        *decided.entry(id).or_default() |= recognised;
+    }
+    for item in items.iter_mut() {
+        let mark = item["report_id"].as_str().and_then(|id| decided.get(id)).map(|&recognised| {
+            if recognised {
+                Decided::Recognised
+            } else {
+                Decided::Declined
+            }
+        });
+        if let (Some(mark), Some(o)) = (mark, item.as_object_mut()) {
+            o.insert("decided".into(), serde_json::to_value(mark).expect("answers serialize"));
+        }
+    }
 }
 
 /// Keeps the call for the hospital's statistics (hmr.list_log: 调阅). Not on a standby or
@@ -242,7 +289,7 @@ pub(super) fn order_check_json(visit: JsonB, orders: JsonB) -> JsonB {
             let reports: Vec<ReportSummary> = items
                 .iter()
                 .filter(|i| i.data_code == o.data_code)
-                .map(item_json)
+                .map(|i| item_json(i, &settings.org_code))
                 .collect();
             (!reports.is_empty()).then(|| OrderMatch {
                 order_id: o.order_id.clone(),
@@ -338,7 +385,7 @@ pub(super) fn query_recognitions_json(filter: JsonB) -> JsonB {
             Ok(a) => QueryResult {
                 status: CallStatus::Ok,
                 reason: None,
-                items: a.items.iter().map(item_json).collect(),
+                items: a.items.iter().map(|i| item_json(i, &settings.org_code)).collect(),
             },
             Err(e) => unavailable(format!("unreadable answer: {e}")),
         },
@@ -385,9 +432,11 @@ pub(super) fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
                         "type": o.report_type.as_str()})
         )
         .collect::<Vec<_>>());
-    let outcome = match Settings::load() {
+    let settings = Settings::load();
+    let own_org = settings.as_ref().map_or(String::new(), |s| s.org_code.clone());
+    let outcome = match &settings {
         None => Err(CallError::Unavailable("hmr.platform is not configured".into())),
-        Some(settings) => call(&settings, paths::prescription_check(&request)),
+        Some(settings) => call(settings, paths::prescription_check(&request)),
     };
     let row = match outcome.and_then(|body| {
         parse_data::<CheckAnswer>(&body).map_err(|e| CallError::Unavailable(format!("unreadable answer: {e}")))
@@ -400,7 +449,7 @@ pub(super) fn check_prescription_json(visit: JsonB, orders: JsonB) -> JsonB {
                     order_id: m.order_id.clone(),
                     data_code: m.data_code.clone(),
                     item_code: local_of.get(&m.order_id).cloned(),
-                    reports: m.reports.iter().map(item_json).collect(),
+                    reports: m.reports.iter().map(|i| item_json(i, &own_org)).collect(),
                 })
                 .collect();
             let matches = serde_json::to_value(matches).expect("answers serialize");

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use hmr_protocol::answers::{
-    CallStatus, ListResult, OrderCheckResult, OrderMatch, PageDecision, PageDecisionsResult, PrescriptionCheckResult,
+    CallStatus, Decided, ListResult, OrderCheckResult, OrderMatch, PageDecision, PageDecisionsResult, PrescriptionCheckResult,
     QueryResult, ReportSummary,
 };
 use hmr_protocol::envelope::parse_data;
@@ -28,8 +28,11 @@ use crate::plans;
 use crate::platform::{call, CallError, Settings};
 
 /// A report as the hospital's answers show it.
-fn item_json(i: &RecognitionItem) -> ReportSummary {
-    ReportSummary::from(i)
+fn item_json(i: &RecognitionItem, own_org: &str) -> ReportSummary {
+    ReportSummary {
+        own: i.org_code == own_org,
+        ..ReportSummary::from(i)
+    }
 }
 
 fn bad_argument(message: String) -> ! {

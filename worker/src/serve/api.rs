@@ -1,6 +1,7 @@
 //! The JSON API for terminals that do not speak CDS Hooks (docs/openapi.yaml).
 
 use super::*;
+use hmr_protocol::answers::OrderToPerform;
 
 /// `?patient_id=&visit_no=&doctor_no=`: the badge (`hmr_list_recognitions`).
 pub(super) async fn api_list(
@@ -12,13 +13,38 @@ pub(super) async fn api_list(
         json!({"patient_id": q.get("patient_id"), "visit_no": q.get("visit_no"), "doctor_no": q.get("doctor_no")});
     s.sessions.bind(&caller, &mut asked)?;
     let ask = Ask::from_body(&asked)?;
-    let answer = s
+    let mut answer = s
         .list(&ask, caller.workstation("api"))
         .await
         .map_err(db_answer)?
         .ok_or_else(|| ask.unknown())?;
+    answer.to_perform = to_perform(&s, &ask.patient_id).await.map_err(db_answer)?;
     s.sessions.remember(&caller, &answer);
     Ok(Json(json_of(&answer)))
+}
+
+/// The patient's orders recognised here whose report its hospital revoked since: the widget
+/// shows them beside the list, to be performed after all.
+async fn to_perform(s: &Service, patient_id: &str) -> Result<Vec<OrderToPerform>, DbError> {
+    let db = s.pool.get().await.map_err(pool_error)?;
+    let statement = db
+        .prepare_cached(
+            "SELECT order_id, report_id, item_name,
+                    to_char(revoked_at AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD\"T\"HH24:MI:SS\"+08:00\"')
+               FROM hmr.patient_orders_to_perform($1)",
+        )
+        .await?;
+    Ok(db
+        .query(&statement, &[&patient_id])
+        .await?
+        .iter()
+        .map(|r| OrderToPerform {
+            order_id: r.get(0),
+            report_id: r.get(1),
+            item_name: r.get(2),
+            revoked_at: r.get(3),
+        })
+        .collect())
 }
 
 /// `{patient_id, doctor_no, …filter}`: the precise query (`hmr_query_recognitions`).

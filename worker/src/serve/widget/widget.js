@@ -219,10 +219,19 @@
       button.classList.add('none');
       button.textContent = '互认平台暂不可用';
     }
+    const toPerform = Array.isArray(badge.to_perform) ? badge.to_perform.length : 0;
+    if (toPerform > 0) {
+      button.classList.remove('none');
+      button.classList.add('warn');
+      button.textContent += '，' + toPerform + ' 项需重新检查';
+    } else {
+      button.classList.remove('warn');
+    }
     button.dataset.count = String(count);
     // Grey: not clickable (aria-disabled keeps its look; the click handler opens nothing).
-    button.setAttribute('aria-disabled', badge.status === 'ok' && count > 0 ? 'false' : 'true');
-    if (!(badge.status === 'ok' && count > 0)) setListOpen(false);
+    const opens = badge.status === 'ok' && (count > 0 || toPerform > 0);
+    button.setAttribute('aria-disabled', opens ? 'false' : 'true');
+    if (!opens) setListOpen(false);
     document.body.dataset.hmrBadge =
       badge.status === 'ok' ? (count > 0 ? 'ok' : 'none') : badge.status === 'invalid_patient' ? 'invalid_patient' : 'unavailable';
   }
@@ -249,6 +258,25 @@
     const url = badge.status === 'ok' ? safeUrl(badge.url) : null;
     if (url) link.appendChild(platformLink(url, '在互认平台查看'));
     link.hidden = !url;
+    renderToPerform();
+  }
+
+  /** Orders recognised here whose report was revoked at its hospital: to be performed. */
+  function renderToPerform() {
+    const box = $('hmr-to-perform');
+    const list = $('hmr-to-perform-items');
+    list.replaceChildren();
+    const orders = Array.isArray(badge.to_perform) ? badge.to_perform.filter((o) => o && typeof o === 'object') : [];
+    for (const o of orders) {
+      const li = el('li', 'to-perform');
+      li.dataset.orderId = String(o.order_id);
+      li.appendChild(el('span', 'item-name', o.item_name || o.order_id));
+      li.appendChild(el('span', 'order', '医嘱 ' + o.order_id));
+      li.appendChild(el('span', 'revoked', '原报告撤销于 ' + formatTime(o.revoked_at)));
+      list.appendChild(li);
+    }
+    box.hidden = orders.length === 0;
+    document.body.dataset.hmrToPerform = String(orders.length);
   }
 
   function renderItem(item, index) {
@@ -264,6 +292,14 @@
     const kind = kindLabel(item.type);
     if (kind) head.appendChild(el('span', 'kind kind-' + item.type, kind));
     head.appendChild(name);
+    if (item.own === true) head.appendChild(el('span', 'own', '本院'));
+    if (item.decided === 'recognised') {
+      li.dataset.decided = 'recognised';
+      head.appendChild(el('span', 'mark mark-recognised', '已互认'));
+    } else if (item.decided === 'declined') {
+      li.dataset.decided = 'declined';
+      head.appendChild(el('span', 'mark mark-declined', '不互认'));
+    }
     li.appendChild(head);
 
     li.appendChild(el('div', 'org', item.org_name || item.org_code || ''));
@@ -272,12 +308,18 @@
     meta.appendChild(el('span', 'valid', '有效期至 ' + formatTime(item.valid_until)));
     li.appendChild(meta);
 
-    const download = el('button', 'download', '下载报告');
-    download.type = 'button';
-    download.setAttribute('aria-describedby', nameId);
-    if (!reportId) download.disabled = true;
-    download.addEventListener('click', () => downloadReport(reportId, download));
-    li.appendChild(download);
+    // The platform lets a hospital download only what it recognised (§6): the button is
+    // there once this hospital decided 互认 for the report; before, the results are on the
+    // platform's page (the dialog's link).
+    if (item.decided === 'recognised' && reportId) {
+      const download = el('button', 'download', '下载报告');
+      download.type = 'button';
+      download.setAttribute('aria-describedby', nameId);
+      download.addEventListener('click', () => downloadReport(reportId, download));
+      li.appendChild(download);
+    } else {
+      li.appendChild(el('p', 'download-note', '互认后可下载报告'));
+    }
     return li;
   }
 
@@ -319,6 +361,7 @@
       count: Math.floor(count),
       url: a.url || null,
       items,
+      to_perform: Array.isArray(a.to_perform) ? a.to_perform : [],
       reason: typeof a.reason === 'string' ? a.reason : '',
     };
   }
@@ -410,6 +453,14 @@
       if (first.valid_until) meta.appendChild(el('span', 'valid', '有效期至 ' + formatTime(first.valid_until)));
       if (reports.length > 1) meta.appendChild(el('span', 'more', '另有 ' + (reports.length - 1) + ' 份可互认报告'));
       fieldset.appendChild(meta);
+    }
+    // The results before the choice: the platform shows them on the check's page (it lets a
+    // hospital download a report only after recognising it).
+    const page = pending ? safeUrl(pending.url) : null;
+    if (page) {
+      const view = el('p', 'view-results');
+      view.appendChild(platformLink(page, '查看报告结果（互认平台）'));
+      fieldset.appendChild(view);
     }
 
     const name = 'choice-' + orderId;
@@ -565,6 +616,8 @@
     pending = null;
     document.body.dataset.hmrState = 'decided';
     setStatus('已记录互认选择，可保存医嘱', 'ok');
+    // The list marks what was just decided (已互认 / 不互认).
+    refresh();
     state.resolve({ check_id: state.checkId, duplicate: true, status: 'ok', decisions });
   }
 
