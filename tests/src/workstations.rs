@@ -31,7 +31,11 @@ impl Hospital {
 /// The simulator, the platform configured for SQL calls, and `reports` of another hospital
 /// there (for the recognition services to find).
 pub async fn platform_with(his: &Client, reports: &[ElsewhereReport<'_>]) -> Result<Sim> {
-    let sim = Sim::start()?;
+    platform_on(Sim::start()?, his, reports).await
+}
+
+/// As `platform_with`, on a simulator already started (`Sim::start_named`).
+pub async fn platform_on(sim: Sim, his: &Client, reports: &[ElsewhereReport<'_>]) -> Result<Sim> {
     configure_platform(his, &sim).await?;
     let other = OtherHospital::new(&sim);
     for (id_no, birth, report_no, data_code, days_ago) in reports {
@@ -52,6 +56,15 @@ pub struct Workstations {
 
 impl Workstations {
     pub async fn start(reports: &[ElsewhereReport<'_>], options: &WorkerOptions) -> Result<Workstations> {
+        Workstations::start_on(Sim::start()?, reports, options).await
+    }
+
+    /// As `start`, with the platform simulator `sim` (e.g. `Sim::start_named`).
+    pub async fn start_on(
+        sim: Sim,
+        reports: &[ElsewhereReport<'_>],
+        options: &WorkerOptions,
+    ) -> Result<Workstations> {
         let cluster = Cluster::start().await?;
         let his = cluster.connect("his").await?;
         load_sample_data(&his).await?;
@@ -59,7 +72,7 @@ impl Workstations {
             his.batch_execute(&std::fs::read_to_string(repo_root().join("sql/examples").join(file))?)
                 .await?;
         }
-        let sim = platform_with(&his, reports).await?;
+        let sim = platform_on(sim, &his, reports).await?;
         // The worker logs in as a member of hmr_worker, as in a hospital (what it may do is
         // what the extension grants that role), unless a test names another role. Durable:
         // some tests crash the cluster.

@@ -649,9 +649,10 @@ async fn over_tls_each_terminal_within_its_rate() -> Result<()> {
     assert!(retry_after.is_some_and(|s| (1..=10).contains(&s)), "{retry_after:?}");
     // Another terminal has its own budget.
     assert_eq!(badge(&quiet).await?.status().as_u16(), 200);
-    // Tokens forged in another terminal's name (another key): refused, and each takes that
-    // terminal's budget before its signature is checked, so a flood costs no signature checks
-    // beyond the budget (then 429, the genuine terminal included, until the budget refills).
+    // Tokens forged in another terminal's name (another key): refused, and each takes the
+    // budget of refused tokens of its source address in that terminal's name, so a flood costs
+    // no signature checks beyond it (then 429, until it refills). The genuine terminal shares
+    // it only from the same address, as here; from elsewhere it goes on (serve_attacks.rs, J10).
     let forger = Terminal::new("flooded", audience);
     let mut forged = vec![];
     for _ in 0..4 {

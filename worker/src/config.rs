@@ -67,6 +67,16 @@ pub struct ServeConfig {
     /// (mapped through `hmr.item_map`): an order coded only in other systems (SNOMED, LOINC) is
     /// refused with 400 naming them, never answered as "no duplicate".
     pub item_system: String,
+    /// Connections one source address may hold at once; more are accepted and closed at once,
+    /// so one client cannot take the service's 256 from the others.
+    pub max_connections_per_client: u32,
+    /// Seconds a client has to send a request's body once its headers are in (408 beyond).
+    pub body_timeout_secs: u32,
+    /// The names the service answers to (the `Host` header, without port): a request naming
+    /// another host is refused (421), so a page served under a rebound DNS name cannot read
+    /// patients through a browser. Empty: the listen address, localhost, 127.0.0.1, [::1] and
+    /// the host of `audience`.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ServeConfig {
@@ -82,6 +92,9 @@ impl Default for ServeConfig {
             anonymous: false,
             embed_origins: Vec::new(),
             item_system: "urn:hmr:item".into(),
+            max_connections_per_client: 32,
+            body_timeout_secs: 10,
+            allowed_hosts: Vec::new(),
         }
     }
 }

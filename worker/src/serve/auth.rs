@@ -20,18 +20,39 @@ impl RateLimits {
 
     /// Takes one call from `key`'s budget, or says how long until the next one is allowed.
     pub fn take(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        self.bucket(key, now, true)
+    }
+
+    /// Whether `key` has a call left, without taking it.
+    pub fn has(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        self.bucket(key, now, false)
+    }
+
+    fn bucket(&self, key: &str, now: Instant, take: bool) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().expect("rate buckets");
+        // Keyed by source address too: forget full buckets before the map grows without end.
+        if buckets.len() > MAX_BUCKETS {
+            let (rate, burst) = (self.per_second, self.burst);
+            buckets.retain(|_, (tokens, last)| {
+                *tokens + now.saturating_duration_since(*last).as_secs_f64() * rate < burst
+            });
+        }
         let (tokens, last) = buckets.entry(key.to_string()).or_insert((self.burst, now));
         *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
         *last = now;
         if *tokens >= 1.0 {
-            *tokens -= 1.0;
+            if take {
+                *tokens -= 1.0;
+            }
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
         }
     }
 }
+
+/// Budgets kept before full ones are forgotten.
+const MAX_BUCKETS: usize = 10_000;
 
 // ------------------------------------------------------------------ authentication
 
@@ -164,8 +185,7 @@ impl Auth {
         !self.terminals.is_empty()
     }
 
-    /// The configured terminal a token claims to come from, before anything is verified (so
-    /// that a terminal's rate budget is taken before the signature is checked).
+    /// The configured terminal a token claims to come from, before anything is verified.
     pub fn claimed<'a>(&'a self, token: &str) -> Option<&'a str> {
         use base64::Engine as _;
         let payload = token.split('.').nth(1)?;
@@ -176,7 +196,14 @@ impl Auth {
     }
 
     /// The terminal's name, or why the token is refused.
+    #[cfg(test)]
     pub fn verify(&self, token: &str, now: i64) -> Result<String, String> {
+        self.verify_claims(token, now).map(|v| v.name)
+    }
+
+    /// The verified token: its terminal, and the `jti` to claim in the database (a replay after
+    /// a restart, which this process's memory cannot see); or why it is refused.
+    pub fn verify_claims(&self, token: &str, now: i64) -> Result<Verified, String> {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let mut parts = token.split('.');
@@ -231,10 +258,41 @@ impl Auth {
         let mut seen = self.seen.lock().expect("jti set");
         seen.retain(|_, until| *until > now);
         if seen.insert(format!("{iss}/{jti}"), exp).is_some() {
-            return Err("jti already used (a replay)".into());
+            return Err(REPLAY.into());
         }
-        Ok(name.clone())
+        Ok(Verified {
+            name: name.clone(),
+            iss: iss.to_string(),
+            jti: jti.to_string(),
+            exp,
+        })
     }
+}
+
+const REPLAY: &str = "jti already used (a replay)";
+
+/// A token whose signature and claims are good.
+pub struct Verified {
+    pub name: String,
+    pub iss: String,
+    pub jti: String,
+    pub exp: i64,
+}
+
+/// The source address of a request's connection (set per connection by `run`).
+#[derive(Clone, Copy)]
+pub(super) struct ClientAddr(pub std::net::IpAddr);
+
+/// The budget of refused tokens from one source address in one terminal's name: forgeries
+/// cost a signature check each, so they are limited where they come from, never on the
+/// terminal alone (a forger without its key, elsewhere, must not lock it out). Clients that
+/// share an address (behind one proxy) share this budget per terminal they name.
+pub(super) fn failure_key(request: &axum::extract::Request, claimed: Option<&str>) -> String {
+    let from = match request.extensions().get::<ClientAddr>() {
+        Some(ClientAddr(ip)) => ip.to_string(),
+        None => "unknown".into(),
+    };
+    format!("refused:{from}:{}", claimed.unwrap_or("?"))
 }
 
 pub(super) async fn authenticate(
@@ -283,20 +341,38 @@ pub(super) async fn authenticate(
             None => return refused("the session is unknown or has ended: open a new one".into()),
         },
         Some(("Bearer", token)) if s.auth.required() => {
-            // Budget first, by the terminal the token names: a flood of forged tokens costs
-            // that terminal's budget, not a signature check each.
-            let Some(iss) = s.auth.claimed(token) else {
-                return refused("token refused: not a token of a configured terminal".into());
+            // Only a verified token takes its terminal's budget; refused ones take their source
+            // address's, and past it the address is refused before any signature check.
+            let failures = failure_key(&request, s.auth.claimed(token));
+            if let Err(wait) = s.failures.has(&failures, Instant::now()) {
+                let seconds = wait.as_secs() + 1;
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, seconds.to_string())],
+                    Json(json!({"error": format!("too many refused tokens from this address: try again in {seconds} s")})),
+                )
+                    .into_response();
+            }
+            let refuse = |why: String| {
+                let _ = s.failures.take(&failures, Instant::now());
+                refused(format!("token refused: {why}"))
             };
-            if let Some(answer) = over_budget(rate_key(Some(iss), None)) {
+            let verified = match s.auth.verify_claims(token, chrono::Utc::now().timestamp()) {
+                Ok(verified) => verified,
+                Err(why) => return refuse(why),
+            };
+            if let Some(answer) = over_budget(rate_key(Some(&verified.iss), None)) {
                 return answer;
             }
-            match s.auth.verify(token, chrono::Utc::now().timestamp()) {
-                Ok(name) => Caller {
-                    name: Some(name),
-                    session: None,
-                },
-                Err(why) => return refused(format!("token refused: {why}")),
+            // Used jtis are kept in the database too: a replay after serve restarts is refused.
+            match s.claim_jti(&verified).await {
+                Ok(true) => {}
+                Ok(false) => return refuse(REPLAY.into()),
+                Err(e) => return db_answer(e).into_response(),
+            }
+            Caller {
+                name: Some(verified.name),
+                session: None,
             }
         }
         _ if !s.auth.required() => {

@@ -153,15 +153,15 @@ pub(super) async fn order_select(
         };
         let items = answer.items;
         let Some(newest) = items.first() else { continue };
-        let item = &newest.item_name;
+        let item = card_text(&newest.item_name);
         let detail: Vec<String> = items
             .iter()
             .map(|i| {
                 format!(
                     "- {} {} {}",
-                    i.org_name,
-                    i.reported_at.get(..10).unwrap_or_default(),
-                    i.item_name
+                    card_text(&i.org_name),
+                    card_text(i.reported_at.get(..10).unwrap_or_default()),
+                    card_text(&i.item_name)
                 )
             })
             .collect();
@@ -201,7 +201,11 @@ pub(super) async fn order_sign(
     for m in &answer.matches {
         let order = &m.order_id;
         let Some(report) = m.reports.first() else { continue };
-        let (item, org, at) = (&report.item_name, &report.org_name, &report.reported_at);
+        let (item, org, at) = (
+            card_text(&report.item_name),
+            card_text(&report.org_name),
+            card_text(&report.reported_at),
+        );
         let mut card = json!({
             "uuid": format!("{check_id}|{order}"),
             "summary": format!("{item}：{org}已有可互认结果"),
@@ -223,6 +227,32 @@ pub(super) async fn order_sign(
         cards.push(card);
     }
     Ok(cards)
+}
+
+/// The platform's text (another hospital's name, an item's name, a time) as it may go into a
+/// card: `detail` is Markdown (CDS Hooks), and an EHR may render `summary` as Markdown or HTML.
+/// So HTML's `<>&"'` become entities and every other ASCII punctuation is backslash-escaped:
+/// no tag, link, image, emphasis or autolink can come from the platform's text (an escaped
+/// `:` or `.` also stops GFM from making `http://…` or `www.…` a link). It reads the same.
+pub(super) fn card_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            // A line break would end the Markdown list item (or start a heading).
+            '\n' | '\r' => out.push(' '),
+            c if c.is_ascii_punctuation() => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The doctor's choice on a card: the suggestion taken is 互认; dismissing the card with a

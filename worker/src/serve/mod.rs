@@ -65,6 +65,12 @@ struct Service {
     pool: deadpool_postgres::Pool,
     auth: Auth,
     limits: RateLimits,
+    /// Refused tokens per source address (`auth::failure_key`).
+    failures: RateLimits,
+    /// The `Host` names the service answers to (`[serve] allowed_hosts`).
+    allowed_hosts: Vec<String>,
+    /// How long a request's body may take (`[serve] body_timeout_secs`).
+    body_timeout: Duration,
     sessions: Sessions,
     /// The patient and the doctor's department from the source views (`hmr.kinds.source_view`):
     /// alone, and folded into the badge and the check, so those take one round trip.
@@ -195,6 +201,9 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
         pool,
         auth,
         limits: RateLimits::new(serve.rate_per_minute, serve.burst),
+        failures: RateLimits::new(serve.rate_per_minute, serve.burst),
+        allowed_hosts: allowed_hosts(listen, serve)?,
+        body_timeout: Duration::from_secs(u64::from(serve.body_timeout_secs.max(1))),
         sessions: Sessions::new(Duration::from_secs(u64::from(serve.session_minutes) * 60)),
         statements,
         frame_ancestors: frame_ancestors(&serve.embed_origins)?,
@@ -219,16 +228,21 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
             "/widget/{file}",
             get(|State(s): State<Arc<Service>>, Path(file): Path<String>| widget_file(s, file)),
         )
+        // Innermost first: the body is read only for a caller that passed the Host check and
+        // authentication.
+        .layer(axum::middleware::from_fn_with_state(service.clone(), read_body))
         .layer(axum::middleware::from_fn_with_state(service.clone(), authenticate))
+        .layer(axum::middleware::from_fn_with_state(service.clone(), host_allowed))
         .with_state(service);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| WorkerError::Config(format!("cannot listen on {listen}: {e}")))?;
     tracing::info!(%listen, tls = tls.is_some(), "serving CDS Hooks, the JSON API and the widget");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let admission = Arc::new(Admission::new(serve.max_connections_per_client));
     loop {
         let slot = slots.clone().acquire_owned().await.expect("never closed");
-        let (tcp, _peer) = match listener.accept().await {
+        let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors and the like: wait a moment rather than spin.
@@ -237,19 +251,25 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
                 continue;
             }
         };
+        // One source address holds at most its share: beyond it the connection is closed at
+        // once (its slot freed), so a client that hoards idle sockets starves only itself.
+        let Some(admitted) = admission.admit(peer.ip()) else {
+            drop(tcp);
+            continue;
+        };
         // Answers go out whole, not held back for the previous segment's acknowledgement.
         let _ = tcp.set_nodelay(true);
         let (tls, app) = (tls.clone(), app.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let (_slot, _admitted) = (slot, admitted);
             match tls {
                 Some(tls) => {
                     // A client that never finishes its handshake holds nothing for long.
                     if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
-                        serve_connection(stream, app).await;
+                        serve_connection(stream, app, peer).await;
                     }
                 }
-                None => serve_connection(tcp, app).await,
+                None => serve_connection(tcp, app, peer).await,
             }
         });
     }
@@ -257,20 +277,177 @@ pub async fn run(url: &str, listen: SocketAddr, serve: &crate::config::ServeConf
 
 /// One connection, plain or TLS: a client that sends nothing (or dribbles its headers) holds
 /// nothing for long, and no connection lives longer than CONNECTION_LIFETIME (clients reconnect).
-async fn serve_connection<I>(io: I, app: Router)
+async fn serve_connection<I>(io: I, app: Router, peer: SocketAddr)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10));
-    let service = hyper_util::service::TowerToHyperService::new(app);
+    let app = hyper_util::service::TowerToHyperService::new(app);
+    // Each request knows its connection's source address (refused tokens are budgeted by it).
+    let service = hyper::service::service_fn(move |mut request: axum::http::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(ClientAddr(peer.ip()));
+        hyper::service::Service::call(&app, request)
+    });
     let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
     let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
 }
 
 /// The longest a connection is kept (keep-alive included).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+
+/// The connections each source address holds (`[serve] max_connections_per_client`).
+struct Admission {
+    per_client: usize,
+    held: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// When a refusal was last logged: a flood is logged once a minute, not per connection.
+    warned: Mutex<Option<Instant>>,
+}
+
+impl Admission {
+    fn new(per_client: u32) -> Admission {
+        Admission {
+            per_client: per_client.max(1) as usize,
+            held: Mutex::new(HashMap::new()),
+            warned: Mutex::new(None),
+        }
+    }
+
+    /// A connection of `ip`, or None when it already holds its share.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Admitted> {
+        let mut held = self.held.lock().expect("admission");
+        let n = held.entry(ip).or_insert(0);
+        if *n >= self.per_client {
+            drop(held);
+            let mut warned = self.warned.lock().expect("admission");
+            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                *warned = Some(Instant::now());
+                tracing::warn!(client = %ip, limit = self.per_client,
+                               "a client holds its share of connections: closing its further ones");
+            }
+            return None;
+        }
+        *n += 1;
+        Some(Admitted {
+            admission: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One admitted connection; its share is given back when it ends.
+struct Admitted {
+    admission: Arc<Admission>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut held = self.admission.held.lock().expect("admission");
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The largest request body read (axum's own default for a JSON body).
+const MAX_BODY: usize = 2 * 1024 * 1024;
+
+/// Reads the whole body within `[serve] body_timeout_secs` before the handler runs: a client
+/// that announces a body and never sends it is answered 408 and its connection closed, instead
+/// of holding it for the connection's lifetime.
+async fn read_body(
+    State(s): State<Arc<Service>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let close = [(header::CONNECTION, "close")];
+    match tokio::time::timeout(s.body_timeout, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, bytes.into())).await,
+        Ok(Err(_)) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            close,
+            Json(json!({"error": format!("the request body could not be read (at most {MAX_BODY} bytes)")})),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            close,
+            Json(json!({"error": format!("the request body did not arrive within {} s", s.body_timeout.as_secs())})),
+        )
+            .into_response(),
+    }
+}
+
+/// The `Host` names the service answers to: `[serve] allowed_hosts`, or by default the listen
+/// address, this machine's loopback names and the host of `audience` (lower case, IPv6
+/// without brackets).
+fn allowed_hosts(listen: SocketAddr, serve: &crate::config::ServeConfig) -> Result<Vec<String>, WorkerError> {
+    if !serve.allowed_hosts.is_empty() {
+        return Ok(serve.allowed_hosts.iter().map(|h| host_name(h)).collect());
+    }
+    let mut hosts: Vec<String> = vec![
+        listen.ip().to_string(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "::1".into(),
+    ];
+    if let Some(audience) = &serve.audience {
+        let uri: axum::http::Uri = audience
+            .parse()
+            .map_err(|e| WorkerError::Config(format!("[serve] audience {audience:?} is not a URL: {e}")))?;
+        if let Some(host) = uri.host() {
+            hosts.push(host_name(host));
+        }
+    }
+    Ok(hosts)
+}
+
+/// A host name as compared: lower case, no IPv6 brackets, no trailing dot.
+fn host_name(host: &str) -> String {
+    host.trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}
+
+/// The name a request's `Host` header gives, without its port; None without one (HTTP/1.0:
+/// no browser sends that, so it cannot be a rebound page); Err for a malformed one.
+fn request_host(request: &axum::extract::Request) -> Result<Option<String>, ()> {
+    let Some(value) = request.headers().get(header::HOST) else {
+        return Ok(None);
+    };
+    let authority: axum::http::uri::Authority = value.to_str().map_err(|_| ())?.parse().map_err(|_| ())?;
+    Ok(Some(host_name(authority.host())))
+}
+
+/// DNS rebinding: a page of `attacker.example` whose name is made to resolve to this service
+/// would call it from the doctor's browser as its own origin; the browser still says
+/// `Host: attacker.example`, which is refused here (421) before anything else.
+async fn host_allowed(
+    State(s): State<Arc<Service>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match request_host(&request) {
+        Ok(None) => next.run(request).await,
+        Ok(Some(host)) if s.allowed_hosts.contains(&host) => next.run(request).await,
+        Ok(Some(host)) => (
+            StatusCode::MISDIRECTED_REQUEST,
+            Json(json!({"error": format!(
+                "Host {host} is not a name of this service: call it by one of its names ([serve] allowed_hosts)"
+            )})),
+        )
+            .into_response(),
+        Err(()) => bad("the Host header is malformed").into_response(),
+    }
+}
 
 /// Why a request cannot be answered (CDS Hooks: a 4xx with a reason).
 fn bad(message: impl Into<String>) -> (StatusCode, Json<Value>) {
@@ -419,6 +596,18 @@ impl Service {
             )
             .await?;
         row.map(|r| typed(r.try_get(0)?)).transpose()
+    }
+
+    /// Claims a verified token's `jti` for good (until its expiry): false when it was used
+    /// before, by this process or an earlier one (`hmr.claim_jti`).
+    async fn claim_jti(&self, token: &Verified) -> Result<bool, DbError> {
+        let row = self
+            .one(
+                "SELECT hmr.claim_jti($1, $2, to_timestamp($3::float8))",
+                &[&token.iss, &token.jti, &(token.exp as f64)],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
     }
 
     /// The precise query (`hmr_query_recognitions`) for a filter naming the patient.

@@ -53,6 +53,11 @@ fn a_terminal_past_its_budget_waits_and_others_go_on() {
         assert_eq!(limits.take("ward-app", later), Ok(()));
     }
     assert!(limits.take("ward-app", later).is_err());
+    // Asking spends nothing.
+    let fresh = t0 + Duration::from_secs(7200);
+    for _ in 0..10 {
+        assert_eq!(limits.has("clinic", fresh), Ok(()));
+    }
 }
 
 #[test]
@@ -104,6 +109,8 @@ fn a_session_reaches_its_own_patient_and_what_it_was_shown_only() {
         item_name: "血常规".into(),
         reported_at: "2026-12-01T08:00:00+08:00".into(),
         valid_until: "2026-12-08T08:00:00+08:00".into(),
+        own: false,
+        decided: None,
     };
     sessions.remember(
         &caller,
@@ -257,7 +264,12 @@ fn only_a_fresh_token_of_a_known_terminal_for_this_service_passes() {
         .verify(&token(&pair, long_lived, "ES384"), now)
         .unwrap_err()
         .contains("5 minutes"));
-    assert_eq!(auth.claimed(&token(&other, claims("i"), "ES384")), Some("ward-app"));
+    // What the database is asked to claim: the verified token's terminal, jti and expiry.
+    let v = auth.verify_claims(&token(&pair, claims("i"), "ES384"), now).unwrap();
+    assert_eq!((v.iss.as_str(), v.jti.as_str(), v.exp), ("ward-app", "i", now + 300));
+    // The terminal a token names, unverified: it keys the budget of refused tokens (with the
+    // source address), never the terminal's own.
+    assert_eq!(auth.claimed(&token(&other, claims("k"), "ES384")), Some("ward-app"));
     let mut stranger = claims("j");
     stranger["iss"] = json!("someone");
     assert_eq!(auth.claimed(&token(&pair, stranger, "ES384")), None);
@@ -389,4 +401,54 @@ fn a_tls_key_readable_by_others_is_refused() {
         .to_string();
     assert!(!err.contains("chmod 600"), "the mode is fine now: {err}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_platforms_text_in_a_card_is_neither_markdown_nor_html() {
+    let hostile = "<img src=x onerror=alert(1)>[点此复核](http://evil.example/phish) **急** www.evil.example";
+    let text = card_text(hostile);
+    for raw in ["<img", "](", "[点此复核]", "**", "http://", "www.evil"] {
+        assert!(!text.contains(raw), "{raw} left in {text}");
+    }
+    assert_eq!(
+        text,
+        "&lt;img src\\=x onerror\\=alert\\(1\\)&gt;\\[点此复核\\]\\(http\\:\\/\\/evil\\.example\\/phish\\) \\*\\*急\\*\\* www\\.evil\\.example"
+    );
+    // A plain hospital name and a time read as they were; a line break cannot start a block.
+    assert_eq!(card_text("惠州市中心人民医院"), "惠州市中心人民医院");
+    assert_eq!(card_text("2024-05-01 10:00"), "2024\\-05\\-01 10\\:00");
+    assert_eq!(card_text("甲\n# 乙"), "甲 \\# 乙");
+}
+
+#[test]
+fn the_service_answers_to_its_own_names_only() {
+    let listen: std::net::SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let cfg = crate::config::ServeConfig {
+        audience: Some("https://HMR.Hospital.example:8443/cds-services".into()),
+        ..Default::default()
+    };
+    let hosts = allowed_hosts(listen, &cfg).unwrap();
+    for ok in ["127.0.0.1", "localhost", "::1", "hmr.hospital.example"] {
+        assert!(hosts.contains(&ok.to_string()), "{ok} in {hosts:?}");
+    }
+    assert!(!hosts.contains(&"rebind.attacker.example".to_string()));
+    let named = crate::config::ServeConfig {
+        allowed_hosts: vec!["[::1]".into(), "HMR.example.".into()],
+        ..cfg
+    };
+    assert_eq!(allowed_hosts(listen, &named).unwrap(), ["::1", "hmr.example"]);
+    let host = |h: &str| {
+        let r = axum::http::Request::builder()
+            .header(header::HOST, h)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        request_host(&r)
+    };
+    assert_eq!(host("127.0.0.1:8443"), Ok(Some("127.0.0.1".into())));
+    assert_eq!(host("[::1]:8443"), Ok(Some("::1".into())));
+    assert_eq!(
+        host("Rebind.Attacker.Example"),
+        Ok(Some("rebind.attacker.example".into()))
+    );
+    assert_eq!(host("a b"), Err(()));
 }
