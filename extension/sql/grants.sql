@@ -35,9 +35,12 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
                           hmr.decision_problem(boolean, text, text)
       TO hmr_his, hmr_admin;
 GRANT EXECUTE ON FUNCTION hmr.patient_orders_to_perform(text) TO hmr_his, hmr_admin;
-GRANT SELECT ON hmr.guarded, hmr.guards, hmr.current_decisions, hmr.decisions, hmr.order_recognitions, hmr.orders_to_perform,
-                hmr.catalog, hmr.item_map
-      TO hmr_his;
+GRANT SELECT ON hmr.guarded, hmr.guards, hmr.catalog, hmr.item_map TO hmr_his;
+-- Per order, what was decided and whether to perform it; never who decided (no HIS login
+-- counts a doctor's 互认 figures: those are the hospital administrators', hmr_admin).
+GRANT SELECT (order_id, check_id, report_id, recognised, reason_code, reason_text, decided_at, delivered, revoked_at)
+      ON hmr.order_recognitions TO hmr_his;
+GRANT SELECT (order_id, check_id, report_id, decided_at, revoked_at) ON hmr.orders_to_perform TO hmr_his;
 -- hmr-worker serve logs in as a HIS role and finds the patient and staff views here.
 GRANT SELECT ON hmr.kinds TO hmr_his;
 -- serve (a HIS role) claims each verified token's jti (issue #29 J8).

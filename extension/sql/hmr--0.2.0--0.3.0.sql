@@ -382,6 +382,8 @@ DECLARE
     page_recognise boolean;
     page_reason text;
     page_report text;
+    who text;
+    who_dept text;
     p_check alias FOR $1;
     p_order alias FOR $2;
 BEGIN
@@ -405,12 +407,42 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(m->'reports') x WHERE x->>'report_id' = rid) THEN
         RAISE EXCEPTION '报告 % 不在医嘱 % 的可互认报告中', rid, p_order USING ERRCODE = 'HM003';
     END IF;
+    -- 互认 of a report whose validity has passed since the check: the platform would refuse
+    -- it (409); say so now, in the doctor's words (不互认 of it stays possible).
+    IF recognise AND EXISTS (SELECT 1 FROM jsonb_array_elements(m->'reports') x
+                              WHERE x->>'report_id' = rid
+                                AND CASE WHEN x->>'valid_until' ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d'
+                                         THEN (x->>'valid_until')::timestamptz <= now() ELSE false END) THEN
+        RAISE EXCEPTION '报告 % 已超过互认有效期，不能互认，请重新保存处方以重新校验', rid
+            USING ERRCODE = 'HM015', HINT = '请重新保存处方：新的校验只列出仍在有效期内的结果。';
+    END IF;
     problem := hmr.decision_problem(recognise, reason_code, reason_text);
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION '%', problem
             USING ERRCODE = 'HM004',
                   HINT = '01 病情变化，原结果难以反映当前病情; 02 结果在疾病发展中变化较快; 03 手术、输血等重大医疗措施前; '
                          '04 急诊、急救; 05 司法、伤残、病退等鉴定; 06 其他情形确需复查（须填写具体说明）';
+    END IF;
+    -- Who decided: the check's doctor, or another member of staff deciding for them (a senior
+    -- for a junior) in that one's department; a decision is never credited to anyone else
+    -- (the hospital is assessed on each doctor's figures).
+    who := coalesce(nullif(trim(hmr_record_decision.doctor_no), ''), c.doctor_no);
+    who_dept := c.dept_code;
+    IF who IS DISTINCT FROM c.doctor_no THEN
+        IF to_regclass('hmr_src.staff') IS NULL THEN
+            RAISE EXCEPTION '医生工号 % 不是本次校验的开单医生，且无法核对本院人员字典', who
+                USING ERRCODE = 'HM018', HINT = '不传 doctor_no 即记为开单医生；代为选择须在 hmr_src.staff 中。';
+        END IF;
+        SELECT s.dept_code INTO who_dept FROM hmr_src.staff s WHERE s.staff_no = who LIMIT 1;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION '医生工号 % 不在本院人员字典中，不能记为其互认选择', who
+                USING ERRCODE = 'HM018', HINT = '不传 doctor_no 即记为开单医生；代为选择须为本院人员（hmr_src.staff）。';
+        END IF;
+    END IF;
+    IF nullif(trim(hmr_record_decision.dept_code), '') IS NOT NULL
+       AND trim(hmr_record_decision.dept_code) IS DISTINCT FROM who_dept THEN
+        RAISE EXCEPTION '科室 % 与医生 % 的科室（%）不符', trim(hmr_record_decision.dept_code), who, who_dept
+            USING ERRCODE = 'HM018', HINT = '不传 dept_code 即取医生所在科室。';
     END IF;
     -- A decision taken on the platform's page counts as uploaded (contract §6): learn the
     -- check's page decisions first (bounded by the platform timeout; an unreachable platform
@@ -450,7 +482,7 @@ BEGIN
     INSERT INTO hmr.decisions (check_id, order_id, report_id, recognise, reason_code, reason_text, doctor_no, dept_code,
                                workstation)
     VALUES (p_check, p_order, rid, recognise, nullif(trim(reason_code), ''), nullif(trim(reason_text), ''),
-            coalesce(hmr_record_decision.doctor_no, c.doctor_no), coalesce(hmr_record_decision.dept_code, c.dept_code),
+            who, coalesce(who_dept, ''),
             left(nullif(trim(hmr_record_decision.workstation), ''), 32))
     RETURNING id INTO new_id;
     SELECT jsonb_array_length(c.matches) INTO matched;
@@ -1031,3 +1063,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE ALL ON FUNCTION hmr.patient_orders_to_perform(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION hmr.patient_orders_to_perform(text) TO hmr_his, hmr_admin;
+
+-- 0.3.0: a HIS login reads what was decided per order, never who decided (issue #29 R5).
+REVOKE SELECT ON hmr.decisions, hmr.current_decisions, hmr.order_recognitions, hmr.orders_to_perform FROM hmr_his;
+GRANT SELECT (order_id, check_id, report_id, recognised, reason_code, reason_text, decided_at, delivered, revoked_at)
+      ON hmr.order_recognitions TO hmr_his;
+GRANT SELECT (order_id, check_id, report_id, decided_at, revoked_at) ON hmr.orders_to_perform TO hmr_his;

@@ -300,11 +300,7 @@ async fn page_decide(
     let result = page::decide(&mut sim.lock(), &ticket, cookie, &form);
     match result {
         // Post, redirect, get: a reload shows the page, never posts again.
-        Ok(None) => (
-            StatusCode::SEE_OTHER,
-            [(header::LOCATION, sim.page_path(&ticket))],
-        )
-            .into_response(),
+        Ok(None) => (StatusCode::SEE_OTHER, [(header::LOCATION, sim.page_path(&ticket))]).into_response(),
         Ok(Some(again)) => html(StatusCode::BAD_REQUEST, again),
         Err(e) => page_error(&e),
     }

@@ -123,13 +123,22 @@ pub fn decide(
         }
     }
     if choices.is_empty() {
-        return Ok(Some(render(st, ticket, &ticket_data, Some("请至少为一条医嘱选择“互认”或“不互认”"))));
+        return Ok(Some(render(
+            st,
+            ticket,
+            &ticket_data,
+            Some("请至少为一条医嘱选择“互认”或“不互认”"),
+        )));
     }
     let doctor_no = field("doctor_no");
     match take_page_decision(st, &check_id, &choices, doctor_no.as_deref()) {
         Ok(()) => Ok(None),
         Err(SimError::Invalid(errors)) => {
-            let why = errors.iter().map(|e| problem_text(&e.field, &e.reason)).collect::<Vec<_>>().join("；");
+            let why = errors
+                .iter()
+                .map(|e| problem_text(&e.field, &e.reason))
+                .collect::<Vec<_>>()
+                .join("；");
             Ok(Some(render(st, ticket, &ticket_data, Some(&why))))
         }
         Err(SimError::Conflict { .. }) => Ok(Some(render(
@@ -197,7 +206,9 @@ fn render(st: &State, ticket: &str, t: &Ticket, error: Option<&str>) -> String {
         Some(check_id) => check_page(st, t, check_id, ticket),
         None => list_page(t),
     };
-    let error = error.map_or(String::new(), |e| format!("<p class=\"error\" role=\"alert\">{}</p>\n", esc(e)));
+    let error = error.map_or(String::new(), |e| {
+        format!("<p class=\"error\" role=\"alert\">{}</p>\n", esc(e))
+    });
     format!(
         "<!doctype html>\n<html lang=\"zh-CN\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title>\
@@ -271,7 +282,10 @@ fn check_page(st: &State, t: &Ticket, check_id: &str, ticket: &str) -> String {
     let mut orders = String::new();
     for (n, (order_id, offered)) in check.matched.iter().enumerate() {
         let item = |report_id: &str| t.items.iter().find(|i| i.report_id == report_id);
-        let name = offered.first().and_then(|r| item(r)).map_or("", |i| i.item_name.as_str());
+        let name = offered
+            .first()
+            .and_then(|r| item(r))
+            .map_or("", |i| i.item_name.as_str());
         orders.push_str(&format!(
             "<fieldset class=\"order\" data-order-id=\"{o}\">\n<legend>医嘱 {o} · {name}</legend>\n",
             o = esc(order_id),
@@ -280,10 +294,24 @@ fn check_page(st: &State, t: &Ticket, check_id: &str, ticket: &str) -> String {
         let decided = check
             .page
             .get(order_id)
-            .map(|d| (d.recognise, d.report_id.as_str(), d.reason_code.as_deref(), d.reason_text.as_deref(), "本页面"))
+            .map(|d| {
+                (
+                    d.recognise,
+                    d.report_id.as_str(),
+                    d.reason_code.as_deref(),
+                    d.reason_text.as_deref(),
+                    "本页面",
+                )
+            })
             .or_else(|| {
                 uploaded.get(order_id.as_str()).map(|d| {
-                    (d.recognise, d.report_id.as_str(), d.reason_code.as_deref(), d.reason_text.as_deref(), "HIS")
+                    (
+                        d.recognise,
+                        d.report_id.as_str(),
+                        d.reason_code.as_deref(),
+                        d.reason_text.as_deref(),
+                        "HIS",
+                    )
                 })
             });
         for report_id in offered {
@@ -307,7 +335,10 @@ fn check_page(st: &State, t: &Ticket, check_id: &str, ticket: &str) -> String {
             }
             None => {
                 open_orders += 1;
-                orders.push_str(&format!("<input type=\"hidden\" name=\"order_{n}\" value=\"{}\">\n", esc(order_id)));
+                orders.push_str(&format!(
+                    "<input type=\"hidden\" name=\"order_{n}\" value=\"{}\">\n",
+                    esc(order_id)
+                ));
                 for report_id in offered {
                     let org = item(report_id).map_or(report_id.as_str(), |i| i.org_name.as_str());
                     orders.push_str(&format!(
@@ -358,12 +389,19 @@ fn report_block(st: &State, item: Option<&hmr_protocol::RecognitionItem>, report
         at = esc(&i.reported_at),
         until = esc(&i.valid_until),
     );
-    match ReportId::parse(report_id).and_then(|id| st.version(&id)).map(|v| &v.body) {
+    match ReportId::parse(report_id)
+        .and_then(|id| st.version(&id))
+        .map(|v| &v.body)
+    {
         Some(ReportBody::Lab(lab)) => {
             out.push_str("<table><tr><th>项目</th><th>结果</th><th>单位</th><th>参考范围</th><th>提示</th></tr>\n");
             for r in &lab.items {
                 let flag = r.abnormal_flag.as_deref().unwrap_or("");
-                let class = if flag.is_empty() || flag == "N" { "" } else { " class=\"abnormal\"" };
+                let class = if flag.is_empty() || flag == "N" {
+                    ""
+                } else {
+                    " class=\"abnormal\""
+                };
                 out.push_str(&format!(
                     "<tr{class}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
                     esc(&r.item_name),

@@ -671,4 +671,3 @@ pub fn check_decisions(st: &State, call: &Call, check_id: &str) -> Result<Render
         format!("check {check_id} read"),
     ))
 }
-

@@ -90,7 +90,12 @@ async fn list_and_one_time_page() {
     assert!(String::from_utf8_lossy(&again.body).contains("一次性链接"));
     let cookie = page_cookie(&page);
     let reload = h
-        .raw(http::Request::get(path).header("Cookie", &cookie).body(Body::empty()).unwrap())
+        .raw(
+            http::Request::get(path)
+                .header("Cookie", &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await;
     assert_eq!(reload.status, 200);
     assert!(String::from_utf8_lossy(&reload.body).contains("胸部CT平扫"));
@@ -405,7 +410,10 @@ async fn recognising_a_revoked_report_conflicts_and_pdf_downloads() {
 async fn check_page_is_what_a_doctor_uses() {
     let h = Harness::new();
     let p = scene(&h).await;
-    let orders = vec![order("O1", "JY0001", ReportType::Lab), order("O2", "JC0002", ReportType::Exam)];
+    let orders = vec![
+        order("O1", "JY0001", ReportType::Lab),
+        order("O2", "JC0002", ReportType::Exam),
+    ];
     let r = h.send(&h.hz1, &paths::prescription_check(&check_req(&p, orders))).await;
     let check: CheckAnswer = serde_json::from_value(r.data().clone()).unwrap();
     let lab_id = check.matches[0].reports[0].report_id.clone();
@@ -418,8 +426,8 @@ async fn check_page_is_what_a_doctor_uses() {
         h.raw(b.body(Body::empty()).unwrap())
     };
     let post = |cookie: Option<&str>, form: &str| {
-        let mut b = http::Request::post(format!("{path}/decide"))
-            .header("Content-Type", "application/x-www-form-urlencoded");
+        let mut b =
+            http::Request::post(format!("{path}/decide")).header("Content-Type", "application/x-www-form-urlencoded");
         if let Some(c) = cookie {
             b = b.header("Cookie", c);
         }
@@ -431,21 +439,42 @@ async fn check_page_is_what_a_doctor_uses() {
     assert_eq!(first.status, 200);
     let html = text(&first);
     // Results before deciding: the 血常规's value (version 2) and the CT's conclusion.
-    for shown in ["白细胞", "6.6", "双肺纹理清晰", "未见异常", "开单医生 D100", "惠州市中心人民医院"] {
+    for shown in [
+        "白细胞",
+        "6.6",
+        "双肺纹理清晰",
+        "未见异常",
+        "开单医生 D100",
+        "惠州市中心人民医院",
+    ] {
         assert!(html.contains(shown), "{shown} on the page: {html}");
     }
-    assert!(!html.contains("name=\"doctor_no\""), "the doctor is the check's, not re-typed");
+    assert!(
+        !html.contains("name=\"doctor_no\""),
+        "the doctor is the check's, not re-typed"
+    );
     let cookie = page_cookie(&first);
 
     // 不互认 without a reason: the page again with the reason asked for, nothing recorded.
-    let wrong = post(Some(&cookie), "order_0=O1&choice_0=decline&order_1=O2&choice_1=decline&reason_code_1=02").await;
+    let wrong = post(
+        Some(&cookie),
+        "order_0=O1&choice_0=decline&order_1=O2&choice_1=decline&reason_code_1=02",
+    )
+    .await;
     assert_eq!(wrong.status, 400);
-    assert!(text(&wrong).contains("医嘱 O1：选择“不互认”时必须选择原因"), "{}", text(&wrong));
+    assert!(
+        text(&wrong).contains("医嘱 O1：选择“不互认”时必须选择原因"),
+        "{}",
+        text(&wrong)
+    );
     let so_far = h.send(&h.hz1, &paths::check_decisions(&check.check_id)).await;
     assert_eq!(so_far.data()["decisions"].as_array().unwrap().len(), 0);
 
     // Another browser cannot post with the link alone.
-    let form = format!("order_0=O1&choice_0=recognise%3A{}&order_1=O2&choice_1=decline&reason_code_1=02", urlencode(&lab_id));
+    let form = format!(
+        "order_0=O1&choice_0=recognise%3A{}&order_1=O2&choice_1=decline&reason_code_1=02",
+        urlencode(&lab_id)
+    );
     assert_eq!(post(None, &form).await.status, 410);
 
     // Both orders at once; the answer sends the browser back to the page.
@@ -457,10 +486,18 @@ async fn check_page_is_what_a_doctor_uses() {
     assert_eq!(d["complete"], true);
     let decisions = d["decisions"].as_array().unwrap();
     assert_eq!(decisions.len(), 2);
-    assert!(decisions.iter().all(|x| x["doctorNo"] == "D100" && x["source"] == "page"), "{d}");
+    assert!(
+        decisions
+            .iter()
+            .all(|x| x["doctorNo"] == "D100" && x["source"] == "page"),
+        "{d}"
+    );
 
     let after = text(&get(Some(&cookie)).await);
-    assert!(after.contains("已互认") && after.contains("不互认：结果在疾病发展中变化较快"), "{after}");
+    assert!(
+        after.contains("已互认") && after.contains("不互认：结果在疾病发展中变化较快"),
+        "{after}"
+    );
     assert!(after.contains("互认选择已完成") && !after.contains("<form"), "{after}");
 }
 

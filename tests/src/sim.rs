@@ -325,7 +325,14 @@ impl PlatformPage {
             .context("the page sets its cookie")?
             .to_string();
         let html = r.text().await?;
-        Ok((PlatformPage { http, url: url.to_string(), cookie }, html))
+        Ok((
+            PlatformPage {
+                http,
+                url: url.to_string(),
+                cookie,
+            },
+            html,
+        ))
     }
 
     /// The page again, in this browser.
@@ -355,7 +362,11 @@ impl PlatformPage {
         let hidden = html
             .match_indices("<input type=\"hidden\" name=\"order_")
             .map(|(i, _)| &html[i..])
-            .find(|tail| tail.split('>').next().is_some_and(|tag| tag.contains(&format!("value=\"{order}\""))))
+            .find(|tail| {
+                tail.split('>')
+                    .next()
+                    .is_some_and(|tag| tag.contains(&format!("value=\"{order}\"")))
+            })
             .with_context(|| format!("order {order} is open on the page: {html}"))?;
         let n: String = hidden["<input type=\"hidden\" name=\"order_".len()..]
             .chars()
@@ -369,7 +380,10 @@ impl PlatformPage {
             }
             Some(_) => "decline".to_string(),
         };
-        let mut form = vec![(format!("order_{n}"), order.to_string()), (format!("choice_{n}"), choice)];
+        let mut form = vec![
+            (format!("order_{n}"), order.to_string()),
+            (format!("choice_{n}"), choice),
+        ];
         if let Some(code) = reason {
             form.push((format!("reason_code_{n}"), code.to_string()));
         }

@@ -18,12 +18,14 @@ pub struct WorkerOptions {
     pub render_pdf: bool,
     /// The database the worker serves (default `his`).
     pub database: Option<&'static str>,
-    /// `worker.recheck_kept_secs`.
-    pub recheck_kept_secs: u64,
+    /// `worker.recheck_kept_secs`; None leaves it out (the product's default).
+    pub recheck_kept_secs: Option<u64>,
     /// A whole connection string instead of the cluster's (several hosts, for a failover).
     pub url: Option<String>,
     /// `worker.metrics_listen` (Prometheus `/metrics`), e.g. `127.0.0.1:9187`.
     pub metrics_listen: Option<String>,
+    /// `worker.poll_sources_ms`: the worker's housekeeping tick (polled sources, kept checks).
+    pub poll_sources_ms: u64,
     /// More TOML appended to the configuration (other sections, e.g. `[serve]`).
     pub extra_config: Option<String>,
 }
@@ -41,10 +43,12 @@ impl Default for WorkerOptions {
             db_user: "postgres",
             render_pdf: true,
             database: None,
-            recheck_kept_secs: 21600,
+            // Rechecks of kept copies stay out of the way of tests that count calls.
+            recheck_kept_secs: Some(21600),
             url: None,
             metrics_listen: None,
             extra_config: None,
+            poll_sources_ms: 300,
         }
     }
 }
@@ -89,13 +93,13 @@ timeout_ms = {timeout}
 
 [worker]
 poll_interval_ms = {poll}
-poll_sources_ms = 300
+poll_sources_ms = {poll_sources}
 backoff_base_ms = {bb}
 backoff_max_ms = {bm}
 lease_secs = {lease}
 batch_size = {batch}
 shutdown_grace_secs = 2
-recheck_kept_secs = {recheck}
+{recheck}
 {metrics}
 
 [pdf]
@@ -114,11 +118,14 @@ hospital_name = "惠州市第一人民医院"
             timeout = options.timeout_ms,
             poll = options.poll_interval_ms,
             bb = options.backoff_base_ms,
+            poll_sources = options.poll_sources_ms,
             bm = options.backoff_max_ms,
             lease = options.lease_secs,
             batch = options.batch_size,
             render = options.render_pdf,
-            recheck = options.recheck_kept_secs,
+            recheck = options
+                .recheck_kept_secs
+                .map_or(String::new(), |s| format!("recheck_kept_secs = {s}")),
             extra = options.extra_config.clone().unwrap_or_default(),
             metrics = options
                 .metrics_listen

@@ -60,11 +60,7 @@ impl Workstations {
     }
 
     /// As `start`, with the platform simulator `sim` (e.g. `Sim::start_named`).
-    pub async fn start_on(
-        sim: Sim,
-        reports: &[ElsewhereReport<'_>],
-        options: &WorkerOptions,
-    ) -> Result<Workstations> {
+    pub async fn start_on(sim: Sim, reports: &[ElsewhereReport<'_>], options: &WorkerOptions) -> Result<Workstations> {
         let cluster = Cluster::start().await?;
         let his = cluster.connect("his").await?;
         load_sample_data(&his).await?;

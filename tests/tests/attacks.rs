@@ -610,3 +610,145 @@ async fn a_his_login_neither_reads_nor_forges_the_statistics() -> Result<()> {
     }
     Ok(())
 }
+
+/// Issue #29 R3, R4, R5, as a HIS login (`his_app`): it cannot forge 提醒 (the prompts the
+/// hospital is assessed on) with invented orders or by prompting one check twice; it cannot
+/// credit a decision to a doctor or department other than the check's (another doctor only if
+/// on the staff, then in that doctor's department); it cannot read who decided (no per-doctor
+/// counts), while it still reads what was decided per order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_his_login_cannot_forge_prompts_credit_others_or_count_doctors() -> Result<()> {
+    let w = world().await?;
+    let his = w.cluster.connect_as("his", "his_app").await?;
+    let visit = serde_json::json!({"id_type": "01", "id_no": P0001_ID, "patient_id": "P0001", "visit_type": "1",
+                                   "visit_no": "MZ001", "doctor_no": "D001", "dept_code": "0301"});
+    let orders = serde_json::json!([{"order_id": "W2", "item_code": "JY0001", "type": "lab"}]);
+    let check: serde_json::Value = his
+        .query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
+        .await?
+        .get(0);
+    let check_id = check["check_id"].as_str().expect("a check").to_string();
+    let keep = |undecided: serde_json::Value| {
+        let (his, check_id) = (&his, check_id.clone());
+        async move {
+            let kept: bool = his
+                .query_one("SELECT hmr.keep_prompt($1, $2)", &[&check_id, &undecided])
+                .await?
+                .get(0);
+            anyhow::Ok(kept)
+        }
+    };
+    // R3: 100 invented orders count nothing; the check's own order counts once, with the
+    // check's match as its content; a second prompt of the same check counts nothing.
+    let invented: Vec<serde_json::Value> = (0..100)
+        .map(|i| serde_json::json!({"order_id": format!("X{i}"), "reports": []}))
+        .collect();
+    assert!(!keep(serde_json::Value::Array(invented)).await?);
+    assert!(keep(serde_json::json!([{"order_id": "W2", "reports": []}, {"order_id": "X1"}])).await?);
+    assert!(!keep(serde_json::json!([{"order_id": "W2"}])).await?);
+    let (prompts, orders_prompted, with_reports): (i64, i64, bool) = {
+        let r = w
+            .his
+            .query_one(
+                "SELECT count(*), sum(jsonb_array_length(undecided))::int8,
+                        bool_and(jsonb_array_length(undecided->0->'reports') > 0)
+                   FROM hmr.prompts WHERE check_id = $1",
+                &[&check_id],
+            )
+            .await?;
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!((prompts, orders_prompted, with_reports), (1, 1, true));
+
+    // R4: credited to nobody but the check's doctor, or a member of staff in their own
+    // department.
+    for (sql, why) in [
+        (
+            "SELECT hmr_record_decision($1, 'W2', true, doctor_no => 'D999')",
+            "not on the staff",
+        ),
+        (
+            "SELECT hmr_record_decision($1, 'W2', true, dept_code => '=cmd|'' /C calc''!A0')",
+            "not the check's department",
+        ),
+        (
+            "SELECT hmr_record_decision($1, 'W2', true, doctor_no => 'D002', dept_code => '0301')",
+            "not D002's department",
+        ),
+    ] {
+        let e = his.query_one(sql, &[&check_id]).await.expect_err(why);
+        assert_eq!(code(&e), "HM018", "{why}: {e}");
+    }
+    his.query_one(
+        "SELECT hmr_record_decision($1, 'W2', true, doctor_no => 'D002')",
+        &[&check_id],
+    )
+    .await?;
+    let who: (String, String) = {
+        let r = w
+            .his
+            .query_one(
+                "SELECT doctor_no, dept_code FROM hmr.decisions WHERE order_id = 'W2'",
+                &[],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(who, ("D002".to_string(), "0502".to_string()));
+
+    // R5: what was decided per order, yes; who decided, no.
+    let recognised: bool = his
+        .query_one(
+            "SELECT recognised FROM hmr.order_recognitions WHERE order_id = 'W2'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(recognised);
+    for sql in [
+        "SELECT doctor_no, count(*) FROM hmr.current_decisions GROUP BY 1",
+        "SELECT * FROM hmr.decisions",
+        "SELECT doctor_no, count(*) FROM hmr.order_recognitions GROUP BY 1",
+        "SELECT dept_code FROM hmr.orders_to_perform",
+    ] {
+        let e = his.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(code(&e), "42501", "{sql}: {e}");
+    }
+    Ok(())
+}
+
+/// Issue #29 T5: 互认 of a report whose validity ran out after the check is refused at once
+/// (HM015, in Chinese; the platform would answer 409), not accepted locally and lost later;
+/// 不互认 of it stays possible.
+#[tokio::test(flavor = "multi_thread")]
+async fn recognising_a_report_past_its_validity_is_refused_at_once() -> Result<()> {
+    let w = world().await?;
+    let his = w.cluster.connect_as("his", "his_app").await?;
+    let visit = serde_json::json!({"id_type": "01", "id_no": P0001_ID, "patient_id": "P0001", "visit_type": "1",
+                                   "visit_no": "MZ001", "doctor_no": "D001", "dept_code": "0301"});
+    let orders = serde_json::json!([{"order_id": "V1", "item_code": "JY0001", "type": "lab"}]);
+    let check: serde_json::Value = his
+        .query_one("SELECT hmr_check_prescription($1, $2)", &[&visit, &orders])
+        .await?
+        .get(0);
+    let check_id = check["check_id"].as_str().expect("a check").to_string();
+    // Time passes: the offered report's validity ends (the check as kept, one minute ago).
+    w.his
+        .execute(
+            "UPDATE hmr.checks SET matches = jsonb_set(matches, '{0,reports,0,valid_until}',
+                    to_jsonb(to_char(now() - interval '1 minute', 'YYYY-MM-DD\"T\"HH24:MI:SSOF:00')))
+              WHERE check_id = $1",
+            &[&check_id],
+        )
+        .await?;
+    let e = his
+        .query_one("SELECT hmr_record_decision($1, 'V1', true)", &[&check_id])
+        .await
+        .expect_err("past its validity");
+    assert_eq!(code(&e), "HM015", "{e}");
+    let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(message.contains("已超过互认有效期"), "{message}");
+    his.query_one("SELECT hmr_record_decision($1, 'V1', false, '01')", &[&check_id])
+        .await?;
+    Ok(())
+}

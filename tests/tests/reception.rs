@@ -43,7 +43,11 @@ async fn an_identity_the_platform_refuses_is_a_grey_badge_saying_so() -> Result<
 /// cache).
 #[tokio::test(flavor = "multi_thread")]
 async fn our_own_reports_count_marked_own_and_decisions_marked() -> Result<()> {
-    let w = Workstations::start(&[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)], &WorkerOptions::default()).await?;
+    let w = Workstations::start(
+        &[(P0001_ID, "1980-03-15", "W-CBC-1", "JY0001", 1)],
+        &WorkerOptions::default(),
+    )
+    .await?;
     w.his
         .execute(
             "UPDATE lis.report SET status = 'audited', audited_at = now() - interval '1 minute'

@@ -366,7 +366,7 @@ async fn the_forced_dialog_records_the_decisions_and_the_save_passes_the_gate() 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_recognised_report_downloads_from_the_list() -> Result<()> {
     let Opened { c, s, w, terminal, .. } = &opened_widget_with(WorkerOptions {
-        recheck_kept_secs: 1,
+        recheck_kept_secs: Some(1),
         ..Default::default()
     })
     .await?;
@@ -380,7 +380,10 @@ async fn the_recognised_report_downloads_from_the_list() -> Result<()> {
     // Not recognised yet: no download (the platform would refuse it), a note instead.
     assert!(c.find_all(Locator::Css("#hmr-list button.download")).await?.is_empty());
     assert_eq!(
-        c.find(Locator::Css("#hmr-list li.item .download-note")).await?.text().await?,
+        c.find(Locator::Css("#hmr-list li.item .download-note"))
+            .await?
+            .text()
+            .await?,
         "互认后可下载报告"
     );
     // The 互认 of the 血常规 (the dialog's, tested above), made here by the workstation
@@ -416,7 +419,10 @@ async fn the_recognised_report_downloads_from_the_list() -> Result<()> {
     )
     .await?;
     assert_eq!(
-        c.find(Locator::Css("#hmr-list li.item .mark-recognised")).await?.text().await?,
+        c.find(Locator::Css("#hmr-list li.item .mark-recognised"))
+            .await?
+            .text()
+            .await?,
         "已互认"
     );
     let before = count(&w.his, "SELECT count(*) FROM hmr.download_log").await?;
@@ -439,7 +445,12 @@ async fn the_recognised_report_downloads_from_the_list() -> Result<()> {
     // performed after all (and the report is no longer offered).
     OtherHospital::new(&w.sim).revoke_lab("W-CBC-1").await?;
     wait_until(Duration::from_secs(20), "the revoke noticed", || async {
-        Ok(count(&w.his, "SELECT count(*) FROM hmr.orders_to_perform WHERE order_id = 'WO-1'").await? == 1)
+        Ok(count(
+            &w.his,
+            "SELECT count(*) FROM hmr.orders_to_perform WHERE order_id = 'WO-1'",
+        )
+        .await?
+            == 1)
     })
     .await?;
     c.execute("window.hmrWidget.refresh(); return true;", vec![]).await?;

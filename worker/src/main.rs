@@ -333,11 +333,31 @@ async fn drain_until_stopped(
     let mut housekept: Option<std::time::Instant> = None;
     let recheck_every = Duration::from_secs(drainer.config.worker.recheck_kept_secs.max(1));
     let mut rechecked: Option<std::time::Instant> = None;
+    // The org's 429 pause as last shared with the database (shared memory: every backend's SQL
+    // calls and every worker process honour it).
+    let mut shared_until: Option<std::time::Instant> = None;
+    let mut pause_read: Option<std::time::Instant> = None;
     loop {
         if stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
         metrics.alive();
+        // One 429 pause for the org (contract §7): a pause the drain has just received holds
+        // the SQL calls at once, not at the next tick; one the SQL calls or another worker
+        // received reaches this worker within a second.
+        let paused = drainer.platform.paused_secs();
+        let now = std::time::Instant::now();
+        let news = paused > 0.0
+            && shared_until
+                .is_none_or(|until| now + Duration::from_secs_f64(paused) > until + Duration::from_millis(500));
+        if news || pause_read.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            pause_read = Some(now);
+            let shared = store.share_pause(paused).await?;
+            if shared > 0.0 {
+                drainer.platform.pause(Duration::from_secs_f64(shared));
+                shared_until = Some(now + Duration::from_secs_f64(shared));
+            }
+        }
         if sources_polled.is_none_or(|t| t.elapsed() >= poll_sources_every) {
             sources_polled = Some(std::time::Instant::now());
             if serve_metrics && measured.is_none_or(|t| t.elapsed() >= Duration::from_secs(15)) {
@@ -358,11 +378,6 @@ async fn drain_until_stopped(
                 if removed > 0 {
                     tracing::info!(removed, "old history removed");
                 }
-            }
-            // One 429 pause for the org: the worker's and the SQL calls' (shared memory).
-            let shared = store.share_pause(drainer.platform.paused_secs()).await?;
-            if shared > 0.0 {
-                drainer.platform.pause(Duration::from_secs_f64(shared));
             }
             if rechecked.is_none_or(|t: std::time::Instant| t.elapsed() >= recheck_every.min(Duration::from_secs(60))) {
                 rechecked = Some(std::time::Instant::now());

@@ -240,6 +240,14 @@ impl Platform {
         }
         let request = self.token_request(scope);
         let answer = self.send(&paths::token(&request), Uuid::new_v4(), None).await?;
+        // A 429 holds the whole org (§7), the token endpoint's included.
+        if answer.status == 429 {
+            if let Outcome::Retry { after: Some(after), .. } =
+                hmr_protocol::envelope::classify(answer.status, answer.retry_after.as_deref(), &answer.body)
+            {
+                self.pause(after);
+            }
+        }
         if answer.status != 200 {
             return Err(WorkerError::Token(format!(
                 "HTTP {} for scope {}",

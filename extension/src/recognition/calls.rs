@@ -122,21 +122,29 @@ fn mark_decided(answer: &mut Value) {
     // Recognised when any order's current decision recognises it (it may be downloaded).
     let mut decided: HashMap<String, bool> = HashMap::new();
     let rows: Vec<(String, bool)> = plans::read(SQL, &[plans::TEXT_ARRAY], &[ids.into()], |rows| {
-        rows.map(|r| Ok((r.get::<String>(1)?.unwrap_or_default(), r.get::<bool>(2)?.unwrap_or(false))))
-            .collect()
+        rows.map(|r| {
+            Ok((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<bool>(2)?.unwrap_or(false),
+            ))
+        })
+        .collect()
     })
     .unwrap_or_default();
     for (id, recognised) in rows {
         *decided.entry(id).or_default() |= recognised;
     }
     for item in items.iter_mut() {
-        let mark = item["report_id"].as_str().and_then(|id| decided.get(id)).map(|&recognised| {
-            if recognised {
-                Decided::Recognised
-            } else {
-                Decided::Declined
-            }
-        });
+        let mark = item["report_id"]
+            .as_str()
+            .and_then(|id| decided.get(id))
+            .map(|&recognised| {
+                if recognised {
+                    Decided::Recognised
+                } else {
+                    Decided::Declined
+                }
+            });
         if let (Some(mark), Some(o)) = (mark, item.as_object_mut()) {
             o.insert("decided".into(), serde_json::to_value(mark).expect("answers serialize"));
         }

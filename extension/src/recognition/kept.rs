@@ -103,6 +103,7 @@ pub(super) const INSERT_PROMPT_SQL: &str = "INSERT INTO hmr.prompts (check_id, p
      SELECT r.check_id, r.prompted_at, r.undecided, r.prompted_by
        FROM pg_catalog.jsonb_populate_record(NULL::hmr.prompts, $1) r
       WHERE EXISTS (SELECT 1 FROM hmr.checks c WHERE c.check_id OPERATOR(pg_catalog.=) r.check_id)
+        AND NOT EXISTS (SELECT 1 FROM hmr.prompts p WHERE p.check_id OPERATOR(pg_catalog.=) r.check_id)
      ON CONFLICT (check_id, prompted_at) DO NOTHING";
 
 pub(super) fn insert_check(record: &Value) {
@@ -275,15 +276,39 @@ pub(super) fn keep_prompt(check_id: &str, undecided: JsonB) -> bool {
     if !safe_id(check_id) || !ensure_check(check_id) {
         return false;
     }
+    // The hospital is assessed on its 提醒, and a HIS login may call this (the gate runs as
+    // the saving role): a prompt counts only orders the platform matched in this check, with
+    // the check's own matches as its content, and a check prompts once.
+    let named: std::collections::HashSet<&str> = undecided
+        .0
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["order_id"].as_str()).collect())
+        .unwrap_or_default();
+    let (matches, prompted) = Spi::get_two_with_args::<JsonB, bool>(
+        "SELECT c.matches, EXISTS (SELECT 1 FROM hmr.prompts p WHERE p.check_id OPERATOR(pg_catalog.=) c.check_id)
+           FROM hmr.checks c WHERE c.check_id OPERATOR(pg_catalog.=) $1 AND c.status OPERATOR(pg_catalog.=) 'ok'",
+        &[check_id.into()],
+    )
+    .unwrap_or((None, None));
+    let undecided: Vec<Value> = matches
+        .and_then(|JsonB(m)| m.as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m["order_id"].as_str().is_some_and(|o| named.contains(o)))
+        .collect();
+    if undecided.is_empty() || prompted.unwrap_or(false) {
+        return false;
+    }
     let record = json!({
         "check_id": check_id,
         "prompted_at": now_text(),
-        "undecided": undecided.0,
+        "undecided": undecided,
         "prompted_by": session_user(),
     });
     Spi::run_with_args(INSERT_PROMPT_SQL, &[JsonB(record.clone()).into()])
         .unwrap_or_else(|e| error!("hmr: cannot record the prompt: {e}"));
-    let id = format!("{check_id}.{}", uuid::Uuid::new_v4().simple());
+    // One file per check: a second refused save of the same check replaces it.
+    let id = format!("{check_id}.prompt");
     spool_file("prompts", &id, &record, true)
         .map(|_| true)
         .unwrap_or_else(|e| {

@@ -53,6 +53,7 @@ pub(super) async fn api_query(
     axum::Extension(caller): axum::Extension<Caller>,
     Json(mut body): Json<Value>,
 ) -> Reply {
+    refuse_nul(&body)?;
     s.sessions.bind(&caller, &mut body)?;
     let who = s.who(&Ask::from_body(&body)?).await?;
     let mut filter = body.clone();
@@ -75,6 +76,7 @@ pub(super) async fn api_check(
     axum::Extension(caller): axum::Extension<Caller>,
     Json(mut body): Json<Value>,
 ) -> Reply {
+    refuse_nul(&body)?;
     s.sessions.bind(&caller, &mut body)?;
     let ask = Ask::from_body(&body)?;
     let orders = body.get("orders").ok_or_else(|| bad("orders is required"))?;
@@ -85,6 +87,29 @@ pub(super) async fn api_check(
         .ok_or_else(|| ask.unknown())?;
     s.sessions.remember(&caller, &answer);
     Ok(Json(json_of(&answer)))
+}
+
+/// A NUL character cannot reach the database (PostgreSQL text cannot hold it): refused here
+/// with the field named (400), not answered as the database being unavailable.
+fn refuse_nul(body: &Value) -> Result<(), (StatusCode, Json<Value>)> {
+    fn find(v: &Value, at: &str) -> Option<String> {
+        match v {
+            Value::String(s) if s.contains('\0') => Some(at.to_string()),
+            Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| find(x, &format!("{at}[{i}]"))),
+            Value::Object(o) => o.iter().find_map(|(k, x)| {
+                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                find(x, &path)
+            }),
+            _ => None,
+        }
+    }
+    match find(body, "") {
+        Some(field) => Err((
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("{field} 含有不可见的控制字符（NUL），请重新输入"), "field": field})),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// An answer as JSON, as the SQL function gave it.
@@ -99,6 +124,7 @@ pub(super) async fn api_decide(
     axum::Extension(caller): axum::Extension<Caller>,
     Json(body): Json<Value>,
 ) -> Reply {
+    refuse_nul(&body)?;
     let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_string);
     let (Some(check), Some(order), Some(recognise)) = (text("check_id"), text("order_id"), body["recognise"].as_bool())
     else {
@@ -194,3 +220,19 @@ pub(super) async fn api_session(
 }
 
 // ------------------------------------------------------------------ widget sessions
+
+#[cfg(test)]
+mod nul_tests {
+    use super::*;
+
+    #[test]
+    fn a_nul_is_refused_naming_its_field() {
+        let (status, Json(answer)) = refuse_nul(&json!({"check_id": "C", "reason_text": "术前\u{0}复查"})).unwrap_err();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(answer["field"], "reason_text");
+        let (_, Json(answer)) =
+            refuse_nul(&json!({"orders": [{"order_id": "A"}, {"item_code": "\u{0}"}]})).unwrap_err();
+        assert_eq!(answer["field"], "orders[1].item_code");
+        assert!(refuse_nul(&json!({"reason_text": "术前复查", "n": 1})).is_ok());
+    }
+}
