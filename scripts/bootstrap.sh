@@ -9,7 +9,7 @@ PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config libssl-dev sudo
               poppler-utils fonts-wqy-microhei curl pgbouncer shellcheck
               mariadb-server postgresql-15-mysql-fdw chromium chromium-driver openssl
-              postgresql-15-pgq3 bc)
+              postgresql-15-pgq3 bc debootstrap dpkg-dev lintian)
 
 log() { printf '[bootstrap] %s\n' "$*"; }
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the lints and every test: protocol and worker unit tests, the extension's #[pg_test]s,
+# Runs the lints and every test: protocol and worker unit tests, the extension's #[pg_test]s, the
+# Debian packages in a clean chroot (tests/packaging/run.sh),
 # the simulator's tests, and the end-to-end suite (throwaway PostgreSQL 15 clusters, the
 # simulator and the worker as processes). Usage: scripts/test.sh
 set -euo pipefail
@@ -10,7 +11,7 @@ bash scripts/bootstrap.sh
 echo "== lints (rustfmt, clippy on every crate, shellcheck)"
 cargo fmt --all -- --check
 cargo clippy --quiet --workspace --all-targets -- -D warnings
-shellcheck -x scripts/*.sh bench/*.sh docker/*.sh .ci/run
+shellcheck -x scripts/*.sh bench/*.sh docker/*.sh tests/packaging/*.sh .ci/run
 echo "== build"
 build_all
 cargo build --quiet -p hmr-e2e --tests
@@ -24,6 +25,10 @@ rm -rf "$pgdata"
 # end-to-end tests (the upgrade's comparison with a fresh install among them) see what a
 # hospital installs.
 (cd extension && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
+
+echo "== packages: built, installed in a Debian 12 chroot without a compiler, upgraded under live sessions"
+bash scripts/package.sh --lintian
+bash tests/packaging/run.sh target/debian
 
 echo "== unit, simulator and end-to-end tests"
 # --tests: no doc-tests, so the last line printed is the end-to-end suite's summary.

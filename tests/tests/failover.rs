@@ -101,7 +101,7 @@ async fn a_promoted_synchronous_replica_loses_nothing() -> Result<()> {
     drafts(&his, 80).await?;
     let replica = primary.synchronous_replica(&his).await?;
     let sim = Sim::start()?;
-    let _worker = Worker::start(
+    let worker = Worker::start(
         &primary,
         &sim,
         &WorkerOptions {
@@ -178,6 +178,13 @@ async fn a_promoted_synchronous_replica_loses_nothing() -> Result<()> {
         "no report reached the platform that the new primary does not have"
     );
     no_request_id_reused(&sim).await?;
+    // The primary's failure is the database's in the worker's log, never the platform's.
+    let log = worker.log();
+    assert!(
+        log.contains("side=\"database\""),
+        "the database named as the side that failed:\n{log}"
+    );
+    assert!(!log.contains("platform unreachable: database"), "{log}");
     println!(
         "synchronous failover: {before} approvals committed before the primary failed, 20 after; \
          {} reports at the platform, 0 lost, 0 second effects, 0 out of order",

@@ -380,3 +380,51 @@ async fn w5_the_platforms_text_in_a_card_is_escaped() -> Result<()> {
     }
     Ok(())
 }
+
+/// T1, decided: the hospital's terminals are one trust domain. A check made at one terminal
+/// (病区移动查房) is decided at another (门诊电子病历), as a doctor who signs at one workstation
+/// and decides at another does; the decision keeps the terminal it came from. A NUL in the
+/// reason is a 400 naming the field, not "the database is unavailable".
+#[tokio::test(flavor = "multi_thread")]
+async fn t1_terminals_are_one_trust_domain_and_each_decision_keeps_its_terminal() -> Result<()> {
+    let (w, s, ward, emr) = terminals_serve("").await?;
+    let check: Value = s
+        .http
+        .post(format!("{}/api/check", s.base))
+        .bearer_auth(ward.token())
+        .json(&json!({"patient_id": "P0001", "visit_no": "MZ001", "doctor_no": "D001",
+                      "orders": [{"order_id": "T1-1", "item_code": "JY0001", "type": "lab"}]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(check["duplicate"], true, "{check}");
+    let nul = s
+        .http
+        .post(format!("{}/api/decide", s.base))
+        .bearer_auth(emr.token())
+        .json(
+            &json!({"check_id": check["check_id"], "order_id": "T1-1", "recognise": false,
+                      "reason_code": "06", "reason_text": "复查\u{0}"}),
+        )
+        .send()
+        .await?;
+    assert_eq!(nul.status().as_u16(), 400);
+    let answer: Value = nul.json().await?;
+    assert_eq!(answer["field"], "reason_text", "{answer}");
+    let decided = s
+        .http
+        .post(format!("{}/api/decide", s.base))
+        .bearer_auth(emr.token())
+        .json(&json!({"check_id": check["check_id"], "order_id": "T1-1", "recognise": true}))
+        .send()
+        .await?;
+    assert_eq!(decided.status().as_u16(), 200, "{}", decided.text().await?);
+    let terminal: Option<String> = w
+        .his
+        .query_one("SELECT workstation FROM hmr.decisions WHERE order_id = 'T1-1'", &[])
+        .await?
+        .get(0);
+    assert_eq!(terminal.as_deref(), Some("门诊电子病历"));
+    Ok(())
+}

@@ -10,6 +10,10 @@ pub enum WorkerError {
     Db(#[from] tokio_postgres::Error),
     #[error("platform unreachable: {0}")]
     Transport(String),
+    /// The HIS database closed the connection (a restart, a crash, a failover): the
+    /// database's failure, named as such in the logs and metrics.
+    #[error("database connection lost: {0}")]
+    DbLost(String),
     #[error("platform answer: {0}")]
     Answer(String),
     #[error("token refused: {0}")]

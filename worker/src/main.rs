@@ -273,7 +273,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 if connected_at.elapsed() > Duration::from_secs(30) {
                     reconnect_delay = Duration::from_millis(200);
                 }
-                tracing::warn!(error = %e, delay = ?reconnect_delay, "database error; reconnecting");
+                // Which side failed: the database here (a platform failure is an outcome of a
+                // delivery, retried without leaving this loop).
+                let side = match &e {
+                    error::WorkerError::Transport(_) | error::WorkerError::Answer(_) | error::WorkerError::Token(_) => {
+                        "platform"
+                    }
+                    _ => {
+                        metrics
+                            .database_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        "database"
+                    }
+                };
+                tracing::warn!(error = %e, side, delay = ?reconnect_delay, "reconnecting to the database");
                 tokio::select! {
                     _ = tokio::time::sleep(reconnect_delay) => {}
                     _ = stop.notified() => {}
@@ -391,7 +404,7 @@ async fn drain_until_stopped(
             }
         }
         if store.is_closed() {
-            return Err(error::WorkerError::Transport("database connection closed".into()));
+            return Err(error::WorkerError::DbLost("the server closed the connection".into()));
         }
         let round = drainer.round(None);
         let claimed = tokio::select! {

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub unexpected_answers: AtomicU64,
     /// Events whose source view failed to read (the event waits; the others go on).
     pub source_errors: AtomicU64,
+    /// The HIS database failed or went away (the worker reconnects): not the platform.
+    pub database_errors: AtomicU64,
     /// `hmr.status` columns, as last sampled.
     backlog: Mutex<Vec<(String, f64)>>,
     /// Totals kept in the database (prompts, decisions, uploads), as last sampled: counters
@@ -101,6 +103,11 @@ impl Metrics {
                 "hmr_source_errors_total",
                 "Source-view reads that failed for one event (it backs off; the others go on).",
                 &self.source_errors,
+            ),
+            (
+                "hmr_database_errors_total",
+                "The HIS database failed or closed the connection (the worker reconnects).",
+                &self.database_errors,
             ),
         ] {
             let _ = writeln!(

@@ -452,3 +452,26 @@ fn the_service_answers_to_its_own_names_only() {
     );
     assert_eq!(host("a b"), Err(()));
 }
+
+/// Issue #29 W4: a workstation origin is exact; a wildcard or anything but an origin is
+/// refused at start, so no other site can frame a doctor's widget.
+#[test]
+fn embed_origins_are_exact_origins_only() {
+    use super::widget::frame_ancestors;
+    assert_eq!(
+        frame_ancestors(&["https://his.hospital.example".into(), "http://10.1.2.3:8080".into()]).unwrap(),
+        "'self' https://his.hospital.example http://10.1.2.3:8080"
+    );
+    for bad in [
+        "https://*",
+        "https://*.hospital.example",
+        "*",
+        "https://his.example/path",
+        "https://user@his.example",
+        "javascript:alert(1)",
+        "https://his.example; script-src *",
+        "his.example",
+    ] {
+        assert!(frame_ancestors(&[bad.to_string()]).is_err(), "{bad} accepted");
+    }
+}

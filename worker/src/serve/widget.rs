@@ -2,12 +2,22 @@
 
 use super::*;
 
-/// The widget may be framed by this service's pages and the configured workstation origins.
+/// The widget may be framed by this service's pages and the configured workstation origins:
+/// each one exact (scheme, host, optional port), never a wildcard — `https://*` would let any
+/// site frame a doctor's widget (clickjacking), so it is refused at start.
 pub(super) fn frame_ancestors(origins: &[String]) -> Result<String, WorkerError> {
     let mut policy = String::from("'self'");
     for origin in origins {
-        let ok = (origin.starts_with("https://") || origin.starts_with("http://"))
-            && !origin.contains([' ', ';', ',', '\'', '"']);
+        let exact = url::Url::parse(origin).ok().is_some_and(|u| {
+            matches!(u.scheme(), "https" | "http")
+                && u.host_str().is_some_and(|h| !h.is_empty())
+                && u.username().is_empty()
+                && u.password().is_none()
+                && u.path() == "/"
+                && u.query().is_none()
+                && u.fragment().is_none()
+        });
+        let ok = exact && !origin.contains(['*', ' ', ';', ',', '\'', '"']);
         if !ok {
             return Err(WorkerError::Config(format!(
                 "[serve] embed_origins: {origin:?} is not an origin like https://his.example"
