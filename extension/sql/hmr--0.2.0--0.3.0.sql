@@ -179,8 +179,9 @@ SELECT (SELECT count(*) FROM hmr.outbox WHERE state = 'pending')
 ALTER TABLE hmr.polled_sources
     ADD COLUMN name text,
     ADD COLUMN source_view text,
-    ADD COLUMN compare_every interval NOT NULL DEFAULT '15 minutes',
-    ALTER COLUMN time_column DROP NOT NULL;
+    ADD COLUMN compare_every interval,
+    ALTER COLUMN time_column DROP NOT NULL,
+    ADD CONSTRAINT compare_every_is_for_sources_without_time_column CHECK (compare_every IS NULL OR time_column IS NULL);
 CREATE TABLE hmr.polled_hashes (
     source      text NOT NULL,
     key         text NOT NULL,
@@ -244,7 +245,7 @@ BEGIN
         -- No time column: compare every row's content hash (without the kind's change-time
         -- column, which a view may take from hmr.changed_at) with the last comparison's;
         -- new, changed and vanished rows are enqueued.
-        IF p.polled_at > now() - p.compare_every THEN
+        IF p.polled_at > now() - coalesce(p.compare_every, interval '15 minutes') THEN
             RETURN 0;
         END IF;
         EXECUTE format(
@@ -1069,3 +1070,19 @@ REVOKE SELECT ON hmr.decisions, hmr.current_decisions, hmr.order_recognitions, h
 GRANT SELECT (order_id, check_id, report_id, recognised, reason_code, reason_text, decided_at, delivered, revoked_at)
       ON hmr.order_recognitions TO hmr_his;
 GRANT SELECT (order_id, check_id, report_id, decided_at, revoked_at) ON hmr.orders_to_perform TO hmr_his;
+
+-- 0.3.0: 职称 words → GB/T 8561-2001 codes (hmr.code('title', …)); titleCode is checked.
+INSERT INTO hmr.code_map (domain, word, code, builtin)
+SELECT d, w, c, true FROM (VALUES
+    ('title', '主任医师', '231'), ('title', '副主任医师', '232'), ('title', '主治医师', '233'), ('title', '医师', '234'),
+    ('title', '住院医师', '234'), ('title', '医士', '235'),
+    ('title', '主任药师', '241'), ('title', '副主任药师', '242'), ('title', '主管药师', '243'), ('title', '药师', '244'),
+    ('title', '药士', '245'),
+    ('title', '主任护师', '251'), ('title', '副主任护师', '252'), ('title', '主管护师', '253'), ('title', '护师', '254'),
+    ('title', '护士', '255'),
+    ('title', '主任技师', '261'), ('title', '副主任技师', '262'), ('title', '主管技师', '263'), ('title', '技师', '264'),
+    ('title', '技士', '265'),
+    ('title', '主任检验师', '261'), ('title', '副主任检验师', '262'), ('title', '主管检验师', '263'), ('title', '检验师', '264'),
+    ('title', '检验士', '265')
+) AS v(d, w, c)
+ON CONFLICT (domain, word) DO NOTHING;

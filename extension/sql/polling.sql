@@ -24,9 +24,12 @@ CREATE TABLE hmr.polled_sources (
     name         text NOT NULL,
     -- the view polled (default: the kind's view)
     source_view  text,
-    -- how often a source without a time column is compared in full
-    compare_every interval NOT NULL DEFAULT '15 minutes',
-    CONSTRAINT polled_sources_pkey PRIMARY KEY (name)
+    -- how often a source without a time column is compared in full (NULL: 15 minutes); a
+    -- source with a time column is read by watermark at every poll and refuses one (it would
+    -- silently do nothing)
+    compare_every interval,
+    CONSTRAINT polled_sources_pkey PRIMARY KEY (name),
+    CONSTRAINT compare_every_is_for_sources_without_time_column CHECK (compare_every IS NULL OR time_column IS NULL)
 );
 CREATE FUNCTION hmr.polled_source_named() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -79,7 +82,7 @@ BEGIN
         -- No time column: compare every row's content hash (without the kind's change-time
         -- column, which a view may take from hmr.changed_at) with the last comparison's;
         -- new, changed and vanished rows are enqueued.
-        IF p.polled_at > now() - p.compare_every THEN
+        IF p.polled_at > now() - coalesce(p.compare_every, interval '15 minutes') THEN
             RETURN 0;
         END IF;
         EXECUTE format(

@@ -86,7 +86,18 @@ SELECT d, w, c, true FROM (VALUES
     ('exam_class', 'es', 'ES'), ('exam_class', '内镜', 'ES'), ('exam_class', '胃镜', 'ES'), ('exam_class', '肠镜', 'ES'),
     ('exam_class', 'ecg', 'ECG'), ('exam_class', '心电', 'ECG'), ('exam_class', '心电图', 'ECG'),
     ('exam_class', 'nm', 'NM'), ('exam_class', '核医学', 'NM'), ('exam_class', 'path', 'PATH'), ('exam_class', '病理', 'PATH'),
-    ('exam_class', 'other', 'OTHER'), ('exam_class', '其他', 'OTHER')
+    ('exam_class', 'other', 'OTHER'), ('exam_class', '其他', 'OTHER'),
+    -- 职称 → GB/T 8561-2001 (the codes themselves map to themselves through hmr.code's fallback)
+    ('title', '主任医师', '231'), ('title', '副主任医师', '232'), ('title', '主治医师', '233'), ('title', '医师', '234'),
+    ('title', '住院医师', '234'), ('title', '医士', '235'),
+    ('title', '主任药师', '241'), ('title', '副主任药师', '242'), ('title', '主管药师', '243'), ('title', '药师', '244'),
+    ('title', '药士', '245'),
+    ('title', '主任护师', '251'), ('title', '副主任护师', '252'), ('title', '主管护师', '253'), ('title', '护师', '254'),
+    ('title', '护士', '255'),
+    ('title', '主任技师', '261'), ('title', '副主任技师', '262'), ('title', '主管技师', '263'), ('title', '技师', '264'),
+    ('title', '技士', '265'),
+    ('title', '主任检验师', '261'), ('title', '副主任检验师', '262'), ('title', '主管检验师', '263'), ('title', '检验师', '264'),
+    ('title', '检验士', '265')
 ) AS v(d, w, c);
 SELECT pg_catalog.pg_extension_config_dump('hmr.code_map', 'WHERE NOT builtin');
 

@@ -112,6 +112,7 @@ fn check_sources(
         }
         if columns_ok {
             check_rows(parsed, &view_name, item_view.as_deref(), canonical, &mut problems);
+            check_whole_view(&k, &view_name, canonical, &mut problems);
         }
     }
     TableIterator::new(problems.into_iter().map(|p| -> ProblemRow {
@@ -254,6 +255,7 @@ fn code_domain(field: &str) -> Option<&'static str> {
         "status" => "active",
         "role" => "role",
         "examClass" => "exam_class",
+        "titleCode" => "title",
         _ => return None,
     })
 }
@@ -266,6 +268,91 @@ fn type_matches(expected: &str, actual: &str) -> bool {
         "boolean" => actual == "boolean",
         "integer" => matches!(actual, "integer" | "smallint" | "bigint"),
         _ => false,
+    }
+}
+
+/// What only the whole view shows (it reads the key and time columns of every row, so on a
+/// large HIS it takes as long as a scan of the view): keys that name two rows (a patient in
+/// both the outpatient and the inpatient table of a UNION; the worker would read either), and
+/// a newest change or report time in the future or hours old, the sign of a time read in the
+/// wrong zone (a Beijing wall-clock column read as UTC comes out 8 h early).
+fn check_whole_view(kind: &str, view: &str, canonical: &SourceView, problems: &mut Vec<Problem>) {
+    let time = ["updated_at", "audited_at", "reported_at"]
+        .into_iter()
+        .find(|t| canonical.columns.iter().any(|c| c.name == *t));
+    let found = Spi::connect(|client| {
+        let relation = client
+            .select("SELECT to_regclass($1)::text", None, &[view.into()])?
+            .first()
+            .get_one::<String>()?
+            .unwrap_or_default();
+        let key = pgrx::spi::quote_identifier(canonical.key);
+        let duplicates = client
+            .select(
+                &format!(
+                    "SELECT {key}::text, count(*) FROM {relation} WHERE {key} IS NOT NULL
+                      GROUP BY 1 HAVING count(*) > 1 ORDER BY 2 DESC, 1 LIMIT 5"
+                ),
+                None,
+                &[],
+            )?
+            .map(|r| Ok((r.get::<String>(1)?.unwrap_or_default(), r.get::<i64>(2)?.unwrap_or(0))))
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()?;
+        let newest = match time {
+            Some(t) => client
+                .select(
+                    &format!(
+                        "SELECT extract(epoch FROM max({col}) - now())::float8 FROM {relation}",
+                        col = pgrx::spi::quote_identifier(t)
+                    ),
+                    None,
+                    &[],
+                )?
+                .first()
+                .get_one::<f64>()?,
+            None => None,
+        };
+        Ok::<_, pgrx::spi::Error>((duplicates, newest))
+    });
+    let Ok((duplicates, newest)) = found else {
+        return;
+    };
+    for (key, rows) in duplicates {
+        problems.push(Problem {
+            rule: Some(format!("a key names one row; this one names {rows}")),
+            hint: Some(format!(
+                "keep one row per {k}: UNION (not UNION ALL) of identical rows, or prefer one table (NOT EXISTS), \
+                 or prefix the keys of each table",
+                k = canonical.key
+            )),
+            ..problem(
+                kind,
+                view,
+                Some(key),
+                Some(canonical.key.into()),
+                "duplicate-key".into(),
+            )
+        });
+    }
+    if let (Some(t), Some(ahead)) = (time, newest) {
+        let hours = ahead / 3600.0;
+        let zone_hint = format!("({t} AT TIME ZONE 'Asia/Shanghai') AS {t} for a timestamp without time zone; check with SELECT max({t}), now() FROM {view}");
+        if ahead > 300.0 {
+            problems.push(Problem {
+                rule: Some(format!("the newest {t} lies {hours:.1} h in the future")),
+                hint: Some(zone_hint),
+                ..problem(kind, view, None, Some(t.into()), "clock".into())
+            });
+        } else if (-9.5..=-6.5).contains(&hours) && matches!(kind, "patient" | "lab_report" | "exam_report") {
+            problems.push(Problem {
+                rule: Some(format!(
+                    "the newest {t} is {:.1} h old: if records changed since, the column is read 8 h off",
+                    -hours
+                )),
+                hint: Some(zone_hint),
+                ..problem(kind, view, None, Some(t.into()), "clock".into())
+            });
+        }
     }
 }
 
@@ -330,7 +417,15 @@ fn check_rows(parsed: Kind, view: &str, item_view: Option<&str>, canonical: &Sou
                     let allowed = validate::allowed_values(&field).map(|a| a.join(", "));
                     let bare = column.rsplit('.').next().unwrap_or(&column).to_string();
                     let hint = match reason.as_str() {
-                        "code" => code_domain(&field).map(|d| format!("hmr.code('{d}', {bare}) AS {bare}")),
+                        // The view may call hmr.code already: then the word is not in the map,
+                        // and a row of hmr.code_map is the fix (words match trimmed, lower-cased).
+                        "code" => code_domain(&field).map(|d| {
+                            let word = value.as_deref().unwrap_or("").trim().to_lowercase().replace('\'', "''");
+                            format!(
+                                "hmr.code('{d}', {bare}) AS {bare}; if the view has it, map the word: \
+                                 INSERT INTO hmr.code_map (domain, word, code) VALUES ('{d}', '{word}', '<code>')"
+                            )
+                        }),
                         "format" if value.as_deref().is_some_and(|v| v.ends_with('x')) => {
                             Some(format!("upper({bare}) AS {bare}"))
                         }

@@ -91,6 +91,10 @@ impl<'a> Geometry<'a> {
         let mut rows: Vec<GridRow> = Vec::new();
         let mut col = columns; // forces a first row
         for f in fields {
+            let empty = values.get(f.field.as_str()).is_none_or(|v| v.trim().is_empty());
+            if empty && !f.always {
+                continue;
+            }
             let span = f.span.clamp(1, columns);
             if col + span > columns {
                 rows.push(GridRow {

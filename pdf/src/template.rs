@@ -101,6 +101,10 @@ pub struct FieldSpec {
     /// How many grid columns the cell takes (for long values).
     #[serde(default = "one")]
     pub span: usize,
+    /// Print the label even when the report has no value for it (a blank to fill by hand);
+    /// by default a field without a value is left out, label and all.
+    #[serde(default)]
+    pub always: bool,
 }
 
 fn one() -> usize {

@@ -647,3 +647,21 @@ fn sparse_reports_still_render() {
     let pdf = renderer().exam(&exam, &Context::default()).expect("renders");
     assert!(has(&text_of(&save("exam-short.pdf", &pdf)), "检查结论：未见异常"));
 }
+
+/// Issue #31: a field without a value (no 检验者 known, no 接收时间) is left out, label and
+/// all, not printed as an empty label; the template can ask for the blank (`always = true`).
+#[test]
+fn a_field_without_a_value_prints_no_empty_label() {
+    let bare = Context {
+        tester_name: None,
+        received_at: None,
+        ..ctx()
+    };
+    let pdf = renderer().lab(&lab_report(3), &bare).expect("renders");
+    let text = text_of(&save("lab-no-tester.pdf", &pdf));
+    assert!(!has(&text, "检验者"), "an empty 检验者 label printed:\n{text}");
+    assert!(has(&text, "审核者") && has(&text, "王审核"), "{text}");
+    let pdf = renderer().lab(&lab_report(3), &ctx()).expect("renders");
+    let text = text_of(&save("lab-with-tester.pdf", &pdf));
+    assert!(has(&text, "检验者") && has(&text, "孙检验"), "{text}");
+}

@@ -35,6 +35,13 @@ pub const ABNORMAL_FLAGS: [&str; 4] = ["1", "2", "3", "4"];
 pub const STATUS_CODES: [&str; 2] = ["0", "1"];
 pub const STAFF_ROLES: [&str; 5] = ["doctor", "technician", "nurse", "pharmacist", "other"];
 pub const EXAM_CLASSES: [&str; 9] = ["CT", "MR", "DR", "US", "ES", "ECG", "NM", "PATH", "OTHER"];
+/// 职称 (`titleCode`): the health professional titles of GB/T 8561-2001 — 医师 231–235, 药剂
+/// 241–245, 护理 251–255, 技师 261–265 (主任 … 士). The contract names the field without a code
+/// list; this is hmr's reading (docs/protocol.md), so an unmapped word is caught before upload.
+pub const TITLE_CODES: [&str; 20] = [
+    "231", "232", "233", "234", "235", "241", "242", "243", "244", "245", "251", "252", "253", "254", "255", "261",
+    "262", "263", "264", "265",
+];
 
 /// Why a resident identity number (id type `01`) is invalid, or `None` when valid.
 /// `birth_date` (`YYYY-MM-DD`), when given, must match the one inside the number.

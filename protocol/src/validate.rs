@@ -41,6 +41,7 @@ pub fn allowed_values(field: &str) -> Option<&'static [&'static str]> {
         "status" => &STATUS_CODES,
         "role" => &STAFF_ROLES,
         "examClass" => &EXAM_CLASSES,
+        "titleCode" => &TITLE_CODES,
         _ => return None,
     })
 }
@@ -246,6 +247,7 @@ pub fn staff(s: &Staff, now: &DateTime<FixedOffset>) -> Result<(), Vec<FieldErro
     r.opt_code("genderCode", &s.gender_code, &GENDER_CODES);
     r.required("deptCode", &s.dept_code);
     r.opt_code("role", &s.role, &STAFF_ROLES);
+    r.opt_code("titleCode", &s.title_code, &TITLE_CODES);
     r.opt_code("status", &s.status, &STATUS_CODES);
     r.time("updatedAt", &s.updated_at);
     r.done()

@@ -31,10 +31,19 @@ in_root() { chroot "$root" "$@"; }
 as_pg() { chroot "$root" runuser -u postgres -- "$@"; }
 psql_his() { as_pg psql -X -q -At -v ON_ERROR_STOP=1 -h /tmp/pg -p 5433 -d his "$@"; }
 
+# Signals processes of the chroot only: the chroot shares the machine's process table, and a
+# pattern alone would also match this machine's own workers and simulators (other tests').
+kill_in_root() { # kill_in_root SIGNAL PATTERN
+  local pid real; real=$(realpath -m "$root")
+  for pid in $(pgrep -f "$2"); do
+    [ "$(readlink "/proc/$pid/root" 2>/dev/null)" = "$real" ] && kill "-$1" "$pid" 2>/dev/null
+  done
+  return 0
+}
+
 cleanup() {
   set +e
-  pkill -f "/tmp/loop-" 2>/dev/null
-  in_root pkill -f hmr-worker 2>/dev/null; in_root pkill -f hmr-platform-sim 2>/dev/null
+  kill_in_root TERM "/tmp/loop-"; kill_in_root TERM /usr/bin/hmr-worker; kill_in_root TERM /usr/bin/hmr-platform-sim
   as_pg /usr/lib/postgresql/15/bin/pg_ctl -D /tmp/pg/data -m immediate stop >/dev/null 2>&1
   for m in dev/shm dev/pts dev proc; do umount -l "$root/$m" 2>/dev/null; done
 }
@@ -159,7 +168,12 @@ else
   in_root dpkg -i /tmp/debs/postgresql-15-hmr_0.3.1-1.deb >"$work/dpkg.log" 2>&1 || { cat "$work/dpkg.log"; fail "dpkg -i the next version"; }
 fi
 sleep 4
-alive=0; for n in capture recognition gate; do pgrep -f "/tmp/loop-$n.sql" >/dev/null && alive=$((alive + 1)); done
+alive=0
+for n in capture recognition gate; do
+  for pid in $(pgrep -f "psql .*/tmp/loop-$n.sql"); do
+    [ "$(readlink "/proc/$pid/root")" = "$(realpath -m "$root")" ] && { alive=$((alive + 1)); break; }
+  done
+done
 # A new session started after the install: which library file does it map?
 as_pg psql -X -q -At -h /tmp/pg -p 5433 -d his -c "SELECT hmr.decision_problem(true, NULL, NULL)" -c "SELECT pg_sleep(5)" >/dev/null 2>&1 &
 sleep 1
@@ -168,7 +182,7 @@ new_pid=$(psql_his -c "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sl
 cat "$work"/capture.err "$work"/recognition.err "$work"/gate.err > "$work/errors"
 mapped_old=0
 for pid in $old_backends; do grep -q 'hmr.so (deleted)' "/proc/$pid/maps" 2>/dev/null && mapped_old=$((mapped_old + 1)); done
-pkill -f "/tmp/loop-" 2>/dev/null; sleep 0.5
+kill_in_root TERM "/tmp/loop-"; sleep 0.5
 [ "$alive" = 3 ] && pass "the three busy sessions kept running through the upgrade" || fail "$((3 - alive)) busy sessions ended"
 if grep -q . "$work/errors"; then
   fail "the busy sessions reported: $(sort "$work/errors" | uniq -c | head -5)"
@@ -208,14 +222,14 @@ psql_his -c "UPDATE lis.report SET status = 'audited', audited_at = now() - inte
 [ "$(md5sum < "$root/etc/hmr/worker.toml")" = "$conf_sum" ] && pass "the hospital's /etc/hmr/worker.toml kept" \
   || fail "the configuration changed"
 # The running worker keeps its (renamed-over) binary; restarted, it is the new one.
-in_root pkill -TERM -f "hmr-worker --config" ; sleep 1
+kill_in_root TERM /usr/bin/hmr-worker; sleep 1
 in_root runuser -u hmr -- /usr/bin/hmr-worker --config /etc/hmr/worker.toml run >/dev/null 2>>"$work/worker.log" &
 for _ in $(seq 100); do [ "$(delivered lab_report)" -ge 2 ] && break; sleep 0.2; done
 [ "$(delivered lab_report)" -ge 2 ] && pass "both reports approved around the upgrade reached the platform" \
   || fail "reports delivered: $(delivered lab_report)"
 
 # ------------------------------------------------------------------ 4. purge
-in_root pkill -TERM -f "hmr-worker --config"; sleep 1
+kill_in_root TERM /usr/bin/hmr-worker; sleep 1
 in_root dpkg --purge hmr-worker >"$work/purge.log" 2>&1 || { cat "$work/purge.log"; fail "purge"; }
 if [ ! -e "$root/etc/hmr" ] && [ "$(psql_his -c "SELECT count(*) > 0 FROM hmr.delivered")" = t ]; then
   pass "purging hmr-worker removes /etc/hmr and leaves the database's hmr schema"

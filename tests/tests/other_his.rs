@@ -67,8 +67,8 @@ SELECT j.bgdh AS report_no, j.xh AS seq, j.xmdm AS item_code, j.xmmc AS item_nam
        j.ckfw AS reference_range, hmr.code('abnormal_flag', j.bz) AS abnormal_flag
   FROM his_remote.jyjg j;
 INSERT INTO hmr.polled_sources (name, kind, time_column, compare_every) VALUES
-    ('his-patients', 'patient', 'updated_at', '15 minutes'), ('his-departments', 'department', NULL, '1 second'),
-    ('his-staff', 'staff', NULL, '1 second'), ('his-lab', 'lab_report', 'audited_at', '15 minutes');
+    ('his-patients', 'patient', 'updated_at', NULL), ('his-departments', 'department', NULL, '1 second'),
+    ('his-staff', 'staff', NULL, '1 second'), ('his-lab', 'lab_report', 'audited_at', NULL);
 ";
 
 fn lines(sql: &str) -> usize {
@@ -92,6 +92,15 @@ async fn polled_end_to_end(
         .await?;
     let problems: Vec<(String, String, String)> = problems.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     assert!(problems.is_empty(), "the foreign sources check clean: {problems:?}");
+    // compare_every on a watermark source would silently do nothing: refused (#31).
+    let e = his
+        .batch_execute(
+            "INSERT INTO hmr.polled_sources (name, kind, time_column, compare_every)
+             VALUES ('his-patients-2', 'patient', 'updated_at', '5 minutes')",
+        )
+        .await
+        .expect_err("compare_every with a time column");
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("23514"), "{e}");
 
     let sim = Sim::start()?;
     let _worker = Worker::start(cluster, &sim, &WorkerOptions::default())?;

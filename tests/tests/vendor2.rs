@@ -24,7 +24,25 @@ async fn a_second_vendor_connects_in_forty_lines_and_everything_arrives() -> Res
         his.batch_execute(&std::fs::read_to_string(dir.join(file))?).await?;
     }
     // Ready before any report is audited: lab connected and clean, exam not connected.
-    his.batch_execute("UPDATE yy.jybg SET zt = 1, shsj = localtimestamp")
+    // The vendor stores Beijing wall-clock times. On a server whose TimeZone is UTC,
+    // localtimestamp is not that: read as Beijing time it comes out 8 h early, which
+    // check_sources says (issue #31); then the audit time as the vendor writes it.
+    his.batch_execute("SET TimeZone = 'UTC'; UPDATE yy.jybg SET zt = 1, shsj = localtimestamp")
+        .await?;
+    let clock: Vec<String> = his
+        .query(
+            "SELECT concat_ws(' | ', kind, field, problem, rule) FROM hmr.check_sources() WHERE problem = 'clock'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        clock.len() == 1 && clock[0].starts_with("lab_report | audited_at | clock"),
+        "{clock:#?}"
+    );
+    his.batch_execute("RESET TimeZone; UPDATE yy.jybg SET shsj = now() AT TIME ZONE 'Asia/Shanghai'")
         .await?;
     let problems: Vec<String> = his
         .query(

@@ -43,8 +43,9 @@ struct Cli {
 enum Command {
     /// Deliver events until SIGTERM or SIGINT (the default).
     Run,
-    /// Backlog, oldest event, quarantine, stuck records, token state and platform reachability.
-    #[command(alias = "check")]
+    /// Backlog, oldest event, quarantine, stuck records, token state and platform reachability
+    /// (also `check`: the database and a token, before go-live).
+    #[command(visible_alias = "check")]
     Status,
     /// Enqueue every existing record of a kind (patients, departments, staff, lab, exam)
     /// through the outbox. Interrupt it at will: run it again to resume.
@@ -141,8 +142,11 @@ fn main() -> anyhow::Result<()> {
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HMR_LOG").unwrap_or_else(|_| "info".into());
+    // Colours only for a person at a terminal: a file or the journal gets plain text.
+    use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
