@@ -48,6 +48,7 @@ if $smoke; then
   export HMR_BENCH_PATIENTS=20000 HMR_BENCH_REPORTS=3000
   export HMR_BENCH_SECS=20 HMR_BENCH_SECS_1000=15
   export HMR_BENCH_CALLS=200 HMR_BENCH_ROUNDS=100 HMR_BENCH_BACKLOG=60000
+  export HMR_BENCH_FDW_PATIENTS=100000 HMR_BENCH_FDW_LINES=1000000
 else
   trigger=(5 3 off)
   export HMR_BENCH_PATIENTS=100000 HMR_BENCH_REPORTS=20000
@@ -71,6 +72,7 @@ run "$bench" sql
 run "$bench" tokens
 run "$bench" hooks
 run "$bench" backlog
+run "$bench" fdw
 
 cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 floor=$(sed -n 's/^a trivial statement (SELECT 1): p50 \(.*\) ms$/\1/p' "$log" | head -1)

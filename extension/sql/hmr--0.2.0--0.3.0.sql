@@ -180,6 +180,7 @@ ALTER TABLE hmr.polled_sources
     ADD COLUMN name text,
     ADD COLUMN source_view text,
     ADD COLUMN compare_every interval,
+    ADD COLUMN time_zone text NOT NULL DEFAULT 'Asia/Shanghai',
     ALTER COLUMN time_column DROP NOT NULL,
     ADD CONSTRAINT compare_every_is_for_sources_without_time_column CHECK (compare_every IS NULL OR time_column IS NULL);
 CREATE TABLE hmr.polled_hashes (
@@ -234,6 +235,7 @@ DECLARE
     newest timestamptz;
     added integer;
     gone integer;
+    time_type text;
 BEGIN
     SELECT * INTO p FROM hmr.polled_sources WHERE name = source_name AND enabled FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
@@ -273,19 +275,43 @@ BEGIN
         RETURN added;
     END IF;
     since := coalesce(p.watermark - p.lookback, '-infinity');
-    EXECUTE format(
-        'WITH cand AS (
-            SELECT v.%1$I::text AS key, v.%2$I AS t FROM %3$s v
-             WHERE v.%2$I > $1 AND v.%2$I <= now() - $2),
-         new AS (
-            INSERT INTO hmr.polled_seen (kind, key, seen_time, source) SELECT $3, key, t, $4 FROM cand
-            ON CONFLICT DO NOTHING RETURNING key, seen_time),
-         ins AS (
-            INSERT INTO hmr.outbox (kind, key, op) SELECT $3, key, ''P'' FROM new ORDER BY seen_time, key
-            RETURNING 1)
-         SELECT (SELECT count(*)::int FROM ins), (SELECT max(t) FROM cand)',
-        k.key_column, p.time_column, polled)
-      INTO added, newest USING since, p.delay, p.kind, p.name;
+    SELECT format_type(a.atttypid, a.atttypmod) INTO time_type
+      FROM pg_attribute a WHERE a.attrelid = polled AND a.attname = p.time_column AND NOT a.attisdropped;
+    IF time_type = 'timestamp without time zone' THEN
+        -- A wall-clock column (a vendor's DATETIME, a foreign table's raw column): compared with
+        -- bounds turned into that clock here, so the comparison is column against constant and
+        -- a foreign data wrapper sends it to the remote server (each poll reads the changes,
+        -- not the table). The times found are turned back with the source's zone.
+        EXECUTE format(
+            'WITH cand AS (
+                SELECT v.%1$I::text AS key, v.%2$I AT TIME ZONE $6 AS t FROM %3$s v
+                 WHERE v.%2$I > $1 AND v.%2$I <= $5),
+             new AS (
+                INSERT INTO hmr.polled_seen (kind, key, seen_time, source) SELECT $3, key, t, $4 FROM cand
+                ON CONFLICT DO NOTHING RETURNING key, seen_time),
+             ins AS (
+                INSERT INTO hmr.outbox (kind, key, op) SELECT $3, key, ''P'' FROM new ORDER BY seen_time, key
+                RETURNING 1)
+             SELECT (SELECT count(*)::int FROM ins), (SELECT max(t) FROM cand)',
+            k.key_column, p.time_column, polled)
+          INTO added, newest
+          USING greatest(since, '1900-01-01 00:00:00+08'::timestamptz) AT TIME ZONE p.time_zone, p.delay, p.kind,
+                p.name, (now() - p.delay) AT TIME ZONE p.time_zone, p.time_zone;
+    ELSE
+        EXECUTE format(
+            'WITH cand AS (
+                SELECT v.%1$I::text AS key, v.%2$I AS t FROM %3$s v
+                 WHERE v.%2$I > $1 AND v.%2$I <= now() - $2),
+             new AS (
+                INSERT INTO hmr.polled_seen (kind, key, seen_time, source) SELECT $3, key, t, $4 FROM cand
+                ON CONFLICT DO NOTHING RETURNING key, seen_time),
+             ins AS (
+                INSERT INTO hmr.outbox (kind, key, op) SELECT $3, key, ''P'' FROM new ORDER BY seen_time, key
+                RETURNING 1)
+             SELECT (SELECT count(*)::int FROM ins), (SELECT max(t) FROM cand)',
+            k.key_column, p.time_column, polled)
+          INTO added, newest USING since, p.delay, p.kind, p.name;
+    END IF;
     -- Withdrawn: held by the platform, recently delivered, no longer in the view (a source
     -- with a view of its own: among the reports this source found).
     EXECUTE format(

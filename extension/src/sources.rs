@@ -115,6 +115,7 @@ fn check_sources(
             check_whole_view(&k, &view_name, canonical, &mut problems);
         }
     }
+    check_polls(kind, &mut problems);
     TableIterator::new(problems.into_iter().map(|p| -> ProblemRow {
         (
             p.kind, p.source, p.key, p.field, p.problem, p.value, p.rule, p.allowed, p.hint,
@@ -353,6 +354,117 @@ fn check_whole_view(kind: &str, view: &str, canonical: &SourceView, problems: &m
                 ..problem(kind, view, None, Some(t.into()), "clock".into())
             });
         }
+    }
+}
+
+/// A polled source over a foreign table must send its bounds to the remote server: a poll
+/// that reads the whole remote table works on ten rows and fails on a HIS's ten million. The
+/// poll's query is planned (`EXPLAIN VERBOSE`, nothing runs) and every foreign scan in it is
+/// looked at: one whose remote query has no WHERE, or that filters here, reads every row.
+fn check_polls(kind: Option<&str>, problems: &mut Vec<Problem>) {
+    let sources: Vec<(String, String, String, String, String)> = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT p.name, p.kind, coalesce(p.source_view, k.source_view), p.time_column, k.key_column
+                   FROM hmr.polled_sources p JOIN hmr.kinds k USING (kind)
+                  WHERE p.enabled AND p.time_column IS NOT NULL
+                    AND to_regclass(coalesce(p.source_view, k.source_view)) IS NOT NULL
+                  ORDER BY p.name",
+                None,
+                &[],
+            )?
+            .map(|r| {
+                Ok((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<String>(3)?.unwrap_or_default(),
+                    r.get::<String>(4)?.unwrap_or_default(),
+                    r.get::<String>(5)?.unwrap_or_default(),
+                ))
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .unwrap_or_default();
+    for (name, k, view, time, key) in sources {
+        if kind.is_some_and(|wanted| wanted != k) {
+            continue;
+        }
+        // EXPLAIN is refused in SPI's read-only mode: the plan is asked in read-write mode (it
+        // runs nothing).
+        let plan = Spi::connect_mut(|client| {
+            let relation = client
+                .select("SELECT to_regclass($1)::text", None, &[view.as_str().into()])?
+                .first()
+                .get_one::<String>()?
+                .unwrap_or_default();
+            let typ = client
+                .select(
+                    "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                      WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+                    None,
+                    &[view.as_str().into(), time.as_str().into()],
+                )?
+                .first()
+                .get_one::<String>()?
+                .unwrap_or_default();
+            // The poll's candidate query, with bounds of the column's own type (as poll_source
+            // binds them).
+            let bound = if typ == "timestamp without time zone" {
+                "'2026-01-01 00:00:00'::timestamp"
+            } else {
+                "'2026-01-01 00:00:00+08'::timestamptz"
+            };
+            let t = pgrx::spi::quote_identifier(&time);
+            let query = format!(
+                "EXPLAIN (VERBOSE, FORMAT JSON) SELECT v.{k}::text, v.{t} FROM {relation} v WHERE v.{t} > {bound} AND v.{t} <= {bound}",
+                k = pgrx::spi::quote_identifier(&key)
+            );
+            client.update(&query, None, &[])?.first().get_one::<pgrx::Json>()
+        });
+        let Ok(Some(pgrx::Json(plan))) = plan else {
+            continue;
+        };
+        let mut scans = Vec::new();
+        foreign_scans(&plan, &mut scans);
+        for scan in scans {
+            let remote = scan["Remote SQL"]
+                .as_str()
+                .or_else(|| scan["Remote query"].as_str())
+                .unwrap_or("");
+            let table = scan["Relation Name"].as_str().unwrap_or("?");
+            let filtered_here = scan.get("Filter").is_some();
+            if remote.to_uppercase().contains("WHERE") && !filtered_here {
+                continue;
+            }
+            problems.push(Problem {
+                rule: Some(format!(
+                    "each poll of source {name} reads every row of the remote table {table}: its change \
+                     filter on {time} is evaluated here, not by the remote server (remote query: {remote})"
+                )),
+                hint: Some(format!(
+                    "poll a view that gives the remote column raw (no AT TIME ZONE, no cast, no function), \
+                     e.g. CREATE VIEW hmr_src.{k}_changes AS SELECT <key> AS {key}, <raw time column> AS {time} \
+                     FROM <foreign table> WHERE <status filter>; UPDATE hmr.polled_sources SET source_view = \
+                     'hmr_src.{k}_changes' WHERE name = '{name}' (a wall-clock column is read in \
+                     polled_sources.time_zone)"
+                )),
+                ..problem(&k, &view, None, Some(time.clone()), "poll-reads-whole-table".into())
+            });
+        }
+    }
+}
+
+/// The foreign scans of an `EXPLAIN (FORMAT JSON)` plan, at any depth.
+fn foreign_scans<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| foreign_scans(x, out)),
+        Value::Object(o) => {
+            if o.get("Node Type").and_then(Value::as_str) == Some("Foreign Scan") {
+                out.push(v);
+            }
+            o.values().for_each(|x| foreign_scans(x, out));
+        }
+        _ => {}
     }
 }
 

@@ -152,6 +152,18 @@ pub const SPECS: &[Spec] = &[
         goal: Goal::AtMost(0.5),
     },
     Spec {
+        name: "fdw_poll_ms",
+        what: "a poll through mysql_fdw that finds 10 changes (1,000,000 patients / 10,000,000 result lines), p50",
+        unit: "ms",
+        goal: Goal::AtMost(50.0),
+    },
+    Spec {
+        name: "fdw_rows_read_per_poll",
+        what: "rows MariaDB reads for a poll that finds 10 changes (the changes and those within the lookback), p50",
+        unit: "rows",
+        goal: Goal::AtMost(30.0),
+    },
+    Spec {
         name: "cold_first_call_ms",
         what: "a new backend's first list call, p50",
         unit: "ms",

@@ -167,6 +167,11 @@ pub const MARIADB_PASSWORD: &str = "hmr-fdw-secret";
 
 impl MariaDb {
     pub fn start() -> Result<MariaDb> {
+        MariaDb::start_sized("32M")
+    }
+
+    /// With an InnoDB buffer pool of `buffer_pool` (`1G` for a HIS of real size).
+    pub fn start_sized(buffer_pool: &str) -> Result<MariaDb> {
         let dir = unique_dir("hmr-e2e-mariadb");
         let data = dir.join("data");
         let out = Command::new("mariadb-install-db")
@@ -193,11 +198,8 @@ impl MariaDb {
                 "--bind-address=127.0.0.1",
                 "--skip-name-resolve",
             ])
-            .args([
-                "--innodb-buffer-pool-size=32M",
-                "--skip-log-bin",
-                "--character-set-server=utf8mb4",
-            ])
+            .arg(format!("--innodb-buffer-pool-size={buffer_pool}"))
+            .args(["--skip-log-bin", "--character-set-server=utf8mb4"])
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--socket={}", dir.join("mysql.sock").display()))
             .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))

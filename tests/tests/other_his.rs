@@ -25,7 +25,7 @@ CREATE TABLE jybg (bgdh VARCHAR(30) PRIMARY KEY, brid VARCHAR(20), mzh VARCHAR(3
                    xmzdm VARCHAR(20), xmzmc VARCHAR(50), bbmc VARCHAR(20), cysj $dt, bgsj $dt, shsj $dt,
                    shr VARCHAR(20), zt VARCHAR(10));
 CREATE TABLE jyjg (bgdh VARCHAR(30), xh INT, xmdm VARCHAR(20), xmmc VARCHAR(50), jg VARCHAR(50), dw VARCHAR(20),
-                   ckfw VARCHAR(50), bz VARCHAR(4), PRIMARY KEY (bgdh, xh));
+                   ckfw VARCHAR(50), bz VARCHAR(4), xgsj $dt, PRIMARY KEY (bgdh, xh));
 ";
 
 /// One day's data; times are local (Asia/Shanghai) wall-clock times.
@@ -36,8 +36,8 @@ INSERT INTO brxx VALUES ('P0001', '441302198003151233', '陈志明', '男', '198
                          '2026-11-20 08:00:00', '2026-11-20 08:00:00');
 INSERT INTO jybg VALUES ('L1', 'P0001', 'MZ001', '0301', 'D001', 'JY0001', '血常规', '全血',
                          '2026-11-20 08:30:00', '2026-11-20 09:30:00', '2026-11-20 09:40:00', 'T001', '已审核');
-INSERT INTO jyjg VALUES ('L1', 1, 'WBC', '白细胞计数', '6.5', '10^9/L', '3.5-9.5', '正常'),
-                        ('L1', 2, 'RBC', '红细胞计数', '4.1', '10^12/L', '4.3-5.8', '偏低');
+INSERT INTO jyjg VALUES ('L1', 1, 'WBC', '白细胞计数', '6.5', '10^9/L', '3.5-9.5', '正常', '2026-11-20 09:30:00'),
+                        ('L1', 2, 'RBC', '红细胞计数', '4.1', '10^12/L', '4.3-5.8', '偏低', '2026-11-20 09:30:00');
 ";
 
 /// The source views over the foreign schema `his_remote`, and the polled sources: 24 lines.
@@ -66,10 +66,38 @@ CREATE VIEW hmr_src.lab_item AS
 SELECT j.bgdh AS report_no, j.xh AS seq, j.xmdm AS item_code, j.xmmc AS item_name, j.jg AS result_value, j.dw AS result_unit,
        j.ckfw AS reference_range, hmr.code('abnormal_flag', j.bz) AS abnormal_flag
   FROM his_remote.jyjg j;
-INSERT INTO hmr.polled_sources (name, kind, time_column, compare_every) VALUES
-    ('his-patients', 'patient', 'updated_at', NULL), ('his-departments', 'department', NULL, '1 second'),
-    ('his-staff', 'staff', NULL, '1 second'), ('his-lab', 'lab_report', 'audited_at', NULL);
+-- What each poll reads: the raw wall-clock columns, so its bounds reach the remote server.
+CREATE VIEW hmr_src.patient_changes AS SELECT b.brid AS patient_id, b.gxsj AS updated_at FROM his_remote.brxx b;
+CREATE VIEW hmr_src.lab_changes AS SELECT g.bgdh AS report_no, g.shsj AS audited_at FROM his_remote.jybg g WHERE g.zt = '已审核';
+-- A result corrected after the audit (its line's change time moves) makes the report's next version.
+CREATE VIEW hmr_src.lab_result_changes AS SELECT j.bgdh AS report_no, j.xgsj AS changed_at FROM his_remote.jyjg j;
+INSERT INTO hmr.polled_sources (name, kind, source_view, time_column, compare_every) VALUES
+    ('his-patients', 'patient', 'hmr_src.patient_changes', 'updated_at', NULL), ('his-departments', 'department', NULL, NULL, '1 second'),
+    ('his-staff', 'staff', NULL, NULL, '1 second'), ('his-lab', 'lab_report', 'hmr_src.lab_changes', 'audited_at', NULL),
+    ('his-lab-results', 'lab_report', 'hmr_src.lab_result_changes', 'changed_at', NULL);
 ";
+
+/// The remote queries of a poll of `source` (EXPLAIN VERBOSE of what hmr.poll_source runs):
+/// what reaches the other server.
+async fn remote_queries(his: &tokio_postgres::Client, view: &str, time: &str, key: &str) -> Result<String> {
+    let plan: Vec<String> = his
+        .query(
+            &format!(
+                "EXPLAIN VERBOSE SELECT v.{key}::text, v.{time} FROM {view} v
+                  WHERE v.{time} > '2026-11-20 00:00:00'::timestamp AND v.{time} <= '2026-12-01 00:00:00'::timestamp"
+            ),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(plan
+        .into_iter()
+        .filter(|l| l.contains("Remote") || l.contains("Filter") || l.contains("Scan") || l.contains("Join"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
 
 fn lines(sql: &str) -> usize {
     sql.lines()
@@ -92,6 +120,20 @@ async fn polled_end_to_end(
         .await?;
     let problems: Vec<(String, String, String)> = problems.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     assert!(problems.is_empty(), "the foreign sources check clean: {problems:?}");
+    // Each poll's change filter reaches the remote server (issue #31): the remote query has
+    // the time column in its WHERE, so a poll reads the changes, not the table.
+    for (view, time, key, column) in [
+        ("hmr_src.patient_changes", "updated_at", "patient_id", "gxsj"),
+        ("hmr_src.lab_changes", "audited_at", "report_no", "shsj"),
+        ("hmr_src.lab_result_changes", "changed_at", "report_no", "xgsj"),
+    ] {
+        let remote = remote_queries(his, view, time, key).await?;
+        let upper = remote.to_uppercase();
+        assert!(
+            upper.contains("WHERE") && remote.contains(column),
+            "{view}: the bounds on {column} are not sent: {remote}"
+        );
+    }
     // compare_every on a watermark source would silently do nothing: refused (#31).
     let e = his
         .batch_execute(
@@ -150,6 +192,24 @@ async fn polled_end_to_end(
         )
     })
     .await?;
+    // A result corrected on the audited report (only its line's change time moves): found by
+    // the poll of the result lines, sent as the report's next version.
+    remote("UPDATE jyjg SET jg = '6.8', xgsj = '2026-11-21 11:00:00' WHERE bgdh = 'L1' AND xh = 1")?;
+    wait_until(Duration::from_secs(30), "the corrected result", || async {
+        Ok(history_of(&sim, "/api/v1/lab-reports", "L1")
+            .await?
+            .iter()
+            .any(|(s, v)| s == "data" && *v == 2))
+    })
+    .await?;
+    let corrected = sim
+        .requests()
+        .await?
+        .into_iter()
+        .rfind(|r| r["path"] == "/api/v1/lab-reports" && r["body"]["reportNo"] == "L1")
+        .map(|r| r["body"]["items"][0]["resultValue"].clone())
+        .unwrap_or(Value::Null);
+    assert_eq!(corrected, "6.8", "the corrected value in version 2");
     // Un-audited in the LIS: the report leaves the view and is revoked.
     remote("UPDATE jybg SET zt = '未审核' WHERE bgdh = 'L1'")?;
     wait_until(Duration::from_secs(30), "the revoke", || async {
@@ -206,7 +266,26 @@ async fn a_his_on_mariadb_through_mysql_fdw() -> Result<()> {
         port = maria.port
     ))
     .await?;
-    polled_end_to_end(&cluster, &his, &|sql| maria.sql(&format!("USE his; {sql}")).map(|_| ())).await
+    polled_end_to_end(&cluster, &his, &|sql| maria.sql(&format!("USE his; {sql}")).map(|_| ())).await?;
+    // Polling the report view itself (its audited_at is shsj AT TIME ZONE …, which MariaDB
+    // cannot be sent): each poll would read the whole remote table, and check_sources says so.
+    his.batch_execute("UPDATE hmr.polled_sources SET source_view = NULL WHERE name = 'his-lab'")
+        .await?;
+    let problems: Vec<(String, String)> = his
+        .query(
+            "SELECT kind, problem FROM hmr.check_sources() WHERE problem = 'poll-reads-whole-table'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let plan = remote_queries(&his, "hmr_src.lab_report", "audited_at", "report_no").await;
+    assert!(
+        problems.contains(&("lab_report".to_string(), "poll-reads-whole-table".to_string())),
+        "{problems:?} {plan:?}"
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
