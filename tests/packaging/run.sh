@@ -46,6 +46,8 @@ cleanup() {
   kill_in_root TERM "/tmp/loop-"; kill_in_root TERM /usr/bin/hmr-worker; kill_in_root TERM /usr/bin/hmr-platform-sim
   as_pg /usr/lib/postgresql/15/bin/pg_ctl -D /tmp/pg/data -m immediate stop >/dev/null 2>&1
   for m in dev/shm dev/pts dev proc; do umount -l "$root/$m" 2>/dev/null; done
+  rm -rf "$root/run/systemd" "$root/usr/bin/systemctl"
+  [ -e "$root/usr/bin/deb-systemd-invoke.real" ] && mv "$root/usr/bin/deb-systemd-invoke.real" "$root/usr/bin/deb-systemd-invoke"
 }
 trap cleanup EXIT
 
@@ -77,12 +79,35 @@ fi
 
 # ------------------------------------------------------------------ 1. install and run
 cp "$ext_deb" "$worker_deb" "$root/tmp/debs/"
-if in_root sh -c 'export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq /tmp/debs/postgresql-15-hmr_*.deb /tmp/debs/hmr-worker_*.deb' \
+# No systemd runs in the chroot: stand-ins record what the packages ask of it, so the test sees
+# that a first install starts nothing, an upgrade restarts the services only if they were
+# running (try-restart), and a removal stops them. (In /usr/bin: apt gives maintainer scripts
+# a PATH of its own, without /usr/local.)
+in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq init-system-helpers adduser' \
+  >"$work/apt-deps.log" 2>&1 || { tail "$work/apt-deps.log"; exit 1; }
+mkdir -p "$root/run/systemd/system"; : > "$root/tmp/systemd-calls"
+[ -e "$root/usr/bin/deb-systemd-invoke.real" ] || mv "$root/usr/bin/deb-systemd-invoke" "$root/usr/bin/deb-systemd-invoke.real"
+if [ -e "$root/usr/bin/systemctl" ] && ! grep -q systemd-calls "$root/usr/bin/systemctl"; then
+  echo "the chroot has systemd: the stand-in would replace it"; exit 1
+fi
+for tool in deb-systemd-invoke systemctl; do
+  printf '#!/bin/sh\necho "%s $*" >> /tmp/systemd-calls\n' "$tool" > "$root/usr/bin/$tool"
+  chmod +x "$root/usr/bin/$tool"
+done
+if in_root sh -c 'export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq /tmp/debs/postgresql-15-hmr_*.deb /tmp/debs/hmr-worker_*.deb' \
     >"$work/apt.log" 2>&1; then
   pass "apt install ./postgresql-15-hmr_*.deb ./hmr-worker_*.deb"
 else
   tail -20 "$work/apt.log"; fail "apt install"; exit 1
 fi
+if grep -Eq ' (start|enable|restart|reload-or-restart) ' "$root/tmp/systemd-calls"; then
+  fail "the first install started a service: $(cat "$root/tmp/systemd-calls")"
+else
+  grep -q "try-restart hmr-worker.service" "$root/tmp/systemd-calls" \
+    && pass "the first install starts no service (only: $(tr '\n' ';' < "$root/tmp/systemd-calls"))" \
+    || fail "the first install did not reach systemd's stand-in: $(cat "$root/tmp/systemd-calls")"
+fi
+: > "$root/tmp/systemd-calls"
 mode=$(in_root stat -c '%a %U' /etc/hmr/worker.toml)
 [ "$mode" = "600 hmr" ] && pass "/etc/hmr/worker.toml is 0600, owned by hmr" || fail "/etc/hmr/worker.toml is $mode"
 
@@ -219,6 +244,11 @@ psql_his -c "UPDATE lis.report SET status = 'audited', audited_at = now() - inte
 in_root sh -c 'DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/debs/hmr-worker_*-2.deb' >"$work/dpkg-worker.log" 2>&1 \
   || { cat "$work/dpkg-worker.log"; fail "dpkg -i the next worker"; }
 psql_his -c "UPDATE lis.report SET status = 'audited', audited_at = now() - interval '1 minute' WHERE report_no = 'L20261126002'" >/dev/null
+grep -q "deb-systemd-invoke try-restart hmr-worker.service hmr-serve.service" "$root/tmp/systemd-calls" \
+  && ! grep -Eq ' (start|restart) ' "$root/tmp/systemd-calls" \
+  && pass "the upgrade restarts the services only if they run (try-restart)" \
+  || fail "the upgrade asked systemd: $(cat "$root/tmp/systemd-calls")"
+: > "$root/tmp/systemd-calls"
 [ "$(md5sum < "$root/etc/hmr/worker.toml")" = "$conf_sum" ] && pass "the hospital's /etc/hmr/worker.toml kept" \
   || fail "the configuration changed"
 # The running worker keeps its (renamed-over) binary; restarted, it is the new one.
@@ -236,6 +266,8 @@ if [ ! -e "$root/etc/hmr" ] && [ "$(psql_his -c "SELECT count(*) > 0 FROM hmr.de
 else
   fail "purge"
 fi
+grep -q "deb-systemd-invoke stop hmr-worker.service hmr-serve.service" "$root/tmp/systemd-calls" \
+  && pass "removing the package stops the services" || fail "the removal asked systemd: $(cat "$root/tmp/systemd-calls")"
 
 echo "packaging: $passed passed, $failed failed"
 rm -rf "$work"

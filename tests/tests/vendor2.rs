@@ -54,6 +54,32 @@ async fn a_second_vendor_connects_in_forty_lines_and_everything_arrives() -> Res
         .map(|r| r.get(0))
         .collect();
     assert!(problems.is_empty(), "{problems:#?}");
+    // A patient in both the outpatient and the inpatient table under one id: the UNION's key
+    // names two rows (the worker would read either), and check_sources says so (issue #31).
+    his.batch_execute(
+        "INSERT INTO yy.zybr (zybrid, zyh, xm, xb, sfzh, csrq)
+         SELECT brid, 'ZY-DUP', xm, xb, sfzh, csrq FROM yy.mzbr WHERE brid = 'MZ0001'",
+    )
+    .await?;
+    let duplicates: Vec<String> = his
+        .query(
+            "SELECT concat_ws(' | ', kind, key, field, problem) FROM hmr.check_sources() WHERE problem = 'duplicate-key'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Its report, joined to the patient view, comes out twice too.
+    assert_eq!(
+        duplicates,
+        [
+            "lab_report | J0001 | report_no | duplicate-key",
+            "patient | MZ0001 | patient_id | duplicate-key"
+        ],
+        "{duplicates:#?}"
+    );
+    his.batch_execute("DELETE FROM yy.zybr WHERE zyh = 'ZY-DUP'").await?;
     let readiness: Vec<(String, String)> = his
         .query("SELECT kind, state FROM hmr.source_readiness ORDER BY kind", &[])
         .await?
