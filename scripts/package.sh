@@ -189,7 +189,9 @@ EOF
 chmod 0755 "$wk/DEBIAN/postinst" "$wk/DEBIAN/prerm" "$wk/DEBIAN/postrm"
 dpkg-deb --root-owner-group -Zxz --build "$wk" "$out/hmr-worker_${debversion}_${arch}.deb" >/dev/null
 
-ls -l "$out"/*_"${debversion}"_*.deb
+# What a release carries: both packages and their checksums (attach target/debian/* to it).
+(cd "$out" && sha256sum ./*_"${debversion}"_*.deb > "SHA256SUMS-$debversion")
+ls -l "$out"/*_"${debversion}"_*.deb "$out/SHA256SUMS-$debversion"
 if $run_lintian; then
   echo "== lintian (tags flagged on purpose are overridden in the package, each with its reason)"
   lintian --fail-on error,warning "$out"/*_"${debversion}"_*.deb

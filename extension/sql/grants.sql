@@ -35,6 +35,7 @@ GRANT EXECUTE ON FUNCTION public.hmr_list_recognitions(text, text, text, text, t
                           hmr.decision_problem(boolean, text, text)
       TO hmr_his, hmr_admin;
 GRANT EXECUTE ON FUNCTION hmr.patient_orders_to_perform(text) TO hmr_his, hmr_admin;
+GRANT EXECUTE ON FUNCTION hmr.report_marks(text[]) TO hmr_his, hmr_admin;
 GRANT SELECT ON hmr.guarded, hmr.guards, hmr.catalog, hmr.item_map TO hmr_his;
 -- Per order, what was decided and whether to perform it; never who decided (no HIS login
 -- counts a doctor's 互认 figures: those are the hospital administrators', hmr_admin).

@@ -1112,3 +1112,22 @@ SELECT d, w, c, true FROM (VALUES
     ('title', '检验士', '265')
 ) AS v(d, w, c)
 ON CONFLICT (domain, word) DO NOTHING;
+
+-- 0.3.0: the marks of a patient's list (serve's widget).
+-- This hospital's decision on each of these reports: recognised when an order's current
+-- decision (of a check the platform did not refuse) recognises it (it may be downloaded), else
+-- declined. For a screen that marks a patient's list (serve's widget): kept out of
+-- hmr_list_recognitions, the reception's hot path.
+CREATE FUNCTION hmr.report_marks(report_ids text[])
+RETURNS TABLE (report_id text, decided text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT d.report_id, CASE WHEN bool_or(d.recognise) THEN 'recognised' ELSE 'declined' END
+      FROM hmr.decisions d
+     WHERE d.report_id = ANY (report_ids)
+       AND NOT EXISTS (SELECT 1 FROM hmr.decisions n
+                        WHERE n.check_id = d.check_id AND n.order_id = d.order_id AND n.id > d.id)
+       AND NOT EXISTS (SELECT 1 FROM hmr.checks c WHERE c.check_id = d.check_id AND c.refused_at IS NOT NULL)
+     GROUP BY d.report_id
+$$;
+REVOKE ALL ON FUNCTION hmr.report_marks(text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hmr.report_marks(text[]) TO hmr_his, hmr_admin;

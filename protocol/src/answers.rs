@@ -49,8 +49,9 @@ pub struct ReportSummary {
     pub own: bool,
     /// This hospital's decision on the report: `recognised` when an order's current decision
     /// (of a check the platform did not refuse) recognises it (it may be downloaded), else
-    /// `declined` when one declines it. In `hmr_list_recognitions`'s answer only, read at
-    /// each call.
+    /// `declined` when one declines it. Filled by serve's list (`GET /api/badge`), read at
+    /// each call; a HIS asks `hmr.report_marks(report_ids)` (kept out of
+    /// `hmr_list_recognitions`, the reception's hot path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided: Option<Decided>,
 }

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use hmr_e2e::*;
-use hmr_protocol::answers::{CallStatus, Decided, ListResult};
+use hmr_protocol::answers::{CallStatus, ListResult};
 
 const P0001_ID: &str = "441302198003151233"; // 陈志明 (outpatient MZ001)
 
@@ -39,8 +39,8 @@ async fn an_identity_the_platform_refuses_is_a_grey_badge_saying_so() -> Result<
 /// The contract counts a hospital's own reports (§6: "reports of the asking org itself count
 /// unless the platform is configured otherwise"), and hmr follows it: our own 血常规, once
 /// uploaded, is offered beside the other hospital's — marked `own`, so the HIS can say 本院.
-/// After a decision the list marks the report decided here (read at each call, through the
-/// cache).
+/// After a decision `hmr.report_marks` (what serve's widget list shows) marks the report
+/// decided here.
 #[tokio::test(flavor = "multi_thread")]
 async fn our_own_reports_count_marked_own_and_decisions_marked() -> Result<()> {
     let w = Workstations::start(
@@ -95,12 +95,14 @@ async fn our_own_reports_count_marked_own_and_decisions_marked() -> Result<()> {
             &[&check_id, &report],
         )
         .await?;
-    let again = list().await?;
-    let marked: Vec<_> = again.items.iter().map(|i| (i.report_id.clone(), i.decided)).collect();
-    assert!(
-        marked.contains(&(report.clone(), Some(Decided::Recognised))),
-        "{marked:?}"
-    );
-    assert!(marked.iter().filter(|(_, d)| d.is_some()).count() == 1, "{marked:?}");
+    let ids: Vec<String> = list().await?.items.iter().map(|i| i.report_id.clone()).collect();
+    let marked: Vec<(String, String)> = w
+        .his
+        .query("SELECT report_id, decided FROM hmr.report_marks($1)", &[&ids])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(marked, [(report.clone(), "recognised".to_string())], "{marked:?}");
     Ok(())
 }

@@ -43,9 +43,8 @@ pub(super) fn list_recognitions_json(
         let hit = plans::read(SQL, &[plans::TEXT], &[cache_key.as_str().into()], |rows| {
             rows.first().get_one::<JsonB>()
         });
-        if let Ok(Some(JsonB(mut hit))) = hit {
+        if let Ok(Some(JsonB(hit))) = hit {
             log_list_call(&query, workstation, &hit, true, read_only);
-            mark_decided(&mut hit);
             return JsonB(hit);
         }
     }
@@ -96,59 +95,7 @@ pub(super) fn list_recognitions_json(
         );
     }
     log_list_call(&query, workstation, &answer, false, read_only);
-    let mut answer = answer;
-    mark_decided(&mut answer);
     JsonB(answer)
-}
-
-/// Marks each listed report with this hospital's current decision on it (`decided`): read at
-/// every call, after the cache (a cached answer's marks would be stale). An index on
-/// hmr.decisions (report_id) keeps it to the listed reports' decisions.
-fn mark_decided(answer: &mut Value) {
-    let Some(items) = answer["items"].as_array_mut().filter(|i| !i.is_empty()) else {
-        return;
-    };
-    let ids: Vec<String> = items
-        .iter()
-        .filter_map(|i| i["report_id"].as_str().map(str::to_string))
-        .collect();
-    const SQL: &str = "SELECT d.report_id, d.recognise FROM hmr.decisions d
-         WHERE d.report_id OPERATOR(pg_catalog.=) ANY ($1)
-           AND NOT EXISTS (SELECT 1 FROM hmr.decisions n
-                            WHERE n.check_id OPERATOR(pg_catalog.=) d.check_id AND n.order_id OPERATOR(pg_catalog.=) d.order_id
-                              AND n.id OPERATOR(pg_catalog.>) d.id)
-           AND NOT EXISTS (SELECT 1 FROM hmr.checks c
-                            WHERE c.check_id OPERATOR(pg_catalog.=) d.check_id AND c.refused_at IS NOT NULL)";
-    // Recognised when any order's current decision recognises it (it may be downloaded).
-    let mut decided: HashMap<String, bool> = HashMap::new();
-    let rows: Vec<(String, bool)> = plans::read(SQL, &[plans::TEXT_ARRAY], &[ids.into()], |rows| {
-        rows.map(|r| {
-            Ok((
-                r.get::<String>(1)?.unwrap_or_default(),
-                r.get::<bool>(2)?.unwrap_or(false),
-            ))
-        })
-        .collect()
-    })
-    .unwrap_or_default();
-    for (id, recognised) in rows {
-        *decided.entry(id).or_default() |= recognised;
-    }
-    for item in items.iter_mut() {
-        let mark = item["report_id"]
-            .as_str()
-            .and_then(|id| decided.get(id))
-            .map(|&recognised| {
-                if recognised {
-                    Decided::Recognised
-                } else {
-                    Decided::Declined
-                }
-            });
-        if let (Some(mark), Some(o)) = (mark, item.as_object_mut()) {
-            o.insert("decided".into(), serde_json::to_value(mark).expect("answers serialize"));
-        }
-    }
 }
 
 /// Keeps the call for the hospital's statistics (hmr.list_log: 调阅). Not on a standby or

@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 
 use hmr_protocol::answers::{
-    CallStatus, Decided, ListResult, OrderCheckResult, OrderMatch, PageDecision, PageDecisionsResult,
-    PrescriptionCheckResult, QueryResult, ReportSummary,
+    CallStatus, ListResult, OrderCheckResult, OrderMatch, PageDecision, PageDecisionsResult, PrescriptionCheckResult,
+    QueryResult, ReportSummary,
 };
 use hmr_protocol::envelope::parse_data;
 use hmr_protocol::{

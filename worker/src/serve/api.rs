@@ -1,7 +1,7 @@
 //! The JSON API for terminals that do not speak CDS Hooks (docs/openapi.yaml).
 
 use super::*;
-use hmr_protocol::answers::OrderToPerform;
+use hmr_protocol::answers::{Decided, OrderToPerform};
 
 /// `?patient_id=&visit_no=&doctor_no=`: the badge (`hmr_list_recognitions`).
 pub(super) async fn api_list(
@@ -19,8 +19,36 @@ pub(super) async fn api_list(
         .map_err(db_answer)?
         .ok_or_else(|| ask.unknown())?;
     answer.to_perform = to_perform(&s, &ask.patient_id).await.map_err(db_answer)?;
+    mark(&s, &mut answer).await.map_err(db_answer)?;
     s.sessions.remember(&caller, &answer);
     Ok(Json(json_of(&answer)))
+}
+
+/// Marks each listed report with this hospital's decision on it (已互认 / 不互认), read now
+/// (`hmr.report_marks`): the widget offers 下载报告 on the recognised ones.
+async fn mark(s: &Service, answer: &mut hmr_protocol::answers::ListResult) -> Result<(), DbError> {
+    if answer.items.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = answer.items.iter().map(|i| i.report_id.clone()).collect();
+    let db = s.pool.get().await.map_err(pool_error)?;
+    let statement = db
+        .prepare_cached("SELECT report_id, decided FROM hmr.report_marks($1)")
+        .await?;
+    let marks: HashMap<String, String> = db
+        .query(&statement, &[&ids])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for item in &mut answer.items {
+        item.decided = match marks.get(&item.report_id).map(String::as_str) {
+            Some("recognised") => Some(Decided::Recognised),
+            Some(_) => Some(Decided::Declined),
+            None => None,
+        };
+    }
+    Ok(())
 }
 
 /// The patient's orders recognised here whose report its hospital revoked since: the widget
