@@ -960,20 +960,31 @@ fn guard(path: &str) -> Result<()> {
     Ok(())
 }
 
-/// MariaDB's counters of rows read (by its handlers) and sent (to clients).
-fn maria_rows(maria: &MariaDb) -> Result<(i64, i64)> {
-    let out = maria.sql("SHOW GLOBAL STATUS WHERE Variable_name IN ('Rows_read', 'Rows_sent')")?;
-    let mut read = 0;
-    let mut sent = 0;
-    for line in out.lines() {
-        let mut cols = line.split('\t');
-        match (cols.next(), cols.next().and_then(|v| v.trim().parse::<i64>().ok())) {
-            (Some("Rows_read"), Some(v)) => read = v,
-            (Some("Rows_sent"), Some(v)) => sent = v,
-            _ => {}
-        }
-    }
-    Ok((read, sent))
+/// MariaDB's counter of rows read (by its handlers: the index entries and rows a query
+/// touched): what a poll costs the HIS's server.
+fn maria_rows_read(maria: &MariaDb) -> Result<i64> {
+    let out = maria.sql("SHOW GLOBAL STATUS WHERE Variable_name = 'Rows_read'")?;
+    out.split('\t')
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no Rows_read in {out:?}"))
+}
+
+/// One round's changes of the fdw scenario, the same SQL for MariaDB and PostgreSQL: 10
+/// patients and 10 result lines change, a minute later each round.
+fn fdw_round_changes(round: usize) -> String {
+    let keys = |prefix: &str| {
+        (1..=10)
+            .map(|i| format!("'{prefix}{}'", i * 7919 + round))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "UPDATE brxx SET gxsj = '2026-12-01 08:{round:02}:00' WHERE brid IN ({p});
+         UPDATE jyjg SET jg = '6.8', xgsj = '2026-12-01 08:{round:02}:00' WHERE bgdh IN ({l}) AND xh = 1;",
+        p = keys("P"),
+        l = keys("L"),
+    )
 }
 
 /// `hmr-bench fdw`: a HIS of real size in MariaDB — `HMR_BENCH_FDW_PATIENTS` patients (default
@@ -1027,43 +1038,25 @@ async fn fdw_poll() -> Result<()> {
     ))
     .await?;
     let mut poll_ms = Vec::new();
-    let mut sent_per_poll = Vec::new();
     let mut read_per_poll = Vec::new();
     for round in 0..5 {
-        // 10 patients and 10 result lines change (a minute later each round).
-        maria.sql(&format!(
-            "USE his;
-             UPDATE brxx SET gxsj = '2026-12-01 08:{round:02}:00' WHERE brid IN ({p});
-             UPDATE jyjg SET jg = '6.8', xgsj = '2026-12-01 08:{round:02}:00' WHERE bgdh IN ({l}) AND xh = 1;",
-            p = (1..=10)
-                .map(|i| format!("'P{}'", i * 7919 + round))
-                .collect::<Vec<_>>()
-                .join(", "),
-            l = (1..=10)
-                .map(|i| format!("'L{}'", i * 7919 + round))
-                .collect::<Vec<_>>()
-                .join(", "),
-        ))?;
+        maria.sql(&format!("USE his; {}", fdw_round_changes(round)))?;
         for source in ["patients", "results"] {
-            let before = maria_rows(&maria)?;
+            let before = maria_rows_read(&maria)?;
             let t = Instant::now();
             let found: i32 = his.query_one("SELECT hmr.poll_source($1)", &[&source]).await?.get(0);
             let ms = t.elapsed().as_secs_f64() * 1000.0;
-            let after = maria_rows(&maria)?;
+            let after = maria_rows_read(&maria)?;
             anyhow::ensure!(found == 10, "{source}: a poll found {found} changes, not 10");
             poll_ms.push(ms);
-            read_per_poll.push((after.0 - before.0) as f64);
-            sent_per_poll.push((after.1 - before.1) as f64);
+            read_per_poll.push((after - before) as f64);
         }
     }
-    let before = maria_rows(&maria)?;
+    let before = maria_rows_read(&maria)?;
     let t = Instant::now();
     his.query_one("SELECT hmr.poll_source('patients-zoned')", &[]).await?;
     let zoned_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let after = maria_rows(&maria)?;
-    // MariaDB's Rows_read counts the rows its handlers read (the index entries and rows a
-    // query touched): what a poll costs the HIS's server.
-    let _ = sent_per_poll;
+    let after = maria_rows_read(&maria)?;
     println!("| poll (10 changes each) | time p50 ms | rows MariaDB read |\n|---|---|---|");
     println!(
         "| change filter sent to MariaDB (raw column) | {:.1} | {:.0} |",
@@ -1072,7 +1065,7 @@ async fn fdw_poll() -> Result<()> {
     );
     println!(
         "| change filter here (AT TIME ZONE in the view) | {zoned_ms:.0} | {} |",
-        after.0 - before.0
+        after - before
     );
     record("fdw_poll_ms", pct(poll_ms, 0.5));
     record("fdw_rows_read_per_poll", pct(read_per_poll, 0.5));
@@ -1136,20 +1129,7 @@ async fn fdw_poll_postgres(patients: i64, lines: i64) -> Result<()> {
     let mut poll_ms = Vec::new();
     let mut read_per_poll = Vec::new();
     for round in 0..5 {
-        remote
-            .batch_execute(&format!(
-                "UPDATE brxx SET gxsj = '2026-12-01 08:{round:02}:00' WHERE brid IN ({p});
-                 UPDATE jyjg SET jg = '6.8', xgsj = '2026-12-01 08:{round:02}:00' WHERE bgdh IN ({l}) AND xh = 1;",
-                p = (1..=10)
-                    .map(|i| format!("'P{}'", i * 7919 + round))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                l = (1..=10)
-                    .map(|i| format!("'L{}'", i * 7919 + round))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            ))
-            .await?;
+        remote.batch_execute(&fdw_round_changes(round)).await?;
         for source in ["patients", "results"] {
             let before = read().await?;
             let t = Instant::now();
