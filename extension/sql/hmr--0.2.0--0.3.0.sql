@@ -236,6 +236,8 @@ DECLARE
     added integer;
     gone integer;
     time_type text;
+    recent text[];
+    present text[];
 BEGIN
     SELECT * INTO p FROM hmr.polled_sources WHERE name = source_name AND enabled FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
@@ -312,18 +314,26 @@ BEGIN
             k.key_column, p.time_column, polled)
           INTO added, newest USING since, p.delay, p.kind, p.name;
     END IF;
-    -- Withdrawn: held by the platform, recently delivered, no longer in the view (a source
-    -- with a view of its own: among the reports this source found).
-    EXECUTE format(
-        'INSERT INTO hmr.outbox (kind, key, op)
-         SELECT d.kind, d.key, ''P'' FROM hmr.delivered d
-          WHERE d.kind = $1 AND NOT d.revoked AND d.delivered_at > now() - $2
-            AND ($3 IS NULL OR EXISTS (SELECT 1 FROM hmr.polled_seen s WHERE s.source = $4 AND s.key = d.key))
-            AND NOT EXISTS (SELECT 1 FROM %1$s v WHERE v.%2$I::text = d.key)
-            AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = d.kind AND o.key = d.key)',
-        polled, k.key_column)
-      USING p.kind, p.lookback, p.source_view, p.name;
-    GET DIAGNOSTICS gone = ROW_COUNT;
+    -- Withdrawn (a report un-audited leaves the view without a new change time): held by the
+    -- platform, recently delivered, no longer in the view (a source with a view of its own:
+    -- among the reports this source found). The view is asked for those keys by name, a list
+    -- a foreign data wrapper sends to the remote server: joined, the planner read every key
+    -- of the view at each poll (#31). Records other than reports are not withdrawn.
+    gone := 0;
+    IF k.kind IN ('lab_report', 'exam_report') THEN
+        SELECT coalesce(array_agg(d.key ORDER BY d.key), '{}') INTO recent FROM hmr.delivered d
+         WHERE d.kind = p.kind AND NOT d.revoked AND d.delivered_at > now() - p.lookback
+           AND (p.source_view IS NULL OR EXISTS (SELECT 1 FROM hmr.polled_seen s WHERE s.source = p.name AND s.key = d.key))
+           AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = d.kind AND o.key = d.key);
+        IF cardinality(recent) > 0 THEN
+            EXECUTE format('SELECT coalesce(array_agg(v.%2$I::text), ''{}'') FROM %1$s v WHERE v.%2$I::text = ANY($1)',
+                           polled, k.key_column)
+              INTO present USING recent;
+            INSERT INTO hmr.outbox (kind, key, op)
+            SELECT p.kind, r.key, 'P' FROM unnest(recent) AS r(key) WHERE r.key <> ALL (present) ORDER BY r.key;
+            GET DIAGNOSTICS gone = ROW_COUNT;
+        END IF;
+    END IF;
     UPDATE hmr.polled_sources
        SET watermark = greatest(watermark, newest), polled_at = now()
      WHERE name = p.name;

@@ -625,6 +625,42 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_report_view_may_leave_the_patients_identity_to_the_patient_view() {
+        Spi::run("CREATE SCHEMA IF NOT EXISTS hmr_src").unwrap();
+        Spi::run(
+            "CREATE VIEW hmr_src.lab_report AS SELECT 'J1'::text AS report_no, 'P2'::text AS patient_id, \
+             now() - interval '1 hour' AS reported_at, '2001'::text AS auditor_no",
+        )
+        .unwrap();
+        Spi::run(
+            "CREATE VIEW hmr_src.lab_item AS SELECT 'J1'::text AS report_no, 1 AS seq, 'WBC'::text AS item_code, \
+             '白细胞计数'::text AS item_name, '6.5'::text AS result_value",
+        )
+        .unwrap();
+        let problems = |k: &str| {
+            Spi::get_one::<String>(&format!(
+                "SELECT string_agg(concat_ws(' ', key, field, problem), ';' ORDER BY field) FROM hmr.check_sources('{k}')"
+            ))
+            .unwrap()
+            .unwrap_or_default()
+        };
+        // No patient view: nowhere to take them from.
+        let without = problems("lab_report");
+        assert!(without.contains("id_no required column is missing"), "{without}");
+        assert!(without.contains("patient_name required column is missing"), "{without}");
+        // With one, the row is checked as the worker sends it: P2's bad check digit is found.
+        Spi::run(
+            "CREATE VIEW hmr_src.patient AS SELECT * FROM (VALUES \
+             ('P2', '01', '110105194912310021', '李四', '2', date '1949-12-31', NULL::text, now(), now())) \
+             AS v(patient_id, id_type, id_no, name, gender_code, birth_date, phone, registered_at, updated_at)",
+        )
+        .unwrap();
+        let with = problems("lab_report");
+        assert!(!with.contains("column is missing"), "{with}");
+        assert!(with.contains("J1 id_no checksum"), "{with}");
+    }
+
+    #[pg_test]
     fn check_sources_validates_rows() {
         Spi::run("CREATE SCHEMA IF NOT EXISTS hmr_src").unwrap();
         Spi::run(

@@ -94,6 +94,9 @@ fn check_sources(
     })
     .unwrap_or_else(|e| error!("hmr: cannot read hmr.kinds: {e}"));
 
+    // Reports may take the patient's identity from the patient view (as the worker does).
+    let patient_view: Option<String> =
+        Spi::get_one("SELECT to_regclass(source_view)::text FROM hmr.kinds WHERE kind = 'patient'").unwrap_or(None);
     let mut problems: Vec<Problem> = Vec::new();
     for (k, view_name, item_view, connected) in kinds {
         if kind.is_some_and(|wanted| wanted != k) {
@@ -106,13 +109,33 @@ fn check_sources(
         let Some((parsed, canonical)) = Kind::parse(&k).and_then(|p| Some((p, p.view()?))) else {
             continue;
         };
-        let columns_ok = check_columns(&k, &view_name, canonical, &mut problems);
-        if let Some(items) = &item_view {
-            check_columns(&k, items, &source::LAB_ITEM, &mut problems);
-        }
+        let columns_ok = check_columns(&k, &view_name, canonical, patient_view.as_deref(), &mut problems);
+        let items_ok = match &item_view {
+            Some(items) => check_columns(&k, items, &source::LAB_ITEM, None, &mut problems),
+            None => true,
+        };
         if columns_ok {
-            check_rows(parsed, &view_name, item_view.as_deref(), canonical, &mut problems);
+            // Items are read only from an item view that is there (its absence is reported above).
+            let items = item_view.as_deref().filter(|_| items_ok);
+            check_rows(
+                parsed,
+                &view_name,
+                items,
+                canonical,
+                patient_view.as_deref(),
+                &mut problems,
+            );
             check_whole_view(&k, &view_name, canonical, &mut problems);
+            check_read_by_key(
+                &k,
+                &view_name,
+                canonical.key,
+                parsed.report_type().is_some(),
+                &mut problems,
+            );
+        }
+        if let (Some(items), true) = (&item_view, items_ok) {
+            check_read_by_key(&k, items, "report_no", false, &mut problems);
         }
     }
     check_polls(kind, &mut problems);
@@ -124,13 +147,15 @@ fn check_sources(
 }
 
 /// The view's columns and their types; false when the view is missing or unusable.
-fn check_columns(kind: &str, view: &str, canonical: &SourceView, problems: &mut Vec<Problem>) -> bool {
+fn check_columns(
+    kind: &str,
+    view: &str,
+    canonical: &SourceView,
+    patient_view: Option<&str>,
+    problems: &mut Vec<Problem>,
+) -> bool {
     let columns: Option<Vec<(String, String)>> = Spi::connect(|client| {
-        let exists = client
-            .select("SELECT to_regclass($1) IS NOT NULL", None, &[view.into()])?
-            .first()
-            .get_one::<bool>()?;
-        if exists != Some(true) {
+        if relation_of(client, view)?.is_none() {
             return Ok::<_, pgrx::spi::Error>(None);
         }
         let cols = client
@@ -181,6 +206,8 @@ fn check_columns(kind: &str, view: &str, canonical: &SourceView, problems: &mut 
     }
     for c in canonical.columns {
         match columns.iter().find(|(n, _)| n == c.name) {
+            // The worker reads it from the patient view by patient_id.
+            None if patient_view.is_some() && source::from_patient(canonical, c.name) => {}
             None if c.required => {
                 problems.push(problem(
                     kind,
@@ -272,21 +299,111 @@ fn type_matches(expected: &str, actual: &str) -> bool {
     }
 }
 
+/// The view's name as the catalog quotes it (so a name cannot inject SQL); None when it does
+/// not exist.
+fn relation_of(client: &pgrx::spi::SpiClient<'_>, view: &str) -> Result<Option<String>, pgrx::spi::Error> {
+    client
+        .select("SELECT to_regclass($1)::text", None, &[view.into()])?
+        .first()
+        .get_one::<String>()
+}
+
+/// The foreign scans of a query's plan (`EXPLAIN (VERBOSE, FORMAT JSON)`: nothing runs), as
+/// (remote table, remote query, filtered here). EXPLAIN is refused in SPI's read-only mode, so
+/// the plan is asked in read-write mode.
+fn foreign_scans_of(query: &str) -> Vec<(String, String, bool)> {
+    let plan = Spi::connect_mut(|client| {
+        client
+            .update(&format!("EXPLAIN (VERBOSE, FORMAT JSON) {query}"), None, &[])?
+            .first()
+            .get_one::<pgrx::Json>()
+    });
+    let Ok(Some(pgrx::Json(plan))) = plan else {
+        return vec![];
+    };
+    let mut scans = Vec::new();
+    foreign_scans(&plan, &mut scans);
+    scans
+        .into_iter()
+        .map(|scan| {
+            let remote = scan["Remote SQL"]
+                .as_str()
+                .or_else(|| scan["Remote query"].as_str())
+                .unwrap_or("");
+            (
+                scan["Relation Name"].as_str().unwrap_or("?").to_string(),
+                remote.to_string(),
+                scan.get("Filter").is_some(),
+            )
+        })
+        .collect()
+}
+
+/// The worker reads each changed record by key (reports one by one, master data in batches):
+/// every foreign table that read touches must get the key (or a join parameter) in its remote
+/// query. A view joining two views over foreign tables does not: the remote server is asked
+/// for every row of one of them at each read (a report view joined to a UNION of patient
+/// tables fetched every patient per report, #31).
+fn check_read_by_key(kind: &str, view: &str, key: &str, report_view: bool, problems: &mut Vec<Problem>) {
+    const PROBE: &str = "hmr-check-key";
+    let Ok(Some(relation)) = Spi::connect(|client| relation_of(client, view)) else {
+        return;
+    };
+    let query = format!(
+        "SELECT to_jsonb(v) FROM {relation} v WHERE v.{k}::text = ANY(ARRAY['{PROBE}'])",
+        k = pgrx::spi::quote_identifier(key)
+    );
+    for (table, remote, _) in foreign_scans_of(&query) {
+        // mysql_fdw sends parameters as `?`, postgres_fdw as `$1`.
+        if remote.contains(PROBE) || remote.contains('?') || remote.contains("$1") {
+            continue;
+        }
+        let hint = if report_view {
+            "a report view joined to the patient view reads every patient per report: leave id_type, id_no \
+             and patient_name out of the report view (the worker takes them from hmr_src.patient by patient_id)"
+                .to_string()
+        } else {
+            format!(
+                "read {table} in a view of its own, or join it by a column the remote server gets \
+                 with the key; check with EXPLAIN VERBOSE {query}"
+            )
+        };
+        problems.push(Problem {
+            rule: Some(format!(
+                "each read of one {kind} by {key} reads every row of the remote table {table} (remote query: {remote})"
+            )),
+            hint: Some(hint),
+            ..problem(
+                kind,
+                view,
+                None,
+                Some(key.into()),
+                "read-by-key-reads-whole-table".into(),
+            )
+        });
+    }
+}
+
 /// What only the whole view shows (it reads the key and time columns of every row, so on a
 /// large HIS it takes as long as a scan of the view): keys that name two rows (a patient in
 /// both the outpatient and the inpatient table of a UNION; the worker would read either), and
 /// a newest change or report time in the future or hours old, the sign of a time read in the
 /// wrong zone (a Beijing wall-clock column read as UTC comes out 8 h early).
 fn check_whole_view(kind: &str, view: &str, canonical: &SourceView, problems: &mut Vec<Problem>) {
-    let time = ["updated_at", "audited_at", "reported_at"]
-        .into_iter()
-        .find(|t| canonical.columns.iter().any(|c| c.name == *t));
     let found = Spi::connect(|client| {
-        let relation = client
-            .select("SELECT to_regclass($1)::text", None, &[view.into()])?
+        let relation = relation_of(client, view)?.unwrap_or_default();
+        // The first of these the view has (audited_at is optional in a report view).
+        let time = client
+            .select(
+                "SELECT t FROM unnest(ARRAY['updated_at', 'audited_at', 'reported_at']) WITH ORDINALITY AS u(t, n)
+                  WHERE EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass($1)
+                                   AND a.attname = u.t AND NOT a.attisdropped)
+                  ORDER BY n LIMIT 1",
+                None,
+                &[view.into()],
+            )?
             .first()
-            .get_one::<String>()?
-            .unwrap_or_default();
+            .get_one::<String>()?;
         let key = pgrx::spi::quote_identifier(canonical.key);
         let duplicates = client
             .select(
@@ -299,7 +416,7 @@ fn check_whole_view(kind: &str, view: &str, canonical: &SourceView, problems: &m
             )?
             .map(|r| Ok((r.get::<String>(1)?.unwrap_or_default(), r.get::<i64>(2)?.unwrap_or(0))))
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()?;
-        let newest = match time {
+        let newest = match &time {
             Some(t) => client
                 .select(
                     &format!(
@@ -313,9 +430,9 @@ fn check_whole_view(kind: &str, view: &str, canonical: &SourceView, problems: &m
                 .get_one::<f64>()?,
             None => None,
         };
-        Ok::<_, pgrx::spi::Error>((duplicates, newest))
+        Ok::<_, pgrx::spi::Error>((time, duplicates, newest))
     });
-    let Ok((duplicates, newest)) = found else {
+    let Ok((time, duplicates, newest)) = found else {
         return;
     };
     for (key, rows) in duplicates {
@@ -335,7 +452,7 @@ fn check_whole_view(kind: &str, view: &str, canonical: &SourceView, problems: &m
             )
         });
     }
-    if let (Some(t), Some(ahead)) = (time, newest) {
+    if let (Some(t), Some(ahead)) = (time.as_deref(), newest) {
         let hours = ahead / 3600.0;
         let zone_hint = format!("({t} AT TIME ZONE 'Asia/Shanghai') AS {t} for a timestamp without time zone; check with SELECT max({t}), now() FROM {view}");
         if ahead > 300.0 {
@@ -389,14 +506,8 @@ fn check_polls(kind: Option<&str>, problems: &mut Vec<Problem>) {
         if kind.is_some_and(|wanted| wanted != k) {
             continue;
         }
-        // EXPLAIN is refused in SPI's read-only mode: the plan is asked in read-write mode (it
-        // runs nothing).
-        let plan = Spi::connect_mut(|client| {
-            let relation = client
-                .select("SELECT to_regclass($1)::text", None, &[view.as_str().into()])?
-                .first()
-                .get_one::<String>()?
-                .unwrap_or_default();
+        let typ_relation = Spi::connect(|client| {
+            let relation = relation_of(client, &view)?.unwrap_or_default();
             let typ = client
                 .select(
                     "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
@@ -407,32 +518,24 @@ fn check_polls(kind: Option<&str>, problems: &mut Vec<Problem>) {
                 .first()
                 .get_one::<String>()?
                 .unwrap_or_default();
-            // The poll's candidate query, with bounds of the column's own type (as poll_source
-            // binds them).
-            let bound = if typ == "timestamp without time zone" {
-                "'2026-01-01 00:00:00'::timestamp"
-            } else {
-                "'2026-01-01 00:00:00+08'::timestamptz"
-            };
-            let t = pgrx::spi::quote_identifier(&time);
-            let query = format!(
-                "EXPLAIN (VERBOSE, FORMAT JSON) SELECT v.{k}::text, v.{t} FROM {relation} v WHERE v.{t} > {bound} AND v.{t} <= {bound}",
-                k = pgrx::spi::quote_identifier(&key)
-            );
-            client.update(&query, None, &[])?.first().get_one::<pgrx::Json>()
+            Ok::<_, pgrx::spi::Error>((relation, typ))
         });
-        let Ok(Some(pgrx::Json(plan))) = plan else {
+        let Ok((relation, typ)) = typ_relation else {
             continue;
         };
-        let mut scans = Vec::new();
-        foreign_scans(&plan, &mut scans);
-        for scan in scans {
-            let remote = scan["Remote SQL"]
-                .as_str()
-                .or_else(|| scan["Remote query"].as_str())
-                .unwrap_or("");
-            let table = scan["Relation Name"].as_str().unwrap_or("?");
-            let filtered_here = scan.get("Filter").is_some();
+        // The poll's candidate query, with bounds of the column's own type (as poll_source
+        // binds them).
+        let bound = if typ == "timestamp without time zone" {
+            "'2026-01-01 00:00:00'::timestamp"
+        } else {
+            "'2026-01-01 00:00:00+08'::timestamptz"
+        };
+        let t = pgrx::spi::quote_identifier(&time);
+        let query = format!(
+            "SELECT v.{k}::text, v.{t} FROM {relation} v WHERE v.{t} > {bound} AND v.{t} <= {bound}",
+            k = pgrx::spi::quote_identifier(&key)
+        );
+        for (table, remote, filtered_here) in foreign_scans_of(&query) {
             if remote.to_uppercase().contains("WHERE") && !filtered_here {
                 continue;
             }
@@ -469,7 +572,14 @@ fn foreign_scans<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
 }
 
 /// Converts and validates up to `hmr.check_sample_rows` rows.
-fn check_rows(parsed: Kind, view: &str, item_view: Option<&str>, canonical: &SourceView, problems: &mut Vec<Problem>) {
+fn check_rows(
+    parsed: Kind,
+    view: &str,
+    item_view: Option<&str>,
+    canonical: &SourceView,
+    patient_view: Option<&str>,
+    problems: &mut Vec<Problem>,
+) {
     let kind = parsed.as_str();
     let limit = i64::from(gucs::CHECK_SAMPLE_ROWS.get());
     if limit == 0 {
@@ -477,10 +587,7 @@ fn check_rows(parsed: Kind, view: &str, item_view: Option<&str>, canonical: &Sou
     }
     // Quoting comes from regclass's own output, so a view name cannot inject SQL.
     let rows: Vec<Value> = Spi::connect(|client| {
-        let relation = client
-            .select("SELECT to_regclass($1)::text", None, &[view.into()])?
-            .first()
-            .get_one::<String>()?;
+        let relation = relation_of(client, view)?;
         let query = format!(
             "SELECT to_jsonb(v) FROM {} v LIMIT {limit}",
             relation.unwrap_or_default()
@@ -494,7 +601,10 @@ fn check_rows(parsed: Kind, view: &str, item_view: Option<&str>, canonical: &Sou
 
     let now = hmr_protocol::checks::china_now();
     for row in rows {
-        let Value::Object(row) = row else { continue };
+        let Value::Object(mut row) = row else { continue };
+        if let (Some(patients), true) = (patient_view, parsed.report_type().is_some()) {
+            fill_identity(patients, &mut row);
+        }
         let key = row
             .get(canonical.key)
             .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
@@ -570,6 +680,31 @@ fn check_rows(parsed: Kind, view: &str, item_view: Option<&str>, canonical: &Sou
     }
 }
 
+/// A report row without the patient's identity columns gets them from its patient's row,
+/// as the worker reads it.
+fn fill_identity(patient_view: &str, row: &mut Map<String, Value>) {
+    if source::PATIENT_IDENTITY.iter().all(|(c, _)| row.contains_key(*c)) {
+        return;
+    }
+    let Some(patient_id) = row.get("patient_id").and_then(Value::as_str).map(str::to_string) else {
+        return;
+    };
+    let patient = Spi::connect(|client| {
+        let relation = relation_of(client, patient_view)?.unwrap_or_default();
+        client
+            .select(
+                &format!("SELECT to_jsonb(p) FROM {relation} p WHERE p.patient_id::text = $1 LIMIT 1"),
+                None,
+                &[patient_id.into()],
+            )?
+            .first()
+            .get_one::<JsonB>()
+    });
+    if let Ok(Some(JsonB(Value::Object(patient)))) = patient {
+        source::fill_identity(row, &patient);
+    }
+}
+
 /// The value a problem is about: a column of the row, or a field of one of its items
 /// (`items[2].resultValue`, items being in platform field names).
 fn field_value(row: &Map<String, Value>, items: &[Value], field: &str, column: &str) -> Option<String> {
@@ -588,7 +723,7 @@ fn field_value(row: &Map<String, Value>, items: &[Value], field: &str, column: &
 /// Items of one report in platform field names, ordered by `seq` when the view has it.
 fn read_items(item_view: &str, report_no: &str) -> Vec<Value> {
     Spi::connect(|client| {
-        let relation = client.select("SELECT to_regclass($1)::text", None, &[item_view.into()])?.first().get_one::<String>()?;
+        let relation = relation_of(client, item_view)?;
         let query = format!(
             "SELECT to_jsonb(i) FROM {} i WHERE i.report_no = $1 ORDER BY to_jsonb(i) -> 'seq', to_jsonb(i) ->> 'item_code'",
             relation.unwrap_or_default()

@@ -175,6 +175,29 @@ pub const EXAM_REPORT: SourceView = SourceView {
     ],
 };
 
+/// A report's patient identity, as (report view column, patient view column). A report view
+/// may leave these out: they are then taken from the patient view by `patient_id`, one
+/// lookup by key (over an FDW, a report view that joins the patient view makes every read of
+/// a report fetch every patient: a foreign join is not parameterised).
+pub const PATIENT_IDENTITY: [(&str, &str); 3] = [("id_type", "id_type"), ("id_no", "id_no"), ("patient_name", "name")];
+
+/// Fills the identity columns a report row does not have from its patient's row. A column
+/// the view has is kept as it is, `null` included.
+pub fn fill_identity(report: &mut Map<String, Value>, patient: &Map<String, Value>) {
+    for (column, from) in PATIENT_IDENTITY {
+        if !report.contains_key(column) {
+            if let Some(v) = patient.get(from) {
+                report.insert(column.to_string(), v.clone());
+            }
+        }
+    }
+}
+
+/// Whether a report view's missing `column` can come from the patient view instead.
+pub fn from_patient(view: &SourceView, column: &str) -> bool {
+    matches!(view.kind, "lab_report" | "exam_report") && PATIENT_IDENTITY.iter().any(|(c, _)| *c == column)
+}
+
 pub const ALL_VIEWS: [SourceView; 6] = [PATIENT, DEPARTMENT, STAFF, LAB_REPORT, LAB_ITEM, EXAM_REPORT];
 
 pub fn view_for(kind: &str) -> Option<&'static SourceView> {
@@ -299,6 +322,25 @@ mod tests {
 
     /// The tables above and the wire types must not drift apart: every column lands in a
     /// field that exists, and every field of the record is reachable from a column.
+    #[test]
+    fn identity_comes_from_the_patient_row_only_when_the_view_lacks_it() {
+        let mut report = json!({"report_no": "J1", "patient_id": "P1", "patient_name": null})
+            .as_object()
+            .unwrap()
+            .clone();
+        let patient = json!({"patient_id": "P1", "id_type": "01", "id_no": "X", "name": "陈"})
+            .as_object()
+            .unwrap()
+            .clone();
+        fill_identity(&mut report, &patient);
+        assert_eq!(report["id_type"], "01");
+        assert_eq!(report["id_no"], "X");
+        // The view has the column: its null stands (and is reported as such).
+        assert_eq!(report["patient_name"], Value::Null);
+        assert!(from_patient(&LAB_REPORT, "id_no") && !from_patient(&PATIENT, "id_no"));
+        assert!(!from_patient(&EXAM_REPORT, "report_no"));
+    }
+
     #[test]
     fn views_cover_wire_types() {
         let extra = |v: Value| v.as_object().unwrap().clone();

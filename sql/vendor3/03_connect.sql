@@ -19,11 +19,11 @@ SELECT ksdm AS dept_code, ksmc AS dept_name, bzks AS std_dept_code, yq AS campus
 CREATE VIEW hmr_src.staff AS
 SELECT gh AS staff_no, xm AS name, hmr.code('gender', xb) AS gender_code, ksdm AS dept_code, hmr.code('title', zc) AS title_code,
        hmr.code('role', js) AS role, hmr.code('active', zt) AS status, hmr.changed_at('his-staff', gh) AS updated_at FROM his_remote.ryxx;
+-- No join to hmr_src.patient: the worker takes id_type, id_no and the name from it by patient_id.
 CREATE VIEW hmr_src.lab_report AS
-SELECT b.bgdh AS report_no, b.brid AS patient_id, p.id_type, p.id_no, p.name AS patient_name, hmr.code('visit_type', b.jzlx) AS visit_type,
-       b.jzh AS visit_no, b.ksdm AS dept_code, b.sqys AS request_doctor_no, b.bbmc AS specimen_name, b.cysj AT TIME ZONE 'Asia/Shanghai' AS sampled_at,
-       b.bgsj AT TIME ZONE 'Asia/Shanghai' AS reported_at, b.shsj AT TIME ZONE 'Asia/Shanghai' AS audited_at, b.shr AS auditor_no,
-       b.xmdm AS local_item_code, b.xmmc AS local_item_name FROM his_remote.jybg b JOIN hmr_src.patient p ON p.patient_id = b.brid WHERE b.zt = '已审核';
+SELECT bgdh AS report_no, brid AS patient_id, hmr.code('visit_type', jzlx) AS visit_type, jzh AS visit_no, ksdm AS dept_code,
+       sqys AS request_doctor_no, bbmc AS specimen_name, cysj AT TIME ZONE 'Asia/Shanghai' AS sampled_at, bgsj AT TIME ZONE 'Asia/Shanghai' AS reported_at,
+       shsj AT TIME ZONE 'Asia/Shanghai' AS audited_at, shr AS auditor_no, xmdm AS local_item_code, xmmc AS local_item_name FROM his_remote.jybg WHERE zt = '已审核';
 CREATE VIEW hmr_src.lab_item AS
 SELECT bgdh AS report_no, xh AS seq, zbdm AS item_code, zbmc AS item_name, jg AS result_value, dw AS result_unit,
        ckfw AS reference_range, hmr.code('abnormal_flag', bz) AS abnormal_flag FROM his_remote.jyjg;

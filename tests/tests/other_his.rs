@@ -56,12 +56,12 @@ CREATE VIEW hmr_src.staff AS
 SELECT r.gh AS staff_no, r.xm AS name, hmr.code('gender', r.xb) AS gender_code, r.ksdm AS dept_code,
        hmr.changed_at('his-staff', r.gh) AS updated_at
   FROM his_remote.ryxx r;
+-- No patient columns: the worker takes id_type, id_no and the name from hmr_src.patient by key.
 CREATE VIEW hmr_src.lab_report AS
-SELECT g.bgdh AS report_no, g.brid AS patient_id, '01' AS id_type, upper(b.zjhm) AS id_no, b.xm AS patient_name,
-       '1' AS visit_type, g.mzh AS visit_no, g.ksdm AS dept_code, g.sqys AS request_doctor_no, g.bbmc AS specimen_name,
+SELECT g.bgdh AS report_no, g.brid AS patient_id, '1' AS visit_type, g.mzh AS visit_no, g.ksdm AS dept_code, g.sqys AS request_doctor_no, g.bbmc AS specimen_name,
        g.cysj AT TIME ZONE 'Asia/Shanghai' AS sampled_at, g.bgsj AT TIME ZONE 'Asia/Shanghai' AS reported_at,
        g.shsj AT TIME ZONE 'Asia/Shanghai' AS audited_at, g.shr AS auditor_no, g.xmzdm AS data_code, g.xmzmc AS category_name
-  FROM his_remote.jybg g JOIN his_remote.brxx b ON b.brid = g.brid WHERE g.zt = '已审核';
+  FROM his_remote.jybg g WHERE g.zt = '已审核';
 CREATE VIEW hmr_src.lab_item AS
 SELECT j.bgdh AS report_no, j.xh AS seq, j.xmdm AS item_code, j.xmmc AS item_name, j.jg AS result_value, j.dw AS result_unit,
        j.ckfw AS reference_range, hmr.code('abnormal_flag', j.bz) AS abnormal_flag

@@ -52,6 +52,15 @@ async fn a_mariadb_his_connects_in_forty_lines_and_each_poll_reads_the_changes()
         "ready, and every poll's bounds sent to MariaDB: {problems:#?}"
     );
 
+    // From here on MariaDB logs every statement it is sent: the worker's reads are checked
+    // against it at the end (check_sources' whole-view checks above read whole tables on
+    // purpose, once, when the DBA asks).
+    let general_log = maria.dir.join("general.log");
+    maria.sql(&format!(
+        "SET GLOBAL log_output = 'FILE'; SET GLOBAL general_log_file = '{}'; SET GLOBAL general_log = 1",
+        general_log.display()
+    ))?;
+
     let sim = Sim::start()?;
     let _worker = Worker::start(&cluster, &sim, &WorkerOptions::default())?;
     wait_until(Duration::from_secs(40), "every kind from the MariaDB HIS", || async {
@@ -88,6 +97,17 @@ async fn a_mariadb_his_connects_in_forty_lines_and_each_poll_reads_the_changes()
     );
     let j1 = body("/api/v1/lab-reports", "reportNo", "J0001");
     assert_eq!(j1["items"][1]["abnormalFlag"], "3", "偏低: {j1}");
+    // The report view has no patient columns: the identity came from hmr_src.patient by key.
+    assert_eq!(
+        (j1["idType"].as_str(), j1["idNo"].as_str(), j1["name"].as_str()),
+        (Some("01"), Some("441302198003151233"), Some("陈志明")),
+        "{j1}"
+    );
+    assert_eq!(
+        body("/api/v1/lab-reports", "reportNo", "J0002")["name"],
+        "黄国强",
+        "an inpatient's identity, from the other table of the UNION"
+    );
     assert_eq!(
         j1["auditedAt"], "2026-11-20T09:40:00+08:00",
         "a wall-clock time read as Beijing time"
@@ -113,5 +133,49 @@ async fn a_mariadb_his_connects_in_forty_lines_and_each_poll_reads_the_changes()
     })
     .await?;
     assert_eq!(count(&his, "SELECT count(*) FROM hmr.quarantine").await?, 0);
+
+    // Everything the worker asked of the patient and report tables named its rows: reading
+    // a changed report by key never fetched every patient (a report view joined to the
+    // patient UNION did: SELECT brid, xm, sfzh FROM mzbr, once per report).
+    let log = std::fs::read_to_string(&general_log)?;
+    let reads: Vec<&str> = log
+        .lines()
+        .filter(|l| ["mzbr`", "zybr`", "jybg`", "jyjg`"].iter().any(|t| l.contains(t)))
+        .collect();
+    assert!(
+        reads
+            .iter()
+            .any(|l| l.contains("FROM `his`.`mzbr` WHERE") && l.contains("MZ0001")),
+        "the patient's identity read by key: {reads:#?}"
+    );
+    let whole: Vec<&&str> = reads.iter().filter(|l| !l.contains("WHERE")).collect();
+    assert!(whole.is_empty(), "statements that read a whole table: {whole:#?}");
+
+    // The check that finds it: a report view joined to the patient view is named, with the
+    // remote table it reads whole and the fix.
+    his.batch_execute(
+        "CREATE VIEW hmr_src.lab_report_joined AS
+         SELECT r.*, p.id_type, p.id_no, p.name AS patient_name
+           FROM hmr_src.lab_report r JOIN hmr_src.patient p USING (patient_id);
+         UPDATE hmr.kinds SET source_view = 'hmr_src.lab_report_joined' WHERE kind = 'lab_report';",
+    )
+    .await?;
+    let flagged: Vec<String> = his
+        .query(
+            "SELECT rule || ' | ' || hint FROM hmr.check_sources('lab_report')
+              WHERE problem = 'read-by-key-reads-whole-table'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(flagged.len(), 2, "mzbr and zybr: {flagged:#?}");
+    assert!(
+        flagged
+            .iter()
+            .all(|f| f.contains("leave id_type, id_no and patient_name out")),
+        "{flagged:#?}"
+    );
     Ok(())
 }

@@ -48,6 +48,8 @@ pub struct KindSource {
     pub relation: String,
     pub key_column: String,
     pub item_relation: Option<String>,
+    /// Whether the view existed when the worker connected.
+    pub exists: bool,
 }
 
 pub struct Store {
@@ -135,7 +137,8 @@ impl Store {
                 // A view missing now is still the view to read: its events wait with the
                 // error (42P01) instead of being taken as "not in the source view".
                 "SELECT kind, coalesce(to_regclass(source_view)::text, source_view), key_column,
-                        coalesce(to_regclass(item_view)::text, item_view) FROM hmr.kinds",
+                        coalesce(to_regclass(item_view)::text, item_view),
+                        to_regclass(source_view) IS NOT NULL FROM hmr.kinds",
                 &[],
             )
             .await?
@@ -150,6 +153,7 @@ impl Store {
                         relation,
                         key_column: row.get(2),
                         item_relation: row.get(3),
+                        exists: row.get(4),
                     },
                 );
             }
@@ -293,15 +297,29 @@ impl Store {
             ),
             None => "NULL::jsonb".into(),
         };
+        // A report view without the patient's identity (id_type, id_no, patient_name) gets
+        // it from the patient view by key, here: a view joining the two makes a foreign
+        // patient table be read whole for every report (#31). Skipped (a one-time filter)
+        // for a row that has all three.
+        let identity = match self.sources.get(&Kind::Patient) {
+            Some(patients) if patients.exists => format!(
+                "(SELECT to_jsonb(pv) FROM {} pv
+                   WHERE NOT (r.row ?& ARRAY['id_type', 'id_no', 'patient_name'])
+                     AND pv.{}::text = r.patient_id LIMIT 1)",
+                patients.relation,
+                quote_ident(&patients.key_column)
+            ),
+            _ => "NULL::jsonb".into(),
+        };
         let sql = format!(
-            "SELECT k.key, r.row, {items}, d.version, d.content_hash, d.revoked, p.key IS NOT NULL
+            "SELECT k.key, r.row, {items}, d.version, d.content_hash, d.revoked, p.key IS NOT NULL, {identity}
                FROM unnest($1::text[]) AS k(key)
-               LEFT JOIN LATERAL (SELECT to_jsonb(v) AS row FROM {relation} v
-                                   WHERE v.{key}::text = k.key LIMIT 1) r ON true
+               LEFT JOIN LATERAL (SELECT to_jsonb(v) AS row, to_jsonb(v) ->> 'patient_id' AS patient_id
+                                   FROM {relation} v WHERE v.{key}::text = k.key LIMIT 1) r ON true
                LEFT JOIN LATERAL (SELECT d.version, d.content_hash, d.revoked FROM hmr.delivered d
                                    WHERE d.kind = $2 AND d.key = k.key LIMIT 1) d ON true
                LEFT JOIN LATERAL (SELECT p.key FROM hmr.delivered p
-                                   WHERE p.kind = 'patient' AND p.key = r.row ->> 'patient_id' LIMIT 1) p ON true",
+                                   WHERE p.kind = 'patient' AND p.key = r.patient_id LIMIT 1) p ON true",
             relation = src.relation,
             key = quote_ident(&src.key_column),
         );
@@ -309,10 +327,14 @@ impl Store {
         for r in self.query_planned(&sql, &[&keys, &kind.as_str()]).await? {
             let items: Option<Value> = r.get(2);
             let version: Option<i32> = r.get(3);
+            let mut row: Option<Value> = r.get(1);
+            if let (Some(Value::Object(row)), Some(Value::Object(patient))) = (&mut row, r.get::<_, Option<Value>>(7)) {
+                hmr_protocol::source::fill_identity(row, &patient);
+            }
             inputs.insert(
                 r.get::<_, String>(0),
                 ReportInput {
-                    row: r.get(1),
+                    row,
                     items: match items {
                         Some(Value::Array(items)) => items,
                         _ => vec![],
