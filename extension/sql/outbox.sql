@@ -186,6 +186,9 @@ BEGIN
         DELETE FROM hmr.sleepers s WHERE s.worker = worker_id;
     END IF;
     PERFORM hmr.ingest();
+    -- One event of a record at a time: none while an earlier one waits, nor while any other
+    -- is in flight. Ids are taken when the HIS writes, so an event of an earlier transaction
+    -- that commits late arrives with a lower id than one already being sent.
     RETURN QUERY
     WITH u AS (
         -- what a doctor is waiting for first (hmr.hurry; usually none)
@@ -193,8 +196,9 @@ BEGIN
          WHERE o.urgent AND o.state = 'pending' AND o.next_attempt_at <= now()
            AND o.kind = ANY (kinds)
            AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
-                            WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
-                              AND e.state <> 'quarantined')
+                            WHERE e.kind = o.kind AND e.key = o.key AND e.id <> o.id
+                              AND ((e.id < o.id AND e.state <> 'quarantined')
+                                   OR (e.state = 'claimed' AND e.lease_until >= now())))
          ORDER BY o.id
          LIMIT max_events
          FOR UPDATE OF o SKIP LOCKED),
@@ -204,8 +208,9 @@ BEGIN
                 OR (o.state = 'claimed' AND o.lease_until < now()))
            AND o.kind = ANY (kinds)
            AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
-                            WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
-                              AND e.state <> 'quarantined')
+                            WHERE e.kind = o.kind AND e.key = o.key AND e.id <> o.id
+                              AND ((e.id < o.id AND e.state <> 'quarantined')
+                                   OR (e.state = 'claimed' AND e.lease_until >= now())))
          ORDER BY o.id
          LIMIT max_events
          FOR UPDATE OF o SKIP LOCKED),

@@ -461,6 +461,33 @@ mod tests {
     }
 
     #[pg_test]
+    fn an_event_that_commits_late_waits_for_the_record_in_flight() {
+        // T1 changes K first (its event id is taken then) but commits late; T2's event of K,
+        // with the higher id, is already claimed and being sent when T1's arrives.
+        let early = Spi::get_one::<i64>("SELECT nextval('hmr.event_id_seq')")
+            .unwrap()
+            .unwrap();
+        Spi::run("SELECT hmr.enqueue('patient', 'K')").unwrap();
+        let claim = |w: &str| {
+            Spi::get_one::<String>(&format!(
+                "SELECT string_agg(id::text, ',' ORDER BY id) FROM hmr.claim('{w}', ARRAY['patient'], 10, 5)"
+            ))
+            .unwrap()
+            .unwrap_or_default()
+        };
+        let later = claim("w1");
+        assert!(!later.is_empty());
+        Spi::run(&format!(
+            "INSERT INTO hmr.outbox (id, kind, key, op) VALUES ({early}, 'patient', 'K', 'U')"
+        ))
+        .unwrap();
+        assert_eq!(claim("w2"), "", "two events of K in flight at once");
+        // Sent and finished: now the late one goes (and reads K as it is now).
+        Spi::run(&format!("DELETE FROM hmr.outbox WHERE id = {later}")).unwrap();
+        assert_eq!(claim("w2"), early.to_string());
+    }
+
+    #[pg_test]
     fn claim_takes_a_hurried_record_first_and_keeps_record_order() {
         for k in ["A", "B", "C"] {
             Spi::run(&format!("SELECT hmr.enqueue('patient', '{k}')")).unwrap();

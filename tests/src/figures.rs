@@ -164,6 +164,18 @@ pub const SPECS: &[Spec] = &[
         goal: Goal::AtMost(30.0),
     },
     Spec {
+        name: "fdw_deliver_round_ms",
+        what: "through mysql_fdw, from the polls to the last of 10 corrected reports (and their 10 patients) delivered, p50",
+        unit: "ms",
+        goal: Goal::AtMost(1000.0),
+    },
+    Spec {
+        name: "fdw_rows_read_per_report",
+        what: "rows MariaDB reads per report delivered (polls, patient, header, 10 result lines, identity, un-audit check), p50",
+        unit: "rows",
+        goal: Goal::AtMost(50.0),
+    },
+    Spec {
         name: "cold_first_call_ms",
         what: "a new backend's first list call, p50",
         unit: "ms",

@@ -27,6 +27,15 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The lines of SQL a DBA writes: neither blank nor a comment (the "≤ 40 lines" of the
+/// vendor recipes).
+pub fn sql_lines(sql: &str) -> usize {
+    sql.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("--"))
+        .count()
+}
+
 /// The cargo target directory holding the built binaries (…/target/debug).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");

@@ -99,21 +99,14 @@ async fn remote_queries(his: &tokio_postgres::Client, view: &str, time: &str, ke
         .join("\n"))
 }
 
-fn lines(sql: &str) -> usize {
-    sql.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("--"))
-        .count()
-}
-
 /// The same checks whichever server the HIS is on. `remote` runs SQL on the vendor's database.
 async fn polled_end_to_end(
     cluster: &Cluster,
     his: &tokio_postgres::Client,
     remote: &dyn Fn(&str) -> Result<()>,
 ) -> Result<()> {
-    println!("connected in {} lines of SQL", lines(CONNECT));
-    assert!(lines(CONNECT) <= 40);
+    println!("connected in {} lines of SQL", sql_lines(CONNECT));
+    assert!(sql_lines(CONNECT) <= 40);
     his.batch_execute(CONNECT).await?;
     let problems = his
         .query("SELECT kind, field, problem FROM hmr.check_sources()", &[])

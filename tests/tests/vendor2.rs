@@ -11,10 +11,7 @@ use hmr_e2e::*;
 async fn a_second_vendor_connects_in_forty_lines_and_everything_arrives() -> Result<()> {
     let dir = repo_root().join("sql/vendor2");
     let connect = std::fs::read_to_string(dir.join("02_connect.sql"))?;
-    let lines = connect
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
-        .count();
+    let lines = sql_lines(&connect);
     println!("sql/vendor2/02_connect.sql: {lines} non-blank, non-comment lines");
     assert!(lines <= 40, "{lines} lines");
 

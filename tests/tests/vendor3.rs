@@ -14,10 +14,7 @@ use serde_json::Value;
 async fn a_mariadb_his_connects_in_forty_lines_and_each_poll_reads_the_changes() -> Result<()> {
     let dir = repo_root().join("sql/vendor3");
     let connect = std::fs::read_to_string(dir.join("03_connect.sql"))?;
-    let lines = connect
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
-        .count();
+    let lines = sql_lines(&connect);
     println!("sql/vendor3/03_connect.sql: {lines} non-blank, non-comment lines");
     assert!(lines <= 40, "{lines} lines");
 

@@ -18,20 +18,22 @@ pub(super) async fn api_list(
         .await
         .map_err(db_answer)?
         .ok_or_else(|| ask.unknown())?;
-    answer.to_perform = to_perform(&s, &ask.patient_id).await.map_err(db_answer)?;
-    mark(&s, &mut answer).await.map_err(db_answer)?;
+    // One connection for both reads: the badge is the reception's hot path.
+    let db = s.pool.get().await.map_err(pool_error).map_err(db_answer)?;
+    answer.to_perform = to_perform(&db, &ask.patient_id).await.map_err(db_answer)?;
+    mark(&db, &mut answer).await.map_err(db_answer)?;
+    drop(db);
     s.sessions.remember(&caller, &answer);
     Ok(Json(json_of(&answer)))
 }
 
 /// Marks each listed report with this hospital's decision on it (已互认 / 不互认), read now
 /// (`hmr.report_marks`): the widget offers 下载报告 on the recognised ones.
-async fn mark(s: &Service, answer: &mut hmr_protocol::answers::ListResult) -> Result<(), DbError> {
+async fn mark(db: &deadpool_postgres::Client, answer: &mut hmr_protocol::answers::ListResult) -> Result<(), DbError> {
     if answer.items.is_empty() {
         return Ok(());
     }
     let ids: Vec<String> = answer.items.iter().map(|i| i.report_id.clone()).collect();
-    let db = s.pool.get().await.map_err(pool_error)?;
     let statement = db
         .prepare_cached("SELECT report_id, decided FROM hmr.report_marks($1)")
         .await?;
@@ -53,8 +55,7 @@ async fn mark(s: &Service, answer: &mut hmr_protocol::answers::ListResult) -> Re
 
 /// The patient's orders recognised here whose report its hospital revoked since: the widget
 /// shows them beside the list, to be performed after all.
-async fn to_perform(s: &Service, patient_id: &str) -> Result<Vec<OrderToPerform>, DbError> {
-    let db = s.pool.get().await.map_err(pool_error)?;
+async fn to_perform(db: &deadpool_postgres::Client, patient_id: &str) -> Result<Vec<OrderToPerform>, DbError> {
     let statement = db
         .prepare_cached(
             "SELECT order_id, report_id, item_name,
