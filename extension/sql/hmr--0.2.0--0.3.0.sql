@@ -322,15 +322,17 @@ BEGIN
     gone := 0;
     IF k.kind IN ('lab_report', 'exam_report') THEN
         SELECT coalesce(array_agg(d.key ORDER BY d.key), '{}') INTO recent FROM hmr.delivered d
-         WHERE d.kind = p.kind AND NOT d.revoked AND d.delivered_at > now() - p.lookback
+         WHERE d.kind = p.kind AND d.kind IN ('lab_report', 'exam_report')   -- delivered_reports_recent_idx
+           AND NOT d.revoked AND d.delivered_at > now() - p.lookback
            AND (p.source_view IS NULL OR EXISTS (SELECT 1 FROM hmr.polled_seen s WHERE s.source = p.name AND s.key = d.key))
            AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = d.kind AND o.key = d.key);
         IF cardinality(recent) > 0 THEN
-            EXECUTE format('SELECT coalesce(array_agg(v.%2$I::text), ''{}'') FROM %1$s v WHERE v.%2$I::text = ANY($1)',
+            EXECUTE format('SELECT coalesce(array_agg(DISTINCT v.%2$I::text), ''{}'') FROM %1$s v WHERE v.%2$I::text = ANY($1)',
                            polled, k.key_column)
               INTO present USING recent;
             INSERT INTO hmr.outbox (kind, key, op)
-            SELECT p.kind, r.key, 'P' FROM unnest(recent) AS r(key) WHERE r.key <> ALL (present) ORDER BY r.key;
+            SELECT p.kind, g.key, 'P'
+              FROM (SELECT unnest(recent) AS key EXCEPT SELECT unnest(present)) g ORDER BY g.key;
             GET DIAGNOSTICS gone = ROW_COUNT;
         END IF;
     END IF;
@@ -884,13 +886,23 @@ BEGIN
                           ORDER BY o.id DESC LIMIT 1),
                         max(moved.id) OVER (PARTITION BY moved.kind, moved.key)) AS carrier
           FROM moved),
+    -- Ids are taken when the HIS writes: a transaction that commits late brings an event
+    -- older than one of its record already in the outbox (claimed, or with a frozen plan).
+    -- It is numbered anew, after it, so the record's events go in the order they arrived.
+    carriers AS (
+        SELECT m.id,
+               CASE WHEN EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = m.kind AND o.key = m.key AND o.id > m.id)
+                    THEN nextval('hmr.event_id_seq') ELSE m.id END AS new_id
+          FROM m WHERE m.id = m.carrier),
     merged AS (
         INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)
-        SELECT id, kind, key, op, xid, created_at, 'merged', 0, 'into ' || carrier
-          FROM m WHERE id <> carrier),
+        SELECT m.id, m.kind, m.key, m.op, m.xid, m.created_at, 'merged', 0,
+               'into ' || coalesce(c.new_id, m.carrier)
+          FROM m LEFT JOIN carriers c ON c.id = m.carrier WHERE m.id <> m.carrier),
     kept AS (
         INSERT INTO hmr.outbox (id, kind, key, op, xid, created_at)
-        SELECT id, kind, key, op, xid, created_at FROM m WHERE id = carrier ORDER BY id)
+        SELECT c.new_id, m.kind, m.key, m.op, m.xid, m.created_at
+          FROM m JOIN carriers c ON c.id = m.id ORDER BY c.new_id)
     SELECT count(*) INTO n FROM m;
     RETURN n;
 END
@@ -1197,3 +1209,7 @@ BEGIN
     RETURNING o.id, o.kind, o.key, o.attempts, o.generation, o.plan, o.step, o.plan_pdf;
 END
 $$;
+
+-- The reports delivered lately, which each poll of a report source asks its view for.
+CREATE INDEX delivered_reports_recent_idx ON hmr.delivered (kind, delivered_at)
+    WHERE kind IN ('lab_report', 'exam_report');

@@ -161,15 +161,17 @@ BEGIN
     gone := 0;
     IF k.kind IN ('lab_report', 'exam_report') THEN
         SELECT coalesce(array_agg(d.key ORDER BY d.key), '{}') INTO recent FROM hmr.delivered d
-         WHERE d.kind = p.kind AND NOT d.revoked AND d.delivered_at > now() - p.lookback
+         WHERE d.kind = p.kind AND d.kind IN ('lab_report', 'exam_report')   -- delivered_reports_recent_idx
+           AND NOT d.revoked AND d.delivered_at > now() - p.lookback
            AND (p.source_view IS NULL OR EXISTS (SELECT 1 FROM hmr.polled_seen s WHERE s.source = p.name AND s.key = d.key))
            AND NOT EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = d.kind AND o.key = d.key);
         IF cardinality(recent) > 0 THEN
-            EXECUTE format('SELECT coalesce(array_agg(v.%2$I::text), ''{}'') FROM %1$s v WHERE v.%2$I::text = ANY($1)',
+            EXECUTE format('SELECT coalesce(array_agg(DISTINCT v.%2$I::text), ''{}'') FROM %1$s v WHERE v.%2$I::text = ANY($1)',
                            polled, k.key_column)
               INTO present USING recent;
             INSERT INTO hmr.outbox (kind, key, op)
-            SELECT p.kind, r.key, 'P' FROM unnest(recent) AS r(key) WHERE r.key <> ALL (present) ORDER BY r.key;
+            SELECT p.kind, g.key, 'P'
+              FROM (SELECT unnest(recent) AS key EXCEPT SELECT unnest(present)) g ORDER BY g.key;
             GET DIAGNOSTICS gone = ROW_COUNT;
         END IF;
     END IF;

@@ -461,9 +461,9 @@ mod tests {
     }
 
     #[pg_test]
-    fn an_event_that_commits_late_waits_for_the_record_in_flight() {
+    fn an_event_that_commits_late_goes_after_the_record_in_flight() {
         // T1 changes K first (its event id is taken then) but commits late; T2's event of K,
-        // with the higher id, is already claimed and being sent when T1's arrives.
+        // with the higher id, is already claimed and its plan frozen when T1's arrives.
         let early = Spi::get_one::<i64>("SELECT nextval('hmr.event_id_seq')")
             .unwrap()
             .unwrap();
@@ -475,16 +475,48 @@ mod tests {
             .unwrap()
             .unwrap_or_default()
         };
-        let later = claim("w1");
-        assert!(!later.is_empty());
+        let later: i64 = claim("w1").parse().unwrap();
         Spi::run(&format!(
-            "INSERT INTO hmr.outbox (id, kind, key, op) VALUES ({early}, 'patient', 'K', 'U')"
+            "UPDATE hmr.outbox SET plan = '{{}}'::jsonb WHERE id = {later}"
         ))
         .unwrap();
+        Spi::run(&format!(
+            "INSERT INTO hmr.captured (id, kind, key, op, xid, created_at) \
+             VALUES ({early}, 'patient', 'K', 'U', pg_current_xact_id(), now())"
+        ))
+        .unwrap();
+        Spi::run("SELECT hmr.ingest()").unwrap();
+        // Numbered anew, after the event in flight.
+        let late = Spi::get_one::<i64>(&format!("SELECT id FROM hmr.outbox WHERE key = 'K' AND id <> {later}"))
+            .unwrap()
+            .unwrap();
+        assert!(late > later, "{late} after {later}");
         assert_eq!(claim("w2"), "", "two events of K in flight at once");
-        // Sent and finished: now the late one goes (and reads K as it is now).
+        // The frozen one fails and is rescheduled: it goes again first, not the late one
+        // (which would send K's newer state, then be overtaken by the stale frozen plan).
+        Spi::run(&format!(
+            "UPDATE hmr.outbox SET state = 'pending', lease_owner = NULL, lease_until = NULL WHERE id = {later}"
+        ))
+        .unwrap();
+        assert_eq!(claim("w2"), later.to_string());
+        // Sent and finished: now the late one goes, and reads K as it is now.
         Spi::run(&format!("DELETE FROM hmr.outbox WHERE id = {later}")).unwrap();
-        assert_eq!(claim("w2"), early.to_string());
+        assert_eq!(claim("w3"), late.to_string());
+
+        // An event inserted straight into the outbox (hmr.enqueue, a poll) keeps its id, so a
+        // late one waits on the claim instead: none while another of its record is in flight.
+        let early = Spi::get_one::<i64>("SELECT nextval('hmr.event_id_seq')")
+            .unwrap()
+            .unwrap();
+        Spi::run("SELECT hmr.enqueue('patient', 'M')").unwrap();
+        let m: i64 = claim("w4").parse().unwrap();
+        Spi::run(&format!(
+            "INSERT INTO hmr.outbox (id, kind, key, op) VALUES ({early}, 'patient', 'M', 'U')"
+        ))
+        .unwrap();
+        assert_eq!(claim("w5"), "", "two events of M in flight at once");
+        Spi::run(&format!("DELETE FROM hmr.outbox WHERE id = {m}")).unwrap();
+        assert_eq!(claim("w5"), early.to_string());
     }
 
     #[pg_test]

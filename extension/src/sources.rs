@@ -71,10 +71,10 @@ fn check_sources(
         name!(hint, Option<String>),
     ),
 > {
-    let kinds: Vec<(String, String, Option<String>, bool)> = Spi::connect(|client| {
+    let kinds: Vec<(String, String, Option<String>, String, bool)> = Spi::connect(|client| {
         client
             .select(
-                "SELECT k.kind, k.source_view, k.item_view,
+                "SELECT k.kind, k.source_view, k.item_view, k.key_column,
                         to_regclass(k.source_view) IS NOT NULL
                         OR EXISTS (SELECT 1 FROM hmr.watches w WHERE w.kind = k.kind)
                         OR EXISTS (SELECT 1 FROM hmr.polled_sources p WHERE p.kind = k.kind)
@@ -87,18 +87,32 @@ fn check_sources(
                     row.get::<String>(1)?.unwrap_or_default(),
                     row.get::<String>(2)?.unwrap_or_default(),
                     row.get::<String>(3)?,
-                    row.get::<bool>(4)?.unwrap_or(false),
+                    row.get::<String>(4)?.unwrap_or_default(),
+                    row.get::<bool>(5)?.unwrap_or(false),
                 ))
             })
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
     })
     .unwrap_or_else(|e| error!("hmr: cannot read hmr.kinds: {e}"));
 
-    // Reports may take the patient's identity from the patient view (as the worker does).
-    let patient_view: Option<String> =
-        Spi::get_one("SELECT to_regclass(source_view)::text FROM hmr.kinds WHERE kind = 'patient'").unwrap_or(None);
+    // Reports may take the patient's identity from the patient view (as the worker does), by
+    // the patient kind's key.
+    let patient_view: Option<(String, String)> = Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT to_regclass(source_view)::text, key_column FROM hmr.kinds WHERE kind = 'patient'",
+                None,
+                &[],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::Error>(match (row.get::<String>(1)?, row.get::<String>(2)?) {
+            (Some(view), Some(key)) => Some((view, key)),
+            _ => None,
+        })
+    })
+    .unwrap_or(None);
     let mut problems: Vec<Problem> = Vec::new();
-    for (k, view_name, item_view, connected) in kinds {
+    for (k, view_name, item_view, key_column, connected) in kinds {
         if kind.is_some_and(|wanted| wanted != k) {
             continue;
         }
@@ -109,9 +123,9 @@ fn check_sources(
         let Some((parsed, canonical)) = Kind::parse(&k).and_then(|p| Some((p, p.view()?))) else {
             continue;
         };
-        let columns_ok = check_columns(&k, &view_name, canonical, patient_view.as_deref(), &mut problems);
+        let columns_ok = check_columns(&k, &view_name, canonical, patient_view.is_some(), &mut problems);
         let items_ok = match &item_view {
-            Some(items) => check_columns(&k, items, &source::LAB_ITEM, None, &mut problems),
+            Some(items) => check_columns(&k, items, &source::LAB_ITEM, false, &mut problems),
             None => true,
         };
         if columns_ok {
@@ -122,17 +136,13 @@ fn check_sources(
                 &view_name,
                 items,
                 canonical,
-                patient_view.as_deref(),
+                patient_view.as_ref(),
                 &mut problems,
             );
             check_whole_view(&k, &view_name, canonical, &mut problems);
-            check_read_by_key(
-                &k,
-                &view_name,
-                canonical.key,
-                parsed.report_type().is_some(),
-                &mut problems,
-            );
+            // Planned with the key the worker reads by (hmr.kinds.key_column).
+            let report = parsed.report_type().is_some();
+            check_read_by_key(&k, &view_name, &key_column, report, &mut problems);
         }
         if let (Some(items), true) = (&item_view, items_ok) {
             check_read_by_key(&k, items, "report_no", false, &mut problems);
@@ -151,7 +161,7 @@ fn check_columns(
     kind: &str,
     view: &str,
     canonical: &SourceView,
-    patient_view: Option<&str>,
+    patient_view: bool,
     problems: &mut Vec<Problem>,
 ) -> bool {
     let columns: Option<Vec<(String, String)>> = Spi::connect(|client| {
@@ -207,7 +217,7 @@ fn check_columns(
     for c in canonical.columns {
         match columns.iter().find(|(n, _)| n == c.name) {
             // The worker reads it from the patient view by patient_id.
-            None if patient_view.is_some() && source::from_patient(canonical, c.name) => {}
+            None if patient_view && source::from_patient(canonical, c.name) => {}
             None if c.required => {
                 problems.push(problem(
                     kind,
@@ -370,7 +380,8 @@ fn check_read_by_key(kind: &str, view: &str, key: &str, report_view: bool, probl
         };
         problems.push(Problem {
             rule: Some(format!(
-                "each read of one {kind} by {key} reads every row of the remote table {table} (remote query: {remote})"
+                "each read of {view} by {key} (the worker reading a changed {kind}, or a poll's un-audit check) \
+                 reads every row of the remote table {table} (remote query: {remote})"
             )),
             hint: Some(hint),
             ..problem(
@@ -535,6 +546,11 @@ fn check_polls(kind: Option<&str>, problems: &mut Vec<Problem>) {
             "SELECT v.{k}::text, v.{t} FROM {relation} v WHERE v.{t} > {bound} AND v.{t} <= {bound}",
             k = pgrx::spi::quote_identifier(&key)
         );
+        // A report source's poll also asks its view for the reports delivered lately (the
+        // un-audit check): by key, so that read is planned too.
+        if matches!(k.as_str(), "lab_report" | "exam_report") {
+            check_read_by_key(&k, &view, &key, false, problems);
+        }
         for (table, remote, filtered_here) in foreign_scans_of(&query) {
             if remote.to_uppercase().contains("WHERE") && !filtered_here {
                 continue;
@@ -577,7 +593,7 @@ fn check_rows(
     view: &str,
     item_view: Option<&str>,
     canonical: &SourceView,
-    patient_view: Option<&str>,
+    patient_view: Option<&(String, String)>,
     problems: &mut Vec<Problem>,
 ) {
     let kind = parsed.as_str();
@@ -602,8 +618,8 @@ fn check_rows(
     let now = hmr_protocol::checks::china_now();
     for row in rows {
         let Value::Object(mut row) = row else { continue };
-        if let (Some(patients), true) = (patient_view, parsed.report_type().is_some()) {
-            fill_identity(patients, &mut row);
+        if let (Some((patients, key)), true) = (patient_view, parsed.report_type().is_some()) {
+            fill_identity(patients, key, &mut row);
         }
         let key = row
             .get(canonical.key)
@@ -682,7 +698,7 @@ fn check_rows(
 
 /// A report row without the patient's identity columns gets them from its patient's row,
 /// as the worker reads it.
-fn fill_identity(patient_view: &str, row: &mut Map<String, Value>) {
+fn fill_identity(patient_view: &str, patient_key: &str, row: &mut Map<String, Value>) {
     if source::PATIENT_IDENTITY.iter().all(|(c, _)| row.contains_key(*c)) {
         return;
     }
@@ -693,7 +709,10 @@ fn fill_identity(patient_view: &str, row: &mut Map<String, Value>) {
         let relation = relation_of(client, patient_view)?.unwrap_or_default();
         client
             .select(
-                &format!("SELECT to_jsonb(p) FROM {relation} p WHERE p.patient_id::text = $1 LIMIT 1"),
+                &format!(
+                    "SELECT to_jsonb(p) FROM {relation} p WHERE p.{}::text = $1 LIMIT 1",
+                    pgrx::spi::quote_identifier(patient_key)
+                ),
                 None,
                 &[patient_id.into()],
             )?

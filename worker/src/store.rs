@@ -48,8 +48,6 @@ pub struct KindSource {
     pub relation: String,
     pub key_column: String,
     pub item_relation: Option<String>,
-    /// Whether the view existed when the worker connected.
-    pub exists: bool,
 }
 
 pub struct Store {
@@ -137,8 +135,7 @@ impl Store {
                 // A view missing now is still the view to read: its events wait with the
                 // error (42P01) instead of being taken as "not in the source view".
                 "SELECT kind, coalesce(to_regclass(source_view)::text, source_view), key_column,
-                        coalesce(to_regclass(item_view)::text, item_view),
-                        to_regclass(source_view) IS NOT NULL FROM hmr.kinds",
+                        coalesce(to_regclass(item_view)::text, item_view) FROM hmr.kinds",
                 &[],
             )
             .await?
@@ -153,7 +150,6 @@ impl Store {
                         relation,
                         key_column: row.get(2),
                         item_relation: row.get(3),
-                        exists: row.get(4),
                     },
                 );
             }
@@ -300,16 +296,18 @@ impl Store {
         // A report view without the patient's identity (id_type, id_no, patient_name) gets
         // it from the patient view by key, here: a view joining the two makes a foreign
         // patient table be read whole for every report (#31). Skipped (a one-time filter)
-        // for a row that has all three.
+        // for a row that has all three. Named even when the patient view is missing (made
+        // after the worker started): the reports then wait with 42P01, as for any missing
+        // view, rather than go without the patient's identity.
         let identity = match self.sources.get(&Kind::Patient) {
-            Some(patients) if patients.exists => format!(
+            Some(patients) => format!(
                 "(SELECT to_jsonb(pv) FROM {} pv
                    WHERE NOT (r.row ?& ARRAY['id_type', 'id_no', 'patient_name'])
                      AND pv.{}::text = r.patient_id LIMIT 1)",
                 patients.relation,
                 quote_ident(&patients.key_column)
             ),
-            _ => "NULL::jsonb".into(),
+            None => "NULL::jsonb".into(),
         };
         let sql = format!(
             "SELECT k.key, r.row, {items}, d.version, d.content_hash, d.revoked, p.key IS NOT NULL, {identity}
@@ -923,9 +921,12 @@ impl Store {
                                           CASE WHEN o.state = 'claimed' THEN o.lease_until END)) AS m
                            FROM hmr.outbox o
                           WHERE o.state <> 'quarantined'
+                            -- the rule hmr.claim follows: a record's head, and none of its
+                            -- events in flight elsewhere
                             AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
-                                             WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
-                                               AND e.state <> 'quarantined')) d
+                                             WHERE e.kind = o.kind AND e.key = o.key AND e.id <> o.id
+                                               AND ((e.id < o.id AND e.state <> 'quarantined')
+                                                    OR (e.state = 'claimed' AND e.lease_until >= now())))) d
                   WHERE m IS NOT NULL",
                 &[],
             )
