@@ -878,21 +878,22 @@ DECLARE
     n integer;
 BEGIN
     WITH moved AS (DELETE FROM hmr.captured RETURNING *),
+    -- The record's newest event in the outbox (one probe): it carries the captured ones when
+    -- pending and unread.
     m AS (
-        SELECT moved.*,
-               coalesce((SELECT CASE WHEN o.state = 'pending' AND o.plan IS NULL THEN o.id END
-                           FROM hmr.outbox o
-                          WHERE o.kind = moved.kind AND o.key = moved.key
-                          ORDER BY o.id DESC LIMIT 1),
+        SELECT moved.*, n.id AS newest,
+               coalesce(CASE WHEN n.unread THEN n.id END,
                         max(moved.id) OVER (PARTITION BY moved.kind, moved.key)) AS carrier
-          FROM moved),
+          FROM moved
+          LEFT JOIN LATERAL (SELECT o.id, o.state = 'pending' AND o.plan IS NULL AS unread
+                               FROM hmr.outbox o
+                              WHERE o.kind = moved.kind AND o.key = moved.key
+                              ORDER BY o.id DESC LIMIT 1) n ON true),
     -- Ids are taken when the HIS writes: a transaction that commits late brings an event
     -- older than one of its record already in the outbox (claimed, or with a frozen plan).
     -- It is numbered anew, after it, so the record's events go in the order they arrived.
     carriers AS (
-        SELECT m.id,
-               CASE WHEN EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = m.kind AND o.key = m.key AND o.id > m.id)
-                    THEN nextval('hmr.event_id_seq') ELSE m.id END AS new_id
+        SELECT m.id, CASE WHEN m.newest > m.id THEN nextval('hmr.event_id_seq') ELSE m.id END AS new_id
           FROM m WHERE m.id = m.carrier),
     merged AS (
         INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)
@@ -1154,61 +1155,6 @@ $$;
 REVOKE ALL ON FUNCTION hmr.report_marks(text[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION hmr.report_marks(text[]) TO hmr_his, hmr_admin;
 
--- One event of a record at a time: an event of an earlier transaction that commits late (a
--- lower id) waits while a later one of the same record is in flight.
-CREATE OR REPLACE FUNCTION hmr.claim(worker_id text, kinds text[], max_events integer, lease_seconds float8,
-                          going_to_sleep boolean DEFAULT false, sleep_seconds float8 DEFAULT 1)
-RETURNS TABLE (id bigint, kind text, key text, attempts integer, generation integer, plan jsonb, step integer,
-               plan_pdf bytea)
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF going_to_sleep THEN
-        INSERT INTO hmr.sleepers AS s (worker, until)
-        VALUES (worker_id, now() + make_interval(secs => sleep_seconds))
-        ON CONFLICT (worker) DO UPDATE SET until = EXCLUDED.until;
-        PERFORM hmr.worker_sleeping();
-    ELSE
-        DELETE FROM hmr.sleepers s WHERE s.worker = worker_id;
-    END IF;
-    PERFORM hmr.ingest();
-    -- One event of a record at a time: none while an earlier one waits, nor while any other
-    -- is in flight. Ids are taken when the HIS writes, so an event of an earlier transaction
-    -- that commits late arrives with a lower id than one already being sent.
-    RETURN QUERY
-    WITH u AS (
-        -- what a doctor is waiting for first (hmr.hurry; usually none)
-        SELECT o.id FROM hmr.outbox o
-         WHERE o.urgent AND o.state = 'pending' AND o.next_attempt_at <= now()
-           AND o.kind = ANY (kinds)
-           AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
-                            WHERE e.kind = o.kind AND e.key = o.key AND e.id <> o.id
-                              AND ((e.id < o.id AND e.state <> 'quarantined')
-                                   OR (e.state = 'claimed' AND e.lease_until >= now())))
-         ORDER BY o.id
-         LIMIT max_events
-         FOR UPDATE OF o SKIP LOCKED),
-    r AS (
-        SELECT o.id FROM hmr.outbox o
-         WHERE ((o.state = 'pending' AND o.next_attempt_at <= now())
-                OR (o.state = 'claimed' AND o.lease_until < now()))
-           AND o.kind = ANY (kinds)
-           AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
-                            WHERE e.kind = o.kind AND e.key = o.key AND e.id <> o.id
-                              AND ((e.id < o.id AND e.state <> 'quarantined')
-                                   OR (e.state = 'claimed' AND e.lease_until >= now())))
-         ORDER BY o.id
-         LIMIT max_events
-         FOR UPDATE OF o SKIP LOCKED),
-    c AS (
-        SELECT x.id FROM (SELECT u.id, 0 AS rank FROM u UNION ALL SELECT r.id, 1 FROM r) x
-         GROUP BY x.id ORDER BY min(x.rank), x.id LIMIT max_events)
-    UPDATE hmr.outbox o
-       SET state = 'claimed', lease_owner = worker_id, attempts = o.attempts + 1,
-           lease_until = now() + make_interval(secs => lease_seconds)
-      FROM c WHERE o.id = c.id
-    RETURNING o.id, o.kind, o.key, o.attempts, o.generation, o.plan, o.step, o.plan_pdf;
-END
-$$;
 
 -- The reports delivered lately, which each poll of a report source asks its view for.
 CREATE INDEX delivered_reports_recent_idx ON hmr.delivered (kind, delivered_at)

@@ -129,21 +129,22 @@ DECLARE
     n integer;
 BEGIN
     WITH moved AS (DELETE FROM hmr.captured RETURNING *),
+    -- The record's newest event in the outbox (one probe): it carries the captured ones when
+    -- pending and unread.
     m AS (
-        SELECT moved.*,
-               coalesce((SELECT CASE WHEN o.state = 'pending' AND o.plan IS NULL THEN o.id END
-                           FROM hmr.outbox o
-                          WHERE o.kind = moved.kind AND o.key = moved.key
-                          ORDER BY o.id DESC LIMIT 1),
+        SELECT moved.*, n.id AS newest,
+               coalesce(CASE WHEN n.unread THEN n.id END,
                         max(moved.id) OVER (PARTITION BY moved.kind, moved.key)) AS carrier
-          FROM moved),
+          FROM moved
+          LEFT JOIN LATERAL (SELECT o.id, o.state = 'pending' AND o.plan IS NULL AS unread
+                               FROM hmr.outbox o
+                              WHERE o.kind = moved.kind AND o.key = moved.key
+                              ORDER BY o.id DESC LIMIT 1) n ON true),
     -- Ids are taken when the HIS writes: a transaction that commits late brings an event
     -- older than one of its record already in the outbox (claimed, or with a frozen plan).
     -- It is numbered anew, after it, so the record's events go in the order they arrived.
     carriers AS (
-        SELECT m.id,
-               CASE WHEN EXISTS (SELECT 1 FROM hmr.outbox o WHERE o.kind = m.kind AND o.key = m.key AND o.id > m.id)
-                    THEN nextval('hmr.event_id_seq') ELSE m.id END AS new_id
+        SELECT m.id, CASE WHEN m.newest > m.id THEN nextval('hmr.event_id_seq') ELSE m.id END AS new_id
           FROM m WHERE m.id = m.carrier),
     merged AS (
         INSERT INTO hmr.outbox_history (id, kind, key, op, xid, created_at, outcome, attempts, detail)
@@ -201,9 +202,6 @@ BEGIN
         DELETE FROM hmr.sleepers s WHERE s.worker = worker_id;
     END IF;
     PERFORM hmr.ingest();
-    -- One event of a record at a time: none while an earlier one waits, nor while any other
-    -- is in flight. Ids are taken when the HIS writes, so an event of an earlier transaction
-    -- that commits late arrives with a lower id than one already being sent.
     RETURN QUERY
     WITH u AS (
         -- what a doctor is waiting for first (hmr.hurry; usually none)
@@ -211,9 +209,8 @@ BEGIN
          WHERE o.urgent AND o.state = 'pending' AND o.next_attempt_at <= now()
            AND o.kind = ANY (kinds)
            AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
-                            WHERE e.kind = o.kind AND e.key = o.key AND e.id <> o.id
-                              AND ((e.id < o.id AND e.state <> 'quarantined')
-                                   OR (e.state = 'claimed' AND e.lease_until >= now())))
+                            WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
+                              AND e.state <> 'quarantined')
          ORDER BY o.id
          LIMIT max_events
          FOR UPDATE OF o SKIP LOCKED),
@@ -223,9 +220,8 @@ BEGIN
                 OR (o.state = 'claimed' AND o.lease_until < now()))
            AND o.kind = ANY (kinds)
            AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
-                            WHERE e.kind = o.kind AND e.key = o.key AND e.id <> o.id
-                              AND ((e.id < o.id AND e.state <> 'quarantined')
-                                   OR (e.state = 'claimed' AND e.lease_until >= now())))
+                            WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
+                              AND e.state <> 'quarantined')
          ORDER BY o.id
          LIMIT max_events
          FOR UPDATE OF o SKIP LOCKED),

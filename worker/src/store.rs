@@ -921,12 +921,9 @@ impl Store {
                                           CASE WHEN o.state = 'claimed' THEN o.lease_until END)) AS m
                            FROM hmr.outbox o
                           WHERE o.state <> 'quarantined'
-                            -- the rule hmr.claim follows: a record's head, and none of its
-                            -- events in flight elsewhere
                             AND NOT EXISTS (SELECT 1 FROM hmr.outbox e
-                                             WHERE e.kind = o.kind AND e.key = o.key AND e.id <> o.id
-                                               AND ((e.id < o.id AND e.state <> 'quarantined')
-                                                    OR (e.state = 'claimed' AND e.lease_until >= now())))) d
+                                             WHERE e.kind = o.kind AND e.key = o.key AND e.id < o.id
+                                               AND e.state <> 'quarantined')) d
                   WHERE m IS NOT NULL",
                 &[],
             )
